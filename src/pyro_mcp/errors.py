@@ -1,0 +1,78 @@
+"""The exception tree shared by every layer.
+
+    PyroError                      base; every error pyro raises on purpose
+    ├── InvalidArgument            a caller passed a bad value (names the field)
+    ├── NotFound                   an unknown environment, id or name
+    ├── RuntimeMissing             an artifact is not built or fetched yet (names the fix)
+    ├── IntegrityError             a digest did not match; the artifact is not used
+    ├── HostToolMissing            a host program is missing (names the Debian package)
+    ├── ToolFailed                 a host program exited non-zero (carries its stderr tail)
+    └── BuildError                 an artifact build could not finish
+
+Lower-level errors (OSError, subprocess failures) are translated at the boundary with
+``raise ... from exc`` so the message a user sees says what to do next.
+"""
+
+from __future__ import annotations
+
+
+class PyroError(Exception):
+    """Base of every error pyro raises on purpose."""
+
+    code = "pyro_error"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+    def to_dict(self) -> dict[str, str]:
+        data = {"error": self.code, "message": self.message}
+        if self.hint:
+            data["hint"] = self.hint
+        return data
+
+
+class InvalidArgument(PyroError):
+    code = "invalid_argument"
+
+
+class NotFound(PyroError):
+    code = "not_found"
+
+
+class RuntimeMissing(PyroError):
+    code = "runtime_missing"
+
+
+class IntegrityError(PyroError):
+    code = "integrity_error"
+
+
+class HostToolMissing(PyroError):
+    code = "host_tool_missing"
+
+
+class ToolFailed(PyroError):
+    code = "tool_failed"
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, stderr_tail: str = ""
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.stderr_tail = stderr_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.stderr_tail:
+            text += "\n--- stderr (tail) ---\n" + self.stderr_tail
+        return text
+
+
+class BuildError(PyroError):
+    code = "build_error"
