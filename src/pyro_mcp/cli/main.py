@@ -1,0 +1,134 @@
+"""The ``pyro`` command line, generated from the operation registry.
+
+Each operation's CLI words, flags, help and choices come from its declaration in
+:mod:`pyro_mcp.api`. Every command takes ``--json``: one JSON document on stdout (the same
+dict the SDK returns), errors as ``{"error": ..., "message": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pyro_mcp import __version__
+from pyro_mcp.api import Context, Operation, all_operations
+from pyro_mcp.api.registry import Param
+from pyro_mcp.cli.render import render_text
+from pyro_mcp.errors import InvalidArgument, PyroError
+
+
+def _flag(param: Param) -> str:
+    return "--" + param.name.replace("_", "-")
+
+
+def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
+    kwargs: dict[str, Any] = {"help": param.arg.help}
+    if param.arg.choices:
+        kwargs["choices"] = param.arg.choices
+    if param.arg.metavar:
+        kwargs["metavar"] = param.arg.metavar
+    item = param.item_type
+    if param.arg.positional:
+        if param.is_list:
+            kwargs["nargs"] = "*" if not param.required else "+"
+        elif not param.required:
+            kwargs["nargs"] = "?"
+        kwargs["type"] = item
+        parser.add_argument(param.name, **kwargs)
+        return
+    if param.annotation is bool:
+        kwargs["action"] = "store_true"
+    elif param.is_list:
+        kwargs["action"] = "append"
+        kwargs["type"] = item
+    else:
+        kwargs["type"] = item
+        kwargs["required"] = param.required
+    parser.add_argument(_flag(param), dest=param.name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyro",
+        description="Disposable, hardware-isolated Linux machines for coding agents.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyro-mcp {__version__}")
+    groups: dict[tuple[str, ...], argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    groups[()] = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {(): parser}
+    for op in sorted(all_operations(), key=lambda o: o.cli):
+        for depth in range(1, len(op.cli)):
+            prefix = op.cli[:depth]
+            if prefix not in parsers:
+                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                parsers[prefix] = sub
+                groups[prefix] = sub.add_subparsers(metavar="COMMAND", required=True)
+        command = groups[op.cli[:-1]].add_parser(
+            op.cli[-1], help=op.summary, description=op.doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for param in op.params:
+            _add_param(command, param)
+        command.add_argument("--json", action="store_true", help="print one JSON result")
+        command.set_defaults(operation=op)
+    return parser
+
+
+class _ProgressPrinter:
+    """Phase messages of long operations, with elapsed time, on stderr."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _arguments(op: Operation, namespace: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for param in op.params:
+        value = getattr(namespace, param.name)
+        if param.is_list and value == []:
+            value = None
+        if value is None and not param.optional and not param.required:
+            continue  # keep the operation's own default
+        values[param.name] = value
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    op: Operation = namespace.operation
+    as_json: bool = namespace.json
+    ctx = Context(progress=_ProgressPrinter())
+    try:
+        result = op.call(ctx, **_arguments(op, namespace))
+    except PyroError as exc:
+        if as_json:
+            print(json.dumps(exc.to_dict(), indent=2))
+        else:
+            print(f"pyro: error: {exc.message}", file=sys.stderr)
+            if exc.hint:
+                print(f"  hint: {exc.hint}", file=sys.stderr)
+            tail = getattr(exc, "stderr_tail", "")
+            if tail:
+                print("  --- output (tail) ---\n" + tail, file=sys.stderr)
+        return 2 if isinstance(exc, InvalidArgument) else 1
+    except KeyboardInterrupt:
+        print("pyro: interrupted", file=sys.stderr)
+        return 130
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(render_text(op.name, result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Human-readable output for operation results (``--json`` bypasses this)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Renderer = Callable[[dict[str, Any]], str]
+
+
+def _size(value: object) -> str:
+    if not isinstance(value, int):
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{value} B"
+
+
+def _env_list(result: dict[str, Any]) -> str:
+    lines = [f"{'NAME':<18} {'INSTALLED':<10} {'SIZE':>10}  DIGEST"]
+    for row in result["environments"]:
+        digest = (row.get("image_sha256") or "-")[:16]
+        installed = "yes" if row.get("installed") else "no"
+        lines.append(f"{row['name']:<18} {installed:<10} {_size(row.get('image_size')):>10}  {digest}")
+    return "\n".join(lines)
+
+
+def _doctor(result: dict[str, Any]) -> str:
+    from pyro_mcp.runtime.doctor import render_text as doctor_text
+
+    return doctor_text(result)
+
+
+def _status(result: dict[str, Any]) -> str:
+    lines = [f"cache: {result.get('cache_dir', '-')}", "components:"]
+    for name, component in sorted(result["components"].items()):
+        problems = component.get("problems") or []
+        mark = "ok  " if not problems else "FAIL"
+        version = component.get("version") or "-"
+        detail = "; ".join(problems)
+        lines.append(f"  {mark} {name:<22} {version:<24} {detail}")
+    lines.append("capabilities:")
+    for name, value in result["capabilities"].items():
+        reason = result["capability_reasons"][name]
+        lines.append(f"  {name:<14} {str(value).lower():<6} {reason}")
+    return "\n".join(lines)
+
+
+def _generic(result: dict[str, Any], indent: int = 0) -> str:
+    lines = []
+    pad = "  " * indent
+    for key, value in result.items():
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:")
+            lines.append(_generic(value, indent + 1))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            lines.append(f"{pad}{key}:")
+            for item in value:
+                lines.append(_generic(item, indent + 1))
+                lines.append("")
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: {', '.join(str(v) for v in value) or '-'}")
+        else:
+            lines.append(f"{pad}{key}: {value}")
+    return "\n".join(line for line in lines if line is not None)
+
+
+RENDERERS: dict[str, Renderer] = {
+    "env_list": _env_list,
+    "runtime_doctor": _doctor,
+    "runtime_status": _status,
+    "runtime_bundle": _status,
+    "runtime_materialize": _status,
+}
+
+
+def render_text(operation: str, result: Any) -> str:
+    if not isinstance(result, dict):
+        return str(result)
+    return RENDERERS.get(operation, _generic)(result)

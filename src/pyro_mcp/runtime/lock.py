@@ -1,0 +1,226 @@
+"""runtime.lock.json: what this host's runtime is made of, and what it has proven.
+
+The lock is derived, never edited by hand: ``write_lock`` gathers every component's
+version and digests from the artifacts' own metadata, verifies them, and then decides the
+capabilities.
+
+Safety rule for capabilities (``vm_boot``, ``guest_exec``, ``guest_network``): one is true
+only when
+
+1. a real check proved it on this host (recorded by :func:`record_check` in
+   ``checks.json``, together with the digests of the artifacts it ran against), and
+2. those digests are still the digests of the installed artifacts, and
+3. no component is a placeholder, shim or unverified download (every component verified
+   without a problem).
+
+Anything else sets every capability to false, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from pyro_mcp.runtime import binaries, environments, kernels
+from pyro_mcp.runtime.host_tools import find_program
+from pyro_mcp.runtime.paths import RuntimePaths
+
+LOCK_SCHEMA = 1
+CAPABILITIES = ("vm_boot", "guest_exec", "guest_network")
+
+Component = dict[str, Any]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to ``path`` so a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing or not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def qemu_version() -> str | None:
+    import subprocess
+
+    program = find_program("qemu-system-x86_64")
+    if program is None:
+        return None
+    result = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
+    first = result.stdout.splitlines()[0] if result.stdout else ""
+    return first.removeprefix("QEMU emulator version ").strip() or None
+
+
+def collect_components(paths: RuntimePaths, *, deep: bool) -> dict[str, Component]:
+    """Every installed component with its version, digests and problems.
+
+    ``deep`` re-hashes every file (slow for large images); otherwise only cheap checks.
+    """
+    components: dict[str, Component] = {}
+
+    found = binaries.installed_binaries(paths)
+    problems = binaries.verify_binaries(paths) if found else ["not installed"]
+    for name in ("firecracker", "jailer"):
+        components[name] = {
+            "kind": "binary",
+            "version": found.version if found else None,
+            "sha256": found.sha256.get(name) if found else None,
+            "source": found.source if found else None,
+            "problems": [p for p in problems if name in p or p == "not installed"],
+        }
+
+    for flavor in kernels.KERNEL_FLAVORS:
+        kernel = kernels.installed_kernel(paths, flavor)
+        if kernel is None:
+            continue
+        components[f"kernel-{flavor}"] = {
+            "kind": "kernel",
+            **kernel.to_dict(),
+            "problems": kernels.verify_kernel(kernel, deep=deep),
+        }
+
+    for info in environments.list_environments(paths):
+        if not info.installed:
+            continue
+        components[f"env:{info.name}"] = {
+            "kind": "environment",
+            **info.to_dict(),
+            "problems": environments.verify_environment(paths, info.name, deep=deep),
+        }
+
+    components["qemu"] = {
+        "kind": "host-package",
+        "version": qemu_version(),
+        "problems": [] if qemu_version() else ["qemu-system-x86_64 not installed"],
+    }
+    return components
+
+
+def artifact_digests(components: dict[str, Component]) -> dict[str, str]:
+    """The digest that identifies each component, for binding checks to artifacts."""
+    digests: dict[str, str] = {}
+    for name, component in components.items():
+        for key in ("sha256", "image_sha256", "key"):
+            value = component.get(key)
+            if isinstance(value, str):
+                digests[name] = value
+                break
+    return digests
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def checks_path(paths: RuntimePaths) -> Path:
+    return paths.cache_dir / "checks.json"
+
+
+def record_check(
+    paths: RuntimePaths,
+    capability: str,
+    *,
+    passed: bool,
+    artifacts: dict[str, str],
+    detail: str,
+) -> None:
+    """Record the outcome of a real capability check against the given artifact digests."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}")
+    checks = read_json(checks_path(paths)) or {}
+    checks[capability] = {
+        "passed": passed,
+        "artifacts": artifacts,
+        "detail": detail,
+        "checked_at": _now(),
+        "host": platform.node(),
+    }
+    write_json_atomic(checks_path(paths), checks)
+
+
+def decide_capabilities(
+    components: dict[str, Component], checks: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Apply the safety rule: each capability with its value and the reason for it."""
+    unverified = sorted(name for name, c in components.items() if c.get("problems"))
+    current = artifact_digests(components)
+    decided: dict[str, dict[str, Any]] = {}
+    for capability in CAPABILITIES:
+        check = checks.get(capability)
+        if unverified:
+            reason = "unverified or placeholder components: " + ", ".join(unverified)
+            decided[capability] = {"value": False, "reason": reason}
+        elif not isinstance(check, dict):
+            decided[capability] = {"value": False, "reason": "no check has proven it on this host"}
+        elif not check.get("passed"):
+            decided[capability] = {
+                "value": False,
+                "reason": f"its check failed: {check.get('detail', '')}",
+            }
+        else:
+            stale = sorted(
+                name
+                for name, digest in dict(check.get("artifacts", {})).items()
+                if current.get(name) != digest
+            )
+            if stale or not check.get("artifacts"):
+                decided[capability] = {
+                    "value": False,
+                    "reason": "proven against other artifacts than those installed: "
+                    + (", ".join(stale) or "none recorded"),
+                }
+            else:
+                decided[capability] = {
+                    "value": True,
+                    "reason": f"proven {check.get('checked_at')}: {check.get('detail', '')}",
+                }
+    return decided
+
+
+# --- the lock ----------------------------------------------------------------------------
+
+
+def build_lock(paths: RuntimePaths, *, deep: bool = True) -> dict[str, Any]:
+    components = collect_components(paths, deep=deep)
+    checks = read_json(checks_path(paths)) or {}
+    decided = decide_capabilities(components, checks)
+    return {
+        "schema": LOCK_SCHEMA,
+        "generated_at": _now(),
+        "host": {"machine": platform.machine(), "kernel": platform.release()},
+        "components": components,
+        "capabilities": {name: d["value"] for name, d in decided.items()},
+        "capability_reasons": {name: d["reason"] for name, d in decided.items()},
+    }
+
+
+def write_lock(paths: RuntimePaths, *, deep: bool = True) -> dict[str, Any]:
+    """Rebuild runtime.lock.json from the installed artifacts and recorded checks."""
+    lock = build_lock(paths, deep=deep)
+    write_json_atomic(paths.lock_path, lock)
+    return lock
+
+
+def read_lock(paths: RuntimePaths) -> dict[str, Any] | None:
+    value = read_json(paths.lock_path)
+    return value if isinstance(value, dict) else None
+
+
