@@ -7,7 +7,12 @@
     ├── IntegrityError             a digest did not match; the artifact is not used
     ├── HostToolMissing            a host program is missing (names the Debian package)
     ├── ToolFailed                 a host program exited non-zero (carries its stderr tail)
-    └── BuildError                 an artifact build could not finish
+    ├── BuildError                 an artifact build could not finish
+    ├── VMError                    a VM could not be created, booted or controlled
+    │   └── BootTimeout            a guest never became ready (carries the console tail)
+    ├── AgentUnavailable           the guest agent link dropped (VM or agent died)
+    ├── GuestError                 the guest agent refused a call (carries its code)
+    └── OperationTimeout           an operation ran past its deadline
 
 Lower-level errors (OSError, subprocess failures) are translated at the boundary with
 ``raise ... from exc`` so the message a user sees says what to do next.
@@ -76,3 +81,48 @@ class ToolFailed(PyroError):
 
 class BuildError(PyroError):
     code = "build_error"
+
+
+class VMError(PyroError):
+    code = "vm_error"
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, console_tail: str = ""
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.console_tail = console_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.console_tail:
+            text += "\n--- serial console (tail) ---\n" + self.console_tail
+        return text
+
+    def to_dict(self) -> dict[str, str]:
+        data = super().to_dict()
+        if self.console_tail:
+            data["console_tail"] = self.console_tail
+        return data
+
+
+class BootTimeout(VMError):
+    code = "boot_timeout"
+
+
+class AgentUnavailable(PyroError):
+    code = "agent_unavailable"
+
+
+class GuestError(PyroError):
+    code = "guest_error"
+
+    def __init__(self, message: str, *, guest_code: str = "error", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.guest_code = guest_code
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "guest_code": self.guest_code}
+
+
+class OperationTimeout(PyroError):
+    code = "timeout"

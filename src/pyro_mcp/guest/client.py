@@ -1,0 +1,258 @@
+"""Host side of the guest protocol: one connection, many concurrent calls.
+
+A reader thread takes frames off the socket and hands each to the queue of the call it
+belongs to, so calls from several threads run at once and output streams back while a
+command runs. Lower-level failures become :class:`AgentUnavailable` (the link dropped:
+the VM or its agent died) or :class:`GuestError` (the agent refused the call).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyro_mcp.errors import AgentUnavailable, GuestError, OperationTimeout
+from pyro_mcp.guest import protocol as p
+
+DataFn = Callable[[str, bytes], None]
+
+
+@dataclass
+class ExecResult:
+    """How a command in the guest ended."""
+
+    exit_code: int
+    """The command's exit status; 128+N when killed by signal N; 127: program not found."""
+    stdout: bytes
+    """Captured standard output (at most ``output_cap`` bytes)."""
+    stderr: bytes
+    """Captured standard error (at most ``output_cap`` bytes)."""
+    timed_out: bool = False
+    """True when the command ran past its timeout and was killed."""
+    signal: str | None = None
+    """Name of the signal that ended the command, if any."""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_ms: float = 0.0
+    """Time the command ran in the guest, in milliseconds."""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.frames: queue.Queue[p.Frame | None] = queue.Queue()
+
+
+class AgentClient:
+    """A connection to the guest agent over a connected stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._closed: str | None = None
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name="pyro-agent-reader")
+        self._reader.start()
+
+    # -- connection ------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def close(self) -> None:
+        if self._closed is None:
+            self._closed = "closed by the host"
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _read_loop(self) -> None:
+        buffer = p.FrameBuffer()
+        reason = "the guest agent connection closed"
+        try:
+            while True:
+                data = self._sock.recv(1 << 20)
+                if not data:
+                    break
+                for frame in buffer.feed(data):
+                    with self._lock:
+                        pending = self._pending.get(frame.id)
+                    if pending is not None:
+                        pending.frames.put(frame)
+        except OSError as exc:
+            reason = f"the guest agent connection failed: {exc}"
+        except p.ProtocolError as exc:
+            reason = f"the guest agent broke the protocol: {exc}"
+        if self._closed is None:
+            self._closed = reason
+        with self._lock:
+            waiting = list(self._pending.values())
+        for pending in waiting:
+            pending.frames.put(None)
+
+    def _send(self, frame: p.Frame) -> None:
+        data = frame.encode()
+        with self._send_lock:
+            if self._closed is not None:
+                raise AgentUnavailable(self._closed)
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                raise AgentUnavailable(f"cannot send to the guest agent: {exc}") from exc
+
+    # -- calls -----------------------------------------------------------------------
+    def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        *,
+        on_data: DataFn | None = None,
+        input_chunks: Iterable[bytes] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[dict[str, Any], bytes]:
+        """Run one operation in the guest and return its result value and payload.
+
+        ``on_data(stream, bytes)`` receives streamed output; ``input_chunks`` are sent as a
+        stream after the call (for large uploads). Raises GuestError, AgentUnavailable,
+        or OperationTimeout (after cancelling the call in the guest).
+        """
+        ident = next(self._ids)
+        pending = _Pending()
+        with self._lock:
+            self._pending[ident] = pending
+        try:
+            self._send(p.Frame(p.CALL, ident, {"op": op, "args": args or {}}, payload))
+            if input_chunks is not None:
+                for chunk in input_chunks:
+                    for start in range(0, len(chunk), p.CHUNK):
+                        self._send(p.Frame(p.DATA, ident, {"stream": "file"},
+                                           chunk[start:start + p.CHUNK]))
+                self._send(p.Frame(p.EOF, ident, {"stream": "file"}))
+            return self._wait(ident, op, pending, on_data, timeout_s)
+        finally:
+            with self._lock:
+                self._pending.pop(ident, None)
+
+    def _wait(self, ident: int, op: str, pending: _Pending, on_data: DataFn | None,
+              timeout_s: float | None) -> tuple[dict[str, Any], bytes]:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.cancel(ident)
+                raise OperationTimeout(f"guest operation {op} took longer than {timeout_s} s")
+            try:
+                frame = pending.frames.get(timeout=left)
+            except queue.Empty:
+                continue
+            if frame is None:
+                raise AgentUnavailable(self._closed or "the guest agent connection closed")
+            if frame.t == p.DATA:
+                if on_data is not None:
+                    on_data(str(frame.header.get("stream", "")), frame.payload)
+            elif frame.t == p.RESULT:
+                value = frame.header.get("value")
+                return (value if isinstance(value, dict) else {}), frame.payload
+            elif frame.t == p.ERROR:
+                raise GuestError(str(frame.header.get("message", "guest error")),
+                                 guest_code=str(frame.header.get("code", "error")))
+
+    def cancel(self, ident: int) -> None:
+        try:
+            self._send(p.Frame(p.CANCEL, ident))
+        except AgentUnavailable:
+            pass
+
+    # -- typed helpers ---------------------------------------------------------------
+    def hello(self, timeout_s: float | None = 10.0) -> dict[str, Any]:
+        value, _ = self.call("hello", timeout_s=timeout_s)
+        if value.get("protocol") != p.PROTOCOL_VERSION:
+            raise AgentUnavailable(
+                f"guest agent speaks protocol {value.get('protocol')}, host needs "
+                f"{p.PROTOCOL_VERSION}: rebuild the environment (`pyro env pull NAME --force`)"
+            )
+        return value
+
+    def ping(self, timeout_s: float | None = 5.0) -> None:
+        self.call("ping", timeout_s=timeout_s)
+
+    def exec(
+        self,
+        argv: list[str] | None = None,
+        *,
+        shell: str | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: bytes = b"",
+        timeout_s: float | None = None,
+        output_cap: int = 16 << 20,
+        on_output: DataFn | None = None,
+    ) -> ExecResult:
+        """Run a command; output streams to ``on_output`` and is captured up to the cap."""
+        args: dict[str, Any] = {"output_cap": output_cap}
+        if argv is not None:
+            args["argv"] = argv
+        if shell is not None:
+            args["shell"] = shell
+        if cwd is not None:
+            args["cwd"] = cwd
+        if env:
+            args["env"] = env
+        if timeout_s is not None:
+            args["timeout_s"] = timeout_s
+        captured: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+        def collect(stream: str, data: bytes) -> None:
+            captured.setdefault(stream, []).append(data)
+            if on_output is not None:
+                on_output(stream, data)
+
+        # The guest enforces the command timeout; the host allows a margin on top.
+        wait = None if timeout_s is None else timeout_s + 10.0
+        value, _ = self.call("exec", args, stdin, on_data=collect, timeout_s=wait)
+        return ExecResult(
+            exit_code=int(value.get("exit_code", -1)),
+            stdout=b"".join(captured["stdout"]),
+            stderr=b"".join(captured["stderr"]),
+            timed_out=bool(value.get("timed_out")),
+            signal=value.get("signal"),
+            stdout_truncated=bool(value.get("stdout_truncated")),
+            stderr_truncated=bool(value.get("stderr_truncated")),
+            duration_ms=float(value.get("duration_ms", 0.0)),
+            details=value,
+        )
+
+    def put_file(self, path: str, data: bytes, *, mode: int = 0o644, mkdirs: bool = False,
+                 root: str | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"path": path, "mode": mode, "mkdirs": mkdirs}
+        if root is not None:
+            args["root"] = root
+        if len(data) <= p.CHUNK:
+            value, _ = self.call("put_file", args, data)
+        else:
+            args["streamed"] = True
+            value, _ = self.call("put_file", args, input_chunks=[data])
+        return value
+
+    def get_file(self, path: str, *, max_bytes: int | None = None,
+                 root: str | None = None) -> tuple[bytes, dict[str, Any]]:
+        args: dict[str, Any] = {"path": path}
+        if max_bytes is not None:
+            args["max_bytes"] = max_bytes
+        if root is not None:
+            args["root"] = root
+        chunks: list[bytes] = []
+        value, _ = self.call("get_file", args, on_data=lambda _s, d: chunks.append(d))
+        return b"".join(chunks), value

@@ -1,0 +1,230 @@
+"""The guest agent: serves the pyro protocol on one channel inside the VM.
+
+Stdlib only (plus :mod:`pyro_mcp.guest.protocol`). One reader thread takes frames off the
+channel; each call runs in its own thread so a slow command never blocks a ping, and
+output streams back as ``data`` frames while a command runs. The same class serves a
+socketpair in unit tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest_agent import ops_exec, ops_files, ops_system
+from pyro_mcp.guest_agent.calls import Call, CallError
+
+AGENT_VERSION = "1.0"
+CAPABILITIES = ("exec", "stream", "cancel", "kill", "put_file", "get_file", "reidentify",
+                "shutdown")
+
+
+Handler = Callable[[Call], tuple[dict[str, Any], bytes]]
+
+
+class Agent:
+    """Serves one channel (a file descriptor open for reading and writing)."""
+
+    def __init__(
+        self,
+        read_fd: int,
+        write_fd: int | None = None,
+        *,
+        poweroff: Callable[[], None] = ops_system.signal_init,
+    ) -> None:
+        self.read_fd = read_fd
+        self.write_fd = read_fd if write_fd is None else write_fd
+        self._write_lock = threading.Lock()
+        self._calls: dict[int, Call] = {}
+        self._calls_lock = threading.Lock()
+        self.started = time.monotonic()
+        self.handlers: dict[str, Handler] = {
+            "hello": self._hello,
+            "exec": ops_exec.run_exec,
+            "kill": self._kill,
+            "put_file": ops_files.put_file,
+            "get_file": ops_files.get_file,
+            "reidentify": ops_system.reidentify,
+            "shutdown": ops_system.make_shutdown(poweroff),
+        }
+
+    # -- I/O -----------------------------------------------------------------------
+    def send(self, frame: p.Frame) -> None:
+        data = memoryview(frame.encode())
+        with self._write_lock:
+            while data:
+                written = os.write(self.write_fd, data)
+                data = data[written:]
+
+    def serve(self) -> None:
+        """Read frames until the channel closes."""
+        reader = p.FrameReader(os.fdopen(os.dup(self.read_fd), "rb", buffering=0))
+        while True:
+            try:
+                frame = reader.read()
+            except p.ChannelClosed:
+                return
+            except p.ProtocolError as exc:
+                self.send(p.Frame(p.ERROR, 0, {"code": "protocol", "message": str(exc)}))
+                continue
+            self._dispatch(frame)
+
+    def _dispatch(self, frame: p.Frame) -> None:
+        if frame.t == p.CALL:
+            op = str(frame.header.get("op", ""))
+            if op == "ping":  # answered inline: the latency floor of the channel
+                self.send(p.Frame(p.RESULT, frame.id, {"value": {}}))
+                return
+            args = frame.header.get("args") or {}
+            call = Call(self.send, frame.id, op, args if isinstance(args, dict) else {},
+                        frame.payload)
+            with self._calls_lock:
+                self._calls[frame.id] = call
+            threading.Thread(target=self._run, args=(call,), daemon=True).start()
+            return
+        with self._calls_lock:
+            call = self._calls.get(frame.id)
+        if call is None:
+            return  # late frame for a finished call
+        if frame.t == p.DATA:
+            call.feed(frame.payload)
+        elif frame.t == p.EOF:
+            call.end_input()
+        elif frame.t == p.CANCEL:
+            call.cancel()
+
+    def _run(self, call: Call) -> None:
+        try:
+            self.send(self._answer(call))
+        except OSError:
+            pass  # the host went away; nobody is left to answer
+        finally:
+            with self._calls_lock:
+                self._calls.pop(call.id, None)
+
+    def _answer(self, call: Call) -> p.Frame:
+        handler = self.handlers.get(call.op)
+        try:
+            if handler is None:
+                raise CallError("unknown_op", f"the agent has no operation {call.op!r}")
+            value, payload = handler(call)
+            return p.Frame(p.RESULT, call.id, {"value": value}, payload)
+        except CallError as exc:
+            return p.Frame(p.ERROR, call.id, {"code": exc.code, "message": exc.message})
+        except OSError as exc:
+            message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            return p.Frame(p.ERROR, call.id, {"code": "io_error", "message": message})
+        except Exception as exc:  # a handler bug must not kill the agent
+            message = f"{type(exc).__name__}: {exc}"
+            return p.Frame(p.ERROR, call.id, {"code": "internal", "message": message})
+
+    # -- built-in operations -----------------------------------------------------------
+    def _hello(self, call: Call) -> tuple[dict[str, Any], bytes]:
+        return {
+            "protocol": p.PROTOCOL_VERSION,
+            "agent_version": AGENT_VERSION,
+            "capabilities": list(CAPABILITIES),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "uptime_s": _uptime(),
+            "agent_uptime_s": round(time.monotonic() - self.started, 3),
+        }, b""
+
+    def _kill(self, call: Call) -> tuple[dict[str, Any], bytes]:
+        target = call.args.get("call_id")
+        signame = str(call.args.get("signal", "KILL")).upper().removeprefix("SIG")
+        signum = getattr(signal, f"SIG{signame}", None)
+        if not isinstance(target, int) or signum is None:
+            raise CallError("invalid_argument", "kill needs call_id (int) and a signal name")
+        with self._calls_lock:
+            victim = self._calls.get(target)
+        if victim is None:
+            raise CallError("not_found", f"no call {target} is running")
+        if victim.send_signal is None:
+            raise CallError("invalid_argument", f"call {target} runs no process")
+        victim.send_signal(signum)
+        return {"signalled": target, "signal": signame}, b""
+
+
+def _uptime() -> float:
+    try:
+        with open("/proc/uptime") as handle:
+            return float(handle.read().split()[0])
+    except OSError:
+        return -1.0
+
+
+# --- finding the channel inside the VM -------------------------------------------------
+
+
+def _kernel_args() -> dict[str, str]:
+    try:
+        with open("/proc/cmdline") as handle:
+            words = handle.read().split()
+    except OSError:
+        return {}
+    return dict(word.split("=", 1) for word in words if "=" in word)
+
+
+def _virtio_port(name: str) -> str | None:
+    base = "/sys/class/virtio-ports"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(f"{base}/{entry}/name") as handle:
+                if handle.read().strip() == name:
+                    return f"/dev/{entry}"
+        except OSError:
+            continue
+    return None
+
+
+def serve_virtio_serial() -> None:
+    deadline = time.monotonic() + 10
+    path = _virtio_port(p.AGENT_PORT_NAME)
+    while path is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        path = _virtio_port(p.AGENT_PORT_NAME)
+    if path is None:
+        raise SystemExit("pyro-agent: no virtio-serial port named " + p.AGENT_PORT_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            Agent(fd).serve()
+        finally:
+            os.close(fd)
+        time.sleep(0.05)  # the host side went away; wait for it to come back
+
+
+def serve_vsock() -> None:
+    family = getattr(socket, "AF_VSOCK", 40)
+    cid_any = getattr(socket, "VMADDR_CID_ANY", 0xFFFFFFFF)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((cid_any, p.AGENT_VSOCK_PORT))
+    listener.listen(4)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            Agent(conn.fileno()).serve()
+
+
+def main() -> None:
+    channel = _kernel_args().get("pyro.channel", "virtio-serial")
+    if channel == "vsock":
+        serve_vsock()
+    else:
+        serve_virtio_serial()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""A call in flight inside the agent, and the error a handler raises."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pyro_mcp.guest import protocol as p
+
+
+class CallError(Exception):
+    """Raised by a handler: becomes an ``error`` frame with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Call:
+    """One call in flight: its input stream, cancel flag and the way to answer."""
+
+    def __init__(self, send: Callable[[p.Frame], None], ident: int, op: str, args: dict[str, Any],
+                 payload: bytes) -> None:
+        self.send = send
+        self.id = ident
+        self.op = op
+        self.args = args
+        self.payload = payload
+        self.cancelled = threading.Event()
+        self.on_cancel: Callable[[], None] | None = None
+        self.send_signal: Callable[[int], None] | None = None  # set while a process runs
+        self._input: list[bytes] = []
+        self._input_done = threading.Event()
+        self._input_ready = threading.Condition()
+
+    # -- input streamed by the host (large file puts) --------------------------------
+    def feed(self, data: bytes) -> None:
+        with self._input_ready:
+            self._input.append(data)
+            self._input_ready.notify()
+
+    def end_input(self) -> None:
+        with self._input_ready:
+            self._input_done.set()
+            self._input_ready.notify()
+
+    def read_input(self, timeout_s: float = 60.0) -> bytes | None:
+        """Next chunk of streamed input; None at the end of the stream."""
+        with self._input_ready:
+            deadline = time.monotonic() + timeout_s
+            while not self._input and not self._input_done.is_set():
+                if self.cancelled.is_set():
+                    raise CallError("cancelled", "call cancelled")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CallError("timeout", "no input from the host in time")
+                self._input_ready.wait(left)
+            return self._input.pop(0) if self._input else None
+
+    # -- output ----------------------------------------------------------------------
+    def send_data(self, stream: str, data: bytes) -> None:
+        for start in range(0, len(data), p.CHUNK):
+            self.send(p.Frame(p.DATA, self.id, {"stream": stream},
+                                    data[start:start + p.CHUNK]))
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
+        with self._input_ready:
+            self._input_ready.notify_all()

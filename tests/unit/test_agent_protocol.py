@@ -1,0 +1,159 @@
+"""The guest agent, run as a local process thread over a socketpair, speaks the protocol."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyro_mcp.errors import GuestError, OperationTimeout
+from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.guest_agent.agent import Agent
+
+
+@pytest.fixture
+def client() -> Iterator[AgentClient]:
+    host, guest = socket.socketpair()
+    powered_off = threading.Event()
+    agent = Agent(guest.fileno(), poweroff=powered_off.set)
+    thread = threading.Thread(target=agent.serve, daemon=True)
+    thread.start()
+    conn = AgentClient(host)
+    yield conn
+    conn.close()
+    guest.close()
+
+
+def test_hello_reports_protocol_version_and_capabilities(client: AgentClient) -> None:
+    hello = client.hello()
+    assert hello["protocol"] == p.PROTOCOL_VERSION
+    assert {"exec", "put_file", "get_file", "reidentify"} <= set(hello["capabilities"])
+
+
+def test_exec_returns_both_streams_and_the_exit_code(client: AgentClient) -> None:
+    result = client.exec(shell="echo out; echo err >&2; exit 3")
+    assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 3)
+
+
+def test_missing_program_exits_127_with_a_message(client: AgentClient) -> None:
+    result = client.exec(["/no/such/program"])
+    assert result.exit_code == 127
+    assert b"command not found" in result.stderr
+
+
+def test_output_beyond_the_cap_is_dropped_and_flagged(client: AgentClient) -> None:
+    result = client.exec(shell="head -c 100000 /dev/zero", output_cap=1000)
+    assert len(result.stdout) == 1000
+    assert result.stdout_truncated
+    assert result.details["stdout_bytes"] == 100000
+
+
+def test_timeout_kills_the_command_and_keeps_partial_output(client: AgentClient) -> None:
+    result = client.exec(shell="echo started; sleep 30", timeout_s=0.5)
+    assert result.timed_out
+    assert result.stdout == b"started\n"
+    assert result.signal == "SIGKILL"
+
+
+def test_ping_is_answered_while_a_long_command_runs(client: AgentClient) -> None:
+    done: list[float] = []
+    worker = threading.Thread(
+        target=lambda: done.append(client.exec(shell="sleep 1").duration_ms), daemon=True
+    )
+    worker.start()
+    time.sleep(0.1)
+    client.ping()
+    assert not done  # the ping came back before the sleep ended
+    worker.join()
+    assert done and done[0] >= 900
+
+
+def test_output_streams_while_the_command_runs(client: AgentClient) -> None:
+    seen: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+    client.exec(shell="echo one; sleep 0.5; echo two",
+                on_output=lambda _s, d: seen.append((time.monotonic() - started, d)))
+    assert [data for _, data in seen] == [b"one\n", b"two\n"]
+    assert seen[0][0] < 0.4
+
+
+def test_stdin_reaches_the_command(client: AgentClient) -> None:
+    assert client.exec(["cat"], stdin=b"hello\x00world").stdout == b"hello\x00world"
+
+
+def test_bad_arguments_are_refused_with_a_code(client: AgentClient) -> None:
+    with pytest.raises(GuestError) as caught:
+        client.call("exec", {"argv": ["true"], "shell": "true"})
+    assert caught.value.guest_code == "invalid_argument"
+    with pytest.raises(GuestError) as unknown:
+        client.call("no_such_op")
+    assert unknown.value.guest_code == "unknown_op"
+
+
+def test_files_round_trip_binary_safe_including_large_streams(
+    client: AgentClient, tmp_path: Path
+) -> None:
+    small = bytes(range(256)) * 4
+    large = os.urandom(3 << 20)
+    client.put_file(str(tmp_path / "small"), small, mode=0o600)
+    client.put_file(str(tmp_path / "large"), large)
+    assert client.get_file(str(tmp_path / "small"))[0] == small
+    assert (tmp_path / "small").stat().st_mode & 0o777 == 0o600
+    data, info = client.get_file(str(tmp_path / "large"))
+    assert data == large and info["size"] == len(large) and not info["truncated"]
+    head, info = client.get_file(str(tmp_path / "large"), max_bytes=10)
+    assert head == large[:10] and info["truncated"]
+
+
+def test_paths_escaping_the_root_are_refused(client: AgentClient, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret").write_text("s")
+    (root / "link").symlink_to(tmp_path / "secret")
+    for path in (f"{root}/../secret", f"{root}/link", "/etc/passwd"):
+        with pytest.raises(GuestError) as caught:
+            client.get_file(path, root=str(root))
+        assert caught.value.guest_code == "outside_root"
+    with pytest.raises(GuestError):
+        client.put_file(f"{root}/link", b"x", root=str(root))
+    assert (tmp_path / "secret").read_text() == "s"
+
+
+def test_a_host_timeout_cancels_the_guest_command(client: AgentClient) -> None:
+    with pytest.raises(OperationTimeout):
+        client.call("exec", {"shell": "sleep 20"}, timeout_s=0.3)
+    client.ping()
+
+
+def test_kill_signals_a_running_command(client: AgentClient) -> None:
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.append(client.exec(shell="sleep 20")), daemon=True
+    )
+    worker.start()
+    time.sleep(0.3)
+    # The exec above is call 1 on this fresh connection.
+    client.call("kill", {"call_id": 1, "signal": "INT"})
+    worker.join(timeout=5)
+    assert results and results[0].signal == "SIGINT"
+
+
+def test_frames_resynchronise_after_garbage() -> None:
+    buffer = p.FrameBuffer()
+    frame = p.Frame(p.RESULT, 5, {"value": {}}, b"xyz")
+    frames = buffer.feed(b"garbage" + frame.encode()[:7])
+    frames += buffer.feed(frame.encode()[7:])
+    assert [(f.t, f.id, f.payload) for f in frames] == [(p.RESULT, 5, b"xyz")]
+
+
+def test_oversized_frames_are_a_protocol_error() -> None:
+    import struct
+
+    with pytest.raises(p.ProtocolError):
+        p.FrameBuffer().feed(struct.pack(">4sII", p.MAGIC, p.MAX_HEADER + 1, 0))
