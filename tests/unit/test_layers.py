@@ -21,8 +21,8 @@ LAYERS: dict[str, int] = {
     "api": 5,
     "sdk": 6,
     "cli": 6,
-    "mcp": 6,
-    "server": 6,
+    "mcp_server": 6,
+    "mcp_profiles": 0,
 }
 
 # guest_agent runs inside the VM: stdlib plus guest.protocol only.
@@ -41,7 +41,7 @@ def _imports(path: Path) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append(node.module)
+            found.extend(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)
     return [name for name in found if name.startswith("pyro_mcp.")]

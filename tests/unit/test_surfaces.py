@@ -52,7 +52,8 @@ def test_unknown_environment_is_a_clear_json_error(
     result = json.loads(capsys.readouterr().out)
     assert code == 1
     assert result["error"] == "not_found"
-    assert "debian:12" in result["message"]
+    assert "debian:99" in result["message"]
+    assert "debian:12" in result["message"] + result.get("hint", "")
 
 
 def test_sdk_reports_the_same_catalog_as_the_cli(

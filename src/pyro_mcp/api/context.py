@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
 
 ProgressFn = Callable[[str], None]
+OutputFn = Callable[[str, bytes], None]  # (stream name, bytes) as a command produces them
 
 
 def _quiet(_message: str) -> None:
@@ -16,7 +17,8 @@ def _quiet(_message: str) -> None:
 
 @dataclass
 class Context:
-    """Per-call context: where the runtime lives and where progress goes."""
+    """Per-call context: where the runtime lives, where progress and live output go."""
 
     paths: RuntimePaths = field(default_factory=runtime_paths)
     progress: ProgressFn = _quiet
+    output: OutputFn | None = None

@@ -60,6 +60,7 @@ class Operation:
     profiles: frozenset[str]  # MCP profiles exposing it; empty: not an MCP tool
     params: tuple[Param, ...] = field(default=())
     progress: bool = False  # reports progress phases while it runs
+    exit_code_key: str | None = None  # the CLI exits with this result field (e.g. run)
 
     @property
     def doc(self) -> str:
@@ -109,6 +110,7 @@ def operation(
     sdk: str,
     profiles: tuple[str, ...] = (),
     progress: bool = False,
+    exit_code_key: str | None = None,
 ) -> Callable[[F], F]:
     """Register ``func`` as a public operation named after the function."""
 
@@ -126,6 +128,7 @@ def operation(
             profiles=frozenset(profiles),
             params=_params(func),
             progress=progress,
+            exit_code_key=exit_code_key,
         )
         return func
 

@@ -68,14 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
                 parsers[prefix] = sub
                 groups[prefix] = sub.add_subparsers(metavar="COMMAND", required=True)
         command = groups[op.cli[:-1]].add_parser(
-            op.cli[-1], help=op.summary, description=op.doc,
+            op.cli[-1],
+            help=op.summary,
+            description=op.doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         for param in op.params:
             _add_param(command, param)
         command.add_argument("--json", action="store_true", help="print one JSON result")
         command.set_defaults(operation=op)
+    _add_mcp_commands(groups[()])
     return parser
+
+
+def _add_mcp_commands(root: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
+
+    mcp = root.add_parser("mcp", help="the MCP server")
+    sub = mcp.add_subparsers(metavar="COMMAND", required=True)
+    serve = sub.add_parser("serve", help="serve pyro's tools over MCP (stdio by default)")
+    serve.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
+                       help="which tools to expose")
+    serve.add_argument("--http", metavar="HOST:PORT",
+                       help="serve streamable HTTP at HOST:PORT instead of stdio")
+    serve.set_defaults(operation=None, mcp_serve=True)
 
 
 class _ProgressPrinter:
@@ -104,9 +120,16 @@ def _arguments(op: Operation, namespace: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
+    if getattr(namespace, "mcp_serve", False):
+        from pyro_mcp.mcp_server import serve
+
+        serve(namespace.profile, namespace.http)
+        return 0
     op: Operation = namespace.operation
     as_json: bool = namespace.json
     ctx = Context(progress=_ProgressPrinter())
+    if not as_json:
+        ctx.output = _write_live
     try:
         result = op.call(ctx, **_arguments(op, namespace))
     except PyroError as exc:
@@ -126,8 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print(render_text(op.name, result))
+        text = render_text(op.name, result)
+        if text:
+            # A command's own output went to stdout; pyro's notes about it go to stderr.
+            print(text, file=sys.stderr if op.exit_code_key else sys.stdout)
+    if op.exit_code_key is not None and isinstance(result, dict):
+        return int(result[op.exit_code_key]) & 0xFF
     return 0
+
+
+def _write_live(stream: str, data: bytes) -> None:
+    """Live command output straight to our own stdout/stderr."""
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.buffer.write(data)
+    target.flush()
 
 
 if __name__ == "__main__":

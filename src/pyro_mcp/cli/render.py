@@ -24,7 +24,9 @@ def _env_list(result: dict[str, Any]) -> str:
     for row in result["environments"]:
         digest = (row.get("image_sha256") or "-")[:16]
         installed = "yes" if row.get("installed") else "no"
-        lines.append(f"{row['name']:<18} {installed:<10} {_size(row.get('image_size')):>10}  {digest}")
+        lines.append(
+            f"{row['name']:<18} {installed:<10} {_size(row.get('image_size')):>10}  {digest}"
+        )
     return "\n".join(lines)
 
 
@@ -68,7 +70,19 @@ def _generic(result: dict[str, Any], indent: int = 0) -> str:
     return "\n".join(line for line in lines if line is not None)
 
 
+def _streamed(result: dict[str, Any]) -> str:
+    # The output was written live; only say what a reader could not see.
+    notes = []
+    if result.get("timed_out"):
+        notes.append("pyro: the command timed out and was killed")
+    for stream in ("stdout", "stderr"):
+        if result.get(f"{stream}_truncated"):
+            notes.append(f"pyro: {stream} was truncated at the output cap")
+    return "\n".join(notes)
+
+
 RENDERERS: dict[str, Renderer] = {
+    "vm_run": _streamed,
     "env_list": _env_list,
     "runtime_doctor": _doctor,
     "runtime_status": _status,

@@ -18,15 +18,14 @@ Anything else sets every capability to false, with the reason.
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
 from pyro_mcp.runtime import binaries, environments, kernels
-from pyro_mcp.runtime.host_tools import find_program
+from pyro_mcp.runtime.host_probe import probe_qemu
+from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
 from pyro_mcp.runtime.paths import RuntimePaths
 
 LOCK_SCHEMA = 1
@@ -39,35 +38,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to ``path`` so a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    """The parsed file, or None when it is missing or not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def qemu_version() -> str | None:
-    import subprocess
-
-    program = find_program("qemu-system-x86_64")
-    if program is None:
-        return None
-    result = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
-    first = result.stdout.splitlines()[0] if result.stdout else ""
-    return first.removeprefix("QEMU emulator version ").strip() or None
+    version = probe_qemu().get("version")
+    return str(version) if version else None
 
 
 def collect_components(paths: RuntimePaths, *, deep: bool) -> dict[str, Component]:
@@ -107,10 +80,11 @@ def collect_components(paths: RuntimePaths, *, deep: bool) -> dict[str, Componen
             "problems": environments.verify_environment(paths, info.name, deep=deep),
         }
 
+    qemu = qemu_version()
     components["qemu"] = {
         "kind": "host-package",
-        "version": qemu_version(),
-        "problems": [] if qemu_version() else ["qemu-system-x86_64 not installed"],
+        "version": qemu,
+        "problems": [] if qemu else ["qemu-system-x86_64 not installed"],
     }
     return components
 
@@ -222,5 +196,3 @@ def write_lock(paths: RuntimePaths, *, deep: bool = True) -> dict[str, Any]:
 def read_lock(paths: RuntimePaths) -> dict[str, Any] | None:
     value = read_json(paths.lock_path)
     return value if isinstance(value, dict) else None
-
-

@@ -6,12 +6,15 @@ One environment variable moves each base directory:
   Default: ``$XDG_CACHE_HOME/pyro-mcp`` or ``~/.cache/pyro-mcp``.
 - ``PYRO_STATE_DIR``: records that must survive (workspaces, store).
   Default: ``$XDG_STATE_HOME/pyro-mcp`` or ``~/.local/state/pyro-mcp``.
+- ``PYRO_RUN_DIR``: live VMs' sockets and logs (short paths: Unix sockets allow ~100
+  bytes). Default: ``/run/pyro-mcp`` as root, else ``$XDG_RUNTIME_DIR/pyro-mcp`` or
+  ``/tmp/pyro-mcp-<uid>``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -27,6 +30,7 @@ class RuntimePaths:
     """The directory layout of the runtime cache."""
 
     cache_dir: Path
+    run_root: Path = field(default_factory=lambda: run_dir())
 
     @property
     def bin_dir(self) -> Path:
@@ -64,6 +68,11 @@ class RuntimePaths:
         return self.cache_dir / "work"
 
     @property
+    def probes_path(self) -> Path:
+        """Cached backend boot probes (which VMM boots a real guest here, how fast)."""
+        return self.cache_dir / "probes.json"
+
+    @property
     def lock_path(self) -> Path:
         """The runtime lock: what is installed here, its digests, proven capabilities."""
         return self.cache_dir / "runtime.lock.json"
@@ -97,4 +106,16 @@ def state_dir() -> Path:
 
 def runtime_paths() -> RuntimePaths:
     """The runtime layout for the current environment variables."""
-    return RuntimePaths(cache_dir())
+    return RuntimePaths(cache_dir(), run_dir())
+
+
+def run_dir() -> Path:
+    value = os.environ.get("PYRO_RUN_DIR")
+    if value:
+        return Path(value).expanduser().resolve()
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return Path("/run/pyro-mcp")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_absolute():
+        return Path(runtime) / "pyro-mcp"
+    return Path(f"/tmp/pyro-mcp-{os.geteuid()}")

@@ -1,5 +1,5 @@
 """Importing this package registers every operation."""
 
-from pyro_mcp.api.operations import environments, runtime
+from pyro_mcp.api.operations import environments, runtime, vm
 
-__all__ = ["environments", "runtime"]
+__all__ = ["environments", "runtime", "vm"]

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import Arg, operation
-from pyro_mcp.errors import IntegrityError
+from pyro_mcp.errors import IntegrityError, RuntimeMissing
 from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
+from pyro_mcp.vmm import selection
 
 
 @operation(cli=("runtime", "install-host-packages"), sdk="install_host_packages", progress=True)
@@ -51,8 +52,10 @@ def runtime_build_kernel(
     ctx: Context,
     flavor: Annotated[
         str | None,
-        Arg("source: minimal kernel built from linux-source; cloud: Debian's packaged one",
-            choices=kernels.KERNEL_FLAVORS),
+        Arg(
+            "source: minimal kernel built from linux-source; cloud: Debian's packaged one",
+            choices=kernels.KERNEL_FLAVORS,
+        ),
     ] = None,
     jobs: Annotated[int | None, Arg("parallel compile jobs (default: sized from memory)")] = None,
 ) -> dict[str, Any]:
@@ -83,10 +86,48 @@ def runtime_build_rootfs(
 
 
 @operation(cli=("runtime", "bundle"), sdk="bundle_runtime", progress=True)
-def runtime_bundle(ctx: Context) -> dict[str, Any]:
-    """Verify every installed component and write runtime.lock.json with the capabilities."""
+def runtime_bundle(
+    ctx: Context,
+    refresh_probes: Annotated[bool, Arg("boot the probe guests again even if cached")] = False,
+) -> dict[str, Any]:
+    """Prove the capabilities with real guests, verify every component, write the lock.
+
+    The boot check boots the default environment on each candidate backend and runs
+    ``uname -r`` in it: ``vm_boot`` and ``guest_exec`` are recorded only when that worked.
+    """
+    run_boot_checks(ctx, refresh=refresh_probes)
     ctx.progress("verifying components and writing the lock")
     return lock.write_lock(ctx.paths)
+
+
+def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:
+    """Record vm_boot and guest_exec from the backend boot probes (real guests)."""
+    try:
+        report = selection.run_probes(ctx.paths, progress=ctx.progress, refresh=refresh)
+    except RuntimeMissing as exc:
+        ctx.progress(f"boot check skipped: {exc}")
+        return
+    components = lock.collect_components(ctx.paths, deep=False)
+    current = lock.artifact_digests(components)
+    environment = str(report["environment"])
+    used = [f"kernel-{kernels.default_flavor()}", f"env:{environment}"]
+    artifacts = {name: current[name] for name in used if name in current}
+    chosen = report.get("chosen")
+    results = report["results"]
+    best = results.get(chosen, {}) if chosen else {}
+    booted = any(r.get("boot_ms") for r in results.values())
+    summary = "; ".join(
+        f"{label}: {r.get('skipped') or r.get('error') or 'ok'}" for label, r in results.items()
+    )
+    lock.record_check(
+        ctx.paths, "vm_boot", passed=booted, artifacts=artifacts,
+        detail=f"{chosen} booted {environment} in {best.get('boot_ms')} ms" if booted else summary,
+    )
+    lock.record_check(
+        ctx.paths, "guest_exec", passed=bool(best.get("ok")), artifacts=artifacts,
+        detail=(f"`uname -r` in the guest printed {best.get('guest_kernel')}"
+                if best.get("ok") else summary),
+    )
 
 
 @operation(cli=("runtime", "materialize"), sdk="materialize_runtime", progress=True)

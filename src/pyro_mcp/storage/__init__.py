@@ -1,0 +1,1 @@
+"""Disk images: copy-on-write overlays, workspace disks, checkpoints."""

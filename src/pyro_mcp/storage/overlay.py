@@ -1,0 +1,20 @@
+"""Copy-on-write root disks over a read-only environment image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyro_mcp.runtime.host_tools import run
+
+
+def create_overlay(base: Path, overlay: Path) -> Path:
+    """A qcow2 overlay at ``overlay`` whose reads fall through to the raw image ``base``.
+
+    The base is never written: every guest write lands in the overlay.
+    """
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)],
+        what="create root disk overlay",
+    )
+    return overlay

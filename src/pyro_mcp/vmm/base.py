@@ -1,0 +1,142 @@
+"""The backend interface every VMM implements.
+
+A :class:`VMSpec` says what to boot; a backend turns it into a :class:`VM`, a handle on
+one VMM process: ``start`` launches and boots it, ``wait_ready`` returns a connected
+:class:`~pyro_mcp.guest.client.AgentClient`, and the rest controls or ends it. Every wait
+is bounded and, on failure, its error carries the tail of the serial console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.guest.client import AgentClient
+
+MIN_MEM_MIB = 128
+MAX_VCPUS = 32
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    format: str = "raw"  # raw | qcow2
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """What to boot."""
+
+    vm_id: str
+    run_dir: Path  # sockets, console log, VMM log; removed when the VM is cleaned up
+    kernel: Path  # vmlinux (ELF) or bzImage
+    root_disk: Disk
+    initrd: Path | None = None
+    kernel_args: tuple[str, ...] = ()
+    extra_disks: tuple[Disk, ...] = ()
+    vcpu_count: int = 1
+    mem_mib: int = 256
+    hostname: str = "pyro"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpu_count <= MAX_VCPUS:
+            raise InvalidArgument(f"vcpu_count must be 1..{MAX_VCPUS}, got {self.vcpu_count}")
+        if self.mem_mib < MIN_MEM_MIB:
+            raise InvalidArgument(f"mem_mib must be at least {MIN_MEM_MIB}, got {self.mem_mib}")
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.run_dir / "vmm.log"
+
+
+def read_tail(path: Path, lines: int = 30, max_bytes: int = 16384) -> str:
+    """The last lines of a log file ('' when it does not exist)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class VM(ABC):
+    """A handle on one VMM process."""
+
+    backend: str
+
+    def __init__(self, spec: VMSpec) -> None:
+        self.spec = spec
+        self.process: subprocess.Popen[bytes] | None = None
+        self.agent: AgentClient | None = None
+        self.timings: dict[str, float] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @abstractmethod
+    def start(self) -> None:
+        """Launch the VMM and boot the guest (returns without waiting for the guest)."""
+
+    @abstractmethod
+    def wait_ready(self, timeout_s: float) -> AgentClient:
+        """Wait until the guest agent answers hello; raise BootTimeout/VMError otherwise."""
+
+    @abstractmethod
+    def pause(self) -> None: ...
+
+    @abstractmethod
+    def resume(self) -> None: ...
+
+    def console_tail(self, lines: int = 30) -> str:
+        return read_tail(self.spec.console_log, lines)
+
+    def vmm_log_tail(self, lines: int = 30) -> str:
+        return read_tail(self.spec.vmm_log, lines)
+
+    def status(self) -> str:
+        if self.process is None:
+            return "created"
+        return "running" if self.process.poll() is None else "exited"
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the guest to power off; kill the VMM if it has not exited in time."""
+        if self.agent is not None and not self.agent.closed and self.alive():
+            with contextlib.suppress(Exception):
+                self.agent.call("shutdown", timeout_s=timeout_s)
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout_s)
+        self.kill()
+
+    def kill(self) -> None:
+        """End the VMM at once (SIGKILL to its process group) and release the handle."""
+        if self.agent is not None:
+            self.agent.close()
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def mark(self, phase: str, since: float) -> None:
+        self.timings[phase] = round((time.monotonic() - since) * 1000, 1)

@@ -1,0 +1,102 @@
+"""Assemble a bootable VM from the runtime's artifacts and a chosen backend.
+
+This is where an environment name becomes a kernel, a copy-on-write root disk and a VMM
+process. Callers pick the backend with :mod:`pyro_mcp.vmm.selection`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyro_mcp.errors import InvalidArgument, RuntimeMissing
+from pyro_mcp.runtime import environments, kernels
+from pyro_mcp.runtime.paths import RuntimePaths
+from pyro_mcp.storage.overlay import create_overlay
+from pyro_mcp.vmm.base import VM, Disk, VMSpec
+from pyro_mcp.vmm.qemu import QemuVM
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which VMM runs the guest and how."""
+
+    backend: str  # "qemu" | "firecracker"
+    accel: str  # "kvm" | "tcg" (QEMU); "kvm" for Firecracker
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return self.backend if self.backend == "firecracker" else f"qemu-{self.accel}"
+
+
+def new_vm_id() -> str:
+    return secrets.token_hex(6)
+
+
+def kernel_for(paths: RuntimePaths, flavor: str | None = None) -> kernels.KernelArtifact:
+    chosen = flavor or kernels.default_flavor()
+    kernel = kernels.installed_kernel(paths, chosen)
+    if kernel is None:
+        raise RuntimeMissing(
+            f"no {chosen} guest kernel is installed",
+            hint="run `pyro runtime build-kernel` (or `make run`)",
+        )
+    return kernel
+
+
+def build_spec(
+    paths: RuntimePaths,
+    *,
+    environment: str,
+    choice: BackendChoice,
+    vcpu_count: int = 1,
+    mem_mib: int = 256,
+    vm_id: str | None = None,
+    kernel_flavor: str | None = None,
+    root_overlay: Path | None = None,
+    extra_disks: tuple[Disk, ...] = (),
+) -> VMSpec:
+    """A VMSpec for ``environment``; creates its root overlay (in the run dir by default)."""
+    vm_id = vm_id or new_vm_id()
+    image = environments.image_for(paths, environment)
+    kernel = kernel_for(paths, kernel_flavor)
+    run_dir = paths.run_root / vm_id
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    overlay = root_overlay or run_dir / "root.qcow2"
+    if not overlay.exists():
+        create_overlay(image, overlay)
+    if choice.backend == "firecracker":
+        boot_image, initrd = kernel.vmlinux, kernel.initramfs
+    elif kernel.initramfs is not None:
+        boot_image, initrd = kernel.bzimage, kernel.initramfs
+    else:
+        boot_image, initrd = kernel.vmlinux, None  # PVH entry: the fastest QEMU boot
+    spec = VMSpec(
+        vm_id=vm_id,
+        run_dir=run_dir,
+        kernel=boot_image,
+        initrd=initrd,
+        kernel_args=tuple(kernel.boot_args()),
+        root_disk=Disk(overlay, "qcow2"),
+        extra_disks=extra_disks,
+        vcpu_count=vcpu_count,
+        mem_mib=mem_mib,
+        hostname=f"pyro-{vm_id[:8]}",
+    )
+    spec.validate()
+    return spec
+
+
+def create_vm(spec: VMSpec, choice: BackendChoice) -> VM:
+    if choice.backend == "qemu":
+        return QemuVM(spec, accel=choice.accel)
+    raise InvalidArgument(f"backend {choice.backend!r} cannot boot Linux guests on this build")
+
+
+def discard_vm(vm: VM) -> None:
+    """Kill the VMM and remove everything the VM left in its run directory."""
+    vm.kill()
+    shutil.rmtree(vm.spec.run_dir, ignore_errors=True)

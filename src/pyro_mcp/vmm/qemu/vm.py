@@ -1,0 +1,220 @@
+"""One QEMU process running one guest on ``-M microvm``.
+
+The guest agent channel is a virtio-serial port backed by a host Unix socket (mode 0600,
+in the VM's run directory): no vhost device is needed. QMP (another Unix socket) controls
+the VM. Under TCG the guest TSC is pinned on the kernel command line, otherwise concurrent
+software-emulated guests hang while calibrating it.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from pyro_mcp.errors import AgentUnavailable, BootTimeout, OperationTimeout, VMError
+from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.guest.protocol import AGENT_PORT_NAME
+from pyro_mcp.runtime.host_tools import require
+from pyro_mcp.vmm.base import VM, VMSpec
+from pyro_mcp.vmm.qemu.qmp import QMPClient
+
+ACCELS = ("kvm", "tcg")
+# A pinned TSC for software emulation (kHz, and the matching loops-per-jiffy at HZ=250).
+TCG_TSC_KHZ = 2_600_000
+TCG_LPJ = 10_400_000
+TCG_TB_SIZE_MIB = 64
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+MAX_SOCKET_PATH = 100
+
+
+def kernel_command_line(spec: VMSpec, accel: str) -> str:
+    args = [
+        "console=ttyS0",
+        "reboot=k",
+        "panic=1",
+        "quiet",
+        "root=/dev/vda",
+        "rootfstype=ext4",
+        "rw",
+        "init=/sbin/pyro-init",
+        f"pyro.hostname={spec.hostname}",
+        "pyro.channel=virtio-serial",
+    ]
+    if accel == "tcg":
+        args += [f"tsc_early_khz={TCG_TSC_KHZ}", f"lpj={TCG_LPJ}", "tsc=reliable"]
+    args += list(spec.kernel_args)
+    return " ".join(args)
+
+
+def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
+    """The full QEMU command line for ``spec`` (an argv list, never a shell string)."""
+    if accel not in ACCELS:
+        raise VMError(f"unknown QEMU accelerator {accel!r}")
+    run = spec.run_dir
+    accel_arg = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if accel == "tcg" else "kvm"
+    argv = [
+        require("qemu-system-x86_64"),
+        "-name",
+        f"pyro-{spec.vm_id}",
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=off,pic=off",
+        "-accel",
+        accel_arg,
+        "-cpu",
+        "max" if accel == "tcg" else "host",
+        "-m",
+        str(spec.mem_mib),
+        "-smp",
+        str(spec.vcpu_count),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-sandbox",
+        SANDBOX,
+        "-chardev",
+        f"file,id=console,path={spec.console_log}",
+        "-serial",
+        "chardev:console",
+        "-kernel",
+        str(spec.kernel),
+        "-append",
+        kernel_command_line(spec, accel),
+        "-qmp",
+        f"unix:{run / 'qmp.sock'},server=on,wait=off",
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-device,rng=rng0",
+        "-device",
+        "virtio-serial-device,max_ports=2",
+        "-chardev",
+        f"socket,id=agent,path={run / 'agent.sock'},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+    ]
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd)]
+    for index, disk in enumerate((spec.root_disk, *spec.extra_disks)):
+        drive = f"id=d{index},file={disk.path},format={disk.format},if=none,discard=unmap"
+        if disk.read_only:
+            drive += ",readonly=on"
+        argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=d{index}"]
+    return argv
+
+
+class QemuVM(VM):
+    backend = "qemu"
+
+    def __init__(self, spec: VMSpec, accel: str = "tcg") -> None:
+        super().__init__(spec)
+        self.accel = accel
+        self._qmp: QMPClient | None = None
+        self.started_at = 0.0
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.spec.run_dir / "agent.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.spec.run_dir / "qmp.sock"
+
+    def start(self) -> None:
+        self.spec.validate()
+        if len(str(self.agent_socket)) > MAX_SOCKET_PATH:
+            raise VMError(f"run directory path too long for a Unix socket: {self.spec.run_dir}")
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        argv = qemu_argv(self.spec, self.accel)
+        started = time.monotonic()
+        with self.spec.vmm_log.open("ab") as log:
+            try:
+                self.process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    close_fds=True,
+                    umask=0o077,
+                )
+            except OSError as exc:
+                raise VMError(f"cannot start QEMU: {exc}") from exc
+        self.started_at = started
+
+    def _connect_agent(self, deadline: float) -> socket.socket:
+        while True:
+            self._check_alive("while waiting for its agent socket")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.agent_socket))
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            if time.monotonic() > deadline:
+                raise self._boot_timeout("the agent socket never appeared")
+            time.sleep(0.002)
+
+    def wait_ready(self, timeout_s: float) -> AgentClient:
+        deadline = time.monotonic() + timeout_s
+        client = AgentClient(self._connect_agent(deadline))
+        self.mark("vmm_started_ms", self.started_at)
+        try:
+            client.hello(timeout_s=max(0.1, deadline - time.monotonic()))
+        except OperationTimeout as exc:
+            client.close()
+            raise self._boot_timeout(
+                f"the guest agent did not answer within {timeout_s} s"
+            ) from exc
+        except AgentUnavailable as exc:
+            client.close()
+            self._check_alive("during boot")
+            raise VMError(
+                f"guest agent link failed during boot: {exc}", console_tail=self.console_tail()
+            ) from exc
+        self.mark("agent_ready_ms", self.started_at)
+        self.agent = client
+        return client
+
+    def _boot_timeout(self, why: str) -> BootTimeout:
+        return BootTimeout(
+            f"guest {self.spec.vm_id} did not become ready: {why}",
+            hint="see the serial console tail below",
+            console_tail=self.console_tail(),
+        )
+
+    def _check_alive(self, when: str) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise VMError(
+                f"QEMU exited with {self.process.returncode} {when}: {self.vmm_log_tail(5)}",
+                console_tail=self.console_tail(),
+            )
+
+    def qmp(self) -> QMPClient:
+        if self._qmp is None:
+            self._qmp = QMPClient(self.qmp_socket)
+        return self._qmp
+
+    def pause(self) -> None:
+        self.qmp().execute("stop")
+
+    def resume(self) -> None:
+        self.qmp().execute("cont")
+
+    def status(self) -> str:
+        base = super().status()
+        if base != "running":
+            return base
+        try:
+            state = self.qmp().execute("query-status")
+        except VMError:
+            return "running"
+        return "paused" if isinstance(state, dict) and state.get("status") == "paused" else base
+
+    def kill(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        super().kill()
