@@ -27,6 +27,7 @@ def client() -> Iterator[AgentClient]:
     conn = AgentClient(host)
     yield conn
     conn.close()
+    thread.join(timeout=10)  # the agent stops on EOF; only then is its fd free to close
     guest.close()
 
 
@@ -77,8 +78,10 @@ def test_ping_is_answered_while_a_long_command_runs(client: AgentClient) -> None
 def test_output_streams_while_the_command_runs(client: AgentClient) -> None:
     seen: list[tuple[float, bytes]] = []
     started = time.monotonic()
-    client.exec(shell="echo one; sleep 0.5; echo two",
-                on_output=lambda _s, d: seen.append((time.monotonic() - started, d)))
+    client.exec(
+        shell="echo one; sleep 0.5; echo two",
+        on_output=lambda _s, d: seen.append((time.monotonic() - started, d)),
+    )
     assert [data for _, data in seen] == [b"one\n", b"two\n"]
     assert seen[0][0] < 0.4
 
@@ -133,11 +136,16 @@ def test_a_host_timeout_cancels_the_guest_command(client: AgentClient) -> None:
 
 def test_kill_signals_a_running_command(client: AgentClient) -> None:
     results = []
-    worker = threading.Thread(
-        target=lambda: results.append(client.exec(shell="sleep 20")), daemon=True
-    )
+    running = threading.Event()
+
+    def run() -> None:
+        results.append(
+            client.exec(shell="echo up; exec sleep 20", on_output=lambda *_: running.set())
+        )
+
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    time.sleep(0.3)
+    assert running.wait(timeout=10)
     # The exec above is call 1 on this fresh connection.
     client.call("kill", {"call_id": 1, "signal": "INT"})
     worker.join(timeout=5)

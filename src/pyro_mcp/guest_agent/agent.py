@@ -22,8 +22,16 @@ from pyro_mcp.guest_agent import ops_exec, ops_files, ops_system
 from pyro_mcp.guest_agent.calls import Call, CallError
 
 AGENT_VERSION = "1.0"
-CAPABILITIES = ("exec", "stream", "cancel", "kill", "put_file", "get_file", "reidentify",
-                "shutdown")
+CAPABILITIES = (
+    "exec",
+    "stream",
+    "cancel",
+    "kill",
+    "put_file",
+    "get_file",
+    "reidentify",
+    "shutdown",
+)
 
 
 Handler = Callable[[Call], tuple[dict[str, Any], bytes]]
@@ -44,6 +52,7 @@ class Agent:
         self._write_lock = threading.Lock()
         self._calls: dict[int, Call] = {}
         self._calls_lock = threading.Lock()
+        self._closed = False
         self.started = time.monotonic()
         self.handlers: dict[str, Handler] = {
             "hello": self._hello,
@@ -59,22 +68,37 @@ class Agent:
     def send(self, frame: p.Frame) -> None:
         data = memoryview(frame.encode())
         with self._write_lock:
+            if self._closed:
+                # The channel is gone and its fd number may belong to something else now.
+                raise BrokenPipeError("the agent channel is closed")
             while data:
                 written = os.write(self.write_fd, data)
                 data = data[written:]
 
     def serve(self) -> None:
         """Read frames until the channel closes."""
-        reader = p.FrameReader(os.fdopen(os.dup(self.read_fd), "rb", buffering=0))
-        while True:
+        with os.fdopen(os.dup(self.read_fd), "rb", buffering=0) as stream:
+            reader = p.FrameReader(stream)
             try:
-                frame = reader.read()
-            except p.ChannelClosed:
-                return
-            except p.ProtocolError as exc:
-                self.send(p.Frame(p.ERROR, 0, {"code": "protocol", "message": str(exc)}))
-                continue
-            self._dispatch(frame)
+                while True:
+                    try:
+                        frame = reader.read()
+                    except p.ChannelClosed:
+                        return
+                    except p.ProtocolError as exc:
+                        message = {"code": "protocol", "message": str(exc)}
+                        self.send(p.Frame(p.ERROR, 0, message))
+                        continue
+                    self._dispatch(frame)
+            finally:
+                with self._write_lock:
+                    self._closed = True
+                for call in self._running():
+                    call.cancel()
+
+    def _running(self) -> list[Call]:
+        with self._calls_lock:
+            return list(self._calls.values())
 
     def _dispatch(self, frame: p.Frame) -> None:
         if frame.t == p.CALL:
@@ -83,8 +107,9 @@ class Agent:
                 self.send(p.Frame(p.RESULT, frame.id, {"value": {}}))
                 return
             args = frame.header.get("args") or {}
-            call = Call(self.send, frame.id, op, args if isinstance(args, dict) else {},
-                        frame.payload)
+            call = Call(
+                self.send, frame.id, op, args if isinstance(args, dict) else {}, frame.payload
+            )
             with self._calls_lock:
                 self._calls[frame.id] = call
             threading.Thread(target=self._run, args=(call,), daemon=True).start()

@@ -16,11 +16,14 @@ result: ``exit_code`` (128+N when killed by signal N, 127 when the program is mi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pyro_mcp.guest_agent.calls import Call, CallError
@@ -54,28 +57,29 @@ def _environment(extra: Any) -> dict[str, str]:
     return env
 
 
-class _Pump(threading.Thread):
-    """Copies one pipe into data frames until EOF, keeping at most ``cap`` bytes."""
+class _Stream:
+    """One output pipe: forwards what arrives as data frames, keeping at most ``cap``."""
 
-    def __init__(self, call: Call, stream: str, fd: int, cap: int) -> None:
-        super().__init__(daemon=True)
-        self.call, self.stream, self.fd, self.cap = call, stream, fd, cap
+    def __init__(self, call: Call, name: str, fd: int, cap: int) -> None:
+        self.call, self.name, self.fd, self.cap = call, name, fd, cap
         self.total = 0
         self.sent = 0
 
-    def run(self) -> None:
+    def pump(self) -> bool:
+        """Forward what is readable now; False at end of file."""
         try:
-            while chunk := os.read(self.fd, 65536):
-                self.total += len(chunk)
-                room = self.cap - self.sent
-                if room > 0:
-                    piece = chunk[:room]
-                    self.sent += len(piece)
-                    self.call.send_data(self.stream, piece)
-        except OSError:
-            pass
-        finally:
-            os.close(self.fd)
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        self.total += len(chunk)
+        room = self.cap - self.sent
+        if room > 0:
+            piece = chunk[:room]
+            self.sent += len(piece)
+            self.call.send_data(self.name, piece)
+        return True
 
     @property
     def truncated(self) -> bool:
@@ -101,55 +105,109 @@ def run_exec(call: Call) -> tuple[dict[str, Any], bytes]:
     err_r, err_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.PIPE if call.payload else subprocess.DEVNULL,
-            stdout=out_w, stderr=err_w, start_new_session=True, close_fds=True,
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if call.payload else subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            start_new_session=True,
+            close_fds=True,
         )
     except (FileNotFoundError, PermissionError) as exc:
         for fd in (out_r, out_w, err_r, err_w):
             os.close(fd)
         code = 127 if isinstance(exc, FileNotFoundError) else 126
-        message = f"pyro-agent: {argv[0]}: {'command not found' if code == 127 else exc.strerror}\n"
+        why = "command not found" if code == 127 else exc.strerror
+        message = f"pyro-agent: {argv[0]}: {why}\n"
         call.send_data("stderr", message.encode())
         return _result(code, None, False, False, started, 0, len(message), False, False, 0), b""
     os.close(out_w)
     os.close(err_w)
-    pumps = [_Pump(call, "stdout", out_r, cap), _Pump(call, "stderr", err_r, cap)]
-    for pump in pumps:
-        pump.start()
 
     def signal_group(signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
 
     call.send_signal = signal_group
     call.on_cancel = lambda: signal_group(signal.SIGKILL)
     if call.payload and proc.stdin is not None:
         threading.Thread(target=_feed_stdin, args=(proc, call.payload), daemon=True).start()
-
-    timed_out = False
+    streams = [_Stream(call, "stdout", out_r, cap), _Stream(call, "stderr", err_r, cap)]
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        signal_group(signal.SIGKILL)
-        proc.wait()
-    call.send_signal = None
-    # Background children may hold the pipes open: give the pumps a moment, then stop
-    # waiting so the call ends with what it has.
-    for pump in pumps:
-        pump.join(timeout=2.0)
-    if any(pump.is_alive() for pump in pumps):
-        signal_group(signal.SIGKILL)
-        for pump in pumps:
-            pump.join(timeout=1.0)
+        timed_out = _follow(proc, streams, timeout, signal_group)
+    finally:
+        call.send_signal = None
+        for stream in streams:
+            os.close(stream.fd)
     code = proc.returncode
     signum = -code if code < 0 else None
     return _result(
-        128 + signum if signum else code, signum, timed_out, call.cancelled.is_set(), started,
-        pumps[0].total, pumps[1].total, pumps[0].truncated, pumps[1].truncated, proc.pid,
+        128 + signum if signum else code,
+        signum,
+        timed_out,
+        call.cancelled.is_set(),
+        started,
+        streams[0].total,
+        streams[1].total,
+        streams[0].truncated,
+        streams[1].truncated,
+        proc.pid,
     ), b""
+
+
+# After the command exits, background children may keep its pipes open: wait this long
+# for them, then end the call with the output so far.
+LINGER_S = 1.0
+
+
+def _follow(
+    proc: subprocess.Popen[bytes],
+    streams: list[_Stream],
+    timeout: float | None,
+    signal_group: Callable[[int], None],
+) -> bool:
+    """Pump output until the command exits and its pipes close; True if it timed out.
+
+    One thread and one poll loop per command: the pipes and a pidfd for the process.
+    """
+    poller = select.poll()
+    by_fd = {stream.fd: stream for stream in streams}
+    for fd in by_fd:
+        os.set_blocking(fd, False)
+        poller.register(fd, select.POLLIN)
+    pidfd = os.pidfd_open(proc.pid)
+    poller.register(pidfd, select.POLLIN)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    timed_out = False
+    exited_at: float | None = None
+    try:
+        while by_fd:
+            now = time.monotonic()
+            if exited_at is not None and now - exited_at > LINGER_S:
+                break
+            wait = None if deadline is None or timed_out else max(0.0, deadline - now)
+            if exited_at is not None:
+                wait = LINGER_S if wait is None else min(wait, LINGER_S)
+            events = poller.poll(None if wait is None else int(wait * 1000) + 1)
+            if not events and deadline is not None and time.monotonic() >= deadline:
+                if not timed_out:
+                    timed_out = True
+                    signal_group(signal.SIGKILL)
+                continue
+            for fd, _ in events:
+                if fd == pidfd:
+                    poller.unregister(pidfd)
+                    proc.wait()
+                    exited_at = time.monotonic()
+                elif not by_fd[fd].pump():
+                    poller.unregister(fd)
+                    del by_fd[fd]
+    finally:
+        os.close(pidfd)
+    if proc.returncode is None:
+        proc.wait()
+    return timed_out
 
 
 def _feed_stdin(proc: subprocess.Popen[bytes], data: bytes) -> None:
@@ -160,15 +218,22 @@ def _feed_stdin(proc: subprocess.Popen[bytes], data: bytes) -> None:
     except OSError:
         pass
     finally:
-        try:
+        with contextlib.suppress(OSError):
             proc.stdin.close()
-        except OSError:
-            pass
 
 
-def _result(code: int, signum: int | None, timed_out: bool, cancelled: bool, started: float,
-            out_total: int, err_total: int, out_trunc: bool, err_trunc: bool,
-            pid: int) -> dict[str, Any]:
+def _result(
+    code: int,
+    signum: int | None,
+    timed_out: bool,
+    cancelled: bool,
+    started: float,
+    out_total: int,
+    err_total: int,
+    out_trunc: bool,
+    err_trunc: bool,
+    pid: int,
+) -> dict[str, Any]:
     return {
         "exit_code": code,
         "signal": signal.Signals(signum).name if signum else None,
