@@ -66,9 +66,7 @@ class HostToolMissing(PyroError):
 class ToolFailed(PyroError):
     code = "tool_failed"
 
-    def __init__(
-        self, message: str, *, hint: str | None = None, stderr_tail: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, stderr_tail: str = "") -> None:
         super().__init__(message, hint=hint)
         self.stderr_tail = stderr_tail
 
@@ -86,9 +84,7 @@ class BuildError(PyroError):
 class VMError(PyroError):
     code = "vm_error"
 
-    def __init__(
-        self, message: str, *, hint: str | None = None, console_tail: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, console_tail: str = "") -> None:
         super().__init__(message, hint=hint)
         self.console_tail = console_tail
 

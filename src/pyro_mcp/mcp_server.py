@@ -9,6 +9,7 @@ event loop; their progress phases become MCP progress notifications.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -27,7 +28,6 @@ from pyro_mcp.api.registry import Param
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 
-
 ContextFactory = Callable[[], Context]
 
 
@@ -41,7 +41,7 @@ def operations_for(profile: str) -> list[Operation]:
 def _annotation(param: Param) -> Any:
     base: Any = param.annotation
     if param.arg.choices:
-        base = Literal[param.arg.choices]  # type: ignore[valid-type]
+        base = Literal[param.arg.choices]
     if param.optional:
         base = base | None
     return Annotated[base, Field(description=param.arg.help)]
@@ -56,10 +56,8 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
         def progress(message: str) -> None:
             nonlocal steps
             steps += 1
-            try:
+            with contextlib.suppress(Exception):
                 anyio.from_thread.run(mcp_ctx.report_progress, steps, None, message)
-            except Exception:  # noqa: BLE001 - a client without progress support
-                pass
 
         ctx.progress = progress
         try:
@@ -116,4 +114,3 @@ def serve(profile: str = DEFAULT_PROFILE, http: str | None = None) -> None:
     if not host or not port.isdigit():
         raise ValueError(f"--http takes HOST:PORT, got {http!r}")
     server.run("streamable-http", host=host, port=int(port))
-

@@ -87,10 +87,12 @@ def _add_mcp_commands(root: argparse._SubParsersAction[argparse.ArgumentParser])
     mcp = root.add_parser("mcp", help="the MCP server")
     sub = mcp.add_subparsers(metavar="COMMAND", required=True)
     serve = sub.add_parser("serve", help="serve pyro's tools over MCP (stdio by default)")
-    serve.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
-                       help="which tools to expose")
-    serve.add_argument("--http", metavar="HOST:PORT",
-                       help="serve streamable HTTP at HOST:PORT instead of stdio")
+    serve.add_argument(
+        "--profile", choices=PROFILES, default=DEFAULT_PROFILE, help="which tools to expose"
+    )
+    serve.add_argument(
+        "--http", metavar="HOST:PORT", help="serve streamable HTTP at HOST:PORT instead of stdio"
+    )
     serve.set_defaults(operation=None, mcp_serve=True)
 
 

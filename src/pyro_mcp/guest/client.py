@@ -8,6 +8,7 @@ the VM or its agent died) or :class:`GuestError` (the agent refused the call).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import socket
@@ -59,8 +60,9 @@ class AgentClient:
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._closed: str | None = None
-        self._reader = threading.Thread(target=self._read_loop, daemon=True,
-                                        name="pyro-agent-reader")
+        self._reader = threading.Thread(
+            target=self._read_loop, daemon=True, name="pyro-agent-reader"
+        )
         self._reader.start()
 
     # -- connection ------------------------------------------------------------------
@@ -71,10 +73,8 @@ class AgentClient:
     def close(self) -> None:
         if self._closed is None:
             self._closed = "closed by the host"
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._sock.close()
 
     def _read_loop(self) -> None:
@@ -137,16 +137,25 @@ class AgentClient:
             if input_chunks is not None:
                 for chunk in input_chunks:
                     for start in range(0, len(chunk), p.CHUNK):
-                        self._send(p.Frame(p.DATA, ident, {"stream": "file"},
-                                           chunk[start:start + p.CHUNK]))
+                        self._send(
+                            p.Frame(
+                                p.DATA, ident, {"stream": "file"}, chunk[start : start + p.CHUNK]
+                            )
+                        )
                 self._send(p.Frame(p.EOF, ident, {"stream": "file"}))
             return self._wait(ident, op, pending, on_data, timeout_s)
         finally:
             with self._lock:
                 self._pending.pop(ident, None)
 
-    def _wait(self, ident: int, op: str, pending: _Pending, on_data: DataFn | None,
-              timeout_s: float | None) -> tuple[dict[str, Any], bytes]:
+    def _wait(
+        self,
+        ident: int,
+        op: str,
+        pending: _Pending,
+        on_data: DataFn | None,
+        timeout_s: float | None,
+    ) -> tuple[dict[str, Any], bytes]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -166,14 +175,14 @@ class AgentClient:
                 value = frame.header.get("value")
                 return (value if isinstance(value, dict) else {}), frame.payload
             elif frame.t == p.ERROR:
-                raise GuestError(str(frame.header.get("message", "guest error")),
-                                 guest_code=str(frame.header.get("code", "error")))
+                raise GuestError(
+                    str(frame.header.get("message", "guest error")),
+                    guest_code=str(frame.header.get("code", "error")),
+                )
 
     def cancel(self, ident: int) -> None:
-        try:
+        with contextlib.suppress(AgentUnavailable):
             self._send(p.Frame(p.CANCEL, ident))
-        except AgentUnavailable:
-            pass
 
     # -- typed helpers ---------------------------------------------------------------
     def hello(self, timeout_s: float | None = 10.0) -> dict[str, Any]:
@@ -234,8 +243,15 @@ class AgentClient:
             details=value,
         )
 
-    def put_file(self, path: str, data: bytes, *, mode: int = 0o644, mkdirs: bool = False,
-                 root: str | None = None) -> dict[str, Any]:
+    def put_file(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        mode: int = 0o644,
+        mkdirs: bool = False,
+        root: str | None = None,
+    ) -> dict[str, Any]:
         args: dict[str, Any] = {"path": path, "mode": mode, "mkdirs": mkdirs}
         if root is not None:
             args["root"] = root
@@ -246,8 +262,9 @@ class AgentClient:
             value, _ = self.call("put_file", args, input_chunks=[data])
         return value
 
-    def get_file(self, path: str, *, max_bytes: int | None = None,
-                 root: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    def get_file(
+        self, path: str, *, max_bytes: int | None = None, root: str | None = None
+    ) -> tuple[bytes, dict[str, Any]]:
         args: dict[str, Any] = {"path": path}
         if max_bytes is not None:
             args["max_bytes"] = max_bytes

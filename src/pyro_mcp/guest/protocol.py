@@ -141,7 +141,7 @@ class FrameBuffer:
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buffer += data
-        frames = []
+        frames: list[Frame] = []
         while True:
             start = self._buffer.find(MAGIC)
             if start < 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -115,15 +114,15 @@ class Agent:
             threading.Thread(target=self._run, args=(call,), daemon=True).start()
             return
         with self._calls_lock:
-            call = self._calls.get(frame.id)
-        if call is None:
+            running = self._calls.get(frame.id)
+        if running is None:
             return  # late frame for a finished call
         if frame.t == p.DATA:
-            call.feed(frame.payload)
+            running.feed(frame.payload)
         elif frame.t == p.EOF:
-            call.end_input()
+            running.end_input()
         elif frame.t == p.CANCEL:
-            call.cancel()
+            running.cancel()
 
     def _run(self, call: Call) -> None:
         try:
@@ -252,4 +251,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -22,8 +22,14 @@ class CallError(Exception):
 class Call:
     """One call in flight: its input stream, cancel flag and the way to answer."""
 
-    def __init__(self, send: Callable[[p.Frame], None], ident: int, op: str, args: dict[str, Any],
-                 payload: bytes) -> None:
+    def __init__(
+        self,
+        send: Callable[[p.Frame], None],
+        ident: int,
+        op: str,
+        args: dict[str, Any],
+        payload: bytes,
+    ) -> None:
         self.send = send
         self.id = ident
         self.op = op
@@ -63,8 +69,7 @@ class Call:
     # -- output ----------------------------------------------------------------------
     def send_data(self, stream: str, data: bytes) -> None:
         for start in range(0, len(data), p.CHUNK):
-            self.send(p.Frame(p.DATA, self.id, {"stream": stream},
-                                    data[start:start + p.CHUNK]))
+            self.send(p.Frame(p.DATA, self.id, {"stream": stream}, data[start : start + p.CHUNK]))
 
     def cancel(self) -> None:
         self.cancelled.set()

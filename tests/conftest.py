@@ -1,0 +1,44 @@
+"""Shared fixtures: a real runtime (built on first use) for the guest tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyro_mcp.api import Context
+from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
+
+
+def _progress(message: str) -> None:
+    print(f"[runtime] {message}", file=sys.stderr, flush=True)
+
+
+@pytest.fixture(scope="session")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimePaths]:
+    """The host's runtime cache with the kernel and ``debian:12`` ready.
+
+    Builds what is missing (the kernel from source takes ~5 minutes on a fresh host);
+    VMs get a private run directory so a test run never touches another's sockets.
+    """
+    from pyro_mcp.api.operations.environments import env_pull
+    from pyro_mcp.api.operations.runtime import runtime_build_kernel, runtime_fetch
+
+    run_root = Path(f"/tmp/pyro-test-{os.getpid()}")
+    os.environ["PYRO_RUN_DIR"] = str(run_root)
+    paths = RuntimePaths(runtime_paths().cache_dir, run_root)
+    ctx = Context(paths=paths, progress=_progress)
+    runtime_fetch(ctx)
+    runtime_build_kernel(ctx)
+    env_pull(ctx, "debian:12")
+    yield paths
+    leftovers = sorted(p.name for p in run_root.glob("*")) if run_root.exists() else []
+    assert leftovers == [], f"VM run directories left behind: {leftovers}"
+
+
+@pytest.fixture
+def ctx(runtime: RuntimePaths) -> Context:
+    return Context(paths=runtime)
