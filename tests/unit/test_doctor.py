@@ -144,9 +144,18 @@ def test_a_cached_boot_probe_is_reported(tmp_path: Path) -> None:
     root = fake_root(tmp_path, flags=PVM_FLAGS, sys_modules=("kvm_pvm",))
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "probes.json").write_text(json.dumps({"qemu": {"booted": True, "seconds": 2.1}}))
+    probe = {
+        "chosen": "qemu-tcg",
+        "environment": "debian:12",
+        "results": {
+            "qemu-kvm": {"ok": False, "error": "QEMU exited"},
+            "qemu-tcg": {"ok": True, "boot_ms": 2100.0},
+        },
+    }
+    (cache / "probes.json").write_text(json.dumps(probe))
     result = verdicts(tmp_path, root, binaries_ok=True)
-    assert result["qemu"]["probe"] == {"booted": True, "seconds": 2.1}
+    assert result["qemu"]["probe"] == probe["results"]
+    assert result["selected"] == "qemu-tcg"
     (cache / "probes.json").write_text("{broken")
     assert verdicts(tmp_path, root, binaries_ok=True)["probe"].startswith("error:")
 

@@ -19,6 +19,7 @@ from typing import Any
 from pyro_mcp.guest import protocol as p
 from pyro_mcp.guest_agent import ops_exec, ops_files, ops_system
 from pyro_mcp.guest_agent.calls import Call, CallError
+from pyro_mcp.guest_agent.workers import Workers
 
 AGENT_VERSION = "1.0"
 CAPABILITIES = (
@@ -52,6 +53,7 @@ class Agent:
         self._calls: dict[int, Call] = {}
         self._calls_lock = threading.Lock()
         self._closed = False
+        self._workers = Workers()
         self.started = time.monotonic()
         self.handlers: dict[str, Handler] = {
             "hello": self._hello,
@@ -111,7 +113,7 @@ class Agent:
             )
             with self._calls_lock:
                 self._calls[frame.id] = call
-            threading.Thread(target=self._run, args=(call,), daemon=True).start()
+            self._workers.submit(lambda: self._run(call))
             return
         with self._calls_lock:
             running = self._calls.get(frame.id)

@@ -180,12 +180,19 @@ def backends_section(
     elif probe_status == "error":
         probe = f"error: {probe}"
 
-    def backend_probe(name: str) -> Any:
-        if isinstance(probe, dict):
-            return probe.get(name, "no result for this backend")
-        return probe
+    results = probe.get("results", {}) if isinstance(probe, dict) else {}
 
-    if fc_usable:
+    def backend_probe(name: str) -> Any:
+        if not isinstance(probe, dict):
+            return probe
+        found = {label: r for label, r in results.items() if label.split("-")[0] == name}
+        return found or "no result for this backend"
+
+    chosen = probe.get("chosen") if isinstance(probe, dict) else None
+    if chosen:
+        # A boot probe booted the real guest: its pick is what guests will use.
+        selected, why_selected = str(chosen), "fastest backend that booted the real guest"
+    elif fc_usable:
         selected, why_selected = "firecracker", fc_reason
     elif qemu_usable:
         selected = f"qemu ({accel.upper() if accel == 'tcg' else 'KVM'})"
@@ -332,9 +339,9 @@ def summarize(report: Report) -> list[str]:
         head = f"The kind of KVM here is unknown (modules: {modules})"
     if selected == "firecracker":
         found.append(f"{head}: guests will run under Firecracker")
-    elif selected == "qemu (TCG)":
+    elif selected in ("qemu-tcg", "qemu (TCG)"):
         found.append(f"{head}: guests will run under QEMU with TCG (software emulation)")
-    elif selected == "qemu (KVM)":
+    elif selected in ("qemu-kvm", "qemu (KVM)"):
         found.append(f"{head}: guests will run under QEMU with KVM")
     else:
         found.append(f"{head}: no backend can boot guests ({backends.get('selected_reason')})")
@@ -429,7 +436,15 @@ def _backend_rows(data: Report) -> list[Row]:
         verdict = "usable" if item["usable"] else "not usable"
         rows.append((OK if item["usable"] else WARN, name, f"{verdict}: {item['reason']}"))
     probe = data.get("probe")
-    rows.append(("", "boot probe", probe if isinstance(probe, str) else json.dumps(probe)))
+    if isinstance(probe, dict) and isinstance(probe.get("results"), dict):
+        for label, result in probe["results"].items():
+            if result.get("ok"):
+                text = f"booted {probe.get('environment')} in {result.get('boot_ms')} ms"
+            else:
+                text = str(result.get("skipped") or result.get("error"))
+            rows.append((OK if result.get("ok") else "", f"probe {label}", text))
+    else:
+        rows.append(("", "boot probe", probe if isinstance(probe, str) else json.dumps(probe)))
     marker = ERROR if data.get("selected") == "none" else ""
     rows.append((marker, "guests use", f"{data.get('selected')}: {data.get('selected_reason')}"))
     return rows

@@ -25,6 +25,7 @@ ACCELS = ("kvm", "tcg")
 TCG_TSC_KHZ = 2_600_000
 TCG_LPJ = 10_400_000
 TCG_TB_SIZE_MIB = 64
+TCG_CPU = "max"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 MAX_SOCKET_PATH = 100
 
