@@ -92,14 +92,8 @@ def test_verify_fails_clearly_after_one_byte_of_an_image_changes(
 ) -> None:
     paths = _clone_cache(runtime, tmp_path / "cache", copy_images=True)
     assert _pyro(paths, "runtime", "verify").returncode == 0
-    image = Path(
-        str(
-            _pyro(paths, "env", "inspect", "debian:12", "--json").stdout
-            and json.loads(_pyro(paths, "env", "inspect", "debian:12", "--json").stdout)[
-                "image_path"
-            ]
-        )
-    )
+    inspected = json.loads(_pyro(paths, "env", "inspect", "debian:12", "--json").stdout)
+    image = Path(inspected["image_path"])
     image.chmod(0o644)
     with image.open("r+b") as handle:
         handle.seek(image.stat().st_size // 2)
