@@ -51,7 +51,7 @@ doctor: venv
 run: host-packages runtime-fetch-binaries runtime-build-kernel-real
 	$(PYRO) env pull debian:12
 	$(PYRO) runtime bundle
-	$(PYRO) doctor
+	$(PYRO) run debian:12 -- uname -a
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
@@ -65,6 +65,9 @@ test-fast: venv
 
 test: host-packages lint typecheck
 	$(PYTEST) -q tests
+
+bench: venv
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

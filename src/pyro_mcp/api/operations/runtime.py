@@ -124,7 +124,12 @@ def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:
         "vm_boot",
         passed=booted,
         artifacts=artifacts,
-        detail=f"{chosen} booted {environment} in {best.get('boot_ms')} ms" if booted else summary,
+        detail=(
+            f"{chosen} booted {environment} in {best.get('boot_ms')} ms "
+            f"(probe of {report.get('probed_at')})"
+            if booted
+            else summary
+        ),
     )
     lock.record_check(
         ctx.paths,

@@ -1,0 +1,81 @@
+"""The guest agent inside a real VM: concurrency, files, re-identification."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pyro_mcp.errors import GuestError
+from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.runtime.paths import RuntimePaths
+from pyro_mcp.vmm.base import VM
+from pyro_mcp.vmm.launch import build_spec, create_vm, discard_vm
+from pyro_mcp.vmm.selection import choose_backend
+
+pytestmark = pytest.mark.guest
+
+
+@pytest.fixture(scope="module")
+def booted(runtime: RuntimePaths) -> Iterator[tuple[VM, AgentClient]]:
+    choice = choose_backend(runtime)
+    spec = build_spec(runtime, environment="debian:12", choice=choice)
+    vm = create_vm(runtime, spec, choice)
+    try:
+        vm.start()
+        yield vm, vm.wait_ready(timeout_s=60)
+    finally:
+        discard_vm(vm)
+
+
+def test_a_ping_is_answered_while_a_command_runs(booted: tuple[VM, AgentClient]) -> None:
+    _, agent = booted
+    finished: list[float] = []
+    worker = threading.Thread(
+        target=lambda: finished.append(agent.exec(["sleep", "2"]).duration_ms)
+    )
+    worker.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    agent.ping()
+    assert time.monotonic() - started < 1.0 and not finished
+    worker.join()
+    assert finished and finished[0] >= 1900
+
+
+def test_files_round_trip_binary_safe(booted: tuple[VM, AgentClient]) -> None:
+    _, agent = booted
+    data = os.urandom(3 << 20) + b"\x00\xff" * 100
+    agent.put_file("/tmp/blob", data, mode=0o640)
+    back, info = agent.get_file("/tmp/blob")
+    assert back == data and info["mode"] == 0o640
+    digest = agent.exec(["sha256sum", "/tmp/blob"]).stdout.split()[0].decode()
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_symlink_escapes_are_refused_inside_the_guest(booted: tuple[VM, AgentClient]) -> None:
+    _, agent = booted
+    agent.exec(["sh", "-c", "mkdir -p /tmp/root && ln -sf /etc /tmp/root/etc"])
+    with pytest.raises(GuestError) as caught:
+        agent.get_file("/tmp/root/etc/shadow", root="/tmp/root")
+    assert caught.value.guest_code == "outside_root"
+
+
+def test_a_restored_guest_can_be_reidentified(booted: tuple[VM, AgentClient]) -> None:
+    _, agent = booted
+    before = agent.exec(["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"]).stdout
+    target = time.time_ns() + 3600 * 10**9
+    value, _ = agent.call(
+        "reidentify",
+        {"hostname": "clone-7", "time_ns": target, "seed": os.urandom(32).hex()},
+    )
+    assert value["reidentified"] == ["clock", "rng", "hostname"]
+    assert agent.exec(["hostname"]).stdout == b"clone-7\n"
+    guest_now = int(agent.exec(["date", "+%s"]).stdout)
+    assert abs(guest_now - target // 10**9) < 30
+    after = agent.exec(["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"]).stdout
+    assert after != before
