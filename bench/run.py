@@ -1,0 +1,310 @@
+"""The benchmark harness: ``make bench`` (= ``python -m bench.run``).
+
+Prints one table (metric | n | min | p50 | p99 | unit) under a header of host facts. It
+only measures: no figure is compared with a threshold. A row that cannot be measured
+says why instead of stopping the run. ``--quick`` takes 2-3 samples per row (CI smoke);
+``--repeat N`` scales every row so the cold-run row takes N; ``--json PATH`` writes every
+sample with the table for later comparison.
+
+VMs live in a private ``PYRO_RUN_DIR`` under /tmp, removed at the end; every VM is
+discarded even on Ctrl-C, SIGTERM or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.firecracker_tiny import bench_tiny_guest
+from bench.guest import Counts, measure_boots, measure_cold_run
+from bench.stats import Row, Table
+from pyro_mcp.runtime import kernels
+from pyro_mcp.runtime.binaries import installed_binaries
+from pyro_mcp.runtime.host_probe import probe_kvm, probe_platform
+from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
+from pyro_mcp.sdk import Pyro
+from pyro_mcp.vmm.launch import BackendChoice
+from pyro_mcp.vmm.selection import choose_backend, run_probes
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ENVIRONMENT = "debian:12"
+DEFAULT_MEM_MIB = 512  # what `pyro run` gives a guest by default
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description="Measure pyro-mcp and print one table."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="2-3 samples per row (a smoke run for CI)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        metavar="N",
+        help="cold runs to take (default 8); every other row's count scales with it",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write samples here")
+    parser.add_argument("--environment", default=DEFAULT_ENVIRONMENT, help="guest environment")
+    parser.add_argument(
+        "--mem-mib", type=int, default=DEFAULT_MEM_MIB, help="memory of the booted guests"
+    )
+    args = parser.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def choose_counts(args: argparse.Namespace) -> Counts:
+    if args.repeat is not None:
+        return Counts.scaled(args.repeat)
+    return Counts.quick() if args.quick else Counts()
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def host_facts() -> dict[str, Any]:
+    kvm = probe_kvm()
+    facts = probe_platform()
+    usable: int | None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = facts.get("cores")
+    return {
+        "platform": facts,
+        "cpus_usable": usable,
+        "kvm": kvm.to_dict(),
+        "ci": os.environ.get("CI") or None,
+        "virtualized_host": "hypervisor" in kvm.flags,
+        "python": platform.python_version(),
+        "git": _git_revision(),
+    }
+
+
+def describe_backend(paths: RuntimePaths, choice: BackendChoice) -> tuple[str, dict[str, Any]]:
+    """One line saying which backend runs the guests and why the others do not."""
+    report = run_probes(paths)
+    others = []
+    for label, result in report.get("results", {}).items():
+        if label == choice.label:
+            continue
+        if result.get("skipped"):
+            others.append(f"{label} skipped ({result['skipped']})")
+        elif not result.get("ok"):
+            error = str(result.get("error") or "failed").split(": error: ")[-1]
+            others.append(f"{label} failed its boot probe ({error})")
+        else:
+            others.append(f"{label} works ({result.get('boot_ms')} ms probe boot)")
+    line = f"backend: {choice.label}: {choice.reason}"
+    if others:
+        line += "; " + "; ".join(others)
+    return line, report
+
+
+def header_lines(
+    facts: dict[str, Any],
+    backend_line: str,
+    guest_line: str,
+    counts_line: str,
+    elapsed_s: float,
+) -> list[str]:
+    plat = facts["platform"]
+    kvm = facts["kvm"]
+    environment = "CI" if facts["ci"] else "local (CI unset)"
+    if facts["virtualized_host"]:
+        environment += ", host is itself a VM (cpu flag hypervisor)"
+    memory = plat.get("memory_bytes")
+    memory_text = f", {memory / (1 << 30):.0f} GiB" if memory else ""
+    return [
+        f"pyro-mcp benchmark @ {facts['git']}, "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, run took {elapsed_s:.0f} s",
+        f"host: {facts['cpus_usable']} CPUs ({plat.get('cpu_model')}){memory_text}, "
+        f"{plat.get('distribution')}, Linux {plat.get('kernel')}; KVM: {kvm['kind']} "
+        f"({'accessible' if kvm['device_accessible'] else 'no usable /dev/kvm'}); "
+        f"environment: {environment}; Python {facts['python']}",
+        backend_line,
+        guest_line,
+        counts_line,
+    ]
+
+
+def measure_firecracker_tiny(table: Table, n: int) -> dict[str, Any] | None:
+    """Firecracker with the tiny test guest (not Linux): boot, snapshot, restore, RSS."""
+    rows = {
+        "boot_ms": table.row("firecracker tiny guest: boot (config file)", "ms", 1),
+        "api_boot_ms": table.row("  boot through API calls", "ms", 1),
+        "snapshot_create_ms": table.row("  snapshot create (128 MiB)", "ms", 1),
+        "restore_ms": table.row("  restore (new process, load + resume)", "ms", 1),
+        "restore_echo_ms": table.row("  restore -> first serial echo", "ms", 1),
+        "rss_mib": table.row("  idle RSS", "MiB", 2),
+    }
+    kvm = probe_kvm()
+    if not kvm.device_accessible:
+        table.explain(rows.values(), "skipped: /dev/kvm is missing or not accessible")
+        return None
+    if installed_binaries(runtime_paths()) is None:
+        table.explain(rows.values(), "skipped: Firecracker is not installed (pyro runtime fetch)")
+        return None
+    result: dict[str, Any] = bench_tiny_guest(n)
+    for key, row in rows.items():
+        for value in result.get(key, []):
+            row.add(value)
+    return {k: v for k, v in result.items() if not isinstance(v, list)}
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    counts = choose_counts(args)
+    started = time.monotonic()
+    run_root = Path(tempfile.mkdtemp(prefix="pyro-bench-", dir="/tmp"))
+    os.environ["PYRO_RUN_DIR"] = str(run_root)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    table = Table()
+    facts = host_facts()
+    extra: dict[str, Any] = {}
+    backend_line = "backend: not chosen"
+    guest_line = f"guest: {args.environment}"
+    interrupted = False
+    failed_sections: list[str] = []
+
+    def section(name: str, placeholder: tuple[str, str], body: Callable[[], None]) -> None:
+        nonlocal interrupted
+        before = len(table.rows)
+        if interrupted:
+            rows: list[Row] = table.rows[before:] or [table.row(*placeholder)]
+            table.explain(rows, "not run: interrupted")
+            return
+        log(f"{name} ...")
+        section_started = time.monotonic()
+        try:
+            body()
+        except KeyboardInterrupt:
+            interrupted = True
+            rows = table.rows[before:] or [table.row(*placeholder)]
+            table.explain(rows, "interrupted")
+        except Exception as exc:
+            failed_sections.append(name)
+            first = (str(exc).splitlines() or [""])[0][:160]
+            rows = table.rows[before:] or [table.row(*placeholder)]
+            table.explain(rows, f"{type(exc).__name__}: {first}")
+        log(f"{name} done in {time.monotonic() - section_started:.1f} s")
+
+    paths = runtime_paths()
+    choice_box: list[BackendChoice] = []
+
+    def pick_backend() -> None:
+        nonlocal backend_line, guest_line
+        choice = choose_backend(paths, progress=log)  # probes (cached) before any timing
+        choice_box.append(choice)
+        backend_line, report = describe_backend(paths, choice)
+        extra["probes"] = report.get("results")
+        flavor = kernels.default_flavor()
+        kernel = kernels.installed_kernel(paths, flavor)
+        release = kernel.release if kernel else "not installed"
+        guest_line = (
+            f"guest: {args.environment}, kernel flavor {flavor} ({release}), "
+            f"1 vCPU, {args.mem_mib} MiB for booted guests (run_in_vm default: 512 MiB)"
+        )
+
+    def cold() -> None:
+        measure_cold_run(table, Pyro(), args.environment, counts.cold_run)
+
+    def boots() -> None:
+        if not choice_box:
+            raise RuntimeError("no backend was chosen")
+        measure_boots(table, paths, choice_box[0], args.environment, counts, args.mem_mib)
+
+    def firecracker() -> None:
+        info = measure_firecracker_tiny(table, counts.fc_tiny)
+        if info is not None:
+            extra["firecracker_tiny"] = info
+
+    try:
+        # A successful choice adds no row; a failed one leaves a row saying why.
+        section("backend choice", ("backend choice", "-"), pick_backend)
+        section(
+            f"cold run x{counts.cold_run}",
+            (f"cold run `{args.environment} -- true`", "ms"),
+            cold,
+        )
+        section(
+            f"boots x{counts.boot} + in-guest calls",
+            ("boot to agent-ready", "ms"),
+            boots,
+        )
+        section(
+            f"firecracker tiny guest x{counts.fc_tiny}",
+            ("firecracker tiny guest", "ms"),
+            firecracker,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        leftovers = sorted(p.name for p in run_root.iterdir()) if run_root.exists() else []
+        shutil.rmtree(run_root, ignore_errors=True)
+
+    elapsed = time.monotonic() - started
+    counts_line = "samples: " + ", ".join(f"{k}={v}" for k, v in asdict(counts).items())
+    if args.quick and args.repeat is None:
+        counts_line += " (--quick)"
+    if leftovers:
+        counts_line += f"; VM run directories left behind (removed now): {leftovers}"
+    header = header_lines(facts, backend_line, guest_line, counts_line, elapsed)
+    rendered = table.render(header)
+    print(rendered, flush=True)
+    log(f"total {elapsed:.1f} s")
+    if args.json is not None:
+        document = {
+            "header": header,
+            "host": facts,
+            "counts": asdict(counts),
+            "elapsed_s": round(elapsed, 1),
+            "interrupted": interrupted,
+            "rows": table.to_dict(),
+            "table": rendered,
+            **extra,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        log(f"samples written to {args.json}")
+    if interrupted:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
