@@ -4,13 +4,17 @@ Each operation whose profiles include the served profile becomes one tool: its n
 docstring as the description, its parameters (with their help) as the JSON schema. The
 MCP SDK is imported here and nowhere else (its major version is pinned in
 pyproject.toml). Operations block, so they run in worker threads, never on the server's
-event loop; their progress phases become MCP progress notifications.
+event loop; their progress phases become MCP progress notifications (and log lines on
+stderr). Over stdio, stdout carries the protocol and nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import ipaddress
+import logging
+import types
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -20,7 +24,8 @@ import anyio.to_thread
 from mcp.server.mcpserver import Context as MCPContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import Field
+from mcp.server.mcpserver.tools import Tool
+from pydantic import ConfigDict, Field
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
@@ -29,6 +34,7 @@ from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 
 ContextFactory = Callable[[], Context]
+log = logging.getLogger(__name__)
 
 
 def operations_for(profile: str) -> list[Operation]:
@@ -56,6 +62,7 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
         def progress(message: str) -> None:
             nonlocal steps
             steps += 1
+            log.info("%s: %s", op.name, message)
             with contextlib.suppress(Exception):
                 anyio.from_thread.run(mcp_ctx.report_progress, steps, None, message)
 
@@ -91,26 +98,74 @@ def build_server(
     profile: str = DEFAULT_PROFILE, *, make_context: ContextFactory = Context
 ) -> MCPServer:
     """An MCP server exposing the tools of ``profile``."""
-    server = MCPServer(
+    ops = operations_for(profile)
+    tools = [
+        _refuse_unknown_arguments(
+            Tool.from_function(_tool(op, make_context), name=op.name, description=op.doc)
+        )
+        for op in ops
+    ]
+    return MCPServer(
         name="pyro-mcp",
         version=__version__,
         instructions=(
-            "Disposable Linux microVMs. vm_run boots a fresh VM, runs one command and "
-            "discards it; env_list shows the environments."
+            "Disposable, hardware-isolated Linux microVMs. Tools: "
+            + "; ".join(f"{op.name}: {op.summary}" for op in ops)
         ),
+        tools=tools,
     )
-    for op in operations_for(profile):
-        server.add_tool(_tool(op, make_context), name=op.name, description=op.doc)
-    return server
+
+
+def _refuse_unknown_arguments(tool: Tool) -> Tool:
+    """Make the tool reject arguments it does not take (the SDK drops them silently).
+
+    A misspelt option (``timeout`` for ``timeout_seconds``) must be an error the model
+    can read, not a call that quietly runs with the default.
+    """
+    loose = tool.fn_metadata.arg_model
+    strict = types.new_class(
+        loose.__name__,
+        (loose,),
+        exec_body=lambda ns: ns.update(model_config=ConfigDict(extra="forbid")),
+    )
+    tool.fn_metadata.arg_model = strict
+    tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)
+    return tool
 
 
 def serve(profile: str = DEFAULT_PROFILE, http: str | None = None) -> None:
-    """Serve over stdio, or over streamable HTTP at ``HOST:PORT``."""
+    """Serve over stdio, or over streamable HTTP at ``HOST:PORT`` (path ``/mcp``).
+
+    Over stdio the SDK points fd 1 at stderr while it serves, so stray output (ours or a
+    child process's) can never corrupt the protocol; logs and progress go to stderr.
+    """
+    address = None if http is None else _parse_address(http)
     server = build_server(profile)
-    if http is None:
+    if address is None:
         server.run("stdio")
         return
+    host, port = address
+    if not _is_loopback(host):
+        log.warning(
+            "serving MCP on %s, not a loopback address: anyone who reaches it can run "
+            "commands in VMs on this host",
+            host,
+        )
+    server.run("streamable-http", host=host, port=port)
+
+
+def _parse_address(http: str) -> tuple[str, int]:
     host, _, port = http.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--http takes HOST:PORT, got {http!r}")
-    server.run("streamable-http", host=host, port=int(port))
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:8000
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"pyro: error: --http takes HOST:PORT (e.g. 127.0.0.1:8000), got {http!r}")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,180 @@
+"""`pyro mcp serve` on real guests, driven by the MCP SDK's own clients (stdio and HTTP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.client import IncomingMessage
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp_types import CallToolResult
+
+from pyro_mcp.runtime.paths import RuntimePaths
+
+pytestmark = pytest.mark.guest
+T = TypeVar("T")
+SERVE = [sys.executable, "-m", "pyro_mcp.cli.main", "mcp", "serve", "--profile", "vm-run"]
+STREAMS = ["sh", "-c", "echo out; echo err >&2; exit 3"]
+
+
+def _env(runtime: RuntimePaths) -> dict[str, str]:
+    return dict(
+        os.environ, PYRO_CACHE_DIR=str(runtime.cache_dir), PYRO_RUN_DIR=str(runtime.run_root)
+    )
+
+
+def _run(body: Callable[[], Awaitable[T]], timeout_s: float = 120) -> T:
+    async def bounded() -> T:
+        with anyio.fail_after(timeout_s):
+            return await body()
+
+    return anyio.run(bounded)
+
+
+def _qemu_processes(runtime: RuntimePaths) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [
+        line for line in out.splitlines() if "qemu-system" in line and str(runtime.run_root) in line
+    ]
+
+
+def _text(result: CallToolResult) -> str:
+    return "\n".join(getattr(block, "text", "") for block in result.content)
+
+
+def _stdio_client(runtime: RuntimePaths, errlog: TextIO, **options: Any) -> Client:
+    params = StdioServerParameters(command=SERVE[0], args=SERVE[1:], env=_env(runtime))
+    return Client(stdio_client(params, errlog=errlog), **options)
+
+
+def test_stdio_server_runs_a_command_and_lists_environments(
+    runtime: RuntimePaths, tmp_path: Path
+) -> None:
+    stray: list[Exception] = []
+
+    async def on_message(message: IncomingMessage) -> None:
+        if isinstance(message, Exception):  # a stdout line that is not a JSON-RPC message
+            stray.append(message)
+
+    async def body() -> tuple[set[str], CallToolResult, CallToolResult, CallToolResult]:
+        with (tmp_path / "stderr.log").open("w") as errlog:
+            async with _stdio_client(runtime, errlog, message_handler=on_message) as client:
+                tools = {tool.name for tool in (await client.list_tools()).tools}
+                run = await client.call_tool(
+                    "vm_run", {"environment": "debian:12", "command": STREAMS}
+                )
+                envs = await client.call_tool("env_list", {})
+                unknown = await client.call_tool(
+                    "vm_run", {"environment": "debian:99", "command": ["true"]}
+                )
+                return tools, run, envs, unknown
+
+    tools, run, envs, unknown = _run(body)
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert tools == {"vm_run", "env_list"}
+    assert not run.is_error, _text(run)
+    assert run.structured_content is not None
+    data = run.structured_content
+    assert (data["stdout"], data["stderr"], data["exit_code"]) == ("out\n", "err\n", 3)
+    assert envs.structured_content is not None
+    installed = {row["name"] for row in envs.structured_content["environments"] if row["installed"]}
+    assert "debian:12" in installed
+    assert unknown.is_error
+    assert "not_found: unknown environment 'debian:99'" in _text(unknown)
+    # stdout carried the protocol only; pyro's own notes went to stderr.
+    assert stray == []
+    assert "vm_run: booting" in stderr
+    assert _qemu_processes(runtime) == []
+
+
+def test_vm_run_reports_progress_while_it_boots(runtime: RuntimePaths, tmp_path: Path) -> None:
+    messages: list[str] = []
+
+    async def on_progress(_done: float, _total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async def body() -> CallToolResult:
+        with (tmp_path / "stderr.log").open("w") as errlog:
+            async with _stdio_client(runtime, errlog) as client:
+                return await client.call_tool(
+                    "vm_run",
+                    {"environment": "debian:12", "command": ["true"]},
+                    progress_callback=on_progress,
+                )
+
+    result = _run(body)
+    assert not result.is_error, _text(result)
+    assert any("booting" in message for message in messages), messages
+    assert messages.index("booting") < messages.index("running command")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_until_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"server never listened on 127.0.0.1:{port}:\n{log.read_text()}")
+            time.sleep(0.1)
+
+
+def test_http_server_runs_on_the_guest_kernel_and_stops_cleanly(
+    runtime: RuntimePaths, tmp_path: Path
+) -> None:
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*SERVE, "--http", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(runtime),
+        )
+    try:
+        _wait_until_listening(proc, port, log)
+
+        async def body() -> tuple[set[str], CallToolResult]:
+            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                tools = {tool.name for tool in (await client.list_tools()).tools}
+                run = await client.call_tool(
+                    "vm_run", {"environment": "debian:12", "command": ["uname", "-r"]}
+                )
+                return tools, run
+
+        tools, run = _run(body)
+        assert tools == {"vm_run", "env_list"}
+        assert not run.is_error, _text(run)
+        assert run.structured_content is not None
+        guest_kernel = run.structured_content["stdout"].strip()
+        assert guest_kernel and guest_kernel != os.uname().release
+        proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises SIGTERM to report how it ended.
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM), log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _qemu_processes(runtime) == []
+    assert list(runtime.run_root.glob("*")) == []
