@@ -23,7 +23,7 @@ from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.sdk import Pyro
 from pyro_mcp.vmm.base import VM
-from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, discard_vm
+from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, discard_vm, start_owned
 
 BOOT_TIMEOUT_S = 60.0
 IDLE_SETTLE_S = 2.0
@@ -116,7 +116,7 @@ def booted_vm(
     vm: VM | None = None
     try:
         vm = create_vm(paths, spec, choice)
-        vm.start()
+        start_owned(vm)
         agent = vm.wait_ready(BOOT_TIMEOUT_S)
         yield vm, agent
     finally:

@@ -37,6 +37,8 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimePaths]:
     yield paths
     leftovers = sorted(p.name for p in run_root.glob("*")) if run_root.exists() else []
     assert leftovers == [], f"VM run directories left behind: {leftovers}"
+    if run_root.exists():
+        run_root.rmdir()
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import contextlib
 import inspect
 import ipaddress
 import logging
+import os
+import signal
 import types
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -29,6 +31,7 @@ from pydantic import ConfigDict, Field
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
+from pyro_mcp.api.lifecycle import discard_owned_vms
 from pyro_mcp.api.registry import Param
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
@@ -142,6 +145,10 @@ def serve(profile: str = DEFAULT_PROFILE, http: str | None = None) -> None:
     address = None if http is None else _parse_address(http)
     server = build_server(profile)
     if address is None:
+        # A stdio client ends us with SIGTERM (SIGKILL later): kill the VMs of calls in
+        # flight first, or they would outlive us. (uvicorn handles SIGTERM for HTTP by
+        # waiting for calls in flight; anything left is discarded at exit.)
+        signal.signal(signal.SIGTERM, _discard_and_exit)
         server.run("stdio")
         return
     host, port = address
@@ -152,6 +159,11 @@ def serve(profile: str = DEFAULT_PROFILE, http: str | None = None) -> None:
             host,
         )
     server.run("streamable-http", host=host, port=port)
+
+
+def _discard_and_exit(signum: int, _frame: object) -> None:
+    discard_owned_vms()
+    os._exit(128 + signum)
 
 
 def _parse_address(http: str) -> tuple[str, int]:

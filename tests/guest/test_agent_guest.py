@@ -14,7 +14,7 @@ from pyro_mcp.errors import GuestError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.vmm.base import VM
-from pyro_mcp.vmm.launch import build_spec, create_vm, discard_vm
+from pyro_mcp.vmm.launch import build_spec, create_vm, discard_vm, start_owned
 from pyro_mcp.vmm.selection import choose_backend
 
 pytestmark = pytest.mark.guest
@@ -26,7 +26,7 @@ def booted(runtime: RuntimePaths) -> Iterator[tuple[VM, AgentClient]]:
     spec = build_spec(runtime, environment="debian:12", choice=choice)
     vm = create_vm(runtime, spec, choice)
     try:
-        vm.start()
+        start_owned(vm)
         yield vm, vm.wait_ready(timeout_s=60)
     finally:
         discard_vm(vm)

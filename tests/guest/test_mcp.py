@@ -42,7 +42,7 @@ def _run(body: Callable[[], Awaitable[T]], timeout_s: float = 120) -> T:
 
 
 def _qemu_processes(runtime: RuntimePaths) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     return [
         line for line in out.splitlines() if "qemu-system" in line and str(runtime.run_root) in line
     ]
@@ -176,5 +176,25 @@ def test_http_server_runs_on_the_guest_kernel_and_stops_cleanly(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert _qemu_processes(runtime) == []
+    assert list(runtime.run_root.glob("*")) == []
+
+
+def test_a_stdio_client_leaving_mid_call_leaves_no_vm_behind(
+    runtime: RuntimePaths, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        with (tmp_path / "stderr.log").open("w") as errlog:
+            async with _stdio_client(runtime, errlog) as client:
+                with anyio.move_on_after(8):  # leave while `sleep 60` runs in the guest
+                    await client.call_tool(
+                        "vm_run", {"environment": "debian:12", "command": ["sleep", "60"]}
+                    )
+        # Leaving closes stdin; the SDK then ends the server with SIGTERM.
+
+    _run(body)
+    deadline = time.monotonic() + 15
+    while _qemu_processes(runtime) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _qemu_processes(runtime) == []
     assert list(runtime.run_root.glob("*")) == []

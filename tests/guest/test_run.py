@@ -19,7 +19,8 @@ from pyro_mcp.api.operations.vm import vm_run
 from pyro_mcp.errors import AgentUnavailable, BootTimeout, InvalidArgument, NotFound
 from pyro_mcp.runtime import kernels
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.vmm.launch import build_spec, create_vm, discard_vm
+from pyro_mcp.vmm.launch import build_spec, create_vm, discard_vm, start_owned
+from pyro_mcp.vmm.ownership import sweep_orphans
 from pyro_mcp.vmm.selection import choose_backend
 
 pytestmark = pytest.mark.guest
@@ -36,7 +37,7 @@ def _pyro(
 
 
 def _qemu_processes(runtime: RuntimePaths) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     return [
         line for line in out.splitlines() if "qemu-system" in line and str(runtime.run_root) in line
     ]
@@ -106,7 +107,7 @@ def test_a_guest_that_never_becomes_ready_fails_with_the_console_tail(ctx: Conte
     spec = dataclasses.replace(spec, kernel_args=(*spec.kernel_args, "init=/bin/cat"))
     vm = create_vm(ctx.paths, spec, choice)
     try:
-        vm.start()
+        start_owned(vm)
         with pytest.raises(BootTimeout) as caught:
             vm.wait_ready(timeout_s=8)
     finally:
@@ -122,7 +123,7 @@ def test_vmm_killed_mid_exec_is_a_clear_error_and_leaves_nothing(ctx: Context) -
     vm = create_vm(ctx.paths, spec, choice)
     errors: list[Exception] = []
     try:
-        vm.start()
+        start_owned(vm)
         agent = vm.wait_ready(timeout_s=60)
 
         def run() -> None:
@@ -158,5 +159,29 @@ def test_ctrl_c_kills_the_vm_and_leaves_nothing_behind(runtime: RuntimePaths) ->
     assert proc.stdout.readline() == b"running\n"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 130
+    assert _qemu_processes(runtime) == []
+    assert list(Path(runtime.run_root).glob("*")) == []
+
+
+def test_a_vm_whose_owner_was_killed_is_swept(runtime: RuntimePaths) -> None:
+    env = dict(
+        os.environ, PYRO_CACHE_DIR=str(runtime.cache_dir), PYRO_RUN_DIR=str(runtime.run_root)
+    )
+    proc = subprocess.Popen(
+        [*PYRO, "run", "debian:12", "--", "sh", "-c", "echo running; sleep 60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"running\n"
+    proc.kill()  # SIGKILL: the owner gets no chance to clean up
+    proc.wait()
+    assert len(_qemu_processes(runtime)) == 1  # the VMM lives on in its own session
+    swept = sweep_orphans(runtime.run_root)
+    assert len(swept) == 1
+    deadline = time.monotonic() + 5
+    while _qemu_processes(runtime) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _qemu_processes(runtime) == []
     assert list(Path(runtime.run_root).glob("*")) == []

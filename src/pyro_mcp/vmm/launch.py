@@ -10,6 +10,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyro_mcp.errors import InvalidArgument, RuntimeMissing
 from pyro_mcp.runtime import binaries, environments, kernels
@@ -17,6 +18,7 @@ from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.storage.overlay import copy_sparse, create_overlay
 from pyro_mcp.vmm.base import VM, Disk, VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
+from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
 from pyro_mcp.vmm.qemu import QemuVM
 
 
@@ -109,7 +111,27 @@ def create_vm(paths: RuntimePaths, spec: VMSpec, choice: BackendChoice) -> VM:
     raise InvalidArgument(f"unknown backend {choice.backend!r}")
 
 
+def prepare_vm(
+    paths: RuntimePaths, *, environment: str, choice: BackendChoice, **options: Any
+) -> VM:
+    """build_spec + create_vm; removes what build_spec made if the VM cannot be created."""
+    spec = build_spec(paths, environment=environment, choice=choice, **options)
+    try:
+        return create_vm(paths, spec, choice)
+    except BaseException:
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
+        raise
+
+
+def start_owned(vm: VM) -> None:
+    """Start a one-shot VM owned by this process (see :mod:`pyro_mcp.vmm.ownership`)."""
+    sweep_orphans(vm.spec.run_dir.parent)
+    vm.start()
+    register(vm)
+
+
 def discard_vm(vm: VM) -> None:
     """Kill the VMM and remove everything the VM left in its run directory."""
     vm.kill()
+    unregister(vm)
     shutil.rmtree(vm.spec.run_dir, ignore_errors=True)

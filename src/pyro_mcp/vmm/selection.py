@@ -22,7 +22,7 @@ from pyro_mcp.runtime.digests import sha256_json
 from pyro_mcp.runtime.host_probe import probe_kvm
 from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, discard_vm
+from pyro_mcp.vmm.launch import BackendChoice, discard_vm, prepare_vm, start_owned
 
 BACKEND_NAMES = ("auto", "firecracker", "qemu")
 BACKEND_ENV = "PYRO_BACKEND"
@@ -87,9 +87,8 @@ def probe_backend(paths: RuntimePaths, choice: BackendChoice, environment: str) 
     started = time.monotonic()
     vm = None
     try:
-        spec = build_spec(paths, environment=environment, choice=choice, mem_mib=256)
-        vm = create_vm(paths, spec, choice)
-        vm.start()
+        vm = prepare_vm(paths, environment=environment, choice=choice, mem_mib=256)
+        start_owned(vm)
         agent = vm.wait_ready(PROBE_BOOT_TIMEOUT_S)
         boot_ms = (time.monotonic() - started) * 1000
         result = agent.exec(["uname", "-r"], timeout_s=10)

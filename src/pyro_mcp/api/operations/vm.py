@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import Arg, operation
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.vmm.launch import build_spec, create_vm, discard_vm
+from pyro_mcp.runtime import environments
+from pyro_mcp.vmm.launch import discard_vm, prepare_vm, start_owned
 from pyro_mcp.vmm.selection import BACKEND_NAMES, choose_backend
 
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
@@ -67,19 +68,16 @@ def vm_run(
         timings[phase] = round((now - since) * 1000, 1)
         return now
 
+    environments.image_for(ctx.paths, environment)  # unknown or missing: fail before booting
     choice = choose_backend(ctx.paths, backend, progress=ctx.progress)
     ctx.progress(f"creating VM ({choice.label}, {environment})")
-    spec = build_spec(
-        ctx.paths,
-        environment=environment,
-        choice=choice,
-        vcpu_count=vcpu_count,
-        mem_mib=mem_mib,
+    vm = prepare_vm(
+        ctx.paths, environment=environment, choice=choice, vcpu_count=vcpu_count, mem_mib=mem_mib
     )
-    vm = create_vm(ctx.paths, spec, choice)
+    spec = vm.spec
     phase = mark("create_ms", started)
     try:
-        vm.start()
+        start_owned(vm)
         ctx.progress("booting")
         agent = vm.wait_ready(BOOT_TIMEOUT_S)
         phase = mark("boot_ms", phase)
