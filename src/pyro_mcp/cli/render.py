@@ -5,18 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pyro_mcp.runtime.doctor import format_size
+from pyro_mcp.runtime.doctor import render_text as doctor_text
+
 Renderer = Callable[[dict[str, Any]], str]
-
-
-def _size(value: object) -> str:
-    if not isinstance(value, int):
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{value} B"
 
 
 def _env_list(result: dict[str, Any]) -> str:
@@ -25,14 +17,12 @@ def _env_list(result: dict[str, Any]) -> str:
         digest = (row.get("image_sha256") or "-")[:16]
         installed = "yes" if row.get("installed") else "no"
         lines.append(
-            f"{row['name']:<18} {installed:<10} {_size(row.get('image_size')):>10}  {digest}"
+            f"{row['name']:<18} {installed:<10} {format_size(row.get('image_size')):>10}  {digest}"
         )
     return "\n".join(lines)
 
 
 def _doctor(result: dict[str, Any]) -> str:
-    from pyro_mcp.runtime.doctor import render_text as doctor_text
-
     return doctor_text(result)
 
 

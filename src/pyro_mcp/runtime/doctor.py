@@ -377,7 +377,9 @@ def summarize(report: Report) -> list[str]:
 
     free = report.get("cache", {}).get("free_bytes")
     if isinstance(free, int) and free < LOW_DISK_BYTES:
-        found.append(f"Only {_size(free)} free for the cache: building environments needs more")
+        found.append(
+            f"Only {format_size(free)} free for the cache: building environments needs more"
+        )
     return found
 
 
@@ -387,7 +389,8 @@ OK, WARN, MISSING, ERROR = "[ok]", "[warn]", "[missing]", "[error]"
 Row = tuple[str, str, str]  # marker, label, value
 
 
-def _size(value: Any) -> str:
+def format_size(value: Any) -> str:
+    """A byte count for people (\"1.5 MiB\"), or '-' when there is none."""
     if not isinstance(value, int):
         return "-"
     size = float(value)
@@ -403,7 +406,7 @@ def _yes(value: Any) -> str:
 
 
 def _platform_rows(data: Report) -> list[Row]:
-    mem = _size(data.get("memory_bytes"))
+    mem = format_size(data.get("memory_bytes"))
     return [
         ("", "os", f"{data.get('os')}, {data.get('distribution') or 'unknown distribution'}"),
         ("", "kernel", f"{data.get('kernel')} ({data.get('arch')})"),
@@ -504,11 +507,11 @@ def _cache_rows(data: Report) -> list[Row]:
     rows: list[Row] = [("", "dir", str(data.get("cache_dir")))]
     for label, item in data.get("dirs", {}).items():
         files = f"{item['files']} file{'' if item['files'] == 1 else 's'}"
-        text = "absent" if item["bytes"] is None else f"{_size(item['bytes'])} ({files})"
+        text = "absent" if item["bytes"] is None else f"{format_size(item['bytes'])} ({files})"
         rows.append(("", label, text))
     free = data.get("free_bytes")
     low = isinstance(free, int) and free < LOW_DISK_BYTES
-    rows.append((WARN if low else OK, "free", _size(free)))
+    rows.append((WARN if low else OK, "free", format_size(free)))
     return rows
 
 

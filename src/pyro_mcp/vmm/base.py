@@ -11,13 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.errors import (
+    AgentUnavailable,
+    BootTimeout,
+    InvalidArgument,
+    OperationTimeout,
+    VMError,
+)
 from pyro_mcp.guest.client import AgentClient
 
 MIN_MEM_MIB = 128
@@ -60,6 +67,23 @@ class VMSpec:
     @property
     def vmm_log(self) -> Path:
         return self.run_dir / "vmm.log"
+
+
+def guest_kernel_args(spec: VMSpec, channel: str) -> list[str]:
+    """The kernel arguments every backend gives a guest: serial console, root disk,
+    pyro's init, hostname and the agent channel (``virtio-serial`` or ``vsock``)."""
+    return [
+        "console=ttyS0",
+        "reboot=k",
+        "panic=1",
+        "quiet",
+        "root=/dev/vda",
+        "rootfstype=ext4",
+        "rw",
+        "init=/sbin/pyro-init",
+        f"pyro.hostname={spec.hostname}",
+        f"pyro.channel={channel}",
+    ]
 
 
 def read_tail(path: Path, lines: int = 30, max_bytes: int = 16384) -> str:
@@ -107,6 +131,39 @@ class VM(ABC):
 
     @abstractmethod
     def resume(self) -> None: ...
+
+    def _check_alive(self, when: str) -> None:
+        """Raise VMError (with the console tail) if the VMM process has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise VMError(
+                f"{self.backend} exited with {self.process.returncode} {when}: "
+                f"{self.vmm_log_tail(5)}",
+                console_tail=self.console_tail(),
+            )
+
+    def _boot_timeout(self, why: str, timeout_s: float) -> BootTimeout:
+        return BootTimeout(
+            f"guest {self.spec.vm_id} did not become ready within {timeout_s} s: {why}",
+            hint="see the serial console tail below",
+            console_tail=self.console_tail(),
+        )
+
+    def _greet(self, sock: socket.socket, deadline: float, timeout_s: float) -> AgentClient:
+        """Say hello over a connected agent channel; the ready client or a boot error."""
+        client = AgentClient(sock)
+        try:
+            client.hello(timeout_s=max(0.1, deadline - time.monotonic()))
+        except OperationTimeout as exc:
+            client.close()
+            raise self._boot_timeout("the guest agent did not answer hello", timeout_s) from exc
+        except AgentUnavailable as exc:
+            client.close()
+            self._check_alive("during boot")
+            raise VMError(
+                f"guest agent link failed during boot: {exc}", console_tail=self.console_tail()
+            ) from exc
+        self.agent = client
+        return client
 
     def console_tail(self, lines: int = 30) -> str:
         return read_tail(self.spec.console_log, lines)

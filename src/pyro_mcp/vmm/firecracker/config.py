@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyro_mcp.errors import VMError
-from pyro_mcp.vmm.base import VMSpec
+from pyro_mcp.vmm.base import VMSpec, guest_kernel_args
 from pyro_mcp.vmm.firecracker import layout as names
 from pyro_mcp.vmm.firecracker.layout import drive_name
 
@@ -20,19 +20,7 @@ GUEST_CID = 3  # each Firecracker has its own vsock backend: CIDs never collide 
 
 def kernel_command_line(spec: VMSpec) -> str:
     """The guest kernel's arguments: serial console, root disk, pyro's init, vsock channel."""
-    args = [
-        "console=ttyS0",
-        "reboot=k",
-        "panic=1",
-        "quiet",
-        "root=/dev/vda",
-        "rootfstype=ext4",
-        "rw",
-        "init=/sbin/pyro-init",
-        f"pyro.hostname={spec.hostname}",
-        "pyro.channel=vsock",
-    ]
-    return " ".join([*args, *spec.kernel_args])
+    return " ".join([*guest_kernel_args(spec, "vsock"), *spec.kernel_args])
 
 
 def vm_config(spec: VMSpec, vsock_cid: int = GUEST_CID) -> dict[str, Any]:

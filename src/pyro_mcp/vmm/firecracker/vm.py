@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from pyro_mcp.errors import AgentUnavailable, BootTimeout, OperationTimeout, VMError
+from pyro_mcp.errors import BootTimeout, VMError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_VSOCK_PORT
 from pyro_mcp.runtime.binaries import BinarySet
@@ -404,20 +404,8 @@ class FirecrackerVM(VM):
                 break
             except VsockRefused:
                 time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-        client = AgentClient(sock)
-        try:
-            client.hello(timeout_s=max(0.1, deadline - time.monotonic()))
-        except OperationTimeout as exc:
-            client.close()
-            raise self._boot_timeout("the guest agent did not answer hello", timeout_s) from exc
-        except AgentUnavailable as exc:
-            client.close()
-            self._check_alive("during boot")
-            raise VMError(
-                f"guest agent link failed during boot: {exc}", console_tail=self.console_tail()
-            ) from exc
+        client = self._greet(sock, deadline, timeout_s)
         self.mark("agent_ready_ms", self.launched_at)
-        self.agent = client
         return client
 
     # -- control ---------------------------------------------------------------------

@@ -13,11 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from pyro_mcp.errors import AgentUnavailable, BootTimeout, OperationTimeout, VMError
+from pyro_mcp.errors import VMError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_PORT_NAME
 from pyro_mcp.runtime.host_tools import require
-from pyro_mcp.vmm.base import VM, VMSpec
+from pyro_mcp.vmm.base import VM, VMSpec, guest_kernel_args
 from pyro_mcp.vmm.qemu.qmp import QMPClient
 
 ACCELS = ("kvm", "tcg")
@@ -31,22 +31,10 @@ MAX_SOCKET_PATH = 100
 
 
 def kernel_command_line(spec: VMSpec, accel: str) -> str:
-    args = [
-        "console=ttyS0",
-        "reboot=k",
-        "panic=1",
-        "quiet",
-        "root=/dev/vda",
-        "rootfstype=ext4",
-        "rw",
-        "init=/sbin/pyro-init",
-        f"pyro.hostname={spec.hostname}",
-        "pyro.channel=virtio-serial",
-    ]
+    args = guest_kernel_args(spec, "virtio-serial")
     if accel == "tcg":
         args += [f"tsc_early_khz={TCG_TSC_KHZ}", f"lpj={TCG_LPJ}", "tsc=reliable"]
-    args += list(spec.kernel_args)
-    return " ".join(args)
+    return " ".join([*args, *spec.kernel_args])
 
 
 def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
@@ -145,7 +133,7 @@ class QemuVM(VM):
                 raise VMError(f"cannot start QEMU: {exc}") from exc
         self.started_at = started
 
-    def _connect_agent(self, deadline: float) -> socket.socket:
+    def _connect_agent(self, deadline: float, timeout_s: float) -> socket.socket:
         while True:
             self._check_alive("while waiting for its agent socket")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -155,43 +143,16 @@ class QemuVM(VM):
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
             if time.monotonic() > deadline:
-                raise self._boot_timeout("the agent socket never appeared")
+                raise self._boot_timeout("the agent socket never appeared", timeout_s)
             time.sleep(0.002)
 
     def wait_ready(self, timeout_s: float) -> AgentClient:
         deadline = time.monotonic() + timeout_s
-        client = AgentClient(self._connect_agent(deadline))
+        sock = self._connect_agent(deadline, timeout_s)
         self.mark("vmm_started_ms", self.started_at)
-        try:
-            client.hello(timeout_s=max(0.1, deadline - time.monotonic()))
-        except OperationTimeout as exc:
-            client.close()
-            raise self._boot_timeout(
-                f"the guest agent did not answer within {timeout_s} s"
-            ) from exc
-        except AgentUnavailable as exc:
-            client.close()
-            self._check_alive("during boot")
-            raise VMError(
-                f"guest agent link failed during boot: {exc}", console_tail=self.console_tail()
-            ) from exc
+        client = self._greet(sock, deadline, timeout_s)
         self.mark("agent_ready_ms", self.started_at)
-        self.agent = client
         return client
-
-    def _boot_timeout(self, why: str) -> BootTimeout:
-        return BootTimeout(
-            f"guest {self.spec.vm_id} did not become ready: {why}",
-            hint="see the serial console tail below",
-            console_tail=self.console_tail(),
-        )
-
-    def _check_alive(self, when: str) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise VMError(
-                f"QEMU exited with {self.process.returncode} {when}: {self.vmm_log_tail(5)}",
-                console_tail=self.console_tail(),
-            )
 
     def qmp(self) -> QMPClient:
         if self._qmp is None:
