@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyro_mcp.errors import GuestError
+from pyro_mcp.errors import AgentUnavailable, GuestError, OperationTimeout
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.vmm.base import VM
@@ -79,3 +79,21 @@ def test_a_restored_guest_can_be_reidentified(booted: tuple[VM, AgentClient]) ->
     assert abs(guest_now - target // 10**9) < 30
     after = agent.exec(["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"]).stdout
     assert after != before
+
+
+def test_a_killed_agent_is_restarted_and_the_host_learns_of_it(
+    booted: tuple[VM, AgentClient],
+) -> None:
+    _, agent = booted
+    old_pid = agent.hello()["pid"]
+    with pytest.raises(AgentUnavailable, match="restarted"):
+        agent.exec(["sh", "-c", f"kill -9 {old_pid}; sleep 30"], timeout_s=20)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            hello = agent.hello(timeout_s=2)
+            break
+        except OperationTimeout:
+            assert time.monotonic() < deadline, "the agent did not come back"
+    assert hello["pid"] != old_pid
+    assert agent.exec(["echo", "back"]).stdout == b"back\n"

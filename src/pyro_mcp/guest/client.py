@@ -86,6 +86,9 @@ class AgentClient:
                 if not data:
                     break
                 for frame in buffer.feed(data):
+                    if frame.id == 0 and frame.header.get("code") == p.AGENT_RESTARTED:
+                        self._fail_pending()
+                        continue
                     with self._lock:
                         pending = self._pending.get(frame.id)
                     if pending is not None:
@@ -96,6 +99,10 @@ class AgentClient:
             reason = f"the guest agent broke the protocol: {exc}"
         if self._closed is None:
             self._closed = reason
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Wake every waiting call with a lost-link marker."""
         with self._lock:
             waiting = list(self._pending.values())
         for pending in waiting:
@@ -167,7 +174,9 @@ class AgentClient:
             except queue.Empty:
                 continue
             if frame is None:
-                raise AgentUnavailable(self._closed or "the guest agent connection closed")
+                raise AgentUnavailable(
+                    self._closed or "the guest agent restarted; this call was lost with it"
+                )
             if frame.t == p.DATA:
                 if on_data is not None:
                     on_data(str(frame.header.get("stream", "")), frame.payload)

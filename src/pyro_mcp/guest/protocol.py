@@ -28,6 +28,10 @@ error     guest -> host   the call failed: ``code``, ``message``
 The first call on a fresh connection is ``hello``; its result carries the agent's
 ``protocol`` version and ``capabilities``. A host refuses a major version it does not
 know.
+
+A guest agent that was restarted (it crashed, or was killed, and its init started it
+again) sends one unsolicited ``error`` frame with id 0 and code ``agent_restarted``: the
+calls the host still waits for died with the old agent.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ CHUNK = 256 << 10  # the size streams are cut into
 
 _PREFIX = struct.Struct(">4sII")
 PREFIX_SIZE = _PREFIX.size
+
+AGENT_RESTARTED = "agent_restarted"  # code of the unsolicited notice of a restarted agent
 
 # Frame types
 CALL = "call"

@@ -76,6 +76,11 @@ class Agent:
                 written = os.write(self.write_fd, data)
                 data = data[written:]
 
+    def announce_restart(self) -> None:
+        """Tell the host that this agent replaced one that died (its calls are lost)."""
+        message = "the guest agent restarted; calls in flight were lost"
+        self.send(p.Frame(p.ERROR, 0, {"code": p.AGENT_RESTARTED, "message": message}))
+
     def serve(self) -> None:
         """Read frames until the channel closes."""
         with os.fdopen(os.dup(self.read_fd), "rb", buffering=0) as stream:
@@ -223,10 +228,15 @@ def serve_virtio_serial() -> None:
         path = _virtio_port(p.AGENT_PORT_NAME)
     if path is None:
         raise SystemExit("pyro-agent: no virtio-serial port named " + p.AGENT_PORT_NAME)
+    restarted = os.environ.get("PYRO_RESTARTS", "0") != "0"
     while True:
         fd = os.open(path, os.O_RDWR)
         try:
-            Agent(fd).serve()
+            agent = Agent(fd)
+            if restarted:
+                agent.announce_restart()
+                restarted = False
+            agent.serve()
         finally:
             os.close(fd)
         time.sleep(0.05)  # the host side went away; wait for it to come back

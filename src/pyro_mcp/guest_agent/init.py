@@ -331,13 +331,16 @@ class Program:
         self.started = 0.0
         self.next_start = 0.0
         self.backoff = 0.1
+        self.starts = 0
 
     def start(self) -> None:
         self.started = time.monotonic()
+        # The program learns how many times it ran before: a restarted agent tells the
+        # host that calls in flight were lost.
+        env = dict(self.env, PYRO_RESTARTS=str(self.starts))
+        self.starts += 1
         try:
-            self.pid = spawn(
-                self.argv, self.env, self.cwd, terminal=self.terminal, module=self.module
-            )
+            self.pid = spawn(self.argv, env, self.cwd, terminal=self.terminal, module=self.module)
         except OSError as exc:  # fork failed: try again later
             say(f"pyro-init: cannot fork {self.name}: {exc}")
             self._schedule()
