@@ -2,13 +2,17 @@
 
 from pyro_mcp.errors import (
     BuildError,
+    Conflict,
     HostToolMissing,
     IntegrityError,
     InvalidArgument,
+    InvalidState,
     NotFound,
+    OutsideRoot,
     PyroError,
     RuntimeMissing,
     ToolFailed,
+    TooLarge,
 )
 
 __version__ = "4.0.0.dev0"
@@ -25,13 +29,17 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "BuildError",
+    "Conflict",
     "HostToolMissing",
     "IntegrityError",
     "InvalidArgument",
+    "InvalidState",
     "NotFound",
+    "OutsideRoot",
     "Pyro",
     "PyroError",
     "RuntimeMissing",
     "ToolFailed",
+    "TooLarge",
     "__version__",
 ]

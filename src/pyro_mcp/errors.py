@@ -3,6 +3,10 @@
     PyroError                      base; every error pyro raises on purpose
     ├── InvalidArgument            a caller passed a bad value (names the field)
     ├── NotFound                   an unknown environment, id or name
+    ├── InvalidState               not allowed in the current state (names the state)
+    ├── Conflict                   a name or resource is already taken
+    ├── OutsideRoot                a path escapes the root it is confined to
+    ├── TooLarge                   a payload, file or archive exceeds a limit
     ├── RuntimeMissing             an artifact is not built or fetched yet (names the fix)
     ├── IntegrityError             a digest did not match; the artifact is not used
     ├── HostToolMissing            a host program is missing (names the Debian package)
@@ -49,6 +53,22 @@ class InvalidArgument(PyroError):
 
 class NotFound(PyroError):
     code = "not_found"
+
+
+class InvalidState(PyroError):
+    code = "invalid_state"
+
+
+class Conflict(PyroError):
+    code = "conflict"
+
+
+class OutsideRoot(PyroError):
+    code = "outside_root"
+
+
+class TooLarge(PyroError):
+    code = "too_large"
 
 
 class RuntimeMissing(PyroError):

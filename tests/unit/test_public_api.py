@@ -8,14 +8,18 @@ import pyro_mcp
 def test_exported_names_are_exactly_the_public_api() -> None:
     assert set(pyro_mcp.__all__) == {
         "BuildError",
+        "Conflict",
         "HostToolMissing",
         "IntegrityError",
         "InvalidArgument",
+        "InvalidState",
         "NotFound",
+        "OutsideRoot",
         "Pyro",
         "PyroError",
         "RuntimeMissing",
         "ToolFailed",
+        "TooLarge",
         "__version__",
     }
     for name in pyro_mcp.__all__:
@@ -23,8 +27,12 @@ def test_exported_names_are_exactly_the_public_api() -> None:
 
 
 def test_every_error_is_a_pyro_error_with_its_own_code() -> None:
-    errors = [getattr(pyro_mcp, n) for n in pyro_mcp.__all__ if n.endswith(("Error", "Missing"))]
-    errors += [pyro_mcp.InvalidArgument, pyro_mcp.NotFound, pyro_mcp.ToolFailed]
+    errors = [
+        getattr(pyro_mcp, name)
+        for name in pyro_mcp.__all__
+        if isinstance(getattr(pyro_mcp, name), type)
+        and issubclass(getattr(pyro_mcp, name), Exception)
+    ]
     codes = {cls.code for cls in errors if cls is not pyro_mcp.PyroError}
     assert all(issubclass(cls, pyro_mcp.PyroError) for cls in errors)
     assert len(codes) == len({cls for cls in errors if cls is not pyro_mcp.PyroError})

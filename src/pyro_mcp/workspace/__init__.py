@@ -1,0 +1,1 @@
+"""Persistent workspaces: the model, its store, and the work done inside them."""
