@@ -17,7 +17,8 @@ import logging
 import os
 import signal
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -31,6 +32,7 @@ from pydantic import ConfigDict, Field
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
+from pyro_mcp.api.context import HostPathPolicy
 from pyro_mcp.api.lifecycle import discard_owned_vms
 from pyro_mcp.api.registry import Param
 from pyro_mcp.errors import PyroError
@@ -136,14 +138,29 @@ def _refuse_unknown_arguments(tool: Tool) -> Tool:
     return tool
 
 
-def serve(profile: str = DEFAULT_PROFILE, http: str | None = None) -> None:
+def confined_context(roots: Sequence[str | Path]) -> ContextFactory:
+    """Contexts whose host paths (seed, sync, export) must lie under ``roots``."""
+    policy = HostPathPolicy.confined_to(roots)
+
+    def make() -> Context:
+        return Context(host_paths=policy)
+
+    return make
+
+
+def serve(
+    profile: str = DEFAULT_PROFILE,
+    http: str | None = None,
+    roots: Sequence[str | Path] | None = None,
+) -> None:
     """Serve over stdio, or over streamable HTTP at ``HOST:PORT`` (path ``/mcp``).
 
     Over stdio the SDK points fd 1 at stderr while it serves, so stray output (ours or a
     child process's) can never corrupt the protocol; logs and progress go to stderr.
     """
     address = None if http is None else _parse_address(http)
-    server = build_server(profile)
+    # An MCP client names host paths on our behalf: confine them (default: the cwd).
+    server = build_server(profile, make_context=confined_context(roots or [Path.cwd()]))
     if address is None:
         # A stdio client ends us with SIGTERM (SIGKILL later): kill the VMs of calls in
         # flight first, or they would outlive us. (uvicorn handles SIGTERM for HTTP by

@@ -93,6 +93,13 @@ def _add_mcp_commands(root: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument(
         "--http", metavar="HOST:PORT", help="serve streamable HTTP at HOST:PORT instead of stdio"
     )
+    serve.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        help="host directory MCP clients may name for seeds, sync and export "
+        "(repeatable; default: the current directory)",
+    )
     serve.set_defaults(operation=None, mcp_serve=True)
 
 
@@ -125,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(namespace, "mcp_serve", False):
         from pyro_mcp.mcp_server import serve
 
-        serve(namespace.profile, namespace.http)
+        serve(namespace.profile, namespace.http, namespace.root)
         return 0
     op: Operation = namespace.operation
     as_json: bool = namespace.json

@@ -171,6 +171,19 @@ def mount_all(libc: _Libc) -> None:
             os.symlink(source, link)
 
 
+WORKSPACE_MOUNT = "/workspace"
+
+
+def mount_workspace(libc: _Libc, device: str) -> None:
+    """Mount the workspace disk (``pyro.workspace=/dev/vdb``) at /workspace."""
+    try:
+        if not isdir(WORKSPACE_MOUNT):
+            os.mkdir(WORKSPACE_MOUNT, 0o755)
+        libc.mount(device, WORKSPACE_MOUNT, "ext4", 0, None)
+    except OSError as exc:
+        say(f"pyro-init: cannot mount {device} at {WORKSPACE_MOUNT}: {exc}")
+
+
 def open_console() -> None:
     """Make fds 0-2 the console (they are missing when the image had no /dev/console)."""
     global _console
@@ -376,6 +389,9 @@ class Init:
             say(f"pyro-init: start {uptime()}")
         set_hostname(self.options.get("hostname") or "pyro")
         loopback_up()
+        workspace = self.options.get("workspace")
+        if workspace:
+            mount_workspace(self.libc, workspace)
         say(f"pyro-init: ready {uptime()}")
         if self.options.get("agent") != "0" and exists(AGENT_PATH):
             env = child_env({"PYTHONPATH": "/opt/pyro"})

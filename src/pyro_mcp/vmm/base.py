@@ -52,11 +52,14 @@ class VMSpec:
     vcpu_count: int = 1
     mem_mib: int = 256
     hostname: str = "pyro"
+    agent_ports: int = 1  # channels to the agent: one per host process talking at once
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not 1 <= self.vcpu_count <= MAX_VCPUS:
             raise InvalidArgument(f"vcpu_count must be 1..{MAX_VCPUS}, got {self.vcpu_count}")
+        if not 1 <= self.agent_ports <= 16:
+            raise InvalidArgument(f"agent_ports must be 1..16, got {self.agent_ports}")
         if self.mem_mib < MIN_MEM_MIB:
             raise InvalidArgument(f"mem_mib must be at least {MIN_MEM_MIB}, got {self.mem_mib}")
 
@@ -186,10 +189,22 @@ class VM(ABC):
                 self.process.wait(timeout=timeout_s)
         self.kill()
 
+    def release_agent(self) -> None:
+        """Close this process's agent connection; the VM keeps running (workspaces)."""
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+        self._release_channel()
+
+    def _release_channel(self) -> None:
+        """Backend hook: give back whatever reserved the boot-time agent channel."""
+        return None
+
     def kill(self) -> None:
         """End the VMM at once (SIGKILL to its process group) and release the handle."""
         if self.agent is not None:
             self.agent.close()
+        self._release_channel()
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)

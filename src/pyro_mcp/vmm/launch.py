@@ -60,11 +60,19 @@ def build_spec(
     vm_id: str | None = None,
     kernel_flavor: str | None = None,
     root_overlay: Path | None = None,
+    base_image: Path | None = None,
     extra_disks: tuple[Disk, ...] = (),
+    kernel_args: tuple[str, ...] = (),
+    agent_ports: int = 1,
 ) -> VMSpec:
-    """A VMSpec for ``environment``; creates its root overlay (in the run dir by default)."""
+    """A VMSpec for ``environment``; creates its root disk if it does not exist yet.
+
+    The root disk is a copy-on-write overlay of the environment image (``base_image``
+    overrides which file), in the run directory unless ``root_overlay`` names a place
+    that outlives the VM (workspaces).
+    """
     vm_id = vm_id or new_vm_id()
-    image = environments.image_for(paths, environment)
+    image = base_image or environments.image_for(paths, environment)
     kernel = kernel_for(paths, kernel_flavor)
     run_dir = paths.run_root / vm_id
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -89,12 +97,13 @@ def build_spec(
         run_dir=run_dir,
         kernel=boot_image,
         initrd=initrd,
-        kernel_args=tuple(kernel.boot_args()),
+        kernel_args=(*kernel.boot_args(), *kernel_args),
         root_disk=root_disk,
         extra_disks=extra_disks,
         vcpu_count=vcpu_count,
         mem_mib=mem_mib,
         hostname=f"pyro-{vm_id[:8]}",
+        agent_ports=agent_ports,
     )
     spec.validate()
     return spec

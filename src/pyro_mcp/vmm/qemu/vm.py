@@ -8,6 +8,8 @@ software-emulated guests hang while calibrating it.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import subprocess
 import time
@@ -25,7 +27,6 @@ ACCELS = ("kvm", "tcg")
 TCG_TSC_KHZ = 2_600_000
 TCG_LPJ = 10_400_000
 TCG_TB_SIZE_MIB = 64
-TCG_CPU = "max"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 MAX_SOCKET_PATH = 100
 
@@ -37,60 +38,64 @@ def kernel_command_line(spec: VMSpec, accel: str) -> str:
     return " ".join([*args, *spec.kernel_args])
 
 
+def lock_port(run_dir: Path, port: int, *, wait: bool = False) -> int | None:
+    """An fd holding the exclusive lock of agent port ``port``, or None if it is taken.
+
+    A virtio-serial port serves one host connection at a time: whoever talks to the
+    agent on port N holds ``agent.N.lock`` while attached.
+    """
+    fd = os.open(run_dir / f"agent.{port}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def agent_socket(run_dir: Path, port: int) -> Path:
+    """The host end of agent channel ``port`` (a virtio-serial port named pyro.agent.N)."""
+    return run_dir / f"agent.{port}.sock"
+
+
 def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
     """The full QEMU command line for ``spec`` (an argv list, never a shell string)."""
     if accel not in ACCELS:
         raise VMError(f"unknown QEMU accelerator {accel!r}")
     run = spec.run_dir
-    accel_arg = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if accel == "tcg" else "kvm"
-    argv = [
-        require("qemu-system-x86_64"),
-        "-name",
-        f"pyro-{spec.vm_id}",
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=off,pic=off",
-        "-accel",
-        accel_arg,
-        "-cpu",
-        "max" if accel == "tcg" else "host",
-        "-m",
-        str(spec.mem_mib),
-        "-smp",
-        str(spec.vcpu_count),
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-sandbox",
-        SANDBOX,
-        "-chardev",
-        f"file,id=console,path={spec.console_log}",
-        "-serial",
-        "chardev:console",
-        "-kernel",
-        str(spec.kernel),
-        "-append",
-        kernel_command_line(spec, accel),
-        "-qmp",
-        f"unix:{run / 'qmp.sock'},server=on,wait=off",
-        "-object",
-        "rng-random,id=rng0,filename=/dev/urandom",
-        "-device",
-        "virtio-rng-device,rng=rng0",
-        "-device",
-        "virtio-serial-device,max_ports=2",
-        "-chardev",
-        f"socket,id=agent,path={run / 'agent.sock'},server=on,wait=off",
-        "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+    options: list[tuple[str, str]] = [
+        ("-name", f"pyro-{spec.vm_id}"),
+        ("-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=off,pic=off"),
+        ("-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}" if accel == "tcg" else "kvm"),
+        ("-cpu", "max" if accel == "tcg" else "host"),
+        ("-m", str(spec.mem_mib)),
+        ("-smp", str(spec.vcpu_count)),
+        ("-sandbox", SANDBOX),
+        ("-chardev", f"file,id=console,path={spec.console_log}"),
+        ("-serial", "chardev:console"),
+        ("-kernel", str(spec.kernel)),
+        ("-append", kernel_command_line(spec, accel)),
+        ("-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off"),
+        ("-object", "rng-random,id=rng0,filename=/dev/urandom"),
+        ("-device", "virtio-rng-device,rng=rng0"),
+        ("-device", f"virtio-serial-device,max_ports={spec.agent_ports + 1}"),
     ]
+    for port in range(spec.agent_ports):
+        chardev = f"socket,id=agent{port},path={agent_socket(run, port)},server=on,wait=off"
+        options.append(("-chardev", chardev))
+        port_name = f"{AGENT_PORT_NAME}.{port}"
+        options.append(("-device", f"virtserialport,chardev=agent{port},name={port_name}"))
     if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+        options.append(("-initrd", str(spec.initrd)))
     for index, disk in enumerate((spec.root_disk, *spec.extra_disks)):
         drive = f"id=d{index},file={disk.path},format={disk.format},if=none,discard=unmap"
         if disk.read_only:
             drive += ",readonly=on"
-        argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=d{index}"]
+        options += [("-drive", drive), ("-device", f"virtio-blk-device,drive=d{index}")]
+    argv = [require("qemu-system-x86_64"), "-nodefaults", "-no-user-config", "-nographic"]
+    argv.append("-no-reboot")
+    for flag, value in options:
+        argv += [flag, value]
     return argv
 
 
@@ -102,10 +107,11 @@ class QemuVM(VM):
         self.accel = accel
         self._qmp: QMPClient | None = None
         self.started_at = 0.0
+        self._port_lock: int | None = None
 
     @property
     def agent_socket(self) -> Path:
-        return self.spec.run_dir / "agent.sock"
+        return agent_socket(self.spec.run_dir, 0)
 
     @property
     def qmp_socket(self) -> Path:
@@ -148,6 +154,8 @@ class QemuVM(VM):
 
     def wait_ready(self, timeout_s: float) -> AgentClient:
         deadline = time.monotonic() + timeout_s
+        if self._port_lock is None:  # port 0 is ours while this process holds the client
+            self._port_lock = lock_port(self.spec.run_dir, 0, wait=True)
         sock = self._connect_agent(deadline, timeout_s)
         self.mark("vmm_started_ms", self.started_at)
         client = self._greet(sock, deadline, timeout_s)
@@ -174,6 +182,11 @@ class QemuVM(VM):
         except VMError:
             return "running"
         return "paused" if isinstance(state, dict) and state.get("status") == "paused" else base
+
+    def _release_channel(self) -> None:
+        if self._port_lock is not None:
+            os.close(self._port_lock)
+            self._port_lock = None
 
     def kill(self) -> None:
         if self._qmp is not None:

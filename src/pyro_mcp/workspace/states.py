@@ -1,0 +1,124 @@
+"""The lifecycle of a persistent workspace: its states and the moves between them.
+
+    from        to
+    creating    running, failed, deleting
+    running     stopping, failed, deleting
+    stopping    stopped, failed
+    stopped     starting, deleting
+    starting    running, failed, stopped
+    failed      starting, deleting, stopped
+    deleting    (the record is removed)
+
+``TRANSITIONS`` is the only table of allowed moves: every state change in the store is
+checked against it. ``require_state`` builds the error a caller sees when an operation needs
+another state, naming the current one and how to get out of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from enum import StrEnum
+from typing import Protocol
+
+from pyro_mcp.errors import InvalidArgument, InvalidState
+
+
+class WorkspaceState(StrEnum):
+    """Where a workspace is in its lifecycle (the value is what the store and users see)."""
+
+    CREATING = "creating"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+
+_S = WorkspaceState
+
+TRANSITIONS: Mapping[WorkspaceState, frozenset[WorkspaceState]] = {
+    _S.CREATING: frozenset({_S.RUNNING, _S.FAILED, _S.DELETING}),
+    _S.RUNNING: frozenset({_S.STOPPING, _S.FAILED, _S.DELETING}),
+    _S.STOPPING: frozenset({_S.STOPPED, _S.FAILED}),
+    _S.STOPPED: frozenset({_S.STARTING, _S.DELETING}),
+    _S.STARTING: frozenset({_S.RUNNING, _S.FAILED, _S.STOPPED}),
+    _S.FAILED: frozenset({_S.STARTING, _S.DELETING, _S.STOPPED}),
+    # Leaving ``deleting`` means removing the row (``WorkspaceStore.delete_record``).
+    _S.DELETING: frozenset(),
+}
+
+# States whose VM holds (or is about to hold) host memory: what admission counts.
+RESERVING_STATES: frozenset[WorkspaceState] = frozenset({_S.CREATING, _S.STARTING, _S.RUNNING})
+
+# How a user moves a workspace out of a state towards another, if a command does it.
+_REMEDIES: Mapping[tuple[WorkspaceState, WorkspaceState], str] = {
+    (_S.STOPPED, _S.RUNNING): "run `pyro workspace start {id}`",
+    (_S.FAILED, _S.RUNNING): "run `pyro workspace start {id}` (see `pyro workspace logs {id}`)",
+    (_S.RUNNING, _S.STOPPED): "run `pyro workspace stop {id}`",
+    (_S.FAILED, _S.STOPPED): "run `pyro workspace stop {id}`",
+    (_S.CREATING, _S.RUNNING): "wait for it to finish creating",
+    (_S.STARTING, _S.RUNNING): "wait for it to finish starting",
+    (_S.STOPPING, _S.STOPPED): "wait for it to finish stopping",
+    (_S.STARTING, _S.STOPPED): "wait for it to finish starting, then stop it",
+}
+
+
+class HasState(Protocol):
+    """Anything that names a workspace and its state (a ``WorkspaceRecord``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def state(self) -> WorkspaceState: ...
+
+
+def parse_state(value: str, *, field: str = "state") -> WorkspaceState:
+    """``value`` as a ``WorkspaceState``; ``InvalidArgument`` naming ``field`` if unknown."""
+    try:
+        return WorkspaceState(value)
+    except ValueError:
+        known = ", ".join(s.value for s in WorkspaceState)
+        raise InvalidArgument(
+            f"{field}: unknown workspace state {value!r} (one of {known})"
+        ) from None
+
+
+def can_transition(current: WorkspaceState, wanted: WorkspaceState) -> bool:
+    """Whether the lifecycle allows moving straight from ``current`` to ``wanted``."""
+    return wanted in TRANSITIONS[current]
+
+
+def describe(record: HasState) -> str:
+    """How messages name a workspace: its id, with its name when it has one."""
+    return f"{record.id} ({record.name})" if record.name else record.id
+
+
+def state_error(record: HasState, allowed: Collection[str], action: str) -> InvalidState:
+    """The error for ``action`` refused because ``record`` is in none of ``allowed``.
+
+    The message names the workspace, its current state and the wanted one(s); the hint says
+    how to get there when a command does it, e.g.
+    ``workspace ab12cd34ef56 is stopped; exec needs it running (run `pyro workspace start
+    ab12cd34ef56`)``.
+    """
+    wanted = sorted({parse_state(s, field="allowed") for s in allowed})
+    needs = " or ".join(s.value for s in wanted) or "another state"
+    message = f"workspace {describe(record)} is {record.state.value}; {action} needs it {needs}"
+    hint = None
+    for target in wanted:
+        remedy = _REMEDIES.get((record.state, target))
+        if remedy:
+            hint = remedy.format(id=record.id)
+            break
+    return InvalidState(message, hint=hint)
+
+
+def require_state(record: HasState, allowed: Collection[str], action: str) -> None:
+    """Raise ``InvalidState`` (see ``state_error``) unless ``record.state`` is in ``allowed``."""
+    if record.state.value not in {str(s) for s in allowed}:
+        raise state_error(record, allowed, action)
