@@ -282,3 +282,138 @@ class AgentClient:
         chunks: list[bytes] = []
         value, _ = self.call("get_file", args, on_data=lambda _s, d: chunks.append(d))
         return b"".join(chunks), value
+
+    def manifest(
+        self,
+        root: str,
+        path: str | None = None,
+        hash: bool = True,
+        *,
+        timeout_s: float | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Every entry under ``root`` (or its subdirectory ``path``), symlinks not followed.
+
+        Returns (entries sorted by path, counts). Each entry: path (relative to root),
+        type (file/dir/symlink/other), mode, size, mtime_ns, sha256 (files, when
+        ``hash``), target (symlinks). Unchanged files are not re-read (guest-side cache).
+        """
+        import json
+
+        args: dict[str, Any] = {"root": root, "hash": hash}
+        if path is not None:
+            args["path"] = path
+        entries: list[dict[str, Any]] = []
+        pending = bytearray()
+
+        def collect(_stream: str, data: bytes) -> None:
+            pending.extend(data)
+            end = pending.rfind(b"\n")
+            if end >= 0:
+                entries.extend(json.loads(line) for line in pending[:end].split(b"\n") if line)
+                del pending[: end + 1]
+
+        value, _ = self.call("tree_manifest", args, on_data=collect, timeout_s=timeout_s)
+        if pending.strip():
+            entries.append(json.loads(pending))
+        return entries, value
+
+    def list_dir(
+        self,
+        root: str,
+        path: str | None = None,
+        *,
+        recursive: bool = False,
+        max_entries: int | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The entries of directory ``path`` (default: root), like ``manifest`` without
+        digests, at most ``max_entries`` (guest default 10,000).
+
+        Returns (entries sorted by path, {path, count, truncated}).
+        """
+        args: dict[str, Any] = {"root": root, "recursive": recursive}
+        if path is not None:
+            args["path"] = path
+        if max_entries is not None:
+            args["max_entries"] = max_entries
+        value, _ = self.call("list_dir", args, timeout_s=timeout_s)
+        entries = value.pop("entries", [])
+        return (entries if isinstance(entries, list) else []), value
+
+    def remove_paths(
+        self,
+        root: str,
+        paths: Iterable[str],
+        *,
+        recursive: bool = False,
+        missing_ok: bool = False,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Remove files, symlinks and (``recursive``) directories; returns {removed, missing}."""
+        args = {
+            "root": root,
+            "paths": list(paths),
+            "recursive": recursive,
+            "missing_ok": missing_ok,
+        }
+        value, _ = self.call("remove_paths", args, timeout_s=timeout_s)
+        return value
+
+    def apply_tree(
+        self,
+        root: str,
+        *,
+        removes: Iterable[str] = (),
+        dirs: Iterable[dict[str, Any]] = (),
+        symlinks: Iterable[dict[str, Any]] = (),
+        chmods: Iterable[dict[str, Any]] = (),
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Apply structure: removes, then dirs [{path, mode}], symlinks [{path, target}],
+        then final modes (dirs' and chmods [{path, mode}], deepest first)."""
+        args = {
+            "root": root,
+            "removes": list(removes),
+            "dirs": list(dirs),
+            "symlinks": list(symlinks),
+            "chmods": list(chmods),
+        }
+        value, _ = self.call("apply_tree", args, timeout_s=timeout_s)
+        return value
+
+    def archive_get(
+        self,
+        root: str,
+        path: str,
+        sink: Callable[[bytes], None],
+        *,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Stream a tar of ``path`` (file or directory) to ``sink``; returns counts and bytes."""
+        value, _ = self.call(
+            "archive_get",
+            {"root": root, "path": path},
+            on_data=lambda _stream, data: sink(data),
+            timeout_s=timeout_s,
+        )
+        return value
+
+    def archive_put(
+        self,
+        root: str,
+        dest: str,
+        chunks: Iterable[bytes],
+        max_bytes: int,
+        max_entries: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Extract a tar (plain, gzip, bzip2 or xz) streamed from ``chunks`` into ``dest``.
+
+        The guest refuses unsafe or oversized archives and then leaves nothing behind.
+        Returns {dest, created, entries, files, dirs, symlinks, hardlinks, bytes,
+        compression, replaced, replaced_count}.
+        """
+        args = {"root": root, "dest": dest, "max_bytes": max_bytes, "max_entries": max_entries}
+        value, _ = self.call("archive_put", args, input_chunks=chunks, timeout_s=timeout_s)
+        return value

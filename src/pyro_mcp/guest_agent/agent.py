@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyro_mcp.guest import protocol as p
-from pyro_mcp.guest_agent import ops_exec, ops_files, ops_system
+from pyro_mcp.guest_agent import ops_archive, ops_exec, ops_files, ops_system, ops_tree
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.workers import Workers
 
@@ -31,6 +31,12 @@ CAPABILITIES = (
     "get_file",
     "reidentify",
     "shutdown",
+    "tree_manifest",
+    "list_dir",
+    "remove_paths",
+    "apply_tree",
+    "archive_get",
+    "archive_put",
 )
 
 
@@ -63,6 +69,12 @@ class Agent:
             "get_file": ops_files.get_file,
             "reidentify": ops_system.reidentify,
             "shutdown": ops_system.make_shutdown(poweroff),
+            "tree_manifest": ops_tree.tree_manifest,
+            "list_dir": ops_tree.list_dir,
+            "remove_paths": ops_tree.remove_paths,
+            "apply_tree": ops_tree.apply_tree,
+            "archive_get": ops_archive.archive_get,
+            "archive_put": ops_archive.archive_put,
         }
 
     # -- I/O -----------------------------------------------------------------------
@@ -204,42 +216,83 @@ def _kernel_args() -> dict[str, str]:
     return dict(word.split("=", 1) for word in words if "=" in word)
 
 
-def _virtio_port(name: str) -> str | None:
-    base = "/sys/class/virtio-ports"
+VIRTIO_PORTS = "/sys/class/virtio-ports"
+
+
+def _virtio_ports(name: str, base: str = VIRTIO_PORTS) -> dict[str, str]:
+    """Every virtio-serial port named ``name`` or ``name.<suffix>``: port name -> device."""
     try:
         entries = os.listdir(base)
     except OSError:
-        return None
+        return {}
+    found = {}
     for entry in entries:
         try:
             with open(f"{base}/{entry}/name") as handle:
-                if handle.read().strip() == name:
-                    return f"/dev/{entry}"
+                port = handle.read().strip()
         except OSError:
             continue
-    return None
+        if port == name or port.startswith(name + "."):
+            found[port] = f"/dev/{entry}"
+    return found
+
+
+# The driver learns of the host's ports (and their names) one message at a time: keep
+# looking for new ones for a while after the first appears.
+PORT_SCAN_S = 10.0
 
 
 def serve_virtio_serial() -> None:
+    """Serve every agent port (pyro.agent, pyro.agent.N), each in its own thread.
+
+    Each port carries one host connection at a time, so several host processes can
+    talk to the VM at once, one port each. Per-VM state lives at module level in the
+    operations (e.g. the digest cache of ops_tree), shared by every port.
+    """
     deadline = time.monotonic() + 10
-    path = _virtio_port(p.AGENT_PORT_NAME)
-    while path is None and time.monotonic() < deadline:
+    ports = _virtio_ports(p.AGENT_PORT_NAME)
+    while not ports and time.monotonic() < deadline:
         time.sleep(0.01)
-        path = _virtio_port(p.AGENT_PORT_NAME)
-    if path is None:
+        ports = _virtio_ports(p.AGENT_PORT_NAME)
+    if not ports:
         raise SystemExit("pyro-agent: no virtio-serial port named " + p.AGENT_PORT_NAME)
     restarted = os.environ.get("PYRO_RESTARTS", "0") != "0"
+    serving: set[str] = set()
+    first = time.monotonic()
     while True:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            agent = Agent(fd)
-            if restarted:
-                agent.announce_restart()
-                restarted = False
-            agent.serve()
-        finally:
-            os.close(fd)
-        time.sleep(0.05)  # the host side went away; wait for it to come back
+        for name, path in sorted(ports.items()):
+            if name not in serving:
+                serving.add(name)
+                threading.Thread(
+                    target=_serve_port, args=(path, restarted), name=name, daemon=True
+                ).start()
+        waited = time.monotonic() - first
+        if waited > PORT_SCAN_S:
+            break
+        time.sleep(0.05 if waited < 1.0 else 0.5)
+        ports = _virtio_ports(p.AGENT_PORT_NAME)
+    threading.Event().wait()  # the port threads serve until the VM stops
+
+
+def _serve_port(path: str, restarted: bool) -> None:
+    """Serve one port forever: a fresh Agent each time the host side comes back."""
+    try:
+        while True:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                agent = Agent(fd)
+                if restarted:  # every port's host may have had calls in flight
+                    agent.announce_restart()
+                    restarted = False
+                agent.serve()
+            finally:
+                os.close(fd)
+            time.sleep(0.05)  # the host side went away; wait for it to come back
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)  # as when the single port failed: init restarts the whole agent
 
 
 def serve_vsock() -> None:

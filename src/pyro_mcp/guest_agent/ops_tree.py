@@ -1,0 +1,560 @@
+"""Tree operations on the workspace: manifest, listing, removal and structural apply.
+
+Every operation takes ``root`` (absolute, normally ``/workspace``) and refuses anything
+that escapes it; symlinks are resolved here, in the guest, because only the guest sees
+them. A path argument is absolute (inside ``root``) or relative to ``root``. Paths in
+results are relative to the root's real path: "/"-separated, no leading "./", "" for the
+root itself. Entries never follow symlinks::
+
+    {"path", "type": "file"|"dir"|"symlink"|"other", "mode" (permission bits),
+     "size" (bytes; 0 for dir and other), "mtime_ns", "sha256" (files, when hashing),
+     "target" (symlinks)}
+
+``tree_manifest`` {root, path?, hash=true}
+    Streams the entries of ``path`` (itself, unless it is the root) and everything under
+    it, sorted by path (code-point order), as JSON lines in ``data`` frames (stream
+    ``manifest``; every frame holds whole lines). File digests are cached for the life of
+    the VM, keyed by (st_dev, st_ino, size, mtime_ns, ctime_ns), so a manifest of an
+    unchanged tree reads no file. A file whose ctime is within ``RACY_NS`` of the start of
+    the manifest is hashed but not cached: a write in the same clock tick could leave
+    every key field unchanged. Result: ``entries``, ``files``, ``dirs``, ``symlinks``,
+    ``other``, ``bytes`` (sum of file sizes), ``hashed``, ``cached``, ``hashed_bytes``,
+    ``vanished`` (gone while walking), ``errors`` (unreadable directories or files),
+    ``duration_ms``.
+
+``list_dir`` {root, path?, recursive=false, max_entries=10000}
+    The entries (no digests) under ``path`` (a directory, symlinks followed), in the
+    result value: ``{"path", "entries", "count", "truncated"}``. Truncated at
+    ``max_entries`` or when the value would approach the frame header limit.
+
+``remove_paths`` {root, paths, recursive=false, missing_ok=false}
+    Removes files, symlinks (never their targets) and, with ``recursive``, directories.
+    Every path is checked before anything is removed; the root itself is refused.
+    Result: ``removed`` (count), ``missing`` (paths that did not exist, with missing_ok).
+
+``apply_tree`` {root, removes?, dirs?: [{path, mode}], symlinks?: [{path, target}],
+chmods?: [{path, mode}]}
+    The structural half of "make the tree match a manifest" (file contents go with
+    put_file). In order: removes (deepest first, recursive, missing ones ignored), dirs
+    (shallowest first, created owner-writable), symlinks (created or atomically replaced;
+    a target is data and may point anywhere, only the link itself is confined), then the
+    final modes of ``dirs`` and ``chmods`` (deepest first, so a read-only directory is
+    locked last; modes of symlinks are skipped: Linux has none). Arguments are validated
+    before any change; confinement is checked again as each step runs, so a removal that
+    turns a symlink into a directory is followed correctly. Not transactional.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest_agent.calls import Call, CallError
+
+RACY_NS = 100_000_000  # 10x the coarsest kernel clock tick (HZ=100)
+CACHE_MAX = 131_072  # entries (~190 bytes each)
+READ_CHUNK = 1 << 20
+LIST_MAX_ENTRIES = 10_000
+LIST_HARD_MAX = 100_000
+LIST_MAX_VALUE_BYTES = 768 << 10  # the result travels in a frame header (1 MiB max)
+
+# Per VM, not per connection: every agent channel of the VM shares it.
+_digests: dict[tuple[int, int, int, int, int], bytes] = {}
+_digests_lock = threading.Lock()
+
+Scanned = tuple[str, str, os.stat_result]  # (relative path, absolute path, lstat)
+
+
+# --- paths ---------------------------------------------------------------------------
+
+
+def workspace_root(root: Any) -> str:
+    """The real path of ``root``, which must be an existing directory."""
+    if not isinstance(root, str) or not root.startswith("/") or "\x00" in root:
+        raise CallError("invalid_argument", f"root must be an absolute path, got {root!r}")
+    real = os.path.realpath(root)
+    try:
+        info = os.stat(real)
+    except FileNotFoundError as exc:
+        raise CallError("not_found", f"root {root} does not exist") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise CallError("not_a_directory", f"root {root} is not a directory")
+    return real
+
+
+def inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def parse_path(value: Any, root: str, real_root: str, name: str = "path") -> str:
+    """``value`` as a normalised path relative to the root ("" is the root), lexically."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise CallError("invalid_argument", f"{name} must be a non-empty path, got {value!r}")
+    normal = os.path.normpath(value)
+    if value.startswith("/"):
+        for prefix in (os.path.normpath(root), real_root):
+            if inside(normal, prefix):
+                return normal[len(prefix.rstrip("/")) + 1 :] if normal != prefix else ""
+        raise CallError("outside_root", f"{value} is outside {root}")
+    if normal == ".":
+        return ""
+    if normal == ".." or normal.startswith("../"):
+        raise CallError("outside_root", f"{value} is outside {root}")
+    return normal
+
+
+def relative(real_root: str, path: str) -> str:
+    return "" if path == real_root else path[len(real_root.rstrip("/")) + 1 :]
+
+
+def resolve_inside(real_root: str, rel: str) -> str:
+    """The real path of root/rel, every symlink followed; it must stay inside the root."""
+    real = os.path.realpath(os.path.join(real_root, rel)) if rel else real_root
+    if not inside(real, real_root):
+        raise CallError("outside_root", f"{rel} resolves to {real}, outside the root")
+    return real
+
+
+def entry_inside(real_root: str, rel: str) -> str:
+    """root/rel with the symlinks of its parents resolved, but not of its last component."""
+    if not rel:
+        return real_root
+    parent, name = os.path.split(os.path.join(real_root, rel))
+    real_parent = os.path.realpath(parent)
+    if not inside(real_parent, real_root):
+        raise CallError("outside_root", f"{rel} lies under {real_parent}, outside the root")
+    return os.path.join(real_parent, name)
+
+
+def _flag(args: dict[str, Any], name: str, default: bool) -> bool:
+    value = args.get(name, default)
+    if not isinstance(value, bool):
+        raise CallError("invalid_argument", f"{name} must be true or false")
+    return value
+
+
+def _mode(value: Any, name: str = "mode") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o7777:
+        raise CallError("invalid_argument", f"{name} must be an integer permission value")
+    return value
+
+
+def _list(args: dict[str, Any], name: str) -> list[Any]:
+    value = args.get(name) or []
+    if not isinstance(value, list):
+        raise CallError("invalid_argument", f"{name} must be a list")
+    return value
+
+
+# --- walking -------------------------------------------------------------------------
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def scan(top: str, top_rel: str, recursive: bool, errors: list[str]) -> Iterator[Scanned]:
+    """Everything under the directory ``top`` (not itself), symlinks never followed."""
+    stack = [(top, top_rel)]
+    while stack:
+        directory, dir_rel = stack.pop()
+        try:
+            with os.scandir(directory) as found:
+                children = list(found)
+        except FileNotFoundError:
+            continue  # removed while we walked
+        except OSError as exc:
+            errors.append(f"{dir_rel or '.'}: {exc.strerror}")
+            continue
+        prefix = dir_rel + "/" if dir_rel else ""
+        for child in children:
+            try:
+                info = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                errors.append(f"{prefix}{child.name}: {exc.strerror}")
+                continue
+            rel = prefix + child.name
+            yield rel, child.path, info
+            if recursive and stat.S_ISDIR(info.st_mode):
+                stack.append((child.path, rel))
+
+
+def entry(rel: str, path: str, info: os.stat_result) -> dict[str, Any]:
+    """The manifest entry of one path (no digest); raises FileNotFoundError if it vanished."""
+    kind = kind_of(info.st_mode)
+    item: dict[str, Any] = {
+        "path": rel,
+        "type": kind,
+        "mode": stat.S_IMODE(info.st_mode),
+        "size": info.st_size if kind in ("file", "symlink") else 0,
+        "mtime_ns": info.st_mtime_ns,
+    }
+    if kind == "symlink":
+        item["target"] = os.readlink(path)
+    return item
+
+
+def _top(args: dict[str, Any], required: bool = False) -> tuple[str, str, str]:
+    """(real root, real path of ``path``, its relative path) for a read-only walk."""
+    root = args.get("root")
+    real_root = workspace_root(root)
+    value = args.get("path")
+    if value is None and not required:
+        return real_root, real_root, ""
+    top = resolve_inside(real_root, parse_path(value, str(root), real_root))
+    return real_root, top, relative(real_root, top)
+
+
+# --- manifest ------------------------------------------------------------------------
+
+
+class _Lines:
+    """JSON lines cut into data frames of whole lines, each at most one protocol chunk."""
+
+    def __init__(self, call: Call, stream: str) -> None:
+        self.call, self.stream = call, stream
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode  # one, not one per line
+
+    def add(self, item: dict[str, Any]) -> None:
+        line = self._encode(item).encode() + b"\n"
+        if self._size + len(line) > p.CHUNK:
+            self.flush()
+        self._parts.append(line)
+        self._size += len(line)
+
+    def flush(self) -> None:
+        if self._parts:
+            self.call.send_data(self.stream, b"".join(self._parts))
+            self._parts, self._size = [], 0
+
+
+def _key(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+class _Hasher:
+    def __init__(self) -> None:
+        import hashlib  # lazily: the agent starts at every boot
+
+        self._sha256 = hashlib.sha256
+        self.started_ns = time.time_ns()
+        self.hashed = self.cached = self.hashed_bytes = 0
+
+    def digest(self, path: str, info: os.stat_result) -> tuple[str, os.stat_result] | None:
+        """The sha256 of a regular file and its stat; None if it is no longer one."""
+        with _digests_lock:
+            known = _digests.get(_key(info))
+        if known is not None:
+            self.cached += 1
+            return known.hex(), info
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # it became a symlink
+                return None
+            raise
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                return None
+            sha = self._sha256()
+            while chunk := os.read(fd, READ_CHUNK):
+                sha.update(chunk)
+                self.hashed_bytes += len(chunk)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self.hashed += 1
+        value = sha.digest()
+        key = _key(after)
+        if _key(before) == key and self.started_ns - after.st_ctime_ns > RACY_NS:
+            _remember(key, value)
+        return value.hex(), after
+
+
+def _remember(key: tuple[int, int, int, int, int], value: bytes) -> None:
+    with _digests_lock:
+        _digests[key] = value
+        if len(_digests) > CACHE_MAX:
+            # Drop the oldest eighth: digests of files that changed are never hit again.
+            stale = []
+            for old in _digests:
+                stale.append(old)
+                if len(stale) >= CACHE_MAX // 8:
+                    break
+            for old in stale:
+                del _digests[old]
+
+
+def clear_digest_cache() -> None:
+    """Forget every cached digest (tests; a guest restored from a snapshot keeps them)."""
+    with _digests_lock:
+        _digests.clear()
+
+
+def tree_manifest(call: Call) -> tuple[dict[str, Any], bytes]:
+    started = time.monotonic()
+    real_root, top, top_rel = _top(call.args)
+    hashing = _flag(call.args, "hash", True)
+    try:
+        top_info = os.lstat(top)
+    except FileNotFoundError as exc:
+        raise CallError("not_found", f"{top_rel or '.'} does not exist") from exc
+    errors: list[str] = []
+    found: list[Scanned] = [(top_rel, top, top_info)] if top_rel else []
+    if stat.S_ISDIR(top_info.st_mode):
+        found.extend(scan(top, top_rel, True, errors))
+    found.sort(key=lambda item: item[0])
+    hasher = _Hasher() if hashing else None
+    out = _Lines(call, "manifest")
+    counts = {"file": 0, "dir": 0, "symlink": 0, "other": 0}
+    total_bytes = vanished = 0
+    for index, (rel, path, info) in enumerate(found):
+        if index & 255 == 0 and call.cancelled.is_set():
+            raise CallError("cancelled", "call cancelled")
+        try:
+            item = entry(rel, path, info)
+            if hasher is not None and item["type"] == "file":
+                hashed = hasher.digest(path, info)
+                if hashed is None:
+                    vanished += 1
+                    continue
+                item["sha256"], now = hashed
+                item["size"], item["mtime_ns"] = now.st_size, now.st_mtime_ns
+                item["mode"] = stat.S_IMODE(now.st_mode)
+        except FileNotFoundError:
+            vanished += 1
+            continue
+        except OSError as exc:
+            errors.append(f"{rel}: {exc.strerror}")
+            continue
+        counts[item["type"]] += 1
+        if item["type"] == "file":
+            total_bytes += item["size"]
+        out.add(item)
+    out.flush()
+    return {
+        "root": real_root,
+        "path": top_rel,
+        "entries": sum(counts.values()),
+        "files": counts["file"],
+        "dirs": counts["dir"],
+        "symlinks": counts["symlink"],
+        "other": counts["other"],
+        "bytes": total_bytes,
+        "hashed": hasher.hashed if hasher else 0,
+        "cached": hasher.cached if hasher else 0,
+        "hashed_bytes": hasher.hashed_bytes if hasher else 0,
+        "vanished": vanished,
+        "errors": errors[:100],
+        "duration_ms": round((time.monotonic() - started) * 1000, 3),
+    }, b""
+
+
+# --- list_dir ------------------------------------------------------------------------
+
+
+def list_dir(call: Call) -> tuple[dict[str, Any], bytes]:
+    args = call.args
+    _, top, top_rel = _top(args)
+    recursive = _flag(args, "recursive", False)
+    limit = args.get("max_entries", LIST_MAX_ENTRIES)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= LIST_HARD_MAX:
+        raise CallError("invalid_argument", f"max_entries must be 1..{LIST_HARD_MAX}")
+    try:
+        if not stat.S_ISDIR(os.stat(top).st_mode):
+            raise CallError("not_a_directory", f"{top_rel} is not a directory")
+    except FileNotFoundError as exc:
+        raise CallError("not_found", f"{top_rel or '.'} does not exist") from exc
+    entries: list[dict[str, Any]] = []
+    size = 0
+    truncated = False
+    errors: list[str] = []
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    for rel, path, info in scan(top, top_rel, recursive, errors):
+        if len(entries) >= limit:
+            truncated = True
+            break
+        try:
+            item = entry(rel, path, info)
+        except OSError:
+            continue
+        size += len(encode(item)) + 1
+        if size > LIST_MAX_VALUE_BYTES:
+            truncated = True
+            break
+        entries.append(item)
+    entries.sort(key=lambda item: str(item["path"]))
+    value = {"path": top_rel, "entries": entries, "count": len(entries), "truncated": truncated}
+    if errors:
+        value["errors"] = errors[:20]
+    return value, b""
+
+
+# --- removal -------------------------------------------------------------------------
+
+
+def remove_entry(path: str, recursive: bool) -> bool:
+    """Remove one path without following it; False if it did not exist."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(info.st_mode):
+        if not recursive:
+            raise CallError("is_a_directory", f"{path} is a directory (use recursive)")
+        import shutil  # lazily: the agent starts at every boot
+
+        shutil.rmtree(path)  # fd-based on Linux: never follows a symlink inside
+    else:
+        os.unlink(path)
+    return True
+
+
+def _depth(rel: str) -> int:
+    return rel.count("/") + 1 if rel else 0
+
+
+def remove_paths(call: Call) -> tuple[dict[str, Any], bytes]:
+    args = call.args
+    root = args.get("root")
+    real_root = workspace_root(root)
+    recursive = _flag(args, "recursive", False)
+    missing_ok = _flag(args, "missing_ok", False)
+    paths = _list(args, "paths")
+    targets: list[tuple[str, str]] = []
+    for value in paths:
+        rel = parse_path(value, str(root), real_root)
+        if not rel:
+            raise CallError("invalid_argument", "refusing to remove the root itself")
+        targets.append((rel, entry_inside(real_root, rel)))
+    missing: list[str] = []
+    for rel, path in targets:  # check everything before removing anything
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise CallError("not_found", f"{rel} does not exist") from None
+            missing.append(rel)
+            continue
+        if stat.S_ISDIR(info.st_mode) and not recursive:
+            raise CallError("is_a_directory", f"{rel} is a directory (use recursive)")
+    removed = 0
+    for _, path in sorted(targets, key=lambda item: -_depth(item[0])):
+        removed += remove_entry(path, recursive)
+    return {"removed": removed, "missing": missing}, b""
+
+
+# --- apply_tree ----------------------------------------------------------------------
+
+
+def _items(
+    args: dict[str, Any], name: str, field: str, root: str, real_root: str
+) -> list[tuple[str, Any]]:
+    items = []
+    for item in _list(args, name):
+        if not isinstance(item, dict):
+            raise CallError("invalid_argument", f"{name} holds objects with path and {field}")
+        rel = parse_path(item.get("path"), root, real_root, f"{name}[].path")
+        if not rel:
+            raise CallError("invalid_argument", f"{name} cannot change the root itself")
+        items.append((rel, item.get(field)))
+    return items
+
+
+def apply_tree(call: Call) -> tuple[dict[str, Any], bytes]:
+    args = call.args
+    root = str(args.get("root"))
+    real_root = workspace_root(args.get("root"))
+    removes = []
+    for value in _list(args, "removes"):
+        rel = parse_path(value, root, real_root, "removes[]")
+        if not rel:
+            raise CallError("invalid_argument", "refusing to remove the root itself")
+        removes.append(rel)
+    dirs = [
+        (rel, _mode(mode, "dirs[].mode"))
+        for rel, mode in _items(args, "dirs", "mode", root, real_root)
+    ]
+    links = _items(args, "symlinks", "target", root, real_root)
+    for _, target in links:
+        if not isinstance(target, str) or not target or "\x00" in target:
+            raise CallError("invalid_argument", "symlinks[].target must be a non-empty string")
+    chmods = [
+        (rel, _mode(mode, "chmods[].mode"))
+        for rel, mode in _items(args, "chmods", "mode", root, real_root)
+    ]
+
+    removed = 0
+    for rel in sorted(removes, key=lambda r: (-_depth(r), r)):
+        removed += remove_entry(entry_inside(real_root, rel), True)
+
+    created = 0
+    for rel, mode in sorted(dirs, key=lambda item: (_depth(item[0]), item[0])):
+        path = entry_inside(real_root, rel)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+            os.mkdir(path, 0o700)
+            os.chmod(path, mode | 0o700)  # final mode below, after everything inside
+            created += 1
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            raise CallError("exists", f"{rel} exists and is not a directory")
+
+    for index, (rel, target) in enumerate(links):
+        path = entry_inside(real_root, rel)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, 0o755, exist_ok=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise CallError("exists", f"{rel} is a directory; remove it first")
+        temp = os.path.join(parent, f".pyro-link-{os.getpid()}-{call.id}-{index}")
+        os.symlink(target, temp)
+        try:
+            os.replace(temp, path)
+        except OSError:
+            os.unlink(temp)
+            raise
+
+    final = dict(dirs)
+    final.update(chmods)
+    changed = skipped = 0
+    for rel in sorted(final, key=lambda r: (-_depth(r), r)):
+        path = entry_inside(real_root, rel)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            raise CallError("not_found", f"cannot chmod {rel}: it does not exist") from None
+        if stat.S_ISLNK(info.st_mode):
+            skipped += 1
+            continue
+        os.chmod(path, final[rel])
+        changed += 1
+    return {
+        "removed": removed,
+        "dirs_created": created,
+        "symlinks": len(links),
+        "chmods": changed,
+        "skipped": skipped,
+    }, b""
