@@ -1,0 +1,360 @@
+"""Manifests: what a tree holds, entry by entry, and what changed between two of them.
+
+A manifest is a list of :class:`Entry` sorted by path. Paths are relative POSIX paths
+(``src/main.py``), never absolute, never with ``.``/``..``/empty components. The guest
+agent produces manifests of ``/workspace``; :func:`manifest_of_directory` produces them for
+a host directory (seeds). A manifest received from a guest is untrusted:
+:func:`validate_manifest` checks every field before anything on the host uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pyro_mcp.errors import InvalidArgument, OutsideRoot, TooLarge
+from pyro_mcp.runtime.digests import sha256_file
+
+EntryType = Literal["file", "dir", "symlink", "other"]
+ENTRY_TYPES: tuple[EntryType, ...] = ("file", "dir", "symlink", "other")
+ChangeStatus = Literal["added", "modified", "deleted", "type_changed"]
+
+DEFAULT_MAX_ENTRIES = 100_000
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255  # NAME_MAX on ext4
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FIELDS = frozenset({"path", "type", "mode", "size", "mtime_ns", "sha256", "target"})
+
+
+def check_relative_path(path: object, *, what: str = "path") -> str:
+    """``path`` unchanged if it is a clean relative POSIX path, else the reason.
+
+    Raises OutsideRoot for absolute paths and ``..`` components (they would escape the
+    tree), InvalidArgument for anything else malformed (empty, ``.`` or empty components,
+    NUL bytes, not UTF-8, longer than Linux allows). ``what`` names the value in the error.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument(f"{what} must be a non-empty string, got {path!r}")
+    if "\x00" in path:
+        raise InvalidArgument(f"{what} {path!r} contains a NUL byte")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{what} {path!r} is not valid UTF-8") from exc
+    if path.startswith("/"):
+        raise OutsideRoot(f"{what} {path!r} is absolute; only relative paths are allowed")
+    parts = path.split("/")
+    if ".." in parts:
+        raise OutsideRoot(f"{what} {path!r} contains '..'")
+    if "" in parts or "." in parts:
+        raise InvalidArgument(f"{what} {path!r} has an empty or '.' component")
+    if len(encoded) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+        raise InvalidArgument(f"{what} {path[:80]!r}... is longer than Linux allows")
+    return path
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing in a tree."""
+
+    path: str
+    """Relative POSIX path inside the tree."""
+    type: EntryType
+    """``file``, ``dir``, ``symlink`` or ``other`` (device, fifo, socket)."""
+    mode: int
+    """Permission bits (``0o644``), without the file-type bits."""
+    size: int = 0
+    """Bytes of content (files), or of the target (symlinks); 0 for directories."""
+    mtime_ns: int = 0
+    """Last modification, nanoseconds since the epoch."""
+    sha256: str | None = None
+    """Digest of the content; files only."""
+    target: str | None = None
+    """What the link points at; symlinks only."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: ``sha256`` only for files, ``target`` only for symlinks."""
+        data: dict[str, Any] = {
+            "path": self.path,
+            "type": self.type,
+            "mode": self.mode,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+        }
+        if self.sha256 is not None:
+            data["sha256"] = self.sha256
+        if self.target is not None:
+            data["target"] = self.target
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Entry:
+        """An Entry from its wire form, every field checked (InvalidArgument/OutsideRoot).
+
+        Unknown fields are refused, so a guest and host that disagree fail loudly.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidArgument(f"manifest entry must be an object, got {type(data).__name__}")
+        unknown = set(data) - _FIELDS
+        if unknown:
+            raise InvalidArgument(f"manifest entry has unknown fields: {sorted(unknown)}")
+        path = check_relative_path(data.get("path"), what="manifest path")
+        kind = data.get("type")
+        if kind not in ENTRY_TYPES:
+            raise InvalidArgument(f"{path}: type must be one of {list(ENTRY_TYPES)}, got {kind!r}")
+        mode = _int_field(data, "mode", path, upper=0o7777)
+        size = _int_field(data, "size", path, default=0)
+        mtime_ns = _int_field(data, "mtime_ns", path, default=0, lower=-(2**63))
+        sha = data.get("sha256")
+        target = data.get("target")
+        if kind == "file":
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+                raise InvalidArgument(f"{path}: a file needs a lowercase hex sha256, got {sha!r}")
+        elif sha is not None:
+            raise InvalidArgument(f"{path}: only files carry a sha256")
+        if kind == "symlink":
+            if not isinstance(target, str) or not target or "\x00" in target:
+                raise InvalidArgument(f"{path}: a symlink needs a non-empty target string")
+        elif target is not None:
+            raise InvalidArgument(f"{path}: only symlinks carry a target")
+        return cls(path, kind, mode, size, mtime_ns, sha, target)
+
+
+def _int_field(
+    data: Mapping[str, Any],
+    name: str,
+    path: str,
+    *,
+    default: int | None = None,
+    lower: int = 0,
+    upper: int = 2**63 - 1,
+) -> int:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lower <= value <= upper:
+        raise InvalidArgument(f"{path}: {name} must be an integer in [{lower}, {upper}]")
+    return value
+
+
+def validate_manifest(raw: object, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> list[Entry]:
+    """A checked manifest from untrusted data: a list of entry objects (or of Entry).
+
+    Refuses (InvalidArgument, naming the entry): a non-list, bad entries, duplicate
+    paths, an entry below something that is not a directory; OutsideRoot for absolute
+    paths or ``..``; TooLarge past ``max_entries``. Returns the entries sorted by path.
+    """
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"a manifest must be a list of entries, got {type(raw).__name__}")
+    if len(raw) > max_entries:
+        raise TooLarge(f"the manifest has {len(raw)} entries, more than the limit {max_entries}")
+    return check_manifest(
+        item if isinstance(item, Entry) else Entry.from_dict(item) for item in raw
+    )
+
+
+def check_manifest(entries: Iterable[Entry]) -> list[Entry]:
+    """``entries`` sorted by path, refusing duplicates and entries under non-directories."""
+    ordered = sorted(entries, key=lambda e: e.path)
+    kinds: dict[str, EntryType] = {}
+    for entry in ordered:
+        if entry.path in kinds:
+            raise InvalidArgument(f"manifest lists {entry.path!r} twice")
+        kinds[entry.path] = entry.type
+    for entry in ordered:
+        parent = entry.path.rpartition("/")[0]
+        while parent:
+            kind = kinds.get(parent)
+            if kind is not None and kind != "dir":
+                raise InvalidArgument(
+                    f"manifest lists {entry.path!r} below {parent!r}, which is a {kind}"
+                )
+            parent = parent.rpartition("/")[0]
+    return ordered
+
+
+def entry_type_of(st_mode: int) -> EntryType:
+    """The manifest type for an ``os.stat_result.st_mode``."""
+    if stat.S_ISREG(st_mode):
+        return "file"
+    if stat.S_ISDIR(st_mode):
+        return "dir"
+    if stat.S_ISLNK(st_mode):
+        return "symlink"
+    return "other"
+
+
+def manifest_of_directory(
+    root: Path,
+    *,
+    hash_file: Callable[[Path], str] = sha256_file,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> list[Entry]:
+    """The manifest of a host directory, walked without following symlinks.
+
+    ``hash_file`` digests each regular file (pass ``BlobStore.put_file`` to store the
+    contents while hashing them). The root itself is not an entry. Raises InvalidArgument
+    when ``root`` is not a directory or holds a name that is not UTF-8, TooLarge past
+    ``max_entries`` entries.
+    """
+    if not root.is_dir():
+        raise InvalidArgument(f"{root} is not a directory")
+    entries: list[Entry] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(root / relative if relative else root) as listing:
+            children = sorted(listing, key=lambda d: d.name)
+        for child in children:
+            path = f"{relative}/{child.name}" if relative else child.name
+            check_relative_path(path)
+            info = child.stat(follow_symlinks=False)
+            if len(entries) >= max_entries:
+                raise TooLarge(f"{root} has more than {max_entries} entries (at {path!r})")
+            entries.append(_entry_from_stat(root / path, path, info, hash_file))
+            if stat.S_ISDIR(info.st_mode):
+                pending.append(path)
+    entries.sort(key=lambda e: e.path)
+    return entries
+
+
+def _entry_from_stat(
+    full: Path, path: str, info: os.stat_result, hash_file: Callable[[Path], str]
+) -> Entry:
+    kind = entry_type_of(info.st_mode)
+    mode = stat.S_IMODE(info.st_mode)
+    if kind == "file":
+        return Entry(path, kind, mode, info.st_size, info.st_mtime_ns, sha256=hash_file(full))
+    if kind == "symlink":
+        target = os.readlink(full)
+        return Entry(path, kind, mode, len(os.fsencode(target)), info.st_mtime_ns, target=target)
+    return Entry(path, kind, mode, 0, info.st_mtime_ns)
+
+
+# --- comparing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One path that differs between two manifests."""
+
+    path: str
+    status: ChangeStatus
+    before: Entry | None
+    """The entry in the older manifest (None when added)."""
+    after: Entry | None
+    """The entry in the newer manifest (None when deleted)."""
+
+    @property
+    def content_changed(self) -> bool:
+        """The bytes (files) or the target (symlinks) differ, or the path came or went."""
+        if self.before is None or self.after is None or self.status == "type_changed":
+            return True
+        return (self.before.sha256, self.before.target) != (self.after.sha256, self.after.target)
+
+    @property
+    def mode_changed(self) -> bool:
+        """Both sides exist with the same type and different permission bits."""
+        return (
+            self.status == "modified"
+            and self.before is not None
+            and self.after is not None
+            and self.before.type != "symlink"
+            and self.before.mode != self.after.mode
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "status": self.status,
+            "before": self.before.to_dict() if self.before else None,
+            "after": self.after.to_dict() if self.after else None,
+        }
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What :func:`compare` found: changed paths by kind, each list sorted, plus the
+    entries on either side of every changed path (for rendering or restoring)."""
+
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    """Same type, different content, permission bits or symlink target."""
+    deleted: list[str] = field(default_factory=list)
+    type_changed: list[str] = field(default_factory=list)
+    """A file became a directory, a symlink a file, and so on."""
+    before: dict[str, Entry] = field(default_factory=dict)
+    """The older manifest's entry of each changed path that it has."""
+    after: dict[str, Entry] = field(default_factory=dict)
+    """The newer manifest's entry of each changed path that it has."""
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "added": len(self.added),
+            "modified": len(self.modified),
+            "deleted": len(self.deleted),
+            "type_changed": len(self.type_changed),
+        }
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    def items(self) -> list[Change]:
+        """Every change with its entries, sorted by path."""
+        found: list[Change] = []
+        for status in ("added", "modified", "deleted", "type_changed"):
+            for path in getattr(self, status):
+                found.append(Change(path, status, self.before.get(path), self.after.get(path)))
+        return sorted(found, key=lambda c: c.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.counts(),
+            "added": list(self.added),
+            "modified": list(self.modified),
+            "deleted": list(self.deleted),
+            "type_changed": list(self.type_changed),
+        }
+
+
+def compare(before: Sequence[Entry], after: Sequence[Entry]) -> Changes:
+    """What changed from ``before`` to ``after``, path by path.
+
+    Directories count too (an added empty directory is an addition). A directory's size
+    and every mtime are ignored: only content, permission bits and symlink targets matter
+    (a symlink's own mode means nothing on Linux).
+    """
+    old = {e.path: e for e in before}
+    new = {e.path: e for e in after}
+    changes = Changes()
+    for path in sorted(old.keys() | new.keys()):
+        a, b = old.get(path), new.get(path)
+        if a is not None and b is not None:
+            if a.type != b.type:
+                changes.type_changed.append(path)
+            elif _differs(a, b):
+                changes.modified.append(path)
+            else:
+                continue
+        elif a is None:
+            changes.added.append(path)
+        else:
+            changes.deleted.append(path)
+        if a is not None:
+            changes.before[path] = a
+        if b is not None:
+            changes.after[path] = b
+    return changes
+
+
+def _differs(a: Entry, b: Entry) -> bool:
+    if a.type == "symlink":
+        return a.target != b.target
+    if a.type == "file" and a.sha256 != b.sha256:
+        return True
+    return a.mode != b.mode
