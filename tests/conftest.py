@@ -44,3 +44,15 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimePaths]:
 @pytest.fixture
 def ctx(runtime: RuntimePaths) -> Context:
     return Context(paths=runtime)
+
+
+@pytest.fixture
+def ws_ctx(runtime: RuntimePaths, tmp_path: Path) -> Iterator[Context]:
+    """A context with a private state dir; every workspace left in it is deleted after."""
+    from pyro_mcp.api.operations.workspaces import open_workspaces
+
+    context = Context(paths=runtime, state_dir=tmp_path / "state")
+    yield context
+    with open_workspaces(context) as workspaces:
+        for record in workspaces.store.list():
+            workspaces.delete(record.id)

@@ -11,8 +11,8 @@ from pyro_mcp.errors import (
     OutsideRoot,
     PyroError,
     RuntimeMissing,
-    ToolFailed,
     TooLarge,
+    ToolFailed,
 )
 
 __version__ = "4.0.0.dev0"
@@ -39,7 +39,7 @@ __all__ = [
     "Pyro",
     "PyroError",
     "RuntimeMissing",
-    "ToolFailed",
     "TooLarge",
+    "ToolFailed",
     "__version__",
 ]

@@ -71,7 +71,34 @@ def _streamed(result: dict[str, Any]) -> str:
     return "\n".join(notes)
 
 
+def _file_read(result: dict[str, Any]) -> str:
+    if result.get("content_only"):
+        return str(result["content"])
+    return _generic(result)
+
+
+def _created(result: dict[str, Any]) -> str:
+    if result.get("id_only"):
+        return str(result["id"])
+    return _generic(result)
+
+
+def _workspaces(result: dict[str, Any]) -> str:
+    lines = [f"{'ID':<14} {'NAME':<16} {'STATE':<10} {'ENVIRONMENT':<16} LABELS"]
+    for row in result["workspaces"]:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(row.get("labels", {}).items()))
+        name = row.get("name") or "-"
+        lines.append(
+            f"{row['id']:<14} {name:<16} {row['state']:<10} {row['environment']:<16} {labels}"
+        )
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Renderer] = {
+    "workspace_exec": _streamed,
+    "workspace_file_read": _file_read,
+    "workspace_create": _created,
+    "workspace_list": _workspaces,
     "vm_run": _streamed,
     "env_list": _env_list,
     "runtime_doctor": _doctor,

@@ -9,6 +9,7 @@ socketpair in unit tests.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import threading
@@ -275,19 +276,25 @@ def serve_virtio_serial() -> None:
 
 
 def _serve_port(path: str, restarted: bool) -> None:
-    """Serve one port forever: a fresh Agent each time the host side comes back."""
+    """Serve one port forever: a fresh Agent each time a host connects.
+
+    The port stays open between hosts: closing a virtio-serial port discards what the
+    next host may already have sent (its hello), so a reconnect would hang. While no host
+    is connected, reads see end-of-file; poll waits for the next one.
+    """
     try:
+        fd = os.open(path, os.O_RDWR)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while True:
-            fd = os.open(path, os.O_RDWR)
-            try:
-                agent = Agent(fd)
-                if restarted:  # every port's host may have had calls in flight
-                    agent.announce_restart()
-                    restarted = False
-                agent.serve()
-            finally:
-                os.close(fd)
-            time.sleep(0.05)  # the host side went away; wait for it to come back
+            agent = Agent(fd)
+            if restarted:  # every port's host may have had calls in flight
+                agent.announce_restart()
+                restarted = False
+            agent.serve()
+            # The host went away; POLLHUP repeats until one is back, so nap in between.
+            while not any(event & select.POLLIN for _, event in poller.poll(1000)):
+                time.sleep(0.05)
     except BaseException:
         import traceback
 

@@ -156,6 +156,9 @@ class VM(ABC):
         client = AgentClient(sock)
         try:
             client.hello(timeout_s=max(0.1, deadline - time.monotonic()))
+            # A guest has no battery-backed clock: give it the host's time right away
+            # (builds compare mtimes; TLS checks dates).
+            client.call("reidentify", {"time_ns": time.time_ns()}, timeout_s=10)
         except OperationTimeout as exc:
             client.close()
             raise self._boot_timeout("the guest agent did not answer hello", timeout_s) from exc

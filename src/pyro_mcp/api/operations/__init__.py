@@ -1,5 +1,5 @@
 """Importing this package registers every operation."""
 
-from pyro_mcp.api.operations import environments, runtime, vm
+from pyro_mcp.api.operations import environments, runtime, vm, workspace_content, workspaces
 
-__all__ = ["environments", "runtime", "vm"]
+__all__ = ["environments", "runtime", "vm", "workspace_content", "workspaces"]

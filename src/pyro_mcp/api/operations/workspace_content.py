@@ -1,0 +1,262 @@
+"""Operations inside a workspace: exec, files, patch, sync, diff, export, checkpoints, disks."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.workspaces import CORE, FULL, open_workspaces, parse_pairs
+from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.errors import InvalidArgument, InvalidState
+from pyro_mcp.storage import workspace_disk
+from pyro_mcp.workspace import content
+
+WORKSPACE = Arg("workspace id or name", positional=True)
+PATH = Arg("path in /workspace (relative paths start there)", positional=True)
+
+
+@operation(
+    cli=("workspace", "exec"),
+    sdk="exec_workspace",
+    profiles=CORE,
+    exit_code_key="exit_code",
+)
+def workspace_exec(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    command: Annotated[list[str], Arg("the command and its arguments (after --)", positional=True)],
+    cwd: Annotated[str | None, Arg("working directory (default /workspace)")] = None,
+    env: Annotated[list[str] | None, Arg("KEY=VALUE environment variable (repeatable)")] = None,
+    timeout_seconds: Annotated[float, Arg("kill the command after this many seconds")] = 300.0,
+    output_cap_bytes: Annotated[int, Arg("keep at most this many bytes per stream")] = 1 << 20,
+) -> dict[str, Any]:
+    """Run a command in a running workspace; output streams, the exit code is data.
+
+    Errors: InvalidState when the workspace is not running (names its state),
+    NotFound for an unknown workspace, AgentUnavailable if its VM died mid-call.
+    """
+    with open_workspaces(ctx) as workspaces:
+        return content.exec_command(
+            workspaces,
+            workspace,
+            list(command),
+            cwd=cwd,
+            env=parse_pairs(env, "env") or None,
+            timeout_seconds=timeout_seconds,
+            output_cap_bytes=output_cap_bytes,
+            output=ctx.output,
+        )
+
+
+@operation(cli=("workspace", "file", "list"), sdk="list_workspace_files", profiles=CORE)
+def workspace_file_list(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    path: Annotated[str, Arg("directory in /workspace", positional=True)] = ".",
+    recursive: Annotated[bool, Arg("descend into subdirectories")] = False,
+) -> dict[str, Any]:
+    """List files under a directory of /workspace (type, mode, size, mtime)."""
+    with open_workspaces(ctx) as workspaces:
+        return content.list_files(workspaces, workspace, path, recursive)
+
+
+@operation(cli=("workspace", "file", "read"), sdk="read_workspace_file", profiles=CORE)
+def workspace_file_read(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    path: Annotated[str, PATH],
+    max_bytes: Annotated[int, Arg("read at most this many bytes")] = content.DEFAULT_READ_BYTES,
+    content_only: Annotated[bool, Arg("print only the content (CLI)")] = False,
+) -> dict[str, Any]:
+    """Read a file from /workspace: UTF-8 text as is, anything else base64-encoded."""
+    with open_workspaces(ctx) as workspaces:
+        result = content.read_file(workspaces, workspace, path, max_bytes)
+    if content_only:
+        result["content_only"] = True
+    return result
+
+
+@operation(cli=("workspace", "file", "write"), sdk="write_workspace_file", profiles=CORE)
+def workspace_file_write(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    path: Annotated[str, PATH],
+    text: Annotated[str | None, Arg("the new content")] = None,
+    text_file: Annotated[str | None, Arg("take the content from this host file")] = None,
+    stdin: Annotated[bool, Arg("take the content from standard input (CLI)")] = False,
+    mode: Annotated[int, Arg("permission bits, e.g. 420 (0o644)")] = 0o644,
+) -> dict[str, Any]:
+    """Write a file in /workspace atomically (parent directories are created)."""
+    sources = [text is not None, text_file is not None, stdin]
+    if sum(sources) != 1:
+        raise InvalidArgument("give exactly one of text, text_file or stdin")
+    if text is not None:
+        data = text.encode()
+    elif text_file is not None:
+        data = ctx.host_paths.check(text_file, "text file").read_bytes()
+    else:
+        data = sys.stdin.buffer.read()
+    with open_workspaces(ctx) as workspaces:
+        return content.write_file(workspaces, workspace, path, data, mode)
+
+
+@operation(cli=("workspace", "file", "delete"), sdk="delete_workspace_file", profiles=FULL)
+def workspace_file_delete(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    path: Annotated[str, PATH],
+    recursive: Annotated[bool, Arg("delete a directory and everything in it")] = False,
+) -> dict[str, Any]:
+    """Delete a file, symlink or (with recursive) directory in /workspace."""
+    with open_workspaces(ctx) as workspaces:
+        return content.delete_file(workspaces, workspace, path, recursive)
+
+
+@operation(cli=("workspace", "patch", "apply"), sdk="apply_workspace_patch", profiles=CORE)
+def workspace_patch_apply(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    patch: Annotated[str | None, Arg("the unified diff text")] = None,
+    patch_file: Annotated[str | None, Arg("read the unified diff from this host file")] = None,
+) -> dict[str, Any]:
+    """Apply a unified diff to /workspace: all hunks or none (the error names the hunk)."""
+    if (patch is None) == (patch_file is None):
+        raise InvalidArgument("give exactly one of patch or patch_file")
+    text = patch if patch is not None else _read_text(ctx, patch_file or "", "patch file")
+    with open_workspaces(ctx) as workspaces:
+        return content.apply_patch(workspaces, workspace, text)
+
+
+@operation(cli=("workspace", "sync", "push"), sdk="push_workspace_sync", profiles=FULL)
+def workspace_sync_push(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    source: Annotated[str, Arg("host directory or tar archive", positional=True)],
+    dest: Annotated[str, Arg("destination directory in /workspace")] = ".",
+) -> dict[str, Any]:
+    """Copy a host directory or archive into /workspace (safely: no escapes, capped)."""
+    path = ctx.host_paths.check(source, "sync source")
+    with open_workspaces(ctx) as workspaces:
+        return content.sync_push(workspaces, workspace, path, dest)
+
+
+@operation(cli=("workspace", "diff"), sdk="diff_workspace", profiles=CORE)
+def workspace_diff(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    against: Annotated[str, Arg("checkpoint to compare with")] = content.BASELINE,
+) -> dict[str, Any]:
+    """What changed in /workspace since the baseline: counts and unified patches."""
+    with open_workspaces(ctx) as workspaces:
+        return content.diff(workspaces, workspace, against)
+
+
+@operation(cli=("workspace", "export"), sdk="export_workspace", profiles=CORE)
+def workspace_export(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    path: Annotated[str, PATH],
+    output: Annotated[str, Arg("host path to write (file or directory)")],
+    force: Annotated[bool, Arg("replace an existing output")] = False,
+) -> dict[str, Any]:
+    """Copy a file or directory out of /workspace to the host."""
+    target = ctx.host_paths.check(output, "export output")
+    with open_workspaces(ctx) as workspaces:
+        return content.export(workspaces, workspace, path, target, force=force)
+
+
+@operation(cli=("workspace", "snapshot", "create"), sdk="create_snapshot", profiles=FULL)
+def snapshot_create(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    name: Annotated[str, Arg("checkpoint name", positional=True)],
+) -> dict[str, Any]:
+    """Checkpoint /workspace under a name (only changed files are copied out)."""
+    with open_workspaces(ctx) as workspaces:
+        return content.create_checkpoint(workspaces, workspace, name)
+
+
+@operation(cli=("workspace", "snapshot", "list"), sdk="list_snapshots", profiles=FULL)
+def snapshot_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+    """The checkpoints of a workspace (the seed is the implicit ``baseline``)."""
+    with open_workspaces(ctx) as workspaces:
+        return {"snapshots": [c.to_dict() for c in workspaces.store.checkpoints(workspace)]}
+
+
+@operation(cli=("workspace", "snapshot", "delete"), sdk="delete_snapshot", profiles=FULL)
+def snapshot_delete(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    name: Annotated[str, Arg("checkpoint name", positional=True)],
+) -> dict[str, Any]:
+    """Delete a checkpoint."""
+    with open_workspaces(ctx) as workspaces:
+        workspaces.store.delete_checkpoint(workspace, name)
+        return {"deleted": name}
+
+
+@operation(cli=("workspace", "reset"), sdk="reset_workspace", profiles=FULL)
+def workspace_reset(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    snapshot: Annotated[str, Arg("checkpoint to restore")] = content.BASELINE,
+) -> dict[str, Any]:
+    """Restore /workspace exactly to a checkpoint (default: the baseline) and say what changed."""
+    with open_workspaces(ctx) as workspaces:
+        return content.reset(workspaces, workspace, snapshot)
+
+
+def _stopped_disk(ctx: Context, workspace: str, action: str) -> Any:
+    with open_workspaces(ctx) as workspaces:
+        workspaces.reconcile_one(workspace)
+        record = workspaces.store.get(workspace)
+        if record.state not in ("stopped", "failed"):
+            raise InvalidState(
+                f"workspace {record.id} is {record.state}; {action} reads its disk offline",
+                hint=f"run `pyro workspace stop {record.id}` first",
+            )
+        return workspaces.layout.workspace(record.id).workspace_disk
+
+
+@operation(cli=("workspace", "disk", "list"), sdk="list_workspace_disk", profiles=FULL)
+def workspace_disk_list(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    path: Annotated[str, Arg("directory on the /workspace disk", positional=True)] = "/",
+    recursive: Annotated[bool, Arg("descend into subdirectories")] = False,
+) -> dict[str, Any]:
+    """List a stopped workspace's /workspace disk offline (never mounted on the host)."""
+    image = _stopped_disk(ctx, workspace, "disk list")
+    return {"path": path, "entries": workspace_disk.disk_list(image, path, recursive)}
+
+
+@operation(cli=("workspace", "disk", "read"), sdk="read_workspace_disk", profiles=FULL)
+def workspace_disk_read(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    path: Annotated[str, Arg("file on the /workspace disk", positional=True)],
+    max_bytes: Annotated[int, Arg("read at most this many bytes")] = 1 << 20,
+) -> dict[str, Any]:
+    """Read a file from a stopped workspace's /workspace disk offline."""
+    image = _stopped_disk(ctx, workspace, "disk read")
+    data = workspace_disk.disk_read(image, path, max_bytes)
+    return {"path": path, "size": len(data), "content": data.decode("utf-8", "replace")}
+
+
+@operation(cli=("workspace", "disk", "export"), sdk="export_workspace_disk", profiles=FULL)
+def workspace_disk_export(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    output: Annotated[str, Arg("host path of the ext4 image to write")],
+    force: Annotated[bool, Arg("replace an existing output")] = False,
+) -> dict[str, Any]:
+    """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
+    image = _stopped_disk(ctx, workspace, "disk export")
+    target = ctx.host_paths.check(output, "disk export output")
+    workspace_disk.disk_export(image, target, force=force)
+    return {"output": str(target), "size": target.stat().st_size}
+
+
+def _read_text(ctx: Context, path: str, purpose: str) -> str:
+    return ctx.host_paths.check(path, purpose).read_text()

@@ -1,0 +1,180 @@
+"""Workspace lifecycle operations: create, list, update, status, logs, stop, start, delete."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+from pyro_mcp.api.context import Context
+from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.workspace.lifecycle import Workspaces
+from pyro_mcp.workspace.store import UNSET
+
+CORE = ("workspace-core", "workspace-full")
+FULL = ("workspace-full",)
+
+
+@contextmanager
+def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
+    workspaces = Workspaces(ctx.paths, ctx.state_dir)
+    try:
+        yield workspaces
+    finally:
+        workspaces.close()
+
+
+def parse_pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    """``["K=V", ...]`` as a dict (InvalidArgument naming the bad item)."""
+    pairs: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"{what} {item!r} is not KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+@operation(cli=("workspace", "create"), sdk="create_workspace", profiles=CORE, progress=True)
+def workspace_create(
+    ctx: Context,
+    environment: Annotated[str, Arg("environment to base it on, e.g. debian:12", positional=True)],
+    seed_path: Annotated[
+        str | None, Arg("host directory or tar archive copied into /workspace as the baseline")
+    ] = None,
+    name: Annotated[str | None, Arg("a unique name to refer to it by")] = None,
+    label: Annotated[list[str] | None, Arg("KEY=VALUE label (repeatable)")] = None,
+    vcpu_count: Annotated[int, Arg("virtual CPUs (1-32)")] = 1,
+    mem_mib: Annotated[int, Arg("guest memory in MiB")] = 512,
+    disk_mib: Annotated[int, Arg("size of the /workspace disk in MiB")] = 1024,
+    ttl_seconds: Annotated[float | None, Arg("delete it automatically after this long")] = None,
+    backend: Annotated[str | None, Arg("VMM backend (default: the boot probe's pick)")] = None,
+    id_only: Annotated[bool, Arg("print only the new workspace's id (CLI)")] = False,
+) -> dict[str, Any]:
+    """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
+
+    Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels),
+    OutsideRoot (a seed outside the allowed host roots, or links escaping the seed),
+    TooLarge (seed bigger than the disk, too many live workspaces), BootTimeout.
+    """
+    seed = ctx.host_paths.check(seed_path, "seed") if seed_path else None
+    with open_workspaces(ctx) as workspaces:
+        record = workspaces.create(
+            environment,
+            seed_path=seed,
+            name=name,
+            labels=parse_pairs(label, "label"),
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            disk_mib=disk_mib,
+            ttl_seconds=ttl_seconds,
+            backend=backend,
+            progress=ctx.progress,
+        )
+        return {**record.to_dict(), "id_only": id_only} if id_only else record.to_dict()
+
+
+@operation(cli=("workspace", "list"), sdk="list_workspaces", profiles=CORE)
+def workspace_list(
+    ctx: Context,
+    label: Annotated[list[str] | None, Arg("only those with this KEY=VALUE label")] = None,
+) -> dict[str, Any]:
+    """List workspaces with their state, environment, sizes and labels."""
+    with open_workspaces(ctx) as workspaces:
+        workspaces.reconcile()
+        records = workspaces.store.list(labels=parse_pairs(label, "label") or None)
+        return {"workspaces": [record.to_dict() for record in records]}
+
+
+@operation(cli=("workspace", "update"), sdk="update_workspace", profiles=FULL)
+def workspace_update(
+    ctx: Context,
+    workspace: Annotated[str, Arg("workspace id or name", positional=True)],
+    name: Annotated[str | None, Arg("new name")] = None,
+    clear_name: Annotated[bool, Arg("remove the name")] = False,
+    label: Annotated[list[str] | None, Arg("set KEY=VALUE label (repeatable)")] = None,
+    clear_label: Annotated[list[str] | None, Arg("remove label KEY (repeatable)")] = None,
+    ttl_seconds: Annotated[float | None, Arg("expire this many seconds from now")] = None,
+) -> dict[str, Any]:
+    """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
+    import time
+
+    if name is not None and clear_name:
+        raise InvalidArgument("give either name or clear_name, not both")
+    if ttl_seconds is not None and ttl_seconds <= 0:
+        raise InvalidArgument("ttl_seconds must be positive")
+    with open_workspaces(ctx) as workspaces:
+        record = workspaces.store.get(workspace)
+        labels = dict(record.labels)
+        labels.update(parse_pairs(label, "label"))
+        for key in clear_label or []:
+            labels.pop(key, None)
+        updated = workspaces.store.update(
+            record.id,
+            name=None if clear_name else (name if name is not None else UNSET),
+            labels=labels,
+            expires_at=time.time() + ttl_seconds if ttl_seconds is not None else UNSET,
+        )
+        return updated.to_dict()
+
+
+@operation(cli=("workspace", "status"), sdk="workspace_status", profiles=CORE)
+def workspace_status(
+    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
+) -> dict[str, Any]:
+    """A workspace's state (and why), sizes, backend, checkpoints and recent commands."""
+    with open_workspaces(ctx) as workspaces:
+        workspaces.reconcile_one(workspace)
+        record = workspaces.store.get(workspace)
+        return {
+            **record.to_dict(),
+            "checkpoints": [c.name for c in workspaces.store.checkpoints(record.id)],
+            "commands": len(workspaces.store.commands(record.id, limit=1000)),
+        }
+
+
+@operation(cli=("workspace", "logs"), sdk="workspace_logs", profiles=FULL)
+def workspace_logs(
+    ctx: Context,
+    workspace: Annotated[str, Arg("workspace id or name", positional=True)],
+    limit: Annotated[int, Arg("at most this many recent commands")] = 50,
+) -> dict[str, Any]:
+    """The commands journal: what ran, where, how it ended, and the tail of its output."""
+    with open_workspaces(ctx) as workspaces:
+        commands = workspaces.store.commands(workspace, limit=limit)
+        return {"commands": [command.to_dict() for command in commands]}
+
+
+@operation(cli=("workspace", "stop"), sdk="stop_workspace", profiles=FULL, progress=True)
+def workspace_stop(
+    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
+) -> dict[str, Any]:
+    """Power a workspace off; its root and /workspace disks are kept."""
+    with open_workspaces(ctx) as workspaces:
+        return workspaces.stop(workspace, progress=ctx.progress).to_dict()
+
+
+@operation(cli=("workspace", "start"), sdk="start_workspace", profiles=FULL, progress=True)
+def workspace_start(
+    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
+) -> dict[str, Any]:
+    """Boot a stopped workspace again from its disks."""
+    with open_workspaces(ctx) as workspaces:
+        return workspaces.start(workspace, progress=ctx.progress).to_dict()
+
+
+@operation(cli=("workspace", "delete"), sdk="delete_workspace", profiles=CORE)
+def workspace_delete(
+    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
+) -> dict[str, Any]:
+    """Delete a workspace: its VM, disks, checkpoints and journal."""
+    with open_workspaces(ctx) as workspaces:
+        return workspaces.delete(workspace)
+
+
+@operation(cli=("reconcile",), sdk="reconcile", profiles=FULL)
+def reconcile(ctx: Context) -> dict[str, Any]:
+    """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
+    with open_workspaces(ctx) as workspaces:
+        return dict(workspaces.reconcile())

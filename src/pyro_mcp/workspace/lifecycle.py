@@ -1,0 +1,462 @@
+"""Workspace lifecycle: create, start, stop, delete, reconcile, and attaching to one.
+
+A workspace VM outlives the process that booted it. Its record (state, VMM pid, run
+directory, agent endpoint) lives in the store; every later call attaches to its agent.
+Each state change goes through the store's compare-and-set transition, so a CLI, an SDK
+process and an MCP server can act on the same workspace safely; whatever a crash leaves
+half done, :meth:`Workspaces.reconcile` repairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyro_mcp.errors import InvalidArgument, InvalidState, PyroError, TooLarge
+from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.runtime import environments
+from pyro_mcp.runtime.host_probe import probe_platform
+from pyro_mcp.runtime.paths import RuntimePaths, state_dir
+from pyro_mcp.storage.workspace_disk import create_workspace_disk
+from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, AttachedAgent, attach
+from pyro_mcp.vmm.base import VM, Disk
+from pyro_mcp.vmm.launch import build_spec, create_vm
+from pyro_mcp.vmm.ownership import OWNER_FILE
+from pyro_mcp.vmm.selection import choose_backend
+from pyro_mcp.workspace import seeds
+from pyro_mcp.workspace.blobs import BlobStore
+from pyro_mcp.workspace.layout import StateLayout, WorkspaceFiles
+from pyro_mcp.workspace.store import WorkspaceRecord, WorkspaceStore, require_state
+
+Progress = Callable[[str], None]
+WORKSPACE_ROOT = "/workspace"
+WORKSPACE_DEVICE = "/dev/vdb"
+AGENT_PORTS = 8
+BOOT_TIMEOUT_S = 90.0
+STOP_GRACE_S = 10.0
+MAX_WORKSPACES_ENV = "PYRO_MAX_WORKSPACES"
+MEMORY_SHARE = 0.9  # of host memory that workspace VMs may reserve together
+ORPHAN_GRACE_S = 60.0
+
+
+def _quiet(_message: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many workspaces may live at once, and how much memory they may reserve."""
+
+    max_workspaces: int
+    max_reserved_mem_mib: int
+
+    @classmethod
+    def for_host(cls) -> Limits:
+        total = int(probe_platform().get("memory_bytes") or 0) // (1 << 20)
+        budget = int(total * MEMORY_SHARE) if total else 1 << 20
+        configured = os.environ.get(MAX_WORKSPACES_ENV)
+        if configured is not None and not configured.isdigit():
+            raise InvalidArgument(f"{MAX_WORKSPACES_ENV} must be a whole number")
+        # Without a configured limit, memory is the bound (at 128 MiB per workspace).
+        count = int(configured) if configured else max(1, budget // 128)
+        return cls(count, budget)
+
+
+class Workspaces:
+    """The persistent workspaces of this host."""
+
+    def __init__(self, paths: RuntimePaths, state: Path | None = None) -> None:
+        self.paths = paths
+        self.layout = StateLayout(state or state_dir())
+        self.layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = WorkspaceStore(self.layout.store_path)
+        self.blobs = BlobStore(self.layout.blobs_dir)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- create ------------------------------------------------------------------------
+    def create(
+        self,
+        environment: str,
+        *,
+        seed_path: Path | None = None,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        disk_mib: int = 1024,
+        ttl_seconds: float | None = None,
+        backend: str | None = None,
+        progress: Progress = _quiet,
+    ) -> WorkspaceRecord:
+        """Create a workspace and boot it; its seed becomes the baseline for diff/reset."""
+        _check_sizes(vcpu_count, mem_mib, disk_mib, ttl_seconds)
+        image = environments.image_for(self.paths, environment)
+        self.reconcile()
+        self._admit(mem_mib)
+        record = self.store.create(
+            environment=environment,
+            vcpu_count=vcpu_count,
+            mem_mib=mem_mib,
+            disk_mib=disk_mib,
+            name=name,
+            labels=labels,
+            ttl_seconds=ttl_seconds,
+            seed=str(seed_path) if seed_path else None,
+        )
+        files = self.layout.workspace(record.id)
+        try:
+            files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            files.owner_file.write_text(json.dumps(_me()))
+            files.link_base(image)
+            progress("preparing the workspace disk" + (f" from {seed_path}" if seed_path else ""))
+            staging = files.directory / "seed-staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            baseline = (
+                seeds.ingest_seed(seed_path, staging, self.blobs)
+                if seed_path
+                else (seeds.empty_seed(staging))
+            )
+            create_workspace_disk(files.workspace_disk, disk_mib, staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            files_only = [entry for entry in baseline if entry.type == "file"]
+            self.store.add_baseline(
+                record.id,
+                manifest=self.blobs.put_manifest(baseline),
+                file_count=len(files_only),
+                total_bytes=sum(entry.size for entry in files_only),
+            )
+            self._boot(record, files, backend=backend, progress=progress, first=True)
+        except BaseException as exc:
+            note = f"create failed: {exc}" if isinstance(exc, Exception) else "create interrupted"
+            self._fail(record.id, note)
+            raise
+        finally:
+            files.owner_file.unlink(missing_ok=True)
+        return self.store.get(record.id)
+
+    def _admit(self, mem_mib: int) -> None:
+        limits = Limits.for_host()
+        live = self.store.count_live()
+        if live >= limits.max_workspaces:
+            raise TooLarge(
+                f"{live} workspaces are live, the limit is {limits.max_workspaces}",
+                hint=f"stop or delete one, or raise {MAX_WORKSPACES_ENV}",
+            )
+        reserved = self.store.reserved_mem_mib()
+        if reserved + mem_mib > limits.max_reserved_mem_mib:
+            raise TooLarge(
+                f"starting another {mem_mib} MiB workspace would reserve {reserved + mem_mib} MiB "
+                f"of the {limits.max_reserved_mem_mib} MiB this host allows",
+                hint="stop a workspace or ask for less memory with --mem-mib",
+            )
+
+    # -- boot and attach ---------------------------------------------------------------
+    def _boot(
+        self,
+        record: WorkspaceRecord,
+        files: WorkspaceFiles,
+        *,
+        backend: str | None,
+        progress: Progress,
+        first: bool,
+    ) -> None:
+        choice = choose_backend(self.paths, backend or _family(record.backend), progress=progress)
+        spec = build_spec(
+            self.paths,
+            environment=record.environment,
+            choice=choice,
+            vcpu_count=record.vcpu_count,
+            mem_mib=record.mem_mib,
+            vm_id=record.id,
+            root_overlay=files.root_disk(choice.backend),
+            base_image=files.base_image,
+            extra_disks=(Disk(files.workspace_disk, "raw"),),
+            kernel_args=(f"pyro.workspace={WORKSPACE_DEVICE}",),
+            agent_ports=AGENT_PORTS,
+        )
+        vm = create_vm(self.paths, spec, choice)
+        progress(f"booting ({choice.label})")
+        try:
+            vm.start()
+            vm.wait_ready(BOOT_TIMEOUT_S)
+        except BaseException:
+            vm.kill()
+            shutil.rmtree(spec.run_dir, ignore_errors=True)
+            raise
+        endpoint = _endpoint(vm)
+        vm.release_agent()  # later calls attach through a port of their own
+        self.store.transition(
+            record.id,
+            "running",
+            expect={"creating"} if first else {"starting"},
+            note="booted",
+            vmm_pid=vm.pid,
+            run_dir=str(spec.run_dir),
+            backend=choice.label,
+            boot_id=secrets.token_hex(8),
+            agent_endpoint=endpoint.to_str(),
+            error=None,
+        )
+
+    @contextmanager
+    def agent(self, ref: str, action: str) -> Iterator[AgentClient]:
+        """An attached agent of a running workspace (InvalidState naming its state)."""
+        record = self.running(ref, action)
+        attached = self._attach(record)
+        try:
+            yield attached.client
+        finally:
+            attached.close()
+
+    def running(self, ref: str, action: str) -> WorkspaceRecord:
+        self.reconcile_one(ref)
+        record = self.store.get(ref)
+        require_state(record, {"running"}, action)
+        return record
+
+    def _attach(self, record: WorkspaceRecord) -> AttachedAgent:
+        if not record.agent_endpoint:
+            raise InvalidState(f"workspace {record.id} has no agent endpoint recorded")
+        try:
+            return attach(AgentEndpoint.from_str(record.agent_endpoint))
+        except PyroError:
+            self.reconcile_one(record.id)  # the VMM may have died: say so in the state
+            raise
+
+    # -- stop, start, delete -----------------------------------------------------------
+    def stop(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
+        """Power the workspace off; both disks are kept."""
+        self.reconcile_one(ref)
+        record = self.store.get(ref)
+        require_state(record, {"running"}, "stop")
+        self.store.transition(record.id, "stopping", expect={"running"})
+        progress("shutting the guest down")
+        try:
+            attached = self._attach(record)
+            with attached as client:
+                client.call("shutdown", timeout_s=5)
+        except PyroError:
+            pass  # a dead agent cannot shut down cleanly; the kill below still stops it
+        _wait_exit(record.vmm_pid, record.run_dir, STOP_GRACE_S)
+        self._end_vm(record)
+        return self.store.transition(
+            record.id, "stopped", expect={"stopping"}, note="stopped", vmm_pid=None
+        )
+
+    def start(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
+        """Boot a stopped (or failed) workspace again from its disks."""
+        self.reconcile_one(ref)
+        record = self.store.get(ref)
+        require_state(record, {"stopped", "failed"}, "start")
+        self._admit(record.mem_mib)
+        record = self.store.transition(record.id, "starting", expect={"stopped", "failed"})
+        files = self.layout.workspace(record.id)
+        try:
+            self._boot(record, files, backend=None, progress=progress, first=False)
+        except BaseException as exc:
+            self._fail(record.id, f"start failed: {exc}")
+            raise
+        return self.store.get(record.id)
+
+    def delete(self, ref: str) -> dict[str, object]:
+        """Kill the workspace's VM and remove its disks and records."""
+        self.reconcile_one(ref)
+        record = self.store.get(ref)
+        if record.state in ("stopping", "starting"):
+            # Another call is mid-change: make it a failed workspace first, then delete.
+            record = self.store.transition(record.id, "failed", note="deleted mid-change")
+        if record.state != "deleting":
+            self.store.transition(record.id, "deleting")
+        self._end_vm(record)
+        self.layout.workspace(record.id).remove()
+        self.store.delete_record(record.id)
+        return {"deleted": record.id, "name": record.name}
+
+    def _end_vm(self, record: WorkspaceRecord) -> None:
+        """Kill whatever VMM runs for this workspace and remove its run directory.
+
+        The run directory is found from the id, not only from the record: a create or
+        start that died before recording its VMM may have left one running.
+        """
+        run_dir = self.paths.run_root / record.id
+        _kill_vmm(record.vmm_pid, record.run_dir)
+        for pid in _vmm_pids(run_dir):
+            _signal(pid, signal.SIGKILL)
+            _wait_exit(pid, str(run_dir), 5.0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_run_dir(record.run_dir)
+
+    def _fail(self, workspace_id: str, note: str) -> None:
+        try:
+            record = self.store.get(workspace_id)
+            self._end_vm(record)
+            self.store.transition(workspace_id, "failed", note=note, error=note, vmm_pid=None)
+        except PyroError:
+            pass
+
+    # -- reconcile ---------------------------------------------------------------------
+    def reconcile(self) -> dict[str, list[str]]:
+        """Repair what crashes left: dead VMMs, orphan VMMs, stale run dirs, expired TTLs."""
+        report: dict[str, list[str]] = {"stopped": [], "failed": [], "expired": [], "orphans": []}
+        for record in self.store.list():
+            change = self._reconcile_record(record)
+            if change:
+                report[change].append(record.id)
+        for record in self.store.expired(time.time()):
+            self.delete(record.id)
+            report["expired"].append(record.id)
+        report["orphans"] = self._sweep_orphans()
+        return report
+
+    def reconcile_one(self, ref: str) -> None:
+        self._reconcile_record(self.store.get(ref))
+
+    def _reconcile_record(self, record: WorkspaceRecord) -> str | None:
+        live_states = ("running", "stopping", "starting")
+        if record.state in live_states and _vmm_alive(record.vmm_pid, record.run_dir):
+            return None
+        if record.state in ("running", "stopping"):
+            self._end_vm(record)
+            note = "the VMM exited unexpectedly; disks kept: `pyro workspace start` boots it again"
+            if record.state == "running":
+                self.store.transition(record.id, "stopping", expect={"running"}, note=note)
+            self.store.transition(record.id, "stopped", note=note, vmm_pid=None)
+            return "stopped"
+        if record.state in ("creating", "starting"):
+            owner = self.layout.workspace(record.id).owner_file
+            if record.state == "creating" and _owner_alive(owner):
+                return None
+            if record.state == "starting" and time.time() - record.updated_at < BOOT_TIMEOUT_S:
+                return None
+            self._end_vm(record)
+            note = f"the process {record.state} it went away before it finished"
+            self.store.transition(record.id, "failed", note=note, error=note, vmm_pid=None)
+            return "failed"
+        return None
+
+    def _sweep_orphans(self) -> list[str]:
+        """Kill VMMs in our run root that no active workspace owns; drop stale run dirs.
+
+        One-shot VMs (their run dir has an ``owner.json``) are left to their own sweep;
+        a run dir younger than a minute may be a VM that is still being set up.
+        """
+        active = {r.id for r in self.store.list() if r.state in ("running", "creating", "starting")}
+        removed: list[str] = []
+        root = self.paths.run_root
+        if not root.is_dir():
+            return removed
+        for run_dir in root.iterdir():
+            if run_dir.name in active or (run_dir / OWNER_FILE).exists():
+                continue
+            try:
+                if time.time() - run_dir.stat().st_mtime < ORPHAN_GRACE_S:
+                    continue
+            except OSError:
+                continue
+            for pid in _vmm_pids(run_dir):
+                _signal(pid, signal.SIGKILL)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            removed.append(run_dir.name)
+        return removed
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _check_sizes(vcpu: int, mem: int, disk: int, ttl: float | None) -> None:
+    if not 1 <= vcpu <= 32:
+        raise InvalidArgument(f"vcpu_count must be between 1 and 32, got {vcpu}")
+    if not 128 <= mem <= 65536:
+        raise InvalidArgument(f"mem_mib must be between 128 and 65536, got {mem}")
+    if not 16 <= disk <= 1 << 20:
+        raise InvalidArgument(f"disk_mib must be between 16 and 1048576, got {disk}")
+    if ttl is not None and ttl <= 0:
+        raise InvalidArgument(f"ttl_seconds must be positive, got {ttl}")
+
+
+def _family(label: str | None) -> str | None:
+    """``qemu-tcg`` -> ``qemu``: a restarted workspace keeps its VMM, re-probing the accel."""
+    return label.split("-")[0] if label else None
+
+
+def _endpoint(vm: VM) -> AgentEndpoint:
+    vsock = getattr(vm, "vsock_socket", None)
+    if isinstance(vsock, Path):
+        return AgentEndpoint(VSOCK, vsock)
+    return AgentEndpoint(VIRTIO_SERIAL, vm.spec.run_dir, vm.spec.agent_ports)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict[str, object]:
+    return {"pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _owner_alive(owner_file: Path) -> bool:
+    try:
+        owner = json.loads(owner_file.read_text())
+    except (OSError, ValueError):
+        return False
+    pid = owner.get("pid")
+    return isinstance(pid, int) and _start_time(pid) == owner.get("start") is not None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _vmm_alive(pid: int | None, run_dir: str | None) -> bool:
+    """The VMM still runs (and the pid was not reused: its argv names our run dir)."""
+    return bool(pid and run_dir and run_dir.encode() in _cmdline(pid))
+
+
+def _vmm_pids(run_dir: Path) -> list[int]:
+    needle = str(run_dir).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and needle in _cmdline(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _wait_exit(pid: int | None, run_dir: str | None, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _vmm_alive(pid, run_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _kill_vmm(pid: int | None, run_dir: str | None) -> None:
+    if pid and _vmm_alive(pid, run_dir):
+        _signal(pid, signal.SIGKILL)
+        _wait_exit(pid, run_dir, 5.0)
+
+
+def _remove_run_dir(run_dir: str | None) -> None:
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
