@@ -280,3 +280,54 @@ def test_cli_create_exec_and_json(ws_ctx: Context, tmp_path: Path) -> None:
         ).stdout
     )
     assert status["state"] == "running" and status["commands"] == 1
+
+
+def test_sync_push_copies_a_directory_or_an_archive_in(ws_ctx: Context, tmp_path: Path) -> None:
+    wid = ws.workspace_create(ws_ctx, "debian:12")["id"]
+    source = _seed(tmp_path / "src-tree")
+    pushed = wc.workspace_sync_push(ws_ctx, wid, str(source), dest="vendor")
+    assert pushed["files"] >= 3
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        data = b"from an archive\n"
+        info = tarfile.TarInfo("pkg/data.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    wc.workspace_sync_push(ws_ctx, wid, str(archive), dest="vendor")
+    seen = wc.workspace_exec(
+        ws_ctx, wid, ["sh", "-c", "cat vendor/pkg/data.txt; readlink vendor/docs; ./vendor/run.sh"]
+    )
+    assert seen["stdout"] == "from an archive\nsrc\nrun\n"
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        for n in range(3):
+            info = tarfile.TarInfo(f"../escape{n}")
+            info.size = 0
+            tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(GuestError) as caught:
+        wc.workspace_sync_push(ws_ctx, wid, str(bomb))
+    assert caught.value.guest_code == "outside_root"
+
+
+def test_the_vmm_killed_during_a_checkpoint_loses_nothing(ws_ctx: Context, tmp_path: Path) -> None:
+    seed = tmp_path / "many"
+    for d in range(20):
+        (seed / f"d{d}").mkdir(parents=True)
+        for f in range(50):
+            (seed / f"d{d}" / f"f{f}").write_bytes(os.urandom(2048))
+    wid = ws.workspace_create(ws_ctx, "debian:12", seed_path=str(seed))["id"]
+    wc.workspace_exec(ws_ctx, wid, ["sh", "-c", "for f in d*/f*; do echo x >> $f; done; sync"])
+    pid = ws.workspace_status(ws_ctx, wid)["vmm_pid"]
+    killer = threading.Timer(1.0, os.kill, args=(pid, signal.SIGKILL))
+    killer.start()
+    with pytest.raises((AgentUnavailable, GuestError)):
+        wc.snapshot_create(ws_ctx, wid, "interrupted")
+    killer.join()
+    names = {snapshot["name"] for snapshot in wc.snapshot_list(ws_ctx, wid)["snapshots"]}
+    assert "interrupted" not in names  # no record of a checkpoint that was never finished
+    assert ws.workspace_status(ws_ctx, wid)["state"] == "stopped"
+    ws.workspace_start(ws_ctx, wid)
+    wc.snapshot_create(ws_ctx, wid, "interrupted")
+    wc.workspace_exec(ws_ctx, wid, ["rm", "-rf", "d0"])
+    wc.workspace_reset(ws_ctx, wid, snapshot="interrupted")
+    assert wc.workspace_diff(ws_ctx, wid, against="interrupted")["summary"]["deleted"] == 0

@@ -262,28 +262,30 @@ def reset(workspaces: Workspaces, ref: str, name: str = BASELINE) -> dict[str, A
         changes = compare(target, current)
         by_path = {e.path: e for e in target}
         removes = [guest_path(p) for p in changes.added + changes.type_changed]
-        if removes:
-            agent.remove_paths(WORKSPACE_ROOT, removes, recursive=True)
+        for batch in _batches(removes):
+            agent.remove_paths(WORKSPACE_ROOT, batch, recursive=True, missing_ok=True)
         restore = changes.deleted + changes.type_changed
         dirs = [by_path[p] for p in restore if by_path[p].type == "dir"]
         links = [by_path[p] for p in restore + changes.modified if by_path[p].type == "symlink"]
-        agent.apply_tree(
-            WORKSPACE_ROOT,
-            dirs=[{"path": guest_path(e.path), "mode": e.mode} for e in dirs],
-            symlinks=[{"path": guest_path(e.path), "target": e.target} for e in links],
-            chmods=[],
-            removes=[],
-        )
+        for batch in _batches([{"path": guest_path(e.path), "mode": e.mode} for e in dirs]):
+            agent.apply_tree(WORKSPACE_ROOT, dirs=batch)
+        for batch in _batches([{"path": guest_path(e.path), "target": e.target} for e in links]):
+            agent.apply_tree(WORKSPACE_ROOT, symlinks=batch)
         rewrite = [by_path[p] for p in restore + changes.modified if by_path[p].type == "file"]
         for entry in sorted(rewrite, key=lambda e: e.path):
             data = workspaces.blobs.get_bytes(entry.sha256 or "")
             agent.put_file(guest_path(entry.path), data, mode=entry.mode, root=WORKSPACE_ROOT)
+        # Rewritten files and recreated dirs already have their modes; fix the rest.
         chmods = [
-            {"path": guest_path(e.path), "mode": e.mode}
-            for e in target
-            if e.type in ("dir", "file")
+            {"path": guest_path(p), "mode": by_path[p].mode}
+            for p in changes.modified
+            if by_path[p].type in ("dir", "file")
+            and changes.before[p].mode != changes.after[p].mode
         ]
-        agent.apply_tree(WORKSPACE_ROOT, dirs=[], symlinks=[], chmods=chmods, removes=[])
+        # Deepest first across batches too, so a directory gets its final mode last.
+        chmods.sort(key=lambda item: -str(item["path"]).count("/"))
+        for batch in _batches(chmods):
+            agent.apply_tree(WORKSPACE_ROOT, chmods=batch)
         check = compare(target, current_manifest(agent))
     leftover = check.added + check.modified + check.deleted + check.type_changed
     if leftover:
@@ -361,6 +363,15 @@ def _tar_chunks(source: Path) -> Iterator[bytes]:
             if sum(len(p) for p in sink.pending) >= 1 << 20:
                 yield sink.take()
     yield sink.take()
+
+
+# Arguments travel in a frame header (1 MiB at most): long lists go in batches.
+BATCH = 2000
+
+
+def _batches(items: list[Any]) -> Iterator[list[Any]]:
+    for start in range(0, len(items), BATCH):
+        yield items[start : start + BATCH]
 
 
 def _as_text(data: bytes) -> str | None:
