@@ -134,8 +134,9 @@ def _text(result: CallToolResult) -> str:
 
 def _data(result: CallToolResult) -> dict[str, Any]:
     assert not result.is_error, _text(result)
-    assert result.structured_content is not None, _text(result)
-    return result.structured_content
+    data = result.structured_content
+    assert isinstance(data, dict), _text(result)
+    return data
 
 
 def _seed(root: Path) -> Path:
@@ -151,11 +152,11 @@ def test_registry_declares_the_core_tool_set() -> None:
 
 def test_an_agent_works_a_workspace_through_its_whole_loop(server: Server, tmp_path: Path) -> None:
     seed = _seed(tmp_path / "seed")
-    progress: list[str] = []
+    notes: list[str] = []
     seen: dict[str, Any] = {}
 
-    async def on_progress(_done: float, _total: float | None, message: str | None) -> None:
-        progress.append(message or "")
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        notes.append(message or "")
 
     async def body() -> None:
         async with server.client() as client:
@@ -212,8 +213,8 @@ def test_an_agent_works_a_workspace_through_its_whole_loop(server: Server, tmp_p
     assert seen["tools"] == CORE_TOOLS
     assert seen["created"]["state"] == "running"
     assert seen["created"]["name"] == "mcp-loop"
-    assert any(message.startswith("booting") for message in progress), progress
-    assert progress[0].startswith("preparing the workspace disk from"), progress
+    assert any(message.startswith("booting") for message in notes), notes
+    assert notes[0].startswith("preparing the workspace disk from"), notes
     assert (seen["exec"]["stdout"], seen["exec"]["exit_code"]) == ("# seeded\napp.py\n", 4)
     diff = seen["diff"]
     assert diff["summary"] == {"added": 2, "modified": 1, "deleted": 0, "type_changed": 0}
