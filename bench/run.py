@@ -31,6 +31,7 @@ from typing import Any
 from bench.firecracker_tiny import bench_tiny_guest
 from bench.guest import Counts, measure_boots, measure_cold_run
 from bench.stats import Row, Table
+from bench.workspace import WorkspaceCounts, measure_workspaces
 from pyro_mcp.runtime import kernels
 from pyro_mcp.runtime.binaries import installed_binaries
 from pyro_mcp.runtime.host_probe import probe_kvm, probe_platform
@@ -76,6 +77,12 @@ def choose_counts(args: argparse.Namespace) -> Counts:
     if args.repeat is not None:
         return Counts.scaled(args.repeat)
     return Counts.quick() if args.quick else Counts()
+
+
+def choose_workspace_counts(args: argparse.Namespace) -> WorkspaceCounts:
+    if args.repeat is not None:
+        return WorkspaceCounts.scaled(args.repeat)
+    return WorkspaceCounts.quick() if args.quick else WorkspaceCounts()
 
 
 def _git_revision() -> str:
@@ -189,6 +196,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     counts = choose_counts(args)
+    ws_counts = choose_workspace_counts(args)
     started = time.monotonic()
     run_root = Path(tempfile.mkdtemp(prefix="pyro-bench-", dir="/tmp"))
     os.environ["PYRO_RUN_DIR"] = str(run_root)
@@ -249,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("no backend was chosen")
         measure_boots(table, paths, choice_box[0], args.environment, counts, args.mem_mib)
 
+    def workspaces() -> None:
+        extra["workspaces"] = measure_workspaces(
+            table, paths, args.environment, ws_counts, args.mem_mib
+        )
+
     def firecracker() -> None:
         info = measure_firecracker_tiny(table, counts.fc_tiny)
         if info is not None:
@@ -268,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             boots,
         )
         section(
+            f"workspaces (create x{ws_counts.ws_create}, diff/checkpoint on 10,000 files)",
+            ("workspace create", "ms"),
+            workspaces,
+        )
+        section(
             f"firecracker tiny guest x{counts.fc_tiny}",
             ("firecracker tiny guest", "ms"),
             firecracker,
@@ -278,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_root, ignore_errors=True)
 
     elapsed = time.monotonic() - started
-    counts_line = "samples: " + ", ".join(f"{k}={v}" for k, v in asdict(counts).items())
+    all_counts = asdict(counts) | asdict(ws_counts)
+    counts_line = "samples: " + ", ".join(f"{k}={v}" for k, v in all_counts.items())
     if args.quick and args.repeat is None:
         counts_line += " (--quick)"
     if leftovers:
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "header": header,
             "host": facts,
-            "counts": asdict(counts),
+            "counts": all_counts,
             "elapsed_s": round(elapsed, 1),
             "interrupted": interrupted,
             "rows": table.to_dict(),

@@ -18,7 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from pyro_mcp.guest import protocol as p
-from pyro_mcp.guest_agent import ops_archive, ops_exec, ops_files, ops_system, ops_tree
+from pyro_mcp.guest_agent import (
+    ops_archive,
+    ops_exec,
+    ops_files,
+    ops_services,
+    ops_shells,
+    ops_system,
+    ops_tree,
+)
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.workers import Workers
 
@@ -38,6 +46,19 @@ CAPABILITIES = (
     "apply_tree",
     "archive_get",
     "archive_put",
+    "service_start",
+    "service_list",
+    "service_status",
+    "service_logs",
+    "service_stop",
+    "service_stop_all",
+    "shell_open",
+    "shell_read",
+    "shell_write",
+    "shell_signal",
+    "shell_resize",
+    "shell_close",
+    "shell_list",
 )
 
 
@@ -76,6 +97,8 @@ class Agent:
             "apply_tree": ops_tree.apply_tree,
             "archive_get": ops_archive.archive_get,
             "archive_put": ops_archive.archive_put,
+            **ops_services.handlers(),  # also adopts services an earlier agent left running
+            **ops_shells.handlers(),
         }
 
     # -- I/O -----------------------------------------------------------------------
@@ -280,26 +303,39 @@ def _serve_port(path: str, restarted: bool) -> None:
 
     The port stays open between hosts: closing a virtio-serial port discards what the
     next host may already have sent (its hello), so a reconnect would hang. While no host
-    is connected, reads see end-of-file; poll waits for the next one.
+    is connected the port reads as end-of-file and polls as readable *and* hung up, so a
+    level-triggered wait would spin: an edge-triggered epoll sleeps until the port's state
+    changes (a host connects and writes).
     """
     try:
         fd = os.open(path, os.O_RDWR)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        waiter = select.epoll()
+        waiter.register(fd, select.EPOLLIN | select.EPOLLET)
         while True:
             agent = Agent(fd)
             if restarted:  # every port's host may have had calls in flight
                 agent.announce_restart()
                 restarted = False
             agent.serve()
-            # The host went away; POLLHUP repeats until one is back, so nap in between.
-            while not any(event & select.POLLIN for _, event in poller.poll(1000)):
-                time.sleep(0.05)
+            _wait_for_host(fd, waiter)
     except BaseException:
         import traceback
 
         traceback.print_exc()
         os._exit(1)  # as when the single port failed: init restarts the whole agent
+
+
+def _wait_for_host(fd: int, waiter: select.epoll) -> None:
+    """Block until a host is connected and has sent something."""
+    level = select.poll()
+    level.register(fd, select.POLLIN)
+    while True:
+        waiter.poll(5.0)  # wakes on state changes; the timeout is only a safety net
+        mask = 0
+        for _, event in level.poll(0):
+            mask |= event
+        if mask & select.POLLIN and not mask & select.POLLHUP:
+            return
 
 
 def serve_vsock() -> None:
