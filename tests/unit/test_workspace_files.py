@@ -1170,7 +1170,6 @@ def test_a_workspace_disk_holds_the_seed_and_reads_back_offline(tmp_path: Path) 
     top = workspace_disk.disk_list(image, "/")
     assert [(e["name"], e["type"]) for e in top] == [
         ("README.md", "file"),
-        ("lost+found", "dir"),
         ("src", "dir"),
     ]
     listing = {e["path"]: e for e in workspace_disk.disk_list(image, "src", recursive=False)}
@@ -1264,14 +1263,14 @@ def test_many_small_files_get_enough_inodes(tmp_path: Path) -> None:
     image = tmp_path / "many.ext4"
     workspace_disk.create_workspace_disk(image, 16, staging)  # 16 MiB has 4096 inodes by default
     assert fsck_clean(image)
-    assert len(workspace_disk.disk_list(image, "/")) == 6001  # and lost+found
+    assert len(workspace_disk.disk_list(image, "/")) == 6000  # lost+found is dropped
 
 
 @needs_e2fsprogs
 def test_an_empty_disk_and_bad_sizes(tmp_path: Path) -> None:
     image = tmp_path / "empty.ext4"
     workspace_disk.create_workspace_disk(image, 8)
-    assert [e["name"] for e in workspace_disk.disk_list(image, "/")] == ["lost+found"]
+    assert workspace_disk.disk_list(image, "/") == []  # not even lost+found
     with pytest.raises(Conflict):
         workspace_disk.create_workspace_disk(image, 8)
     for bad in (0, 7, True):

@@ -79,7 +79,7 @@ def _file_read(result: dict[str, Any]) -> str:
 
 def _created(result: dict[str, Any]) -> str:
     if result.get("id_only"):
-        return str(result["id"])
+        return str(result.get("id") or result.get("shell_id"))
     return _generic(result)
 
 
@@ -94,7 +94,13 @@ def _workspaces(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shell_read(result: dict[str, Any]) -> str:
+    return str(result.get("output", ""))
+
+
 RENDERERS: dict[str, Renderer] = {
+    "shell_open": _created,
+    "shell_read": _shell_read,
     "workspace_exec": _streamed,
     "workspace_file_read": _file_read,
     "workspace_create": _created,

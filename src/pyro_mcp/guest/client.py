@@ -417,3 +417,183 @@ class AgentClient:
         args = {"root": root, "dest": dest, "max_bytes": max_bytes, "max_entries": max_entries}
         value, _ = self.call("archive_put", args, input_chunks=chunks, timeout_s=timeout_s)
         return value
+
+    # -- services ----------------------------------------------------------------------
+    def service_start(
+        self,
+        name: str,
+        argv: list[str] | None = None,
+        *,
+        shell: str | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        ready: dict[str, Any] | None = None,
+        ready_timeout_s: float = 30.0,
+        ready_interval_ms: float = 200.0,
+        restart: str = "no",
+    ) -> dict[str, Any]:
+        """Start a supervised service; returns its status (plus ``ready_ms``) once ready.
+
+        ``ready`` is a probe: {type: file, path} | {type: tcp, host?, port} |
+        {type: http, url} | {type: command, argv | shell}. GuestError codes:
+        invalid_argument, not_found, exists, not_ready, exited_before_ready.
+        """
+        args: dict[str, Any] = {
+            "name": name,
+            "ready_timeout_s": ready_timeout_s,
+            "ready_interval_ms": ready_interval_ms,
+            "restart": restart,
+        }
+        if argv is not None:
+            args["argv"] = argv
+        if shell is not None:
+            args["shell"] = shell
+        if cwd is not None:
+            args["cwd"] = cwd
+        if env:
+            args["env"] = env
+        if ready is not None:
+            args["ready"] = ready
+        value, _ = self.call("service_start", args, timeout_s=ready_timeout_s + 15.0)
+        return value
+
+    def service_list(self, timeout_s: float | None = 30.0) -> list[dict[str, Any]]:
+        value, _ = self.call("service_list", timeout_s=timeout_s)
+        services = value.get("services", [])
+        return services if isinstance(services, list) else []
+
+    def service_status(self, name: str, timeout_s: float | None = 30.0) -> dict[str, Any]:
+        value, _ = self.call("service_status", {"name": name}, timeout_s=timeout_s)
+        return value
+
+    def service_logs(
+        self,
+        name: str,
+        *,
+        tail_lines: int = 100,
+        all: bool = False,
+        stream: str = "both",
+        follow: bool = False,
+        on_line: Callable[[str, str], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """A service's log lines: value["lines"] = [{stream, text}] (stdout's, then stderr's).
+
+        With ``follow`` the lines stream until the service ends: each goes to
+        ``on_line(stream, text)`` if given, else into value["lines"].
+        """
+        args: dict[str, Any] = {
+            "name": name,
+            "tail_lines": tail_lines,
+            "all": all,
+            "stream": stream,
+            "follow": follow,
+        }
+        if not follow:
+            value, _ = self.call("service_logs", args, timeout_s=timeout_s or 60.0)
+            return value
+        partial: dict[str, bytearray] = {}
+        lines: list[dict[str, str]] = []
+
+        def emit(source: str, raw: bytes) -> None:
+            text = raw.decode("utf-8", "replace").removesuffix("\r")
+            if on_line is not None:
+                on_line(source, text)
+            else:
+                lines.append({"stream": source, "text": text})
+
+        def collect(source: str, data: bytes) -> None:
+            pending = partial.setdefault(source, bytearray())
+            pending.extend(data)
+            end = pending.rfind(b"\n")
+            if end >= 0:
+                for raw in pending[:end].split(b"\n"):
+                    emit(source, bytes(raw))
+                del pending[: end + 1]
+
+        value, _ = self.call("service_logs", args, on_data=collect, timeout_s=timeout_s)
+        for source, pending in partial.items():
+            if pending:
+                emit(source, bytes(pending))
+        value["lines"] = lines
+        return value
+
+    def service_stop(
+        self, name: str, signal: str = "TERM", grace_s: float = 10.0
+    ) -> dict[str, Any]:
+        """Stop a service (signal, then KILL after ``grace_s``); not running is no error."""
+        args = {"name": name, "signal": signal, "grace_s": grace_s}
+        value, _ = self.call("service_stop", args, timeout_s=grace_s + 30.0)
+        return value
+
+    def service_stop_all(self, signal: str = "TERM", grace_s: float = 10.0) -> dict[str, Any]:
+        """Stop every running service (workspace stop): {stopped: [names], results}."""
+        args = {"signal": signal, "grace_s": grace_s}
+        value, _ = self.call("service_stop_all", args, timeout_s=grace_s + 30.0)
+        return value
+
+    # -- PTY shells --------------------------------------------------------------------
+    def shell_open(
+        self,
+        *,
+        cwd: str | None = None,
+        cols: int = 120,
+        rows: int = 30,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Open a login shell on a PTY: {shell_id, pid, ...}."""
+        args: dict[str, Any] = {"cols": cols, "rows": rows}
+        if cwd is not None:
+            args["cwd"] = cwd
+        if env:
+            args["env"] = env
+        value, _ = self.call("shell_open", args, timeout_s=30.0)
+        return value
+
+    def shell_read(
+        self,
+        shell_id: str,
+        cursor: int = 0,
+        *,
+        max_chars: int = 65536,
+        plain: bool = False,
+        wait_for_idle_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """Output from byte offset ``cursor``: {output, cursor, next_cursor, truncated,
+        alive, exit_code, more, end}. Pass ``next_cursor`` back to read only what is new."""
+        args: dict[str, Any] = {
+            "shell_id": shell_id,
+            "cursor": cursor,
+            "max_chars": max_chars,
+            "plain": plain,
+        }
+        if wait_for_idle_ms is not None:
+            args["wait_for_idle_ms"] = wait_for_idle_ms
+        value, _ = self.call("shell_read", args, timeout_s=60.0)
+        return value
+
+    def shell_write(self, shell_id: str, input: str, *, newline: bool = True) -> dict[str, Any]:
+        """Type ``input`` (plus Enter with ``newline``): {written, complete}."""
+        args = {"shell_id": shell_id, "input": input, "newline": newline}
+        value, _ = self.call("shell_write", args, timeout_s=30.0)
+        return value
+
+    def shell_signal(self, shell_id: str, signal: str = "INT") -> dict[str, Any]:
+        """Signal the shell's foreground process group (INT: Ctrl-C)."""
+        args = {"shell_id": shell_id, "signal": signal}
+        value, _ = self.call("shell_signal", args, timeout_s=30.0)
+        return value
+
+    def shell_resize(self, shell_id: str, cols: int, rows: int) -> dict[str, Any]:
+        args = {"shell_id": shell_id, "cols": cols, "rows": rows}
+        value, _ = self.call("shell_resize", args, timeout_s=30.0)
+        return value
+
+    def shell_close(self, shell_id: str) -> dict[str, Any]:
+        value, _ = self.call("shell_close", {"shell_id": shell_id}, timeout_s=30.0)
+        return value
+
+    def shell_list(self) -> list[dict[str, Any]]:
+        value, _ = self.call("shell_list", timeout_s=30.0)
+        shells = value.get("shells", [])
+        return shells if isinstance(shells, list) else []

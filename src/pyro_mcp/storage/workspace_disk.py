@@ -143,6 +143,10 @@ def create_workspace_disk(path: Path, size_mib: int, staging_dir: Path | None = 
                     size_mib, max(need, size_mib + 1), entries, data_blocks
                 ) from exc
             raise
+        # mke2fs makes lost+found; in /workspace it would show in every listing, diff and
+        # export as if the user had made it. e2fsck recreates it if it ever needs one.
+        if not (staging_dir and (Path(staging_dir) / "lost+found").exists()):
+            run(["debugfs", "-w", "-R", "rmdir /lost+found", str(tmp)], what="drop lost+found")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

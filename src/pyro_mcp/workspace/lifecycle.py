@@ -240,13 +240,15 @@ class Workspaces:
         record = self.store.get(ref)
         require_state(record, {"running"}, "stop")
         self.store.transition(record.id, "stopping", expect={"running"})
-        progress("shutting the guest down")
+        progress("stopping services and shutting the guest down")
         try:
             attached = self._attach(record)
             with attached as client:
+                client.call("service_stop_all", {}, timeout_s=STOP_GRACE_S + 5)
                 client.call("shutdown", timeout_s=5)
         except PyroError:
             pass  # a dead agent cannot shut down cleanly; the kill below still stops it
+        self._mark_services_stopped(record.id)
         _wait_exit(record.vmm_pid, record.run_dir, STOP_GRACE_S)
         self._end_vm(record)
         return self.store.transition(
@@ -281,6 +283,27 @@ class Workspaces:
         self.layout.workspace(record.id).remove()
         self.store.delete_record(record.id)
         return {"deleted": record.id, "name": record.name}
+
+    def refresh_services(self, workspace_id: str) -> WorkspaceRecord:
+        """Mirror the guest's service records into the store (best effort)."""
+        try:
+            with self.agent(workspace_id, "service list") as client:
+                value, _ = client.call("service_list", {}, timeout_s=30)
+        except PyroError:
+            return self.store.get(workspace_id)
+        services = {str(s["name"]): s for s in value.get("services", [])}
+        return self.store.set_fields(workspace_id, services=services)
+
+    def _mark_services_stopped(self, workspace_id: str) -> None:
+        """The VM is down: whatever ran in it is stopped (a start does not restart it)."""
+        record = self.store.get(workspace_id)
+        services = {
+            name: {**status, "state": "stopped", "pid": None}
+            if status.get("state") in ("starting", "ready", "running")
+            else status
+            for name, status in record.services.items()
+        }
+        self.store.set_fields(workspace_id, services=services)
 
     def _end_vm(self, record: WorkspaceRecord) -> None:
         """Kill whatever VMM runs for this workspace and remove its run directory.
@@ -328,6 +351,7 @@ class Workspaces:
         if record.state in ("running", "stopping"):
             self._end_vm(record)
             note = "the VMM exited unexpectedly; disks kept: `pyro workspace start` boots it again"
+            self._mark_services_stopped(record.id)
             if record.state == "running":
                 self.store.transition(record.id, "stopping", expect={"running"}, note=note)
             self.store.transition(record.id, "stopped", note=note, vmm_pid=None)

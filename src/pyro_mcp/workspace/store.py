@@ -135,6 +135,8 @@ class WorkspaceRecord:
     """sha256 of the manifest (in the blob store) of the seeded ``/workspace`` contents."""
     seed: str | None
     """What ``/workspace`` was seeded from (a human description), if anything."""
+    services: dict[str, Any] = field(default_factory=dict)
+    """The guest's services as last seen (name -> status), mirrored from the agent."""
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-able data (state as its string value)."""
@@ -221,7 +223,7 @@ def _plain(record: WorkspaceRecord | CommandRecord | CheckpointRecord) -> dict[s
 
 _Record = TypeVar("_Record", WorkspaceRecord, CommandRecord, CheckpointRecord)
 
-_JSON_COLUMNS: Final = frozenset({"labels", "argv", "env_keys"})
+_JSON_COLUMNS: Final = frozenset({"labels", "argv", "env_keys", "services"})
 _BOOL_COLUMNS: Final = frozenset({"timed_out"})
 
 
@@ -356,8 +358,12 @@ _V1_WORKSPACES_COMMANDS_CHECKPOINTS = sql_migration(
     """,
 )
 
+_V2_SERVICES = sql_migration(
+    "ALTER TABLE workspaces ADD COLUMN services TEXT NOT NULL DEFAULT '{}'"
+)
+
 # Append only. Version n of a store file means MIGRATIONS[:n] have run on it.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_V1_WORKSPACES_COMMANDS_CHECKPOINTS,)
+MIGRATIONS: Final[tuple[Migration, ...]] = (_V1_WORKSPACES_COMMANDS_CHECKPOINTS, _V2_SERVICES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,6 +433,13 @@ def _validate_baseline(value: object, field: str) -> str | None:
     return None if value is None else _validate_sha256(value, field)
 
 
+def _validate_services(value: object, name: str) -> str:
+    """A name -> status mapping, stored as JSON text."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidArgument(f"{name}: expected a mapping of service names to their status")
+    return json.dumps(value, sort_keys=True)
+
+
 # The non-state fields ``transition`` and ``set_fields`` may change, and their checks.
 _SETTABLE: Final[dict[str, Callable[[object, str], object]]] = {
     "backend": _validate_optional_str,
@@ -437,6 +450,7 @@ _SETTABLE: Final[dict[str, Callable[[object, str], object]]] = {
     "error": _validate_optional_str,
     "baseline_manifest": _validate_baseline,
     "seed": _validate_optional_str,
+    "services": _validate_services,
 }
 
 

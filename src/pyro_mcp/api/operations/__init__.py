@@ -1,5 +1,21 @@
 """Importing this package registers every operation."""
 
-from pyro_mcp.api.operations import environments, runtime, vm, workspace_content, workspaces
+from pyro_mcp.api.operations import (
+    environments,
+    runtime,
+    services,
+    shells,
+    vm,
+    workspace_content,
+    workspaces,
+)
 
-__all__ = ["environments", "runtime", "vm", "workspace_content", "workspaces"]
+__all__ = [
+    "environments",
+    "runtime",
+    "services",
+    "shells",
+    "vm",
+    "workspace_content",
+    "workspaces",
+]

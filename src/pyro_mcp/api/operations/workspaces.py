@@ -123,14 +123,20 @@ def workspace_update(
 def workspace_status(
     ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
 ) -> dict[str, Any]:
-    """A workspace's state (and why), sizes, backend, checkpoints and recent commands."""
+    """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile_one(workspace)
         record = workspaces.store.get(workspace)
+        if record.state.value == "running":
+            record = workspaces.refresh_services(record.id)
+        counts: dict[str, int] = {}
+        for service in record.services.values():
+            counts[str(service.get("state"))] = counts.get(str(service.get("state")), 0) + 1
         return {
             **record.to_dict(),
             "checkpoints": [c.name for c in workspaces.store.checkpoints(record.id)],
             "commands": len(workspaces.store.commands(record.id, limit=1000)),
+            "service_counts": counts,
         }
 
 

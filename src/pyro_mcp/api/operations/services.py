@@ -1,0 +1,188 @@
+"""Workspace services: long-lived processes with typed readiness probes."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
+from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.workspace.content import guest_path
+from pyro_mcp.workspace.lifecycle import Workspaces
+
+WORKSPACE = Arg("workspace id or name", positional=True)
+NAME = Arg("service name (unique in the workspace)", positional=True)
+CALL_MARGIN_S = 15.0
+
+
+def ready_probe(
+    ready_file: str | None,
+    ready_tcp: str | None,
+    ready_http: str | None,
+    ready_command: str | None,
+) -> dict[str, Any] | None:
+    """The probe spec the agent checks, from the CLI-style options (at most one)."""
+    given = [v for v in (ready_file, ready_tcp, ready_http, ready_command) if v is not None]
+    if len(given) > 1:
+        raise InvalidArgument(
+            "give at most one of ready_file, ready_tcp, ready_http, ready_command"
+        )
+    if ready_file is not None:
+        # Only checked for existence, anywhere in the guest; relative means /workspace.
+        return {"type": "file", "path": posixpath.join("/workspace", ready_file)}
+    if ready_tcp is not None:
+        host, sep, port = ready_tcp.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidArgument(
+                f"ready_tcp takes HOST:PORT with a port 1-65535, got {ready_tcp!r}"
+            )
+        return {"type": "tcp", "host": host.strip("[]"), "port": int(port)}
+    if ready_http is not None:
+        parts = urlsplit(ready_http)
+        if parts.scheme != "http" or not parts.hostname:
+            raise InvalidArgument(f"ready_http takes an http:// URL, got {ready_http!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a port out of range
+        except ValueError as exc:
+            raise InvalidArgument(f"ready_http has a bad port: {ready_http!r}") from exc
+        return {"type": "http", "url": ready_http}
+    if ready_command is not None:
+        if not ready_command.strip():
+            raise InvalidArgument("ready_command is empty")
+        return {"type": "command", "shell": ready_command}
+    return None
+
+
+def mirror_services(
+    workspaces: Workspaces, workspace_id: str, agent: AgentClient
+) -> dict[str, Any]:
+    """Copy the guest's service records into the host store; returns them by name."""
+    value, _ = agent.call("service_list", {}, timeout_s=30)
+    services = {str(s["name"]): s for s in value.get("services", [])}
+    workspaces.store.set_fields(workspace_id, services=services)
+    return services
+
+
+@operation(cli=("workspace", "service", "start"), sdk="start_service", profiles=FULL)
+def service_start(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    name: Annotated[str, NAME],
+    command: Annotated[list[str], Arg("the command and its arguments (after --)", positional=True)],
+    cwd: Annotated[str | None, Arg("working directory (default /workspace)")] = None,
+    env: Annotated[list[str] | None, Arg("KEY=VALUE environment variable (repeatable)")] = None,
+    ready_file: Annotated[str | None, Arg("ready when this file exists")] = None,
+    ready_tcp: Annotated[str | None, Arg("ready when HOST:PORT accepts a connection")] = None,
+    ready_http: Annotated[str | None, Arg("ready when this http:// URL answers 2xx/3xx")] = None,
+    ready_command: Annotated[str | None, Arg("ready when this shell command exits 0")] = None,
+    ready_timeout_seconds: Annotated[float, Arg("give up on readiness after this long")] = 30.0,
+    ready_interval_ms: Annotated[int, Arg("time between readiness checks")] = 200,
+    restart: Annotated[
+        str, Arg("restart policy when it exits non-zero", choices=("no", "on-failure"))
+    ] = "no",
+) -> dict[str, Any]:
+    """Start a named long-lived process in the workspace; returns once it is ready.
+
+    Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
+    probe error (with the service's log tail); ``exited_before_ready`` with its exit
+    code; ``exists`` for a name already running; InvalidArgument for a bad probe.
+    """
+    if not command:
+        raise InvalidArgument("command is empty: give the program to run after --")
+    if not 0 < ready_timeout_seconds <= 3600:
+        raise InvalidArgument("ready_timeout_seconds must be between 0 and 3600")
+    if not 10 <= ready_interval_ms <= 60_000:
+        raise InvalidArgument("ready_interval_ms must be between 10 and 60000")
+    args: dict[str, Any] = {
+        "name": name,
+        "argv": list(command),
+        "cwd": guest_path(cwd) if cwd else "/workspace",
+        "env": parse_pairs(env, "env"),
+        "ready_timeout_s": ready_timeout_seconds,
+        "ready_interval_ms": ready_interval_ms,
+        "restart": restart,
+    }
+    probe = ready_probe(ready_file, ready_tcp, ready_http, ready_command)
+    if probe is not None:
+        args["ready"] = probe
+    with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service start") as agent:
+        record = workspaces.store.get(workspace)
+        try:
+            value, _ = agent.call(
+                "service_start", args, timeout_s=ready_timeout_seconds + CALL_MARGIN_S
+            )
+        finally:
+            mirror_services(workspaces, record.id, agent)
+        return value
+
+
+@operation(cli=("workspace", "service", "list"), sdk="list_services", profiles=FULL)
+def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+    """The workspace's services with their state, pid, exit code, start time and restarts."""
+    with open_workspaces(ctx) as workspaces:
+        record = workspaces.store.get(workspace)
+        if record.state.value != "running":
+            return {"services": list(record.services.values()), "as_of": "last seen running"}
+        with workspaces.agent(workspace, "service list") as agent:
+            services = mirror_services(workspaces, record.id, agent)
+        return {"services": list(services.values())}
+
+
+@operation(cli=("workspace", "service", "status"), sdk="service_status", profiles=FULL)
+def service_status(
+    ctx: Context, workspace: Annotated[str, WORKSPACE], name: Annotated[str, NAME]
+) -> dict[str, Any]:
+    """One service's state, pid, exit code, start time, restarts and probe."""
+    with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service status") as agent:
+        value, _ = agent.call("service_status", {"name": name}, timeout_s=30)
+        return value
+
+
+@operation(cli=("workspace", "service", "logs"), sdk="service_logs", profiles=FULL)
+def service_logs(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    name: Annotated[str, NAME],
+    tail_lines: Annotated[int, Arg("the last N lines")] = 100,
+    all: Annotated[bool, Arg("every line still kept (logs are bounded)")] = False,
+    stream: Annotated[str, Arg("which output", choices=("stdout", "stderr", "both"))] = "both",
+    follow: Annotated[bool, Arg("keep printing new lines until the service exits (CLI)")] = False,
+) -> dict[str, Any]:
+    """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
+    if tail_lines < 0:
+        raise InvalidArgument("tail_lines must not be negative")
+    args = {"name": name, "tail_lines": tail_lines, "all": all, "stream": stream}
+    with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service logs") as agent:
+        if follow and ctx.output is not None:
+            value, _ = agent.call(
+                "service_logs", {**args, "follow": True}, on_data=ctx.output, timeout_s=None
+            )
+        else:
+            value, _ = agent.call("service_logs", args, timeout_s=60)
+        return value
+
+
+@operation(cli=("workspace", "service", "stop"), sdk="stop_service", profiles=FULL)
+def service_stop(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    name: Annotated[str, NAME],
+    signal: Annotated[str, Arg("signal sent first")] = "TERM",
+    grace_seconds: Annotated[float, Arg("then KILL after this long")] = 10.0,
+) -> dict[str, Any]:
+    """Stop a service: the signal, then KILL after the grace period."""
+    if not 0 <= grace_seconds <= 600:
+        raise InvalidArgument("grace_seconds must be between 0 and 600")
+    with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service stop") as agent:
+        record = workspaces.store.get(workspace)
+        value, _ = agent.call(
+            "service_stop",
+            {"name": name, "signal": signal, "grace_s": grace_seconds},
+            timeout_s=grace_seconds + CALL_MARGIN_S,
+        )
+        mirror_services(workspaces, record.id, agent)
+        return value

@@ -1,0 +1,106 @@
+"""Persistent PTY shells in a workspace."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.workspaces import FULL, open_workspaces
+from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.workspace.content import guest_path
+
+WORKSPACE = Arg("workspace id or name", positional=True)
+SHELL = Arg("shell id (from shell open)", positional=True)
+MAX_WAIT_MS = 30_000
+
+
+def _call(ctx: Context, workspace: str, action: str, op: str, args: dict[str, Any]) -> Any:
+    with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, action) as agent:
+        value, _ = agent.call(op, args, timeout_s=60)
+        return value
+
+
+@operation(cli=("workspace", "shell", "open"), sdk="open_shell", profiles=FULL)
+def shell_open(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    cwd: Annotated[str | None, Arg("start directory (default /workspace)")] = None,
+    cols: Annotated[int, Arg("terminal width")] = 120,
+    rows: Annotated[int, Arg("terminal height")] = 30,
+    id_only: Annotated[bool, Arg("print only the shell id (CLI)")] = False,
+) -> dict[str, Any]:
+    """Open an interactive shell on a real PTY; it lives until closed or the VM stops."""
+    if not (10 <= cols <= 1000 and 2 <= rows <= 1000):
+        raise InvalidArgument("cols must be 10-1000 and rows 2-1000")
+    args = {"cwd": guest_path(cwd) if cwd else "/workspace", "cols": cols, "rows": rows}
+    value = dict(_call(ctx, workspace, "shell open", "shell_open", args))
+    if id_only:
+        value["id_only"] = True
+    return value
+
+
+@operation(cli=("workspace", "shell", "read"), sdk="read_shell", profiles=FULL)
+def shell_read(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    shell: Annotated[str, SHELL],
+    cursor: Annotated[int, Arg("read from this byte offset (next_cursor of the last read)")] = 0,
+    max_chars: Annotated[int, Arg("return at most this much output")] = 65536,
+    plain: Annotated[bool, Arg("strip terminal control sequences")] = False,
+    wait_for_idle_ms: Annotated[
+        int, Arg("first wait until the shell has been quiet this long")
+    ] = 0,
+) -> dict[str, Any]:
+    """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
+    if cursor < 0 or max_chars <= 0:
+        raise InvalidArgument("cursor must be >= 0 and max_chars > 0")
+    if not 0 <= wait_for_idle_ms <= MAX_WAIT_MS:
+        raise InvalidArgument(f"wait_for_idle_ms must be between 0 and {MAX_WAIT_MS}")
+    args = {
+        "shell_id": shell,
+        "cursor": cursor,
+        "max_chars": max_chars,
+        "plain": plain,
+        "wait_for_idle_ms": wait_for_idle_ms,
+    }
+    return dict(_call(ctx, workspace, "shell read", "shell_read", args))
+
+
+@operation(cli=("workspace", "shell", "write"), sdk="write_shell", profiles=FULL)
+def shell_write(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    shell: Annotated[str, SHELL],
+    input: Annotated[str, Arg("text to type")],
+    no_newline: Annotated[bool, Arg("do not press Enter after it")] = False,
+) -> dict[str, Any]:
+    """Type into a shell (Enter is pressed after it unless no_newline)."""
+    args = {"shell_id": shell, "input": input, "newline": not no_newline}
+    return dict(_call(ctx, workspace, "shell write", "shell_write", args))
+
+
+@operation(cli=("workspace", "shell", "signal"), sdk="signal_shell", profiles=FULL)
+def shell_signal(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    shell: Annotated[str, SHELL],
+    signal: Annotated[str, Arg("signal for the foreground process (INT is Ctrl-C)")] = "INT",
+) -> dict[str, Any]:
+    """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""
+    args = {"shell_id": shell, "signal": signal}
+    return dict(_call(ctx, workspace, "shell signal", "shell_signal", args))
+
+
+@operation(cli=("workspace", "shell", "close"), sdk="close_shell", profiles=FULL)
+def shell_close(
+    ctx: Context, workspace: Annotated[str, WORKSPACE], shell: Annotated[str, SHELL]
+) -> dict[str, Any]:
+    """Close a shell (its processes get SIGHUP)."""
+    return dict(_call(ctx, workspace, "shell close", "shell_close", {"shell_id": shell}))
+
+
+@operation(cli=("workspace", "shell", "list"), sdk="list_shells", profiles=FULL)
+def shell_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+    """The workspace's open shells."""
+    return dict(_call(ctx, workspace, "shell list", "shell_list", {}))
