@@ -30,6 +30,7 @@ from typing import Any
 
 from bench.firecracker_tiny import bench_tiny_guest
 from bench.guest import Counts, measure_boots, measure_cold_run
+from bench.services import ServiceCounts, measure_services_and_shells
 from bench.stats import Row, Table
 from bench.workspace import WorkspaceCounts, measure_workspaces
 from pyro_mcp.runtime import kernels
@@ -83,6 +84,12 @@ def choose_workspace_counts(args: argparse.Namespace) -> WorkspaceCounts:
     if args.repeat is not None:
         return WorkspaceCounts.scaled(args.repeat)
     return WorkspaceCounts.quick() if args.quick else WorkspaceCounts()
+
+
+def choose_service_counts(args: argparse.Namespace) -> ServiceCounts:
+    if args.repeat is not None:
+        return ServiceCounts.scaled(args.repeat)
+    return ServiceCounts.quick() if args.quick else ServiceCounts()
 
 
 def _git_revision() -> str:
@@ -197,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     counts = choose_counts(args)
     ws_counts = choose_workspace_counts(args)
+    svc_counts = choose_service_counts(args)
     started = time.monotonic()
     run_root = Path(tempfile.mkdtemp(prefix="pyro-bench-", dir="/tmp"))
     os.environ["PYRO_RUN_DIR"] = str(run_root)
@@ -262,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             table, paths, args.environment, ws_counts, args.mem_mib
         )
 
+    def services() -> None:
+        extra["services"] = measure_services_and_shells(
+            table, paths, args.environment, svc_counts, args.mem_mib
+        )
+
     def firecracker() -> None:
         info = measure_firecracker_tiny(table, counts.fc_tiny)
         if info is not None:
@@ -286,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             workspaces,
         )
         section(
+            f"services (x{svc_counts.svc_start} per probe) and shells "
+            f"(x{svc_counts.shell_roundtrip} round trips)",
+            ("service start", "ms"),
+            services,
+        )
+        section(
             f"firecracker tiny guest x{counts.fc_tiny}",
             ("firecracker tiny guest", "ms"),
             firecracker,
@@ -296,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_root, ignore_errors=True)
 
     elapsed = time.monotonic() - started
-    all_counts = asdict(counts) | asdict(ws_counts)
+    all_counts = asdict(counts) | asdict(ws_counts) | asdict(svc_counts)
     counts_line = "samples: " + ", ".join(f"{k}={v}" for k, v in all_counts.items())
     if args.quick and args.repeat is None:
         counts_line += " (--quick)"

@@ -138,3 +138,17 @@ def test_an_interactive_shell(ws_ctx: Context, workspace: str) -> None:
     sh.shell_close(ws_ctx, workspace, shell)
     with pytest.raises(GuestError):
         sh.shell_write(ws_ctx, workspace, shell, "echo closed")
+
+
+def test_services_stop_with_the_workspace_and_stay_stopped_after_start(
+    ws_ctx: Context, workspace: str
+) -> None:
+    sv.service_start(ws_ctx, workspace, "sleeper", ["sleep", "1000"])
+    assert ws.workspace_status(ws_ctx, workspace)["service_counts"] == {"running": 1}
+    ws.workspace_stop(ws_ctx, workspace)
+    listed = sv.service_list(ws_ctx, workspace)["services"]
+    assert [s["state"] for s in listed] == ["stopped"]
+    ws.workspace_start(ws_ctx, workspace)
+    assert ws.workspace_status(ws_ctx, workspace)["service_counts"] in ({}, {"stopped": 1})
+    restarted = sv.service_start(ws_ctx, workspace, "sleeper", ["sleep", "1000"])
+    assert restarted["state"] == "running"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyro_mcp.errors import InvalidArgument, InvalidState, PyroError, TooLarge
 from pyro_mcp.guest.client import AgentClient
@@ -288,21 +289,23 @@ class Workspaces:
         """Mirror the guest's service records into the store (best effort)."""
         try:
             with self.agent(workspace_id, "service list") as client:
-                value, _ = client.call("service_list", {}, timeout_s=30)
+                return self.mirror_services(workspace_id, client)
         except PyroError:
             return self.store.get(workspace_id)
-        services = {str(s["name"]): s for s in value.get("services", [])}
+
+    def mirror_services(self, workspace_id: str, client: AgentClient) -> WorkspaceRecord:
+        """Store what the guest says of its services. Services of an earlier boot that the
+        guest no longer knows stay listed, as stopped."""
+        value, _ = client.call("service_list", {}, timeout_s=30)
+        record = self.store.get(workspace_id)
+        services = _as_stopped(record.services)
+        services.update({str(s["name"]): s for s in value.get("services", [])})
         return self.store.set_fields(workspace_id, services=services)
 
     def _mark_services_stopped(self, workspace_id: str) -> None:
         """The VM is down: whatever ran in it is stopped (a start does not restart it)."""
         record = self.store.get(workspace_id)
-        services = {
-            name: {**status, "state": "stopped", "pid": None}
-            if status.get("state") in ("starting", "ready", "running")
-            else status
-            for name, status in record.services.items()
-        }
+        services = _as_stopped(record.services)
         self.store.set_fields(workspace_id, services=services)
 
     def _end_vm(self, record: WorkspaceRecord) -> None:
@@ -395,6 +398,16 @@ class Workspaces:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _as_stopped(services: dict[str, Any]) -> dict[str, Any]:
+    """Service records of a VM that is gone: whatever ran in it is stopped now."""
+    return {
+        name: {**status, "state": "stopped", "pid": None}
+        if status.get("state") in ("starting", "ready", "running")
+        else status
+        for name, status in services.items()
+    }
 
 
 def _check_sizes(vcpu: int, mem: int, disk: int, ttl: float | None) -> None:

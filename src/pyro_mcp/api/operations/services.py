@@ -10,9 +10,7 @@ from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import Arg, operation
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.workspace.content import guest_path
-from pyro_mcp.workspace.lifecycle import Workspaces
 
 WORKSPACE = Arg("workspace id or name", positional=True)
 NAME = Arg("service name (unique in the workspace)", positional=True)
@@ -55,16 +53,6 @@ def ready_probe(
             raise InvalidArgument("ready_command is empty")
         return {"type": "command", "shell": ready_command}
     return None
-
-
-def mirror_services(
-    workspaces: Workspaces, workspace_id: str, agent: AgentClient
-) -> dict[str, Any]:
-    """Copy the guest's service records into the host store; returns them by name."""
-    value, _ = agent.call("service_list", {}, timeout_s=30)
-    services = {str(s["name"]): s for s in value.get("services", [])}
-    workspaces.store.set_fields(workspace_id, services=services)
-    return services
 
 
 @operation(cli=("workspace", "service", "start"), sdk="start_service", profiles=FULL)
@@ -116,7 +104,7 @@ def service_start(
                 "service_start", args, timeout_s=ready_timeout_seconds + CALL_MARGIN_S
             )
         finally:
-            mirror_services(workspaces, record.id, agent)
+            workspaces.mirror_services(record.id, agent)
         return value
 
 
@@ -128,8 +116,8 @@ def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str
         if record.state.value != "running":
             return {"services": list(record.services.values()), "as_of": "last seen running"}
         with workspaces.agent(workspace, "service list") as agent:
-            services = mirror_services(workspaces, record.id, agent)
-        return {"services": list(services.values())}
+            record = workspaces.mirror_services(record.id, agent)
+        return {"services": list(record.services.values())}
 
 
 @operation(cli=("workspace", "service", "status"), sdk="service_status", profiles=FULL)
@@ -184,5 +172,5 @@ def service_stop(
             {"name": name, "signal": signal, "grace_s": grace_seconds},
             timeout_s=grace_seconds + CALL_MARGIN_S,
         )
-        mirror_services(workspaces, record.id, agent)
+        workspaces.mirror_services(record.id, agent)
         return value
