@@ -294,7 +294,10 @@ def reset(workspaces: Workspaces, ref: str, name: str = BASELINE) -> dict[str, A
         "reset_to": name,
         "restored": len(restore) + len(changes.modified),
         "removed": len(changes.added) + len(changes.type_changed),
-        "kept": ["root disk changes (outside /workspace)"],
+        "kept": [
+            "root disk changes (outside /workspace)",
+            "running services and open shells (they live outside /workspace)",
+        ],
         "dropped": ["every change under /workspace since the checkpoint"],
     }
 
