@@ -284,6 +284,8 @@ def test_stop_all_stops_every_running_service(client: AgentClient) -> None:
     for name in ("a", "b"):
         client.service_start(name, ["sleep", "1000"])
     client.service_start("c", ["true"])
+    # c exits by itself at once; wait until the supervisor has seen it, so it is not stopped.
+    _eventually(lambda: client.service_status("c")["state"] == "exited")
     done = client.service_stop_all(grace_s=2)
     assert sorted(done["stopped"]) == ["a", "b"]
     assert {svc["state"] for svc in client.service_list() if svc["name"] in "ab"} == {"stopped"}
