@@ -45,6 +45,11 @@ class ExecResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """Call arguments without the ones left unset (None, or an empty env)."""
+    return {key: value for key, value in values.items() if value is not None and value != {}}
+
+
 class _Pending:
     def __init__(self) -> None:
         self.frames: queue.Queue[p.Frame | None] = queue.Queue()
@@ -219,17 +224,9 @@ class AgentClient:
         on_output: DataFn | None = None,
     ) -> ExecResult:
         """Run a command; output streams to ``on_output`` and is captured up to the cap."""
-        args: dict[str, Any] = {"output_cap": output_cap}
-        if argv is not None:
-            args["argv"] = argv
-        if shell is not None:
-            args["shell"] = shell
-        if cwd is not None:
-            args["cwd"] = cwd
-        if env:
-            args["env"] = env
-        if timeout_s is not None:
-            args["timeout_s"] = timeout_s
+        args = _given(
+            output_cap=output_cap, argv=argv, shell=shell, cwd=cwd, env=env, timeout_s=timeout_s
+        )
         captured: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
 
         def collect(stream: str, data: bytes) -> None:
@@ -438,22 +435,17 @@ class AgentClient:
         {type: http, url} | {type: command, argv | shell}. GuestError codes:
         invalid_argument, not_found, exists, not_ready, exited_before_ready.
         """
-        args: dict[str, Any] = {
-            "name": name,
-            "ready_timeout_s": ready_timeout_s,
-            "ready_interval_ms": ready_interval_ms,
-            "restart": restart,
-        }
-        if argv is not None:
-            args["argv"] = argv
-        if shell is not None:
-            args["shell"] = shell
-        if cwd is not None:
-            args["cwd"] = cwd
-        if env:
-            args["env"] = env
-        if ready is not None:
-            args["ready"] = ready
+        args = _given(
+            name=name,
+            ready_timeout_s=ready_timeout_s,
+            ready_interval_ms=ready_interval_ms,
+            restart=restart,
+            argv=argv,
+            shell=shell,
+            cwd=cwd,
+            env=env,
+            ready=ready,
+        )
         value, _ = self.call("service_start", args, timeout_s=ready_timeout_s + 15.0)
         return value
 

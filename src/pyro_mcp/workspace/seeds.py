@@ -42,9 +42,9 @@ from pyro_mcp.workspace.blobs import CHUNK, BlobStore, BlobWriter, SparseWriter
 from pyro_mcp.workspace.manifest import (
     DEFAULT_MAX_ENTRIES,
     Entry,
-    EntryType,
     check_manifest,
     check_relative_path,
+    entry_type_of,
 )
 
 DEFAULT_MAX_BYTES = 2 << 30
@@ -419,7 +419,7 @@ def add_directory(source: Path, tree: TreeBuilder) -> None:
                 f"{relative}/{child.name}" if relative else child.name, what=tree.label
             )
             info = child.stat(follow_symlinks=False)
-            kind = _kind(info.st_mode)
+            kind = entry_type_of(info.st_mode)
             if kind == "dir":
                 tree.add_dir(path, stat.S_IMODE(info.st_mode), info.st_mtime_ns)
                 pending.append(path)
@@ -429,16 +429,6 @@ def add_directory(source: Path, tree: TreeBuilder) -> None:
                 tree.add_symlink(path, os.readlink(source / path), info.st_mtime_ns)
             else:
                 tree.refuse_special(path, _special_name(info.st_mode))
-
-
-def _kind(st_mode: int) -> EntryType:
-    if stat.S_ISREG(st_mode):
-        return "file"
-    if stat.S_ISDIR(st_mode):
-        return "dir"
-    if stat.S_ISLNK(st_mode):
-        return "symlink"
-    return "other"
 
 
 def _special_name(st_mode: int) -> str:
