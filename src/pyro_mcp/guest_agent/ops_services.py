@@ -48,14 +48,13 @@ State (:mod:`service_records`): every record is kept in ``state.json``; a restar
 adopts the services that still run.
 
 This module holds the supervisor (``Registry``) and the operations; their arguments are
-checked in :mod:`service_args`.
+checked in :mod:`service_args`, and the process helpers they use are in :mod:`processes`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import threading
@@ -65,6 +64,7 @@ from typing import Any
 
 from pyro_mcp.guest_agent import probes
 from pyro_mcp.guest_agent.calls import Call, CallError
+from pyro_mcp.guest_agent.processes import alive, group_alive, killpg, wait_foreign, wait_readable
 from pyro_mcp.guest_agent.service_args import (
     bad_arg,
     base_environment,
@@ -131,51 +131,9 @@ def run_dir() -> str:
     return os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
 
 
-# --- processes -----------------------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    stat = proc_stat(pid)
-    return stat is not None and stat[0] not in "ZXx"
-
-
-def _group_alive(pgid: int) -> bool:
-    """Does any live (non-zombie) process belong to process group ``pgid``?"""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return False
-    for entry in entries:
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and stat[1] == pgid and stat[0] not in "ZXx":
-                return True
-    return False
-
-
-def _killpg(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def _wait_foreign(pid: int) -> None:
-    """Wait for a process that is not our child to end."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        while _alive(pid):
-            _wait_readable(pidfd, 5.0)
-    finally:
-        os.close(pidfd)
-
-
-def _wait_readable(fd: int, timeout_s: float) -> None:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    with contextlib.suppress(OSError):
-        poller.poll(int(timeout_s * 1000))
+# The process helpers under the names the unit tests use.
+_alive = alive
+_group_alive = group_alive
 
 
 # --- the supervisor ------------------------------------------------------------------------
@@ -260,9 +218,9 @@ class Registry(ServiceRecords):
         if run.proc is not None:
             code = run.proc.wait()  # waits for this pid only (exec reaps its own children)
         else:
-            _wait_foreign(run.pid)
+            wait_foreign(run.pid)
         if run.pump_done is not None:
-            _wait_readable(run.pump_done, PUMP_FLUSH_S)
+            wait_readable(run.pump_done, PUMP_FLUSH_S)
             os.close(run.pump_done)
         with self.lock:
             run.exited.set()
@@ -372,17 +330,17 @@ class Registry(ServiceRecords):
         with self.lock:
             if run.stop_reason is None:
                 run.stop_reason = reason
-        _killpg(run.pid, signum)
+        killpg(run.pid, signum)
         deadline = time.monotonic() + grace_s
         while True:
-            if run.exited.is_set() and not _group_alive(run.pid):
+            if run.exited.is_set() and not group_alive(run.pid):
                 return False
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             with self.lock:
                 self.changed.wait(min(0.05, left))
-        _killpg(run.pid, signal.SIGKILL)
+        killpg(run.pid, signal.SIGKILL)
         run.exited.wait(10.0)
         return True
 
