@@ -161,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = render_text(op.name, result)
         if text:
             # A command's own output went to stdout; pyro's notes about it go to stderr.
-            print(text, file=sys.stderr if op.exit_code_key else sys.stdout)
+            exact = isinstance(result, dict) and result.get("content_only")
+            end = "" if exact else "\n"  # --content-only prints the file's bytes as they are
+            print(text, end=end, file=sys.stderr if op.exit_code_key else sys.stdout)
     if op.exit_code_key is not None and isinstance(result, dict):
         return int(result[op.exit_code_key]) & 0xFF
     return 0
