@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,21 +12,11 @@ import pytest
 from pyro_mcp.errors import GuestError, OperationTimeout
 from pyro_mcp.guest import protocol as p
 from pyro_mcp.guest.client import AgentClient
-from pyro_mcp.guest_agent.agent import Agent
 
 
 @pytest.fixture
-def client() -> Iterator[AgentClient]:
-    host, guest = socket.socketpair()
-    powered_off = threading.Event()
-    agent = Agent(guest.fileno(), poweroff=powered_off.set)
-    thread = threading.Thread(target=agent.serve, daemon=True)
-    thread.start()
-    conn = AgentClient(host)
-    yield conn
-    conn.close()
-    thread.join(timeout=10)  # the agent stops on EOF; only then is its fd free to close
-    guest.close()
+def client(agent_client: AgentClient) -> AgentClient:
+    return agent_client
 
 
 def test_hello_reports_protocol_version_and_capabilities(client: AgentClient) -> None:

@@ -38,14 +38,8 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.fixture
-def client(run_dir: Path) -> Iterator[AgentClient]:
-    host, guest = socket.socketpair()
-    thread = _serve(guest)
-    conn = AgentClient(host)
-    yield conn
-    conn.close()
-    thread.join(timeout=10)
-    guest.close()
+def client(run_dir: Path, agent_client: AgentClient) -> AgentClient:
+    return agent_client  # after run_dir: the agent reads its run dir when it is built
 
 
 def _refused(code: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> GuestError:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,20 +12,11 @@ import pytest
 from pyro_mcp.errors import GuestError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest_agent import ops_shells
-from pyro_mcp.guest_agent.agent import Agent
 
 
 @pytest.fixture
-def client() -> Iterator[AgentClient]:
-    host, guest = socket.socketpair()
-    agent = Agent(guest.fileno(), poweroff=lambda: None)
-    thread = threading.Thread(target=agent.serve, daemon=True)
-    thread.start()
-    conn = AgentClient(host)
-    yield conn
-    conn.close()
-    thread.join(timeout=10)
-    guest.close()
+def client(agent_client: AgentClient) -> Iterator[AgentClient]:
+    yield agent_client
     ops_shells.close_all()
 
 

@@ -12,7 +12,6 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,17 +26,9 @@ SETTLE_S = ops_tree.RACY_NS / 1e9 + 0.05  # files this old are cached on first s
 
 
 @pytest.fixture
-def client() -> Iterator[AgentClient]:
+def client(agent_client: AgentClient) -> AgentClient:
     ops_tree.clear_digest_cache()
-    host, guest = socket.socketpair()
-    agent = Agent(guest.fileno(), poweroff=lambda: None)
-    thread = threading.Thread(target=agent.serve, daemon=True)
-    thread.start()
-    conn = AgentClient(host)
-    yield conn
-    conn.close()
-    thread.join(timeout=10)
-    guest.close()
+    return agent_client
 
 
 @pytest.fixture

@@ -44,6 +44,19 @@ class ExecResult:
     """Time the command ran in the guest, in milliseconds."""
     details: dict[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The outcome as every surface reports it (output decoded as UTF-8)."""
+        return {
+            "exit_code": self.exit_code,
+            "stdout": self.stdout.decode("utf-8", "replace"),
+            "stderr": self.stderr.decode("utf-8", "replace"),
+            "timed_out": self.timed_out,
+            "signal": self.signal,
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+            "duration_ms": self.duration_ms,
+        }
+
 
 def _given(**values: Any) -> dict[str, Any]:
     """Call arguments without the ones left unset (None, or an empty env)."""

@@ -98,14 +98,7 @@ def exec_command(
         "workspace_id": record.id,
         "command": list(command),
         "cwd": directory,
-        "exit_code": result.exit_code,
-        "stdout": result.stdout.decode("utf-8", "replace"),
-        "stderr": result.stderr.decode("utf-8", "replace"),
-        "timed_out": result.timed_out,
-        "signal": result.signal,
-        "stdout_truncated": result.stdout_truncated,
-        "stderr_truncated": result.stderr_truncated,
-        "duration_ms": result.duration_ms,
+        **result.to_dict(),
     }
 
 

@@ -96,14 +96,8 @@ def vm_run(
     return {
         "environment": environment,
         "command": list(command),
-        "exit_code": result.exit_code,
-        "stdout": result.stdout.decode("utf-8", "replace"),
-        "stderr": result.stderr.decode("utf-8", "replace"),
-        "timed_out": result.timed_out,
-        "signal": result.signal,
-        "stdout_truncated": result.stdout_truncated,
-        "stderr_truncated": result.stderr_truncated,
-        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        **result.to_dict(),
+        "duration_ms": round((time.monotonic() - started) * 1000, 1),  # the whole run
         "backend": choice.label,
         "vm_id": spec.vm_id,
         "timings_ms": timings,
