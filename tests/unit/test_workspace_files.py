@@ -29,7 +29,7 @@ from pyro_mcp.errors import (
 )
 from pyro_mcp.runtime.digests import sha256_bytes, sha256_file
 from pyro_mcp.runtime.host_tools import find_program
-from pyro_mcp.storage import workspace_disk
+from pyro_mcp.storage import disk_export, workspace_disk
 from pyro_mcp.workspace import exporting, seeds
 from pyro_mcp.workspace.blobs import BlobStore
 from pyro_mcp.workspace.diffing import render_diff
@@ -1284,18 +1284,18 @@ def test_an_empty_disk_and_bad_sizes(tmp_path: Path) -> None:
 def test_disk_export_copies_the_image_sparsely_and_respects_force(tmp_path: Path) -> None:
     image = make_disk(tmp_path, {"a": b"a"})
     output = tmp_path / "export.ext4"
-    assert workspace_disk.disk_export(image, output) == output
+    assert disk_export.disk_export(image, output) == output
     assert output.read_bytes() == image.read_bytes()
     assert output.stat().st_blocks * 512 < 8 << 20
     with pytest.raises(Conflict, match="already exists"):
-        workspace_disk.disk_export(image, output)
+        disk_export.disk_export(image, output)
     output.write_bytes(b"stale")
-    workspace_disk.disk_export(image, output, force=True)
+    disk_export.disk_export(image, output, force=True)
     assert output.stat().st_size == image.stat().st_size
     with pytest.raises(InvalidArgument, match="itself"):
-        workspace_disk.disk_export(image, image, force=True)
+        disk_export.disk_export(image, image, force=True)
     with pytest.raises(NotFound):
-        workspace_disk.disk_export(tmp_path / "missing", tmp_path / "o")
+        disk_export.disk_export(tmp_path / "missing", tmp_path / "o")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "export.ext4",
         "staging",

@@ -9,7 +9,7 @@ from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspaces import CORE, FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import Arg, operation
 from pyro_mcp.errors import InvalidArgument, InvalidState
-from pyro_mcp.storage import workspace_disk
+from pyro_mcp.storage import disk_export, workspace_disk
 from pyro_mcp.workspace import content
 
 WORKSPACE = Arg("workspace id or name", positional=True)
@@ -254,7 +254,7 @@ def workspace_disk_export(
     """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
     image = _stopped_disk(ctx, workspace, "disk export")
     target = ctx.host_paths.check(output, "disk export output")
-    workspace_disk.disk_export(image, target, force=force)
+    disk_export.disk_export(image, target, force=force)
     return {"output": str(target), "size": target.stat().st_size}
 
 
