@@ -3,35 +3,51 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-from pyro_mcp.errors import Conflict, InvalidArgument, NotFound
-from pyro_mcp.runtime.host_tools import run
+from pyro_mcp.errors import InvalidArgument, NotFound
+from pyro_mcp.storage.host_files import HostPath, copy_sparse, open_destination
 
 
-def disk_export(image: Path, output: Path, force: bool = False) -> Path:
-    """Copy the disk image to ``output`` (sparse, a reflink where possible), atomically.
+def disk_export(image: Path, output: Path | HostPath, force: bool = False) -> Path:
+    """Copy the disk image to ``output``, sparsely (blocks shared where the filesystem can),
+    atomically; returns the output path.
 
-    NotFound if the image or the output's directory is missing, Conflict if ``output``
-    exists and ``force`` is false, InvalidArgument if ``output`` is the image itself.
+    ``output`` is a plain path (the caller's own) or a HostPath confined to a root; it is
+    reached through directory descriptors (no link is followed below a root). The copy is
+    written to a private temporary with a random name next to the output, flushed, and
+    moved into place. NotFound if the image or the output's directory is missing,
+    InvalidArgument if ``output`` is ``/``, an allowed root or the image itself, Conflict
+    if ``output`` exists and ``force`` is false, or if it is anything but a regular file
+    (force never replaces a directory, device node, fifo, socket or symlink).
     """
-    if not image.is_file():
-        raise NotFound(f"workspace disk {image} does not exist")
-    if not output.parent.is_dir():
-        raise NotFound(f"directory {output.parent} does not exist")
-    if os.path.lexists(output):
-        if output.exists() and output.resolve() == image.resolve():
-            raise InvalidArgument(f"{output} is the workspace disk itself")
-        if not force:
-            raise Conflict(f"{output} already exists", hint="pass force to replace it")
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    target = HostPath.of(output)
     try:
-        run(
-            ["cp", "--sparse=always", "--reflink=auto", str(image), str(tmp)],
-            what="export the workspace disk",
-        )
-        tmp.chmod(0o600)
-        os.replace(tmp, output)
+        source = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NotFound(f"workspace disk {image} does not exist") from exc
+    try:
+        info = os.fstat(source)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotFound(f"workspace disk {image} is not a file")
+        with open_destination(target, "disk export output") as dest:
+            found = dest.existing()
+            if found is not None and (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+                raise InvalidArgument(f"{target} is the workspace disk itself")
+            dest.check("file", force)
+            name, fd = dest.make_temp_file("disk")
+            try:
+                with dest.translating():
+                    try:
+                        copy_sparse(source, fd)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    dest.place(dest.fd, name, "file", force)
+                    dest.sync()
+            finally:
+                dest.discard(name)  # the temporary, or the file force replaced
     finally:
-        tmp.unlink(missing_ok=True)
-    return output
+        os.close(source)
+    return target.path

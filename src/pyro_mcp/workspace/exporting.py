@@ -9,30 +9,33 @@ be told apart from a directory holding just that file.
 
 The archive is untrusted: the seed rules apply (:class:`~pyro_mcp.workspace.seeds.TreeBuilder`:
 no absolute names, no ``..``, no symlink leading out, no hardlink out of the tree, no
-devices, entry and byte caps), and setuid/setgid bits are dropped since the files land on
-the host. Everything is extracted into a temporary directory next to the output and renamed
-into place at the end, so a failed export leaves nothing behind and never half-replaces an
-existing output.
+devices, entry and byte caps, bounded tar metadata), and setuid/setgid bits are dropped
+since the files land on the host.
+
+The output is a plain path (the caller's own) or a
+:class:`~pyro_mcp.storage.host_files.HostPath` confined to a root, and is reached through
+directory descriptors (:func:`~pyro_mcp.storage.host_files.open_destination`): a link
+swapped in after the check is refused, not followed. Everything is extracted into a
+private temporary directory next to the output (so inside the root) and moved into place
+at the end, so a failed export leaves nothing behind and never half-replaces an existing
+output. ``force`` replaces only a regular file with a file export and only a directory
+with a directory export; never an allowed root, ``/``, a mount point, a symlink, a device
+node, a fifo or a socket.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pyro_mcp.errors import Conflict, InvalidArgument, NotFound
-from pyro_mcp.workspace.manifest import DEFAULT_MAX_ENTRIES
-from pyro_mcp.workspace.seeds import (
-    DEFAULT_MAX_BYTES,
-    TreeBuilder,
-    add_tar_members,
-    open_tar_stream,
-    remove_tree,
-)
+from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.storage.host_files import DIR_FLAGS, HostPath, open_destination
+from pyro_mcp.workspace.manifest import DEFAULT_MAX_ENTRIES, Entry
+from pyro_mcp.workspace.seeds import DEFAULT_MAX_BYTES, TreeBuilder
+from pyro_mcp.workspace.tar_input import add_tar_members, open_tar_stream
 
 ExportKind = Literal["auto", "file", "dir"]
 
@@ -62,7 +65,7 @@ class ChunkReader(io.RawIOBase):
 
 def extract_export(
     chunks: Iterable[bytes],
-    output: Path,
+    output: Path | HostPath,
     *,
     force: bool = False,
     kind: ExportKind = "auto",
@@ -75,50 +78,34 @@ def extract_export(
     (see the module docstring); ``"file"``/``"dir"`` insist on one. Returns ``{"output",
     "type": "file"|"dir", "entries", "files", "bytes"}``.
 
-    Raises Conflict (naming the path) when ``output`` exists and ``force`` is false (with
-    ``force`` it is replaced whole, once the new one is complete), NotFound when its parent
-    directory does not exist, and the seed errors (OutsideRoot, InvalidArgument, TooLarge,
-    each naming the entry) for an unsafe archive. On any error the host is unchanged.
+    Raises Conflict (naming the path and what is there) when ``output`` exists and
+    ``force`` is false or may not replace it, InvalidArgument for ``/`` or an allowed root
+    itself, NotFound when its parent directory does not exist, OutsideRoot for a symlink
+    below the root, and the seed errors (OutsideRoot, InvalidArgument, TooLarge, each
+    naming the entry) for an unsafe archive. On any error the host is unchanged.
     """
-    output = Path(os.path.abspath(output))
-    parent = output.parent
-    if not parent.is_dir():
-        raise NotFound(f"export destination directory {parent} does not exist")
-    _refuse_existing(output, force)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=parent))
-    try:
-        tree_dir = work / "tree"
-        tree_dir.mkdir(mode=0o700)
-        tree = TreeBuilder(
-            tree_dir,
-            label=f"export to {output}",
-            max_entries=max_entries,
-            max_bytes=max_bytes,
-            strip_setid=True,
-        )
-        stream = io.BufferedReader(ChunkReader(chunks), buffer_size=1 << 20)
-        with open_tar_stream(stream, "the exported archive") as archive:
-            root = add_tar_members(archive, tree)
-        entries = tree.finish()
-        single = len(entries) == 1 and entries[0].type == "file" and root is None
-        if kind == "file" and not single:
-            raise InvalidArgument("a file export must hold exactly one regular file")
-        if kind == "dir" or (kind == "auto" and not single):
-            if not entries and root is None:
-                raise InvalidArgument("the exported archive is empty")
-            mode, mtime_ns = (root.mode, root.mtime_ns) if root else (0o755, None)
-            tree_dir.chmod(mode)
-            if mtime_ns is not None:
-                os.utime(tree_dir, ns=(mtime_ns, mtime_ns))
-            result_type, source = "dir", tree_dir
-        else:
-            result_type, source = "file", tree_dir / entries[0].path
-        _move_into_place(source, output, work, force)
-    finally:
-        remove_tree(work)
+    target = HostPath.of(output)
+    with open_destination(target, "export output") as dest:
+        dest.check(None if kind == "auto" else kind, force)  # before any data is read
+        work, work_fd = dest.make_temp_dir("export")
+        try:
+            with dest.translating():
+                os.mkdir("tree", 0o700, dir_fd=work_fd)
+                tree_fd = os.open("tree", DIR_FLAGS, dir_fd=work_fd)
+                try:
+                    entries, result_type, name = _extract(
+                        chunks, tree_fd, target, kind, max_entries, max_bytes
+                    )
+                    source_fd = work_fd if result_type == "dir" else tree_fd
+                    dest.place(source_fd, name, result_type, force)
+                finally:
+                    os.close(tree_fd)
+        finally:
+            os.close(work_fd)
+            dest.discard(work)  # the temporary, and whatever force replaced
     files = [e for e in entries if e.type == "file"]
     return {
-        "output": str(output),
+        "output": str(target),
         "type": result_type,
         "entries": len(entries),
         "files": len(files),
@@ -126,22 +113,36 @@ def extract_export(
     }
 
 
-def _refuse_existing(output: Path, force: bool) -> None:
-    if os.path.lexists(output) and not force:
-        raise Conflict(f"export output {output} already exists", hint="pass force to replace it")
-
-
-def _move_into_place(source: Path, output: Path, work: Path, force: bool) -> None:
-    """Rename ``source`` to ``output``; an existing output is moved aside first and put
-    back if the rename fails."""
-    _refuse_existing(output, force)
-    aside = work / "replaced"
-    had_old = os.path.lexists(output)
-    if had_old:
-        os.rename(output, aside)
-    try:
-        os.rename(source, output)
-    except BaseException:
-        if had_old:
-            os.rename(aside, output)
-        raise
+def _extract(
+    chunks: Iterable[bytes],
+    tree_fd: int,
+    target: HostPath,
+    kind: ExportKind,
+    max_entries: int,
+    max_bytes: int,
+) -> tuple[list[Entry], Literal["file", "dir"], str]:
+    """Build the exported tree in ``tree_fd``: its manifest, whether it is a file or a
+    directory export, and the name (in ``tree_fd``'s parent or in it) to move in."""
+    with TreeBuilder(
+        tree_fd,
+        label=f"export to {target}",
+        max_entries=max_entries,
+        max_bytes=max_bytes,
+        strip_setid=True,
+    ) as tree:
+        stream = io.BufferedReader(ChunkReader(chunks), buffer_size=1 << 20)
+        with open_tar_stream(stream, tree.label) as archive:
+            root = add_tar_members(archive, tree)
+        entries = tree.finish()
+    single = len(entries) == 1 and entries[0].type == "file" and root is None
+    if kind == "file" and not single:
+        raise InvalidArgument("a file export must hold exactly one regular file")
+    if kind == "file" or (kind == "auto" and single):
+        return entries, "file", entries[0].path
+    if not entries and root is None:
+        raise InvalidArgument("the exported archive is empty")
+    mode, mtime_ns = (root.mode, root.mtime_ns) if root else (0o755, None)
+    os.fchmod(tree_fd, mode)
+    if mtime_ns is not None:
+        os.utime(tree_fd, ns=(mtime_ns, mtime_ns))
+    return entries, "dir", "tree"

@@ -18,26 +18,38 @@ extracts those with the same :class:`TreeBuilder`). Refused, each error naming t
   byte cap is checked against each entry's declared size before its data is read and
   again while it is read, so an archive bomb stops at the cap and never fills the disk.
 
-Directories are walked without following symlinks; modes and mtimes are preserved. Runs
-of zeros are written as holes, so sparse files stay sparse.
+Directories are walked through directory file descriptors without following symlinks
+(:func:`~pyro_mcp.storage.host_files.walk_tree`): a directory swapped for a link mid-walk
+is refused, never read through. Trees are built the same way, every entry created relative
+to its parent's descriptor. Modes and mtimes are preserved; runs of zeros are written as
+holes, so sparse files stay sparse.
+
+Tar archives are read by :mod:`~pyro_mcp.workspace.tar_input` (which bounds their
+metadata) and a directory is packed as a tar, under the same rules, by
+:mod:`~pyro_mcp.workspace.tar_output`.
 """
 
 from __future__ import annotations
 
-import errno
-import lzma
 import os
-import shutil
 import stat
-import tarfile
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from types import TracebackType
 
 from pyro_mcp.errors import InvalidArgument, NotFound, OutsideRoot, TooLarge
+from pyro_mcp.storage.host_files import (
+    DIR_FLAGS,
+    HostPath,
+    TreeItem,
+    open_below,
+    open_item,
+    open_source,
+    remove_at,
+    walk_tree,
+)
 from pyro_mcp.workspace.blobs import CHUNK, BlobStore, BlobWriter, SparseWriter
 from pyro_mcp.workspace.manifest import (
     DEFAULT_MAX_ENTRIES,
@@ -47,20 +59,12 @@ from pyro_mcp.workspace.manifest import (
     entry_type_of,
 )
 
+# Re-exported: ingest_seed raises it for a seed archive that cannot be read.
+from pyro_mcp.workspace.tar_input import CorruptArchive as CorruptArchive
+from pyro_mcp.workspace.tar_input import add_tar_members, member_path, open_tar_stream
+
 DEFAULT_MAX_BYTES = 2 << 30
 MAX_SYMLINK_HOPS = 40  # what Linux allows when resolving a path
-_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
-
-
-def _damaged(exc: BaseException) -> bool:
-    """True when ``exc`` says the archive data is bad, not that reading it failed.
-
-    bz2 reports bad data as a plain OSError; its subclasses (a dropped connection, a
-    missing file) are real I/O failures and keep their own type.
-    """
-    if isinstance(exc, OSError):
-        return type(exc) is OSError
-    return isinstance(exc, _ARCHIVE_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -72,39 +76,23 @@ class TreeStats:
     """Bytes of regular-file content (declared sizes)."""
 
 
-class CorruptArchive(InvalidArgument):
-    """An archive could not be read (truncated, bad compression, bad headers)."""
-
-
-def member_path(name: str) -> str | None:
-    """A tar member name as a clean relative path; None for the root (``.``, ``./``).
-
-    OutsideRoot for absolute names and ``..``; ``./`` prefixes, ``//`` and trailing
-    slashes are tidied as tar itself does.
-    """
-    if name.startswith("/"):
-        raise OutsideRoot(f"archive entry {name!r} has an absolute name")
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise OutsideRoot(f"archive entry {name!r} contains '..'")
-    if not parts:
-        return None
-    return check_relative_path("/".join(parts), what="archive entry")
-
-
 class TreeBuilder:
     """Builds a tree under ``root`` from untrusted entries, never following a symlink.
 
-    With ``root=None`` nothing is written: the entries are only checked (and counted).
-    With a ``store``, every file's content goes to the blob store as it is written.
-    ``strip_setid`` drops setuid/setgid bits (for trees landing on the host).
-    Call :meth:`finish` once every entry is added: it checks the symlinks (a later entry
-    can change where an earlier link leads) and sets directory modes and mtimes.
+    ``root`` is an open directory descriptor (the caller's to close) or a directory path,
+    opened once here; every entry is created relative to its parent's descriptor, reached
+    from the root with ``O_NOFOLLOW``, so nothing is ever looked up through a link, not
+    even one swapped into the tree while it is built. With ``root=None`` nothing is
+    written: the entries are only checked (and counted). With a ``store``, every file's
+    content goes to the blob store as it is written. ``strip_setid`` drops setuid/setgid
+    bits (for trees landing on the host). Call :meth:`finish` once every entry is added: it
+    checks the symlinks (a later entry can change where an earlier link leads) and sets
+    directory modes and mtimes; :meth:`close` (or ``with``) releases the descriptors.
     """
 
     def __init__(
         self,
-        root: Path | None,
+        root: Path | int | None,
         *,
         label: str,
         store: BlobStore | None = None,
@@ -112,7 +100,13 @@ class TreeBuilder:
         max_bytes: int = DEFAULT_MAX_BYTES,
         strip_setid: bool = False,
     ) -> None:
-        self.root = root
+        self.writes = root is not None
+        self._owns_fd = isinstance(root, Path)
+        if isinstance(root, Path):
+            self._fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            self._fd = -1 if root is None else root
+        self._parent: tuple[str, int] | None = None  # the last parent opened, still open
         self.label = label
         self.store = store
         self.max_entries = max_entries
@@ -122,6 +116,39 @@ class TreeBuilder:
         self.links: dict[str, str] = {}
         self.total_bytes = 0
         self._dir_times: dict[str, int] = {}
+
+    def close(self) -> None:
+        self._forget_parent()
+        if self._owns_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> TreeBuilder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _at(self, path: str) -> tuple[int, str]:
+        """The open directory holding ``path`` and its name there."""
+        parent, _, name = path.rpartition("/")
+        if not parent:
+            return self._fd, name
+        if self._parent is None or self._parent[0] != parent:
+            fd = open_below(self._fd, parent, self.label)
+            self._forget_parent()
+            self._parent = (parent, fd)
+        return self._parent[1], name
+
+    def _forget_parent(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
 
     # --- adding -------------------------------------------------------------------------
 
@@ -133,8 +160,9 @@ class TreeBuilder:
             self._dir_times[path] = mtime_ns
             return
         self._claim(path)
-        if self.root is not None:
-            os.mkdir(self.root / path, 0o700)  # the real mode is set last, in finish()
+        if self.writes:
+            parent_fd, name = self._at(path)
+            os.mkdir(name, 0o700, dir_fd=parent_fd)  # the real mode is set last, in finish()
         self.entries[path] = Entry(path, "dir", mode & self.mode_mask, 0, mtime_ns)
         self._dir_times[path] = mtime_ns
 
@@ -145,13 +173,13 @@ class TreeBuilder:
         self._claim(path)
         if self.total_bytes + size > self.max_bytes:
             raise self._too_many_bytes(path, size)
-        if self.root is None:
+        if not self.writes:
             self.total_bytes += size
             self.entries[path] = Entry(path, "file", mode & self.mode_mask, size, mtime_ns)
             return
-        full = self.root / path
+        parent_fd, name = self._at(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(full, flags, 0o600), "wb") as handle:
+        with os.fdopen(os.open(name, flags, 0o600, dir_fd=parent_fd), "wb") as handle:
             sparse = SparseWriter(handle)
             blob: BlobWriter | None = self.store.writer() if self.store else None
             try:
@@ -173,11 +201,11 @@ class TreeBuilder:
                     )
                 sparse.finish()
                 os.fchmod(handle.fileno(), mode & self.mode_mask)
+                os.utime(handle.fileno(), ns=(mtime_ns, mtime_ns))
                 sha = blob.commit() if blob is not None else None
             finally:
                 if blob is not None:
                     blob.abort()
-        os.utime(full, ns=(mtime_ns, mtime_ns))
         self.total_bytes += size
         self.entries[path] = Entry(path, "file", mode & self.mode_mask, size, mtime_ns, sha)
 
@@ -190,9 +218,10 @@ class TreeBuilder:
                 "only relative targets inside the tree are allowed"
             )
         self._claim(path)
-        if self.root is not None:
-            os.symlink(target, self.root / path)
-            os.utime(self.root / path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+        if self.writes:
+            parent_fd, name = self._at(path)
+            os.symlink(target, name, dir_fd=parent_fd)
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
         size = len(target.encode("utf-8", "surrogateescape"))
         self.entries[path] = Entry(path, "symlink", 0o777, size, mtime_ns, target=target)
         self.links[path] = target
@@ -212,8 +241,20 @@ class TreeBuilder:
                 "file earlier in the archive"
             )
         self._claim(path)
-        if self.root is not None:
-            os.link(self.root / existing.path, self.root / path, follow_symlinks=False)
+        if self.writes:
+            source_parent, _, source_name = existing.path.rpartition("/")
+            source_fd = open_below(self._fd, source_parent, self.label)
+            try:
+                parent_fd, name = self._at(path)
+                os.link(
+                    source_name,
+                    name,
+                    src_dir_fd=source_fd,
+                    dst_dir_fd=parent_fd,
+                    follow_symlinks=False,
+                )
+            finally:
+                os.close(source_fd)
         self.entries[path] = Entry(
             path, "file", existing.mode, existing.size, existing.mtime_ns, existing.sha256
         )
@@ -247,8 +288,9 @@ class TreeBuilder:
             if kind is not None:
                 raise InvalidArgument(f"{self.label}: {path!r} lies below the {kind} {ancestor!r}")
             self._count(ancestor)
-            if self.root is not None:
-                os.mkdir(self.root / ancestor, 0o700)
+            if self.writes:
+                parent_fd, name = self._at(ancestor)
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
             self.entries[ancestor] = Entry(ancestor, "dir", 0o755, 0, 0)
         self._count(path)
 
@@ -308,14 +350,17 @@ class TreeBuilder:
         """Check every symlink, set directory modes and mtimes (deepest first); the
         manifest, sorted by path."""
         self._check_links()
-        if self.root is not None:
+        if self.writes:
+            self._forget_parent()
             for path in sorted(self._dirs(), key=lambda p: p.count("/"), reverse=True):
-                entry = self.entries[path]
-                full = self.root / path
-                os.chmod(full, entry.mode)
-                mtime = self._dir_times.get(path)
-                if mtime is not None:
-                    os.utime(full, ns=(mtime, mtime))
+                fd = open_below(self._fd, path, self.label)
+                try:
+                    os.fchmod(fd, self.entries[path].mode)
+                    mtime = self._dir_times.get(path)
+                    if mtime is not None:
+                        os.utime(fd, ns=(mtime, mtime))
+                finally:
+                    os.close(fd)
         return check_manifest(self.entries.values())
 
     def _dirs(self) -> list[str]:
@@ -325,113 +370,29 @@ class TreeBuilder:
         return TreeStats(len(self.entries), self.total_bytes)
 
 
-# --- tar archives -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RootInfo:
-    """The archive's own entry for its root (``.``), when it has one."""
-
-    mode: int
-    mtime_ns: int
-
-
-def add_tar_members(archive: tarfile.TarFile, tree: TreeBuilder) -> RootInfo | None:
-    """Feed every member of a tar opened in stream mode into ``tree``.
-
-    Returns the mode and mtime of the archive's ``.`` entry, if any. CorruptArchive when
-    the archive cannot be read.
-    """
-    root: RootInfo | None = None
-    while (member := _next_member(archive, tree.label)) is not None:
-        mtime_ns = round(float(member.mtime) * 1_000_000_000)
-        path = member_path(member.name)
-        if path is None:
-            if not member.isdir():
-                raise InvalidArgument(f"{tree.label}: the archive root is not a directory")
-            root = RootInfo(member.mode & tree.mode_mask, mtime_ns)
-        elif member.isreg():
-            handle = archive.extractfile(member)
-            if handle is None:
-                raise CorruptArchive(f"{tree.label}: cannot read {path!r}")
-            with handle:
-                tree.add_file(path, member.mode, mtime_ns, member.size, _guarded(handle))
-        elif member.isdir():
-            tree.add_dir(path, member.mode, mtime_ns)
-        elif member.issym():
-            tree.add_symlink(path, member.linkname, mtime_ns)
-        elif member.islnk():
-            tree.add_hardlink(path, member.linkname)
-        elif member.ischr() or member.isblk():
-            tree.refuse_special(path, "device node")
-        elif member.isfifo():
-            tree.refuse_special(path, "fifo")
-        else:
-            tree.refuse_special(path, f"tar entry of type {member.type!r}")
-    return root
-
-
-def _next_member(archive: tarfile.TarFile, label: str) -> tarfile.TarInfo | None:
-    try:
-        return archive.next()
-    except _ARCHIVE_ERRORS as exc:
-        if not _damaged(exc):
-            raise
-        raise CorruptArchive(f"{label}: not a readable tar archive ({exc})") from exc
-
-
-def _guarded(handle: IO[bytes]) -> Callable[[int], bytes]:
-    """``handle.read`` whose decompression and format errors say the archive is corrupt."""
-
-    def read(size: int) -> bytes:
-        try:
-            return handle.read(size)
-        except _ARCHIVE_ERRORS as exc:
-            if not _damaged(exc):
-                raise
-            raise CorruptArchive(f"the archive is corrupt ({exc})") from exc
-
-    return read
-
-
-def open_tar_stream(fileobj: BinaryIO, label: str) -> tarfile.TarFile:
-    """A tar (plain, gzip, bzip2 or xz; detected from the data) opened for one pass."""
-    try:
-        return tarfile.open(fileobj=fileobj, mode="r|*")
-    except _ARCHIVE_ERRORS as exc:
-        if not _damaged(exc):
-            raise
-        raise CorruptArchive(f"{label} is not a tar archive ({exc})") from exc
-
-
 # --- directories ------------------------------------------------------------------------
 
 
-def add_directory(source: Path, tree: TreeBuilder) -> None:
-    """Feed the contents of a host directory into ``tree``, never following a symlink."""
-    pending: deque[str] = deque([""])
-    while pending:
-        relative = pending.popleft()
-        with os.scandir(source / relative if relative else source) as listing:
-            children = sorted(listing, key=lambda d: d.name)
-        for child in children:
-            path = check_relative_path(
-                f"{relative}/{child.name}" if relative else child.name, what=tree.label
-            )
-            info = child.stat(follow_symlinks=False)
-            kind = entry_type_of(info.st_mode)
-            if kind == "dir":
-                tree.add_dir(path, stat.S_IMODE(info.st_mode), info.st_mtime_ns)
-                pending.append(path)
-            elif kind == "file":
-                _add_host_file(source / path, path, info, tree)
-            elif kind == "symlink":
-                tree.add_symlink(path, os.readlink(source / path), info.st_mtime_ns)
-            else:
-                tree.refuse_special(path, _special_name(info.st_mode))
+def add_directory(source_fd: int, tree: TreeBuilder) -> None:
+    """Feed the contents of the open host directory ``source_fd`` into ``tree``, walked
+    through directory descriptors, never following a symlink."""
+    for item in walk_tree(source_fd, tree.label):
+        path = check_relative_path(item.path, what=tree.label)
+        info = item.info
+        kind = entry_type_of(info.st_mode)
+        if kind == "dir":
+            tree.add_dir(path, stat.S_IMODE(info.st_mode), info.st_mtime_ns)
+        elif kind == "file":
+            _add_host_file(item, path, tree)
+        elif kind == "symlink":
+            target = os.readlink(item.name, dir_fd=item.dir_fd)
+            tree.add_symlink(path, target, info.st_mtime_ns)
+        else:
+            tree.refuse_special(path, special_file_kind(info.st_mode))
 
 
-def _special_name(st_mode: int) -> str:
+def special_file_kind(st_mode: int) -> str:
+    """What a refused entry of ``st_mode`` is called in errors ("fifo", "device node"...)."""
     if stat.S_ISCHR(st_mode) or stat.S_ISBLK(st_mode):
         return "device node"
     if stat.S_ISFIFO(st_mode):
@@ -441,24 +402,16 @@ def _special_name(st_mode: int) -> str:
     return "special file"
 
 
-def _add_host_file(full: Path, path: str, info: os.stat_result, tree: TreeBuilder) -> None:
-    mode = stat.S_IMODE(info.st_mode)
-    if tree.root is None:
-        tree.add_file(path, mode, info.st_mtime_ns, info.st_size, lambda _n: b"")
+def _add_host_file(item: TreeItem, path: str, tree: TreeBuilder) -> None:
+    mode = stat.S_IMODE(item.info.st_mode)
+    if not tree.writes:
+        tree.add_file(path, mode, item.info.st_mtime_ns, item.info.st_size, lambda _n: b"")
         return
-    try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InvalidArgument(f"{tree.label}: {path!r} changed while being read") from exc
-        raise
-    with os.fdopen(fd, "rb") as handle:
-        now = os.fstat(handle.fileno())
-        if not stat.S_ISREG(now.st_mode):
-            raise InvalidArgument(f"{tree.label}: {path!r} changed while being read")
-        # The size seen when walking is the declared size; a file that grows meanwhile is
+    with os.fdopen(open_item(item, tree.label), "rb") as handle:
+        # The size when opened is the declared size; a file that grows meanwhile is
         # refused rather than read past the cap.
-        tree.add_file(path, mode, info.st_mtime_ns, now.st_size, handle.read)
+        size = os.fstat(handle.fileno()).st_size
+        tree.add_file(path, mode, item.info.st_mtime_ns, size, handle.read)
 
 
 # --- seeds ------------------------------------------------------------------------------
@@ -479,7 +432,7 @@ def empty_seed(staging_dir: Path) -> list[Entry]:
 
 
 def ingest_seed(
-    source: Path,
+    source: Path | HostPath,
     staging_dir: Path,
     store: BlobStore,
     *,
@@ -490,34 +443,60 @@ def ingest_seed(
     ``staging_dir`` (created, mode 0700; must not exist) and its file contents into
     ``store``; returns the seed's manifest.
 
-    Errors (see the module docstring) name the entry: OutsideRoot, InvalidArgument,
-    TooLarge (``max_entries`` entries, ``max_bytes`` bytes of file content), NotFound
-    when ``source`` does not exist. On error the staging directory is removed; blobs
-    already stored stay until the next blob GC.
+    ``source`` is a plain path (the caller's own) or a HostPath confined to a root. Errors
+    (see the module docstring) name the entry: OutsideRoot, InvalidArgument, TooLarge
+    (``max_entries`` entries, ``max_bytes`` bytes of file content, oversized tar
+    metadata), NotFound when ``source`` does not exist. On error the staging directory is
+    removed; blobs already stored stay until the next blob GC.
     """
-    if not source.exists():
-        raise NotFound(f"seed {source} does not exist")
-    label = f"seed {source}"
-    _new_staging(staging_dir)
-    tree = TreeBuilder(
-        staging_dir, label=label, store=store, max_entries=max_entries, max_bytes=max_bytes
-    )
+    seed = HostPath.of(source)
+    label = f"seed {seed}"
+    fd = open_source(seed, "seed")
     try:
-        if source.is_dir():
-            add_directory(source, tree)
-        elif source.is_file():
-            with source.open("rb") as handle, open_tar_stream(handle, label) as archive:
-                add_tar_members(archive, tree)
-        else:
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        if not is_dir and not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidArgument(f"{label} is neither a directory nor a tar archive")
-        return tree.finish()
+        _new_staging(staging_dir)
+        try:
+            with TreeBuilder(
+                staging_dir, label=label, store=store, max_entries=max_entries, max_bytes=max_bytes
+            ) as tree:
+                if is_dir:
+                    add_directory(fd, tree)
+                else:
+                    with (
+                        open(fd, "rb", closefd=False) as handle,
+                        open_tar_stream(handle, label) as archive,
+                    ):
+                        add_tar_members(archive, tree)
+                return tree.finish()
+        except BaseException:
+            remove_tree(staging_dir)
+            raise
+    finally:
+        os.close(fd)
+
+
+def open_checked_directory(
+    source: Path | HostPath, *, max_entries: int, max_bytes: int
+) -> tuple[int, TreeBuilder]:
+    """A host directory opened for a walk under the seed rules: (its descriptor, a
+    :class:`TreeBuilder` that only checks). NotFound when it is not a directory; the
+    caller closes the descriptor."""
+    target = HostPath.of(source)
+    fd = open_source(target, "directory")
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise NotFound(f"{target} is not a directory")
     except BaseException:
-        remove_tree(staging_dir)
+        os.close(fd)
         raise
+    label = f"directory {target}"
+    return fd, TreeBuilder(None, label=label, max_entries=max_entries, max_bytes=max_bytes)
 
 
 def check_directory(
-    source: Path,
+    source: Path | HostPath,
     *,
     max_entries: int = DEFAULT_MAX_ENTRIES,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -526,20 +505,23 @@ def check_directory(
 
     Same errors as :func:`ingest_seed`; returns how many entries and bytes it holds.
     """
-    if not source.is_dir():
-        raise NotFound(f"{source} is not a directory")
-    tree = TreeBuilder(
-        None, label=f"directory {source}", max_entries=max_entries, max_bytes=max_bytes
-    )
-    add_directory(source, tree)
-    tree.finish()
-    return tree.stats()
+    fd, tree = open_checked_directory(source, max_entries=max_entries, max_bytes=max_bytes)
+    try:
+        add_directory(fd, tree)
+        tree.finish()
+        return tree.stats()
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a tree we built, including directories whose mode forbids writing."""
-    if not path.exists():
+    """Remove a tree we built, including directories whose mode forbids writing, through
+    descriptors: nothing below ``path`` is followed, even if replaced by a link."""
+    try:
+        parent = os.open(path.parent, DIR_FLAGS & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
         return
-    for directory, _dirs, _files in os.walk(path):
-        os.chmod(directory, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        remove_at(parent, path.name)
+    finally:
+        os.close(parent)

@@ -62,6 +62,8 @@ def workspace_create(
     with open_workspaces(ctx) as workspaces:
         record = workspaces.create(
             environment,
+            # Workspaces.create passes it to seeds.ingest_seed, which takes a HostPath; the
+            # ignore goes once its annotation says Path | HostPath.
             seed_path=seed,
             name=name,
             labels=parse_pairs(label, "label"),
