@@ -30,6 +30,7 @@ HOST_TOOLS: tuple[HostTool, ...] = (
     HostTool("mke2fs", "e2fsprogs", "pack root filesystems into ext4 images"),
     HostTool("e2fsck", "e2fsprogs", "check ext4 images"),
     HostTool("debugfs", "e2fsprogs", "read ext4 images offline"),
+    HostTool("prlimit", "util-linux", "bound the memory of offline disk readers"),
     HostTool("apt-get", "apt", "download Debian packages"),
     HostTool("dpkg-deb", "dpkg", "unpack Debian packages"),
     HostTool("make", "make", "build the guest kernel"),

@@ -2,10 +2,23 @@
 
 :func:`create_workspace_disk` makes it (sparse) from a staging directory with ``mke2fs -d``.
 The offline readers (:func:`disk_stat`, :func:`disk_list`, :func:`disk_read`) look into
-a STOPPED workspace's disk with ``debugfs`` opened read-only: the image is never mounted
-on the host, so a hostile filesystem never meets the host kernel. Paths are taken inside
-the disk (``/`` is the disk's root, which the guest sees as ``/workspace``); a path that
-climbs above it is refused.
+a STOPPED workspace's disk with ``debugfs`` opened read-only (:mod:`~pyro_mcp.storage.debugfs`
+runs it): the image is never mounted on the host, so a hostile filesystem never meets the
+host kernel. Paths are taken inside the disk (``/`` is the disk's root, which the guest sees
+as ``/workspace``); a path that climbs above it is refused.
+
+The guest's root owns that disk and can set any inode field, so the readers trust none of
+it and stay bounded whatever it holds:
+
+- sizes are checked before anything is read: a symlink over 4095 bytes (Linux's limit) is
+  reported, not read; :func:`disk_read` reads at most 64 MiB, and only what it returns;
+- every debugfs run has the bounds of :mod:`~pyro_mcp.storage.debugfs` (output capped and
+  parsed as it streams in, memory limited), and a listing stops as soon as it passes
+  ``max_entries``;
+- every call has a deadline (``timeout_s``, 60 s by default) shared by its debugfs runs,
+  which are killed when it passes (ToolFailed saying so);
+- recursive listing keeps the inodes of the directories it met, so a directory linked
+  back to its ancestor is flagged, not followed.
 """
 
 from __future__ import annotations
@@ -14,32 +27,53 @@ import math
 import os
 import re
 import stat
-import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from pyro_mcp.errors import (
-    Conflict,
-    InvalidArgument,
-    NotFound,
-    OutsideRoot,
-    TooLarge,
-    ToolFailed,
+from pyro_mcp.errors import Conflict, InvalidArgument, NotFound, OutsideRoot, TooLarge, ToolFailed
+from pyro_mcp.runtime.host_tools import run
+from pyro_mcp.storage.debugfs import (
+    Deadline,
+    DebugfsRun,
+    format_size,
+    frame_commands,
+    framed_output,
+    from_disk_bytes,
+    max_output_for,
+    quote_path,
+    says_not_found,
+    to_disk_bytes,
 )
-from pyro_mcp.runtime.host_tools import require, run
 
 BLOCK_SIZE = 4096
 INODE_SIZE = 256
 MIN_DISK_MIB = 8
 MAX_DISK_MIB = 16 << 20  # 16 TiB, ext4's limit with 4 KiB blocks
-DEFAULT_LIST_MAX_ENTRIES = 10_000
 FAST_SYMLINK_MAX = 59  # longer targets take a data block
 _MIB = 1 << 20
 
-_STAT = re.compile(r"Inode: (\d+)\s+Type: ([a-zA-Z ]+?)\s+Mode:\s+(\d+)")
-_SIZE = re.compile(r"\bSize: (\d+)")
-_MTIME = re.compile(r"^\s*mtime: 0x([0-9a-f]+)(?::([0-9a-f]+))?", re.MULTILINE)
-_LS_LINE = re.compile(r"^/(\d+)/(\d+)/(\d+)/(\d+)/(.*)/(\d*)/$")
+# Bounds of the offline readers (the module docstring says what each guards).
+DEFAULT_LIST_MAX_ENTRIES = 10_000
+MAX_LIST_ENTRIES = 100_000
+READ_TIMEOUT_S = 60.0
+MAX_READ_BYTES = 64 * _MIB
+SYMLINK_MAX = 4095  # PATH_MAX - 1: the longest target Linux reads or writes
+PATH_MAX_BYTES = 4095
+LINK_TOO_LONG = (
+    "the link's size is {} bytes, more than the 4095 bytes a Linux symlink target can hold: "
+    "it was not read"
+)
+_STAT_BATCH = 1024  # symlinks stat-ed per debugfs run
+_CAT_BATCH_BYTES = 4 * _MIB  # bytes of slow symlink targets cat-ed per debugfs run
+
+_STAT = re.compile(rb"Inode: (\d+)\s+Type: ([a-zA-Z ]+?)\s+Mode:\s+(\d+)")
+_SIZE = re.compile(rb"\bSize: (\d+)")
+_MTIME = re.compile(rb"\s*mtime: 0x([0-9a-f]+)(?::([0-9a-f]+))?")
+_FAST_LINK = b'Fast link dest: "'
+# ls -p: /inode/mode/uid/gid/name/size/ (size empty for a directory); ids can print < 0.
+_LS_LINE = re.compile(rb"/(\d+)/(\d+)/(-?\d+)/(-?\d+)/(.*)/(\d*)/\n")
+_LS_HEAD = re.compile(rb"/\d+/\d+/-?\d+/-?\d+/")
 _TYPES = {"regular": "file", "directory": "dir", "symlink": "symlink"}
 # (filesystem blocks below which, journal blocks): e2fsprogs' ext2fs_default_journal_size.
 _JOURNAL_STEPS = (
@@ -164,11 +198,24 @@ def _does_not_fit(size_mib: int, need: int, entries: int, data_blocks: int) -> T
 # --- reading offline --------------------------------------------------------------------
 
 
+class DiskListing(list[dict[str, Any]]):
+    """What :func:`disk_list` returns: its entries, sorted by path (a plain list to every
+    other use), and ``unlisted``: for each directory that had some, how many of its entries
+    were left out because no path can name them (see :func:`disk_list`)."""
+
+    def __init__(
+        self, entries: Iterable[dict[str, Any]] = (), unlisted: dict[str, int] | None = None
+    ) -> None:
+        super().__init__(entries)
+        self.unlisted: dict[str, int] = dict(unlisted or {})
+
+
 def disk_path(path: str) -> str:
     """``path`` as an absolute path inside the disk (``src/x`` -> ``/src/x``).
 
     OutsideRoot if it climbs above the disk's root; InvalidArgument for NUL bytes or line
-    ends, which debugfs commands cannot carry.
+    ends, which debugfs commands cannot carry, and for paths longer than 4095 bytes. Names
+    that are not UTF-8 are given as :func:`disk_list` returns them (``surrogateescape``).
     """
     if not isinstance(path, str):
         raise InvalidArgument(f"path must be a string, got {path!r}")
@@ -184,55 +231,20 @@ def disk_path(path: str) -> str:
             parts.pop()
             continue
         parts.append(part)
-    return "/" + "/".join(parts)
-
-
-def _quote(path: str) -> str:
-    # debugfs reads a doubled quote inside quotes as one quote.
-    return '"' + path.replace('"', '""') + '"'
-
-
-def _debugfs(image: Path, commands: list[str]) -> tuple[bytes, str]:
-    """Run debugfs read-only over ``image`` with ``commands``; (stdout, stderr).
-
-    debugfs exits 0 even when a command fails, so callers read errors from stderr.
-    """
-    if not image.is_file():
-        raise NotFound(f"workspace disk {image} does not exist")
-    script = "".join(command + "\n" for command in commands).encode("utf-8")
-    env = dict(os.environ, DEBUGFS_PAGER="__none__", PAGER="__none__")
-    result = run(
-        ["debugfs", "-f", "-", str(image)],
-        what="read the workspace disk",
-        env=env,
-        input_bytes=script,
-    )
-    errors = result.stderr.decode("utf-8", "replace")
-    if "while trying to open" in errors or "Filesystem not open" in errors:
-        raise ToolFailed(
-            f"debugfs cannot open {image} as an ext4 filesystem",
-            stderr_tail=errors.strip()[-2000:],
+    where = "/" + "/".join(parts)
+    try:
+        size = len(to_disk_bytes(where))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"path {path!r} holds characters no file name can") from None
+    if size > PATH_MAX_BYTES:
+        raise InvalidArgument(
+            f"path {where[:40]!r}... ({size} bytes) is longer than the {PATH_MAX_BYTES} bytes "
+            "a path can hold"
         )
-    return result.stdout, errors
+    return where
 
 
-def _sections(out: bytes, commands: list[str]) -> list[bytes]:
-    """Each command's output: debugfs echoes ``debugfs: <command>`` before each one."""
-    found = []
-    position = 0
-    marks = [f"debugfs: {command}\n".encode() for command in commands]
-    for index, mark in enumerate(marks):
-        start = out.find(mark, position)
-        if start < 0:
-            raise ToolFailed(f"debugfs output has no section for {commands[index]!r}")
-        start += len(mark)
-        end = out.find(marks[index + 1], start) if index + 1 < len(marks) else len(out)
-        found.append(out[start : end if end >= 0 else len(out)])
-        position = start
-    return found
-
-
-def _decode_mtime(seconds_hex: str, extra_hex: str | None) -> int:
+def _decode_mtime(seconds_hex: bytes, extra_hex: bytes | None) -> int:
     seconds = int(seconds_hex, 16)
     if seconds >= 1 << 31:
         seconds -= 1 << 32
@@ -241,70 +253,217 @@ def _decode_mtime(seconds_hex: str, extra_hex: str | None) -> int:
     return seconds * 1_000_000_000 + (extra >> 2)
 
 
-def _parse_stat(text: str, path: str) -> dict[str, Any]:
-    head = _STAT.search(text)
-    size = _SIZE.search(text)
-    if head is None or size is None:
-        raise ToolFailed(f"cannot read debugfs's report on {path}", stderr_tail=text[-2000:])
-    mtime = _MTIME.search(text)
-    kind = _TYPES.get(head.group(2).strip(), "other")
-    info: dict[str, Any] = {
-        "path": path,
-        "type": kind,
-        "mode": int(head.group(3), 8) & 0o7777,
-        "size": int(size.group(1)),
-        "mtime_ns": _decode_mtime(mtime.group(1), mtime.group(2)) if mtime else None,
-        "inode": int(head.group(1)),
-    }
-    return info
+class _StatReport:
+    """What the readers take from debugfs's ``stat`` report, fed one line piece at a time.
+
+    The inode, type, mode, size and mtime lines come first and only their first match
+    counts, so nothing the guest words later (extended attributes) can pose as them. A fast
+    symlink's target (``Fast link dest: "..."``) is kept up to its size (at most 4095
+    bytes); the report is ``done`` there or at its block list, which can be long.
+    """
+
+    def __init__(self) -> None:
+        self.head: re.Match[bytes] | None = None
+        self.size: int | None = None
+        self.mtime_ns: int | None = None
+        self.link: bytearray | None = None
+        self.done = False
+
+    def feed(self, piece: bytes) -> None:
+        if self.done:
+            return
+        if self.link is not None:
+            self._add_link(piece)
+        elif piece.startswith(_FAST_LINK):
+            self.link = bytearray()
+            self._add_link(piece[len(_FAST_LINK) :])
+        elif piece.startswith((b"EXTENTS:", b"BLOCKS:")):
+            self.done = True
+        elif self.head is None:
+            self.head = _STAT.match(piece)
+        elif self.size is None:
+            size = _SIZE.search(piece)
+            self.size = int(size.group(1)) if size else None
+        elif self.mtime_ns is None and (mtime := _MTIME.match(piece)):
+            self.mtime_ns = _decode_mtime(mtime.group(1), mtime.group(2))
+
+    def _add_link(self, piece: bytes) -> None:
+        assert self.link is not None
+        want = min(self.size or 0, SYMLINK_MAX) + 2  # the target, its closing quote, "\n"
+        self.link += piece[: want - len(self.link)]
+        self.done = len(self.link) >= want
+
+    def info(self, where: str) -> dict[str, Any]:
+        if self.head is None or self.size is None:
+            raise ToolFailed(f"cannot read debugfs's report on {where}")
+        return {
+            "path": where,
+            "type": _TYPES.get(self.head.group(2).decode().strip(), "other"),
+            "mode": int(self.head.group(3), 8) & 0o7777,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "inode": int(self.head.group(1)),
+        }
+
+    def fast_link(self, size: int) -> bytes | None:
+        """The fast symlink's target of ``size`` bytes; None if debugfs showed it
+        otherwise (a NUL byte in it, say)."""
+        assert self.link is not None
+        return bytes(self.link[:size]) if self.link[size:] == b'"\n' else None
 
 
-def _not_found(errors: str) -> bool:
-    return "File not found" in errors or "not found by ext2_lookup" in errors
-
-
-def disk_stat(image: Path, path: str) -> dict[str, Any]:
-    """``{"path", "type", "mode", "size", "mtime_ns", "inode"}`` (and ``"target"`` for a
-    symlink) of one path on the disk; NotFound if it does not exist."""
-    where = disk_path(path)
-    out, errors = _debugfs(image, [f"stat {_quote(where)}"])
-    if _not_found(errors) or not out.strip():
-        raise NotFound(f"{where} does not exist on the workspace disk")
-    info = _parse_stat(out.decode("utf-8", "replace"), where)
+def _stat(image: Path, where: str, deadline: Deadline) -> dict[str, Any]:
+    report = _StatReport()
+    with DebugfsRun(
+        image, f"reading {where}", deadline, request=f"stat {quote_path(where)}"
+    ) as run:
+        while not report.done and (piece := run.readline()):
+            report.feed(piece)
+        if report.head is None:
+            errors = run.finish()
+            if says_not_found(errors):
+                raise NotFound(f"{where} does not exist on the workspace disk")
+            raise ToolFailed(
+                f"cannot read debugfs's report on {where}", stderr_tail=errors.strip()[-2000:]
+            )
+    info = report.info(where)
     if info["type"] == "symlink":
-        info["target"] = _link_targets(image, [(info["inode"], info["size"])])[info["inode"]]
+        _fill_targets(image, [info], f"reading {where}", deadline, {info["inode"]: report})
     return info
 
 
-def _link_targets(image: Path, links: list[tuple[int, int]]) -> dict[int, str]:
-    """Targets of symlinks given as ``(inode, size)``: short ones are in the inode (stat
-    shows them), long ones in a data block (cat prints them)."""
-    if not links:
-        return {}
-    commands = [f"stat <{ino}>" for ino, _ in links]
-    sections = _sections(_debugfs(image, commands)[0], commands)
-    targets: dict[int, str] = {}
-    slow = []
-    marker = b'Fast link dest: "'
-    for (ino, size), section in zip(links, sections, strict=True):
-        at = section.find(marker)
-        if at < 0:
-            slow.append((ino, size))
-            continue
-        start = at + len(marker)
-        targets[ino] = section[start : start + size].decode("utf-8", "replace")
-    if slow:
-        # cat prints exactly the target's bytes, so walk the output by the known sizes.
-        out = _debugfs(image, [f"cat <{ino}>" for ino, _ in slow])[0]
-        position = 0
-        for ino, size in slow:
-            mark = f"debugfs: cat <{ino}>\n".encode()
-            start = out.find(mark, position)
-            if start < 0:
-                raise ToolFailed(f"debugfs output has no section for inode {ino}")
-            position = start + len(mark) + size
-            targets[ino] = out[start + len(mark) : position].decode("utf-8", "replace")
-    return targets
+def disk_stat(image: Path, path: str, *, timeout_s: float = READ_TIMEOUT_S) -> dict[str, Any]:
+    """``{"path", "type", "mode", "size", "mtime_ns", "inode"}`` of one path on the disk,
+    and for a symlink ``"target"``: the target (None, with ``"target_error"`` saying why,
+    when it cannot be shown: a size over 4095 bytes, Linux's limit, is never read).
+
+    NotFound if it does not exist. Bounds: ``timeout_s`` for the whole call (ToolFailed
+    past it), and those of every debugfs run (see :mod:`~pyro_mcp.storage.debugfs`); the
+    report is read only as far as its block list.
+    """
+    deadline = Deadline(timeout_s)
+    return _stat(image, disk_path(path), deadline)
+
+
+def _no_target(link: dict[str, Any], why: str) -> None:
+    link["target"] = None
+    link["target_error"] = why
+
+
+def _fill_targets(
+    image: Path,
+    links: list[dict[str, Any]],
+    doing: str,
+    deadline: Deadline,
+    reports: dict[int, _StatReport] | None = None,
+) -> None:
+    """Set ``"target"`` on symlink entries (and ``"target_error"`` when it is None).
+
+    Sizes are checked first: a size over 4095 bytes is not a Linux symlink and is not read.
+    Short targets are in the inode (``stat`` shows them, taken from ``reports`` when given),
+    longer ones in a data block (``cat`` prints them); both run in batches whose output is
+    bounded by the sizes.
+    """
+    by_inode: dict[int, list[dict[str, Any]]] = {}
+    for link in links:
+        if link["size"] > SYMLINK_MAX:
+            _no_target(link, LINK_TOO_LONG.format(link["size"]))
+        else:
+            by_inode.setdefault(link["inode"], []).append(link)
+    reports = dict(reports or {})
+    unknown = [ino for ino in by_inode if ino not in reports]
+    for start in range(0, len(unknown), _STAT_BATCH):
+        reports.update(_stat_inodes(image, unknown[start : start + _STAT_BATCH], doing, deadline))
+    targets: dict[int, bytes | None] = {}
+    slow: list[tuple[int, int]] = []
+    for ino, same in by_inode.items():
+        if reports[ino].link is None:
+            slow.append((ino, same[0]["size"]))
+        else:
+            targets[ino] = reports[ino].fast_link(same[0]["size"])
+    batch: list[tuple[int, int]] = []
+    batch_bytes = 0
+    for ino, size in slow:
+        if batch and batch_bytes + size > _CAT_BATCH_BYTES:
+            targets.update(_slow_links(image, batch, doing, deadline))
+            batch, batch_bytes = [], 0
+        batch.append((ino, size))
+        batch_bytes += size
+    if batch:
+        targets.update(_slow_links(image, batch, doing, deadline))
+    for ino, same in by_inode.items():
+        for link in same:
+            raw = targets.get(ino)
+            if raw is None:
+                _no_target(link, "debugfs could not read the link's target")
+            else:
+                link["target"] = from_disk_bytes(raw)
+
+
+def _stat_inodes(
+    image: Path, inodes: list[int], doing: str, deadline: Deadline
+) -> dict[int, _StatReport]:
+    """debugfs's ``stat`` reports on ``inodes``, read in one run."""
+    script, marks = frame_commands([f"stat <{ino}>" for ino in inodes])
+    reports = [_StatReport() for _ in inodes]
+    with DebugfsRun(image, doing, deadline, script=script) as run:
+        for index, piece in framed_output(run, marks):
+            reports[index].feed(piece)
+    return dict(zip(inodes, reports, strict=True))
+
+
+def _slow_links(
+    image: Path, links: list[tuple[int, int]], doing: str, deadline: Deadline
+) -> dict[int, bytes | None]:
+    """Targets of ``(inode, size)`` symlinks kept in a data block: cat prints exactly the
+    target's bytes after echoing the command; anything longer or shorter is None."""
+    script, marks = frame_commands([f"cat <{ino}>" for ino, _ in links])
+    data = [bytearray() for _ in links]
+    echoed = [False] * len(links)
+    with DebugfsRun(image, doing, deadline, script=script) as run:
+        for index, piece in framed_output(run, marks):
+            if not echoed[index]:
+                echoed[index] = True  # "debugfs: cat <ino>"
+                continue
+            size = links[index][1]
+            data[index] += piece[: size + 1 - len(data[index])]
+    return {
+        ino: bytes(got) if len(got) == size else None
+        for (ino, size), got in zip(links, data, strict=True)
+    }
+
+
+class _Dir(NamedTuple):
+    inode: int
+    path: str
+    path_bytes: int
+    entry: dict[str, Any] | None  # its own entry in the listing (None for the top)
+
+
+def _ls_entry(piece: bytes, parent: _Dir) -> dict[str, Any] | bool:
+    """The entry an ``ls -p`` line shows; False for other lines, True for an entry that no
+    path can name: a name holding a line end (its first line starts like an entry, and
+    does not end like one), "/" or NUL, or a path over 4095 bytes."""
+    match = _LS_LINE.fullmatch(piece)
+    if match is None:
+        return _LS_HEAD.match(piece) is not None
+    ino, mode, _uid, _gid, name, size = match.groups()
+    if name in (b".", b"..") or ino == b"0":
+        return False  # unused directory slots (lost+found keeps some) show as inode 0
+    if not name or b"/" in name or b"\0" in name:
+        return True
+    if parent.path_bytes + 1 + len(name) > PATH_MAX_BYTES:
+        return True
+    full_mode = int(mode, 8)
+    text = from_disk_bytes(name)
+    return {
+        "path": f"{parent.path.rstrip('/')}/{text}",
+        "name": text,
+        "type": _kind_of(full_mode),
+        "mode": full_mode & 0o7777,
+        "size": int(size) if size else 0,
+        "inode": int(ino),
+    }
 
 
 def disk_list(
@@ -313,64 +472,88 @@ def disk_list(
     recursive: bool = False,
     *,
     max_entries: int = DEFAULT_LIST_MAX_ENTRIES,
-) -> list[dict[str, Any]]:
+    timeout_s: float = READ_TIMEOUT_S,
+) -> DiskListing:
     """The entries of a directory on the disk (all below it when ``recursive``), sorted by
     path; a file's listing is the file itself.
 
     Each entry is ``{"path", "name", "type", "mode", "size", "inode"}``, with ``"target"``
-    for symlinks; ``path`` is absolute inside the disk. NotFound for a missing path,
-    TooLarge past ``max_entries`` (list a subdirectory, or without ``recursive``).
+    for symlinks (as :func:`disk_stat` gives it); ``path`` is absolute inside the disk.
+    Names that are not UTF-8 come back decoded with ``surrogateescape`` (``os.fsencode``
+    gives back their bytes, and the readers take them as they are).
+
+    A hostile disk can make it neither loop nor give paths that name nothing:
+
+    - a directory met again (a link back to an ancestor, which makes a cycle, or a second
+      hard link to a directory; only a tampered disk has either) is still listed, flagged
+      ``"repeat_of"``: the path it was first met at, breadth first; its contents are not
+      listed again;
+    - entries no path can name are left out and counted in the result's ``unlisted``
+      (directory path -> count) and in their directory's entry as ``"unlisted"``: names
+      holding a line end (debugfs cannot show them), "/" or NUL, and paths over 4095
+      bytes. A name crafted to read as several listing lines may instead show as the
+      entries it imitates, which the guest could as well have made for real.
+
+    Bounds: at most ``max_entries`` entries (1 to 100,000; left-out ones count too) are
+    read: TooLarge as soon as there are more, without reading the rest (list a
+    subdirectory, or without ``recursive``). Memory grows with them, at most about 9 KB
+    each (a path and a link target of at most 4095 bytes each): some 90 MB at the default
+    10,000. ``timeout_s`` bounds the whole call (ToolFailed past it); every debugfs run has
+    the bounds :mod:`~pyro_mcp.storage.debugfs` says. NotFound for a missing path.
     """
-    top = disk_stat(image, path)
+    if (
+        isinstance(max_entries, bool)
+        or not isinstance(max_entries, int)
+        or not 1 <= max_entries <= MAX_LIST_ENTRIES
+    ):
+        raise InvalidArgument(
+            f"max_entries must be between 1 and {MAX_LIST_ENTRIES}, got {max_entries!r}"
+        )
+    deadline = Deadline(timeout_s)
+    top = _stat(image, disk_path(path), deadline)
     if top["type"] != "dir":
         name = top["path"].rsplit("/", 1)[-1]
-        return [{k: v for k, v in top.items() if k != "mtime_ns"} | {"name": name}]
+        return DiskListing([{k: v for k, v in top.items() if k != "mtime_ns"} | {"name": name}])
+    root: str = top["path"]
+    doing = f"listing {root}"
     entries: list[dict[str, Any]] = []
-    level = [(top["inode"], top["path"])]
+    unlisted: dict[str, int] = {}
+    left_out = 0
+    seen = {top["inode"]: root}
+    level = [_Dir(top["inode"], root, len(to_disk_bytes(root.rstrip("/"))), None)]
     while level:
-        commands = [f"ls -l -p <{ino}>" for ino, _ in level]
-        sections = _sections(_debugfs(image, commands)[0], commands)
-        next_level = []
-        for (_, parent), section in zip(level, sections, strict=True):
-            for entry in _parse_listing(section, parent):
-                entries.append(entry)
-                if len(entries) > max_entries:
+        script, marks = frame_commands([f"ls -l -p <{d.inode}>" for d in level])
+        next_level: list[_Dir] = []
+        with DebugfsRun(image, doing, deadline, script=script) as run:
+            for index, piece in framed_output(run, marks):
+                parent = level[index]
+                entry = _ls_entry(piece, parent)
+                if entry is False:
+                    continue
+                if entry is True:
+                    left_out += 1
+                    unlisted[parent.path] = unlisted.get(parent.path, 0) + 1
+                    if parent.entry is not None:
+                        parent.entry["unlisted"] = unlisted[parent.path]
+                else:
+                    assert isinstance(entry, dict)
+                    entries.append(entry)
+                    if entry["type"] == "dir":
+                        if entry["inode"] in seen:
+                            entry["repeat_of"] = seen[entry["inode"]]
+                        elif recursive:
+                            seen[entry["inode"]] = entry["path"]
+                            size = parent.path_bytes + 1 + len(to_disk_bytes(entry["name"]))
+                            next_level.append(_Dir(entry["inode"], entry["path"], size, entry))
+                if len(entries) + left_out > max_entries:
                     raise TooLarge(
-                        f"{top['path']} holds more than {max_entries} entries",
+                        f"{root} holds more than {max_entries} entries",
                         hint="list a subdirectory, or list without recursive",
                     )
-                if recursive and entry["type"] == "dir":
-                    next_level.append((entry["inode"], entry["path"]))
         level = next_level
-    links = [(e["inode"], e["size"]) for e in entries if e["type"] == "symlink"]
-    targets = _link_targets(image, links)
-    for entry in entries:
-        if entry["type"] == "symlink":
-            entry["target"] = targets.get(entry["inode"])
-    return sorted(entries, key=lambda e: e["path"])
-
-
-def _parse_listing(section: bytes, parent: str) -> list[dict[str, Any]]:
-    found = []
-    for raw in section.decode("utf-8", "replace").split("\n"):
-        match = _LS_LINE.match(raw)
-        if match is None:
-            continue  # blank lines (and names holding a line end, which -p cannot show)
-        ino, mode, _uid, _gid, name, size = match.groups()
-        if name in ("", ".", "..") or ino == "0":
-            continue  # unused directory slots (lost+found keeps some) show as inode 0
-        full_mode = int(mode, 8)
-        found.append(
-            {
-                "path": f"{parent.rstrip('/')}/{name}",
-                "name": name,
-                "type": _kind_of(full_mode),
-                "mode": full_mode & 0o7777,
-                "size": int(size) if size else 0,
-                "inode": int(ino),
-            }
-        )
-    return found
+    links = [e for e in entries if e["type"] == "symlink"]
+    _fill_targets(image, links, f"reading the symlinks under {root}", deadline)
+    return DiskListing(sorted(entries, key=lambda e: e["path"]), unlisted)
 
 
 def _kind_of(mode: int) -> str:
@@ -383,34 +566,51 @@ def _kind_of(mode: int) -> str:
     return "other"
 
 
-def disk_read(image: Path, path: str, max_bytes: int) -> bytes:
+def disk_read(
+    image: Path, path: str, max_bytes: int, *, timeout_s: float = READ_TIMEOUT_S
+) -> bytes:
     """Up to ``max_bytes`` bytes from the start of a regular file on the disk.
 
     NotFound for a missing path; InvalidArgument for a directory, a symlink (the message
-    names its target) or a special file, and for ``max_bytes`` < 1. Only what is returned
-    is read: debugfs is stopped once ``max_bytes`` arrived.
+    names its target) or a special file, and for ``max_bytes`` outside 1 to 64 MiB.
+    Bounds: only what is returned is read (debugfs is stopped once it arrived; memory peaks
+    at about twice that), and ``timeout_s`` bounds the whole call (ToolFailed past it).
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise InvalidArgument(f"max_bytes must be a positive integer, got {max_bytes!r}")
-    info = disk_stat(image, path)
-    if info["type"] == "dir":
-        raise InvalidArgument(f"{info['path']} is a directory: list it instead")
-    if info["type"] == "symlink":
+    if (
+        isinstance(max_bytes, bool)
+        or not isinstance(max_bytes, int)
+        or not 1 <= max_bytes <= MAX_READ_BYTES
+    ):
         raise InvalidArgument(
-            f"{info['path']} is a symbolic link to {info['target']!r}: read its target instead"
+            f"max_bytes must be between 1 and {MAX_READ_BYTES} ({format_size(MAX_READ_BYTES)}), "
+            f"got {max_bytes!r}"
+        )
+    deadline = Deadline(timeout_s)
+    info = _stat(image, disk_path(path), deadline)
+    where = info["path"]
+    if info["type"] == "dir":
+        raise InvalidArgument(f"{where} is a directory: list it instead")
+    if info["type"] == "symlink":
+        if info["target"] is None:
+            raise InvalidArgument(
+                f"{where} is a symbolic link whose target cannot be shown ({info['target_error']})"
+            )
+        raise InvalidArgument(
+            f"{where} is a symbolic link to {info['target']!r}: read its target instead"
         )
     if info["type"] != "file":
-        raise InvalidArgument(f"{info['path']} is not a regular file")
+        raise InvalidArgument(f"{where} is not a regular file")
     want = min(info["size"], max_bytes)
     if want == 0:
         return b""
-    argv = [require("debugfs"), "-R", f"cat <{info['inode']}>", str(image)]
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-    ) as process:
-        assert process.stdout is not None  # stdout=PIPE
-        data = process.stdout.read(want)
-        process.kill()  # the rest is not wanted; no need to let debugfs write it
-    if len(data) != want:
-        raise ToolFailed(f"debugfs returned {len(data)} of {want} bytes of {info['path']}")
+    request = f"cat <{info['inode']}>"
+    limit = max_output_for(want)
+    with DebugfsRun(image, f"reading {where}", deadline, request=request, max_output=limit) as run:
+        data = run.read(want)
+        if len(data) != want:
+            errors = run.finish()
+            raise ToolFailed(
+                f"debugfs returned {len(data)} of {want} bytes of {where}",
+                stderr_tail=errors.strip()[-2000:],
+            )
     return data
