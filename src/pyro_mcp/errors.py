@@ -15,6 +15,8 @@
     ├── VMError                    a VM could not be created, booted or controlled
     │   └── BootTimeout            a guest never became ready (carries the console tail)
     ├── AgentUnavailable           the guest agent link dropped (VM or agent died)
+    ├── ProtocolViolation          the guest agent broke the protocol (damaged or
+    │                              unasked-for data, a bad answer): its call fails
     ├── GuestError                 the guest agent refused a call (carries its code)
     └── OperationTimeout           an operation ran past its deadline
 
@@ -127,6 +129,10 @@ class BootTimeout(VMError):
 
 class AgentUnavailable(PyroError):
     code = "agent_unavailable"
+
+
+class ProtocolViolation(PyroError):
+    code = "protocol_violation"
 
 
 class GuestError(PyroError):

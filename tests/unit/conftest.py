@@ -12,15 +12,27 @@ from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest_agent.agent import Agent
 
 
+class InProcessAgent:
+    """A guest agent (``Agent`` or a subclass) served in this process over a socketpair,
+    and a host client that has said hello to it."""
+
+    def __init__(self, agent_class: type[Agent] = Agent) -> None:
+        host, self.guest = socket.socketpair()
+        agent = agent_class(self.guest.fileno(), poweroff=lambda: None)
+        self.thread = threading.Thread(target=agent.serve, daemon=True)
+        self.thread.start()
+        self.client = AgentClient(host)
+        self.client.hello()
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(timeout=10)  # the agent stops on EOF; only then is its fd free
+        self.guest.close()
+
+
 @pytest.fixture
 def agent_client() -> Iterator[AgentClient]:
     """A host client talking to the guest agent run in this process over a socketpair."""
-    host, guest = socket.socketpair()
-    agent = Agent(guest.fileno(), poweroff=lambda: None)
-    thread = threading.Thread(target=agent.serve, daemon=True)
-    thread.start()
-    conn = AgentClient(host)
-    yield conn
-    conn.close()
-    thread.join(timeout=10)  # the agent stops on EOF; only then is its fd free to close
-    guest.close()
+    served = InProcessAgent()
+    yield served.client
+    served.close()

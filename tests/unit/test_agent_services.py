@@ -295,6 +295,7 @@ def test_a_restarted_agent_adopts_running_services_from_its_records(run_dir: Pat
     )
     guest.close()
     old = AgentClient(host)
+    old.hello()
     try:
         keeper = old.service_start("keeper", shell="echo kept; sleep 1000")
         goner = old.service_start("goner", ["sleep", "1000"])
@@ -309,6 +310,7 @@ def test_a_restarted_agent_adopts_running_services_from_its_records(run_dir: Pat
     host, guest = socket.socketpair()
     thread = _serve(guest)
     new = AgentClient(host)
+    new.hello()
     try:
         listed = {svc["name"]: svc for svc in new.service_list()}
         assert listed["keeper"]["state"] == "running"

@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
 import threading
@@ -16,11 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from tests.unit.conftest import InProcessAgent
 
 from pyro_mcp.errors import GuestError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest_agent import ops_tree
-from pyro_mcp.guest_agent.agent import Agent
 
 SETTLE_S = ops_tree.RACY_NS / 1e9 + 0.05  # files this old are cached on first sight
 
@@ -94,7 +93,7 @@ def test_manifest_lists_every_path_exactly(client: AgentClient, root: Path) -> N
     assert by_path["link"]["size"] == len("src/main.py")
     assert "sha256" not in by_path["link"]
     assert by_path["escape"]["target"] == "/etc/passwd"  # listed, never followed
-    assert by_path["pipe"]["type"] == "other" and by_path["pipe"]["mode"] == 0o600
+    assert by_path["pipe"]["type"] == "fifo" and by_path["pipe"]["mode"] == 0o600
     assert counts["entries"] == 7
     assert (counts["files"], counts["dirs"], counts["symlinks"], counts["other"]) == (2, 2, 2, 1)
     assert counts["bytes"] == main.stat().st_size + (root / "run.sh").stat().st_size
@@ -288,7 +287,15 @@ def test_apply_tree_builds_dirs_symlinks_and_modes_exactly(client: AgentClient, 
         ],
         chmods=[{"path": "keep.txt", "mode": 0o600}, {"path": "a/abs", "mode": 0o644}],
     )
-    assert result == {"removed": 2, "dirs_created": 4, "symlinks": 3, "chmods": 5, "skipped": 1}
+    assert result == {
+        "removed": 2,
+        "dirs_created": 4,
+        "symlinks": 3,
+        "specials": 0,
+        "sockets_skipped": 0,
+        "chmods": 5,
+        "skipped": 1,
+    }
     assert not (root / "old").exists()
     assert (root / "swap").is_dir() and not (root / "swap").is_symlink()
     modes = {rel: (root / rel).stat().st_mode & 0o7777 for rel in ("a", "a/b", "a/b/c", "keep.txt")}
@@ -331,9 +338,10 @@ def test_apply_tree_replaces_symlinks_and_refuses_escapes(client: AgentClient, r
 
 
 def _archive(client: AgentClient, root: Path, path: str) -> tuple[bytes, dict[str, Any]]:
-    chunks: list[bytes] = []
-    info = client.archive_get(str(root), path, chunks.append)
-    return b"".join(chunks), info
+    with client.archive_stream(str(root), path, timeout_s=60) as call:
+        data = b"".join(chunk for _stream, _offset, chunk in call)
+        info = call.value or {}
+    return data, info
 
 
 def _snapshot(top: Path) -> dict[str, tuple[str, int, str, int]]:
@@ -538,28 +546,18 @@ def test_archive_put_into_the_root_and_bad_arguments(client: AgentClient, root: 
 # --- several channels to one VM ------------------------------------------------------
 
 
-def _connect() -> tuple[AgentClient, socket.socket, threading.Thread]:
-    host, guest = socket.socketpair()
-    agent = Agent(guest.fileno(), poweroff=lambda: None)
-    thread = threading.Thread(target=agent.serve, daemon=True)
-    thread.start()
-    return AgentClient(host), guest, thread
-
-
 def test_connections_of_one_vm_share_the_digest_cache(root: Path) -> None:
     ops_tree.clear_digest_cache()
     for index in range(30):
         (root / f"f{index}").write_bytes(b"z" * index)
     time.sleep(SETTLE_S)
-    (one, one_end, one_thread), (two, two_end, two_thread) = _connect(), _connect()
+    one, two = InProcessAgent(), InProcessAgent()
     try:
-        first, counts_one = one.manifest(str(root))
-        second, counts_two = two.manifest(str(root))
+        first, counts_one = one.client.manifest(str(root))
+        second, counts_two = two.client.manifest(str(root))
     finally:
-        for conn, end, thread in ((one, one_end, one_thread), (two, two_end, two_thread)):
-            conn.close()
-            thread.join(timeout=10)
-            end.close()
+        one.close()
+        two.close()
     assert counts_one["hashed"] == 30 and counts_two["cached"] == 30 and first == second
 
 

@@ -1,27 +1,78 @@
 """Host side of the guest protocol: one connection, many concurrent calls.
 
-A reader thread takes frames off the socket and hands each to the queue of the call it
-belongs to, so calls from several threads run at once and output streams back while a
-command runs. Lower-level failures become :class:`AgentUnavailable` (the link dropped:
-the VM or its agent died) or :class:`GuestError` (the agent refused the call).
+A reader thread takes frames off the socket and hands each to the call it belongs to, so
+calls from several threads run at once and output streams back while a command runs.
+
+The guest is untrusted, so every call is bounded here, whatever the agent does:
+
+- a deadline for the whole call (``timeout_s``) and for silence (``idle_s``: the agent
+  sends a keepalive for every call that runs long, so a stalled agent is noticed);
+- each call buffers at most ``QUEUE_BYTES`` of frames its caller has not taken yet; past
+  that the reader stops reading the link (back-pressure on the guest), so a flood costs
+  the host no memory;
+- caps on what is kept (exec output, file reads) are enforced here, not trusted to the
+  guest; a stream that asks for more than it gave is refused;
+- frames of another session (a dead client's late answers), damaged frames and
+  unsolicited frames never reach a call they do not belong to.
+
+Lower-level failures become :class:`AgentUnavailable` (the link dropped: the VM or its
+agent died), :class:`ProtocolViolation` (the agent broke the protocol),
+:class:`GuestError` (the agent refused the call) or :class:`OperationTimeout`.
+Never make a call from inside an ``on_data`` callback: the reader may be waiting for that
+callback's call to drain.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import queue
+import json
+import os
+import secrets
+import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyro_mcp.errors import AgentUnavailable, GuestError, OperationTimeout
+from pyro_mcp.errors import (
+    AgentUnavailable,
+    GuestError,
+    OperationTimeout,
+    ProtocolViolation,
+)
 from pyro_mcp.guest import protocol as p
 
 DataFn = Callable[[str, bytes], None]
+Chunk = tuple[str, int | None, bytes]  # (stream, offset when sparse, bytes)
+Upload = bytes | tuple[int, bytes]  # a chunk to send, or (offset, chunk) for a sparse file
+
+CALL_TIMEOUT_S = 60.0  # the deadline of a call that names none
+IDLE_S = 30.0  # silence (no frame, not even a keepalive) after which a call has stalled
+IDLE_ENV = "PYRO_AGENT_IDLE_S"  # overrides IDLE_S (a slow host may want more)
+STALL_S = 0.5  # an idle link with a partial frame is checked for a torn frame this often
+QUEUE_BYTES = 16 << 20  # frames one call may hold that its caller has not taken
+BASE_S = 30.0  # the fixed part of a data call's deadline
+MIN_RATE = 1 << 20  # bytes/s a data call is allowed at worst (TCG guests move ~100 MiB/s)
+LINK_RECV = 1 << 20
+
+
+def idle_from_env() -> float:
+    """``IDLE_S``, or ``$PYRO_AGENT_IDLE_S`` when set to a positive number of seconds."""
+    text = os.environ.get(IDLE_ENV)
+    try:
+        value = float(text) if text else IDLE_S
+    except ValueError:
+        return IDLE_S
+    return value if 0 < value < 86400 else IDLE_S
+
+
+def data_deadline(size: int) -> float:
+    """Seconds a call moving ``size`` bytes may take."""
+    return BASE_S + max(0, size) / MIN_RATE
 
 
 @dataclass
@@ -63,9 +114,170 @@ def _given(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None and value != {}}
 
 
+_LOST = "lost"  # marker: the link dropped or the agent restarted
+
+
+class _Default:
+    """The client's own idle limit (``AgentClient.idle_s``), as opposed to None (none)."""
+
+
+DEFAULT = _Default()
+
+
 class _Pending:
+    """The frames of one call waiting for its caller, bounded by bytes."""
+
     def __init__(self) -> None:
-        self.frames: queue.Queue[p.Frame | None] = queue.Queue()
+        self._items: deque[p.Frame | p.Damaged | str] = deque()
+        self._bytes = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self.terminal = False  # a result or error frame has arrived
+
+    def put(self, item: p.Frame | p.Damaged | str) -> None:
+        """Queue ``item``; blocks the reader while the caller is ``QUEUE_BYTES`` behind."""
+        size = len(item.payload) if isinstance(item, p.Frame) else 0
+        with self._cond:
+            while self._bytes > QUEUE_BYTES and not self._closed and isinstance(item, p.Frame):
+                self._cond.wait(1.0)
+            if self._closed:
+                return
+            if isinstance(item, p.Frame) and item.t in (p.RESULT, p.ERROR):
+                self.terminal = True
+            self._items.append(item)
+            self._bytes += size
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None) -> p.Frame | p.Damaged | str | None:
+        """The next item, or None when ``timeout`` passed first."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            if isinstance(item, p.Frame):
+                self._bytes -= len(item.payload)
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        """The caller is gone: drop what is queued and never block the reader again."""
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+
+class CallStream:
+    """One call in flight whose data frames its caller takes as they arrive.
+
+    Iterate for ``(stream, offset, bytes)`` chunks (keepalives are not shown); when the
+    iteration ends, ``value`` and ``payload`` hold the result. Leaving early (``close``,
+    or the ``with`` block) cancels the call in the guest.
+    """
+
+    def __init__(
+        self,
+        client: AgentClient,
+        ident: int,
+        op: str,
+        pending: _Pending,
+        timeout_s: float,
+        idle_s: float | None,
+    ) -> None:
+        self._client = client
+        self.id = ident
+        self.op = op
+        self._pending = pending
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._idle_s = idle_s
+        self.value: dict[str, Any] | None = None
+        self.payload = b""
+        self.done = False
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while not self.done:
+            frame = self._next()
+            if frame.t == p.DATA:
+                stream = str(frame.header.get("stream", ""))
+                if stream == p.BEAT:
+                    continue
+                offset = frame.header.get("offset")
+                if offset is not None and (
+                    not isinstance(offset, int) or isinstance(offset, bool) or offset < 0
+                ):
+                    self.close()
+                    raise ProtocolViolation(f"{self.op}: the guest sent a bad offset {offset!r}")
+                yield stream, offset, frame.payload
+            elif frame.t == p.RESULT:
+                value = frame.header.get("value")
+                self.value = value if isinstance(value, dict) else {}
+                self.payload = frame.payload
+                self._finish()
+            elif frame.t == p.ERROR:
+                self._finish()
+                raise GuestError(
+                    str(frame.header.get("message", "guest error"))[:4096],
+                    guest_code=str(frame.header.get("code", "error"))[:64],
+                )
+
+    def result(self) -> tuple[dict[str, Any], bytes]:
+        """Drain the call (dropping data) and return its result value and payload."""
+        for _ in self:
+            pass
+        return self.value or {}, self.payload
+
+    def _next(self) -> p.Frame:
+        while True:
+            now = time.monotonic()
+            left = self._deadline - now
+            if left <= 0:
+                self.close()
+                raise OperationTimeout(
+                    f"guest operation {self.op} took longer than {self._timeout_s:g} s"
+                )
+            wait = left if self._idle_s is None else min(left, self._idle_s)
+            item = self._pending.get(wait)
+            if item is None:
+                if self._idle_s is not None and time.monotonic() - now >= self._idle_s:
+                    self.close()
+                    raise OperationTimeout(
+                        f"guest operation {self.op}: the agent sent nothing for "
+                        f"{self._idle_s:g} s (it has stalled)"
+                    )
+                continue
+            if isinstance(item, str):
+                self._finish()
+                raise AgentUnavailable(
+                    self._client.closed_reason
+                    or "the guest agent restarted; this call was lost with it"
+                )
+            if isinstance(item, p.Damaged):
+                self.close()
+                raise ProtocolViolation(
+                    f"guest operation {self.op}: a {item.t} frame from the agent was "
+                    f"damaged ({item.reason})"
+                )
+            return item
+
+    def _finish(self) -> None:
+        self.done = True
+        self._client._forget(self.id, self._pending)
+
+    def close(self) -> None:
+        """Stop waiting; cancel the call in the guest if it has not ended."""
+        if not self.done:
+            self._finish()
+            self._client.cancel(self.id)
+
+    def __enter__(self) -> CallStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class AgentClient:
@@ -78,6 +290,10 @@ class AgentClient:
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._closed: str | None = None
+        self.session: str | None = None
+        self.hello_info: dict[str, Any] = {}
+        self.idle_s = idle_from_env()
+        self.dropped = 0  # frames of other sessions or unknown calls, ignored
         self._reader = threading.Thread(
             target=self._read_loop, daemon=True, name="pyro-agent-reader"
         )
@@ -88,6 +304,10 @@ class AgentClient:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def closed_reason(self) -> str | None:
+        return self._closed
+
     def close(self) -> None:
         if self._closed is None:
             self._closed = "closed by the host"
@@ -96,35 +316,58 @@ class AgentClient:
         self._sock.close()
 
     def _read_loop(self) -> None:
-        buffer = p.FrameBuffer()
+        decoder = p.FrameDecoder()
         reason = "the guest agent connection closed"
         try:
             while True:
-                data = self._sock.recv(1 << 20)
+                if decoder.pending:
+                    readable, _, _ = select.select([self._sock], [], [], STALL_S)
+                    if not readable:
+                        self._deliver(decoder.stalled())
+                        continue
+                data = self._sock.recv(LINK_RECV)
                 if not data:
                     break
-                for frame in buffer.feed(data):
-                    if frame.id == 0 and frame.header.get("code") == p.AGENT_RESTARTED:
-                        self._fail_pending()
-                        continue
-                    with self._lock:
-                        pending = self._pending.get(frame.id)
-                    if pending is not None:
-                        pending.frames.put(frame)
-        except OSError as exc:
-            reason = f"the guest agent connection failed: {exc}"
-        except p.ProtocolError as exc:
-            reason = f"the guest agent broke the protocol: {exc}"
+                self._deliver(decoder.feed(data))
+        except (OSError, ValueError) as exc:
+            if self._closed is None:
+                reason = f"the guest agent connection failed: {exc}"
         if self._closed is None:
             self._closed = reason
         self._fail_pending()
+
+    def _deliver(self, items: list[p.Decoded]) -> None:
+        for item in items:
+            if item.id == 0:
+                if isinstance(item, p.Frame) and item.header.get("code") == p.AGENT_RESTARTED:
+                    self._fail_pending()
+                continue
+            if isinstance(item, p.Frame) and (
+                item.t not in (p.DATA, p.EOF, p.RESULT, p.ERROR)
+                or self.session is None
+                or item.header.get("s") != self.session
+            ):
+                self.dropped += 1  # not an answer, or an answer to another session
+                continue
+            with self._lock:
+                pending = self._pending.get(item.id)
+            if pending is None:
+                self.dropped += 1
+                continue
+            pending.put(item)
 
     def _fail_pending(self) -> None:
         """Wake every waiting call with a lost-link marker."""
         with self._lock:
             waiting = list(self._pending.values())
         for pending in waiting:
-            pending.frames.put(None)
+            pending.put(_LOST)
+
+    def _forget(self, ident: int, pending: _Pending) -> None:
+        with self._lock:
+            if self._pending.get(ident) is pending:
+                del self._pending[ident]
+        pending.close()
 
     def _send(self, frame: p.Frame) -> None:
         data = frame.encode()
@@ -137,6 +380,53 @@ class AgentClient:
                 raise AgentUnavailable(f"cannot send to the guest agent: {exc}") from exc
 
     # -- calls -----------------------------------------------------------------------
+    def stream(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        *,
+        input_chunks: Iterable[Upload] | None = None,
+        timeout_s: float = CALL_TIMEOUT_S,
+        idle_s: float | _Default | None = DEFAULT,
+    ) -> CallStream:
+        """Start ``op`` and return its stream of data frames (see :class:`CallStream`).
+
+        ``input_chunks`` are sent as the call's ``file`` stream (bytes, or ``(offset,
+        bytes)`` for a sparse file) before this returns; sending stops early when the
+        agent has already answered (it refused the input).
+        """
+        ident = next(self._ids)
+        pending = _Pending()
+        with self._lock:
+            self._pending[ident] = pending
+        idle = self.idle_s if isinstance(idle_s, _Default) else idle_s
+        stream = CallStream(self, ident, op, pending, timeout_s, idle)
+        try:
+            self._send(p.Frame(p.CALL, ident, {"op": op, "args": args or {}}, payload))
+            if input_chunks is not None:
+                self._upload(ident, pending, input_chunks, stream)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def _upload(
+        self, ident: int, pending: _Pending, chunks: Iterable[Upload], stream: CallStream
+    ) -> None:
+        for item in chunks:
+            if pending.terminal:
+                return  # the agent answered already (an error): the rest is not wanted
+            if time.monotonic() > stream._deadline:
+                raise OperationTimeout(f"guest operation {stream.op}: sending its input timed out")
+            offset, chunk = item if isinstance(item, tuple) else (None, item)
+            for start in range(0, len(chunk), p.CHUNK):
+                header: dict[str, Any] = {"stream": "file"}
+                if offset is not None:
+                    header["offset"] = offset + start
+                self._send(p.Frame(p.DATA, ident, header, chunk[start : start + p.CHUNK]))
+        self._send(p.Frame(p.EOF, ident, {"stream": "file"}))
+
     def call(
         self,
         op: str,
@@ -144,84 +434,44 @@ class AgentClient:
         payload: bytes = b"",
         *,
         on_data: DataFn | None = None,
-        input_chunks: Iterable[bytes] | None = None,
-        timeout_s: float | None = None,
+        input_chunks: Iterable[Upload] | None = None,
+        timeout_s: float = CALL_TIMEOUT_S,
+        idle_s: float | _Default | None = DEFAULT,
     ) -> tuple[dict[str, Any], bytes]:
         """Run one operation in the guest and return its result value and payload.
 
-        ``on_data(stream, bytes)`` receives streamed output; ``input_chunks`` are sent as a
-        stream after the call (for large uploads). Raises GuestError, AgentUnavailable,
-        or OperationTimeout (after cancelling the call in the guest).
+        ``on_data(stream, bytes)`` receives streamed output. Raises GuestError,
+        AgentUnavailable, ProtocolViolation, or OperationTimeout (after cancelling the
+        call in the guest).
         """
-        ident = next(self._ids)
-        pending = _Pending()
-        with self._lock:
-            self._pending[ident] = pending
-        try:
-            self._send(p.Frame(p.CALL, ident, {"op": op, "args": args or {}}, payload))
-            if input_chunks is not None:
-                for chunk in input_chunks:
-                    for start in range(0, len(chunk), p.CHUNK):
-                        self._send(
-                            p.Frame(
-                                p.DATA, ident, {"stream": "file"}, chunk[start : start + p.CHUNK]
-                            )
-                        )
-                self._send(p.Frame(p.EOF, ident, {"stream": "file"}))
-            return self._wait(ident, op, pending, on_data, timeout_s)
-        finally:
-            with self._lock:
-                self._pending.pop(ident, None)
-
-    def _wait(
-        self,
-        ident: int,
-        op: str,
-        pending: _Pending,
-        on_data: DataFn | None,
-        timeout_s: float | None,
-    ) -> tuple[dict[str, Any], bytes]:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                self.cancel(ident)
-                raise OperationTimeout(f"guest operation {op} took longer than {timeout_s} s")
-            try:
-                frame = pending.frames.get(timeout=left)
-            except queue.Empty:
-                continue
-            if frame is None:
-                raise AgentUnavailable(
-                    self._closed or "the guest agent restarted; this call was lost with it"
-                )
-            if frame.t == p.DATA:
+        with self.stream(
+            op, args, payload, input_chunks=input_chunks, timeout_s=timeout_s, idle_s=idle_s
+        ) as call:
+            for stream, _offset, data in call:
                 if on_data is not None:
-                    on_data(str(frame.header.get("stream", "")), frame.payload)
-            elif frame.t == p.RESULT:
-                value = frame.header.get("value")
-                return (value if isinstance(value, dict) else {}), frame.payload
-            elif frame.t == p.ERROR:
-                raise GuestError(
-                    str(frame.header.get("message", "guest error")),
-                    guest_code=str(frame.header.get("code", "error")),
-                )
+                    on_data(stream, data)
+            return call.value or {}, call.payload
 
     def cancel(self, ident: int) -> None:
         with contextlib.suppress(AgentUnavailable):
             self._send(p.Frame(p.CANCEL, ident))
 
     # -- typed helpers ---------------------------------------------------------------
-    def hello(self, timeout_s: float | None = 10.0) -> dict[str, Any]:
-        value, _ = self.call("hello", timeout_s=timeout_s)
+    def hello(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Start a session (every later answer is tagged with it) and check the version."""
+        self.session = secrets.token_hex(8)
+        # No idle limit: a booting guest has no agent yet to send keepalives.
+        args = {"session": self.session}
+        value, _ = self.call("hello", args, timeout_s=timeout_s, idle_s=None)
         if value.get("protocol") != p.PROTOCOL_VERSION:
             raise AgentUnavailable(
-                f"guest agent speaks protocol {value.get('protocol')}, host needs "
+                f"guest agent speaks protocol {value.get('protocol')!r}, host needs "
                 f"{p.PROTOCOL_VERSION}: rebuild the environment (`pyro env pull NAME --force`)"
             )
+        self.hello_info = value
         return value
 
-    def ping(self, timeout_s: float | None = 5.0) -> None:
+    def ping(self, timeout_s: float = 5.0) -> None:
         self.call("ping", timeout_s=timeout_s)
 
     def exec(
@@ -236,29 +486,43 @@ class AgentClient:
         output_cap: int = 16 << 20,
         on_output: DataFn | None = None,
     ) -> ExecResult:
-        """Run a command; output streams to ``on_output`` and is captured up to the cap."""
+        """Run a command; output streams to ``on_output`` and is captured up to the cap.
+
+        The cap is enforced here too: the agent stops sending at ``output_cap`` per stream
+        and flags the rest truncated, so an agent that sends more is refused at once
+        (ProtocolViolation) instead of being read without end.
+        """
         args = _given(
             output_cap=output_cap, argv=argv, shell=shell, cwd=cwd, env=env, timeout_s=timeout_s
         )
         captured: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-
-        def collect(stream: str, data: bytes) -> None:
-            captured.setdefault(stream, []).append(data)
-            if on_output is not None:
-                on_output(stream, data)
-
-        # The guest enforces the command timeout; the host allows a margin on top.
-        wait = None if timeout_s is None else timeout_s + 10.0
-        value, _ = self.call("exec", args, stdin, on_data=collect, timeout_s=wait)
+        kept = {"stdout": 0, "stderr": 0}
+        # The guest enforces the command timeout; the host allows a margin on top. A
+        # command without one is bounded by the agent's keepalives (idle_s).
+        wait = (timeout_s + 10.0) if timeout_s is not None else 7 * 24 * 3600.0
+        with self.stream("exec", args, stdin, timeout_s=wait) as call:
+            for stream, _offset, data in call:
+                if stream not in captured:
+                    continue
+                kept[stream] += len(data)
+                if kept[stream] > output_cap:
+                    call.close()
+                    raise ProtocolViolation(
+                        f"exec: the guest sent more {stream} than the {output_cap}-byte cap"
+                    )
+                captured[stream].append(data)
+                if on_output is not None:
+                    on_output(stream, data)
+            value = call.value or {}
         return ExecResult(
-            exit_code=int(value.get("exit_code", -1)),
+            exit_code=_int(value.get("exit_code"), -1),
             stdout=b"".join(captured["stdout"]),
             stderr=b"".join(captured["stderr"]),
             timed_out=bool(value.get("timed_out")),
-            signal=value.get("signal"),
+            signal=value.get("signal") if isinstance(value.get("signal"), str) else None,
             stdout_truncated=bool(value.get("stdout_truncated")),
             stderr_truncated=bool(value.get("stderr_truncated")),
-            duration_ms=float(value.get("duration_ms", 0.0)),
+            duration_ms=_float(value.get("duration_ms")),
             details=value,
         )
 
@@ -270,62 +534,127 @@ class AgentClient:
         mode: int = 0o644,
         mkdirs: bool = False,
         root: str | None = None,
+        sync: bool = True,
     ) -> dict[str, Any]:
-        args: dict[str, Any] = {"path": path, "mode": mode, "mkdirs": mkdirs}
+        """Write ``data`` to ``path`` atomically; with ``sync`` it is on the guest's disk
+        when this returns (acknowledged means durable)."""
+        args: dict[str, Any] = {"path": path, "mode": mode, "mkdirs": mkdirs, "sync": sync}
         if root is not None:
             args["root"] = root
+        deadline = data_deadline(len(data))
         if len(data) <= p.CHUNK:
-            value, _ = self.call("put_file", args, data)
+            value, _ = self.call("put_file", args, data, timeout_s=deadline)
         else:
             args["streamed"] = True
-            value, _ = self.call("put_file", args, input_chunks=[data])
+            value, _ = self.call("put_file", args, input_chunks=[data], timeout_s=deadline)
+        return value
+
+    def put_sparse(
+        self,
+        path: str,
+        extents: Iterable[tuple[int, bytes]],
+        size: int,
+        *,
+        mode: int = 0o644,
+        mkdirs: bool = False,
+        root: str | None = None,
+        sync: bool = True,
+    ) -> dict[str, Any]:
+        """Write a file of ``size`` bytes from its data ``extents`` ((offset, bytes),
+        increasing); the gaps stay holes in the guest."""
+        args: dict[str, Any] = {
+            "path": path,
+            "mode": mode,
+            "mkdirs": mkdirs,
+            "sync": sync,
+            "streamed": True,
+            "size": size,
+        }
+        if root is not None:
+            args["root"] = root
+        value, _ = self.call("put_file", args, input_chunks=extents, timeout_s=data_deadline(size))
         return value
 
     def get_file(
-        self, path: str, *, max_bytes: int | None = None, root: str | None = None
+        self, path: str, *, max_bytes: int = 64 << 20, root: str | None = None
     ) -> tuple[bytes, dict[str, Any]]:
-        args: dict[str, Any] = {"path": path}
-        if max_bytes is not None:
-            args["max_bytes"] = max_bytes
-        if root is not None:
-            args["root"] = root
+        """At most ``max_bytes`` of a file (the result says ``truncated``); the cap holds
+        whatever the agent sends."""
         chunks: list[bytes] = []
-        value, _ = self.call("get_file", args, on_data=lambda _s, d: chunks.append(d))
+        kept = 0
+        with self.file_stream(path, max_bytes=max_bytes, root=root) as call:
+            for _stream, _offset, data in call:
+                room = max_bytes - kept
+                if len(data) > room:
+                    chunks.append(data[:room])
+                    call.close()  # more than asked for: stop the agent sending
+                    info = {"path": path, "truncated": True, "sent": max_bytes}
+                    return b"".join(chunks), info
+                chunks.append(data)
+                kept += len(data)
+            value = dict(call.value or {})
+        value["truncated"] = bool(value.get("truncated"))
         return b"".join(chunks), value
 
-    def manifest(
-        self,
-        root: str,
-        path: str | None = None,
-        hash: bool = True,
-        *,
-        timeout_s: float | None = None,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Every entry under ``root`` (or its subdirectory ``path``), symlinks not followed.
+    def file_stream(
+        self, path: str, *, max_bytes: int, root: str | None = None, sparse: bool = False
+    ) -> CallStream:
+        """A file's content as it streams (``sparse``: each chunk with its offset, holes
+        never sent). Callers enforce what they accept."""
+        args: dict[str, Any] = {"path": path, "max_bytes": max_bytes, "sparse": sparse}
+        if root is not None:
+            args["root"] = root
+        return self.stream("get_file", args, timeout_s=data_deadline(max_bytes))
 
-        Returns (entries sorted by path, counts). Each entry: path (relative to root),
-        type (file/dir/symlink/other), mode, size, mtime_ns, sha256 (files, when
-        ``hash``), target (symlinks). Unchanged files are not re-read (guest-side cache).
+    def fs_sync(self, root: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Flush the filesystem holding ``root`` to its disk (one syncfs)."""
+        value, _ = self.call("fs_sync", {"root": root}, timeout_s=timeout_s)
+        return value
+
+    def manifest_stream(
+        self, root: str, path: str | None = None, hash: bool = True, *, timeout_s: float
+    ) -> Generator[dict[str, Any], None, dict[str, Any]]:
+        """Every entry under ``root`` (or its subdirectory ``path``) as it arrives: JSON
+        objects (still unchecked: the caller validates them), in the agent's order.
+
+        Yields entries; its ``return`` value (``StopIteration.value``) is the agent's
+        counts. Lines longer than a frame are a protocol violation.
         """
-        import json
-
         args: dict[str, Any] = {"root": root, "hash": hash}
         if path is not None:
             args["path"] = path
+        partial = bytearray()
+        with self.stream("tree_manifest", args, timeout_s=timeout_s) as call:
+            for _stream, _offset, data in call:
+                partial.extend(data)
+                end = partial.rfind(b"\n")
+                if end < 0:
+                    if len(partial) > p.MAX_PAYLOAD:
+                        call.close()
+                        raise ProtocolViolation("tree_manifest: a manifest line is too long")
+                    continue
+                lines = bytes(partial[:end]).split(b"\n")
+                del partial[: end + 1]
+                for line in lines:
+                    if line:
+                        yield _json_line(line)
+            if partial.strip():
+                yield _json_line(bytes(partial))
+            return call.value or {}
+
+    def manifest(
+        self, root: str, path: str | None = None, hash: bool = True, *, timeout_s: float = 600.0
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The whole manifest in memory: (entries, counts). For small trees; workspaces
+        stream with :meth:`manifest_stream`."""
         entries: list[dict[str, Any]] = []
-        pending = bytearray()
-
-        def collect(_stream: str, data: bytes) -> None:
-            pending.extend(data)
-            end = pending.rfind(b"\n")
-            if end >= 0:
-                entries.extend(json.loads(line) for line in pending[:end].split(b"\n") if line)
-                del pending[: end + 1]
-
-        value, _ = self.call("tree_manifest", args, on_data=collect, timeout_s=timeout_s)
-        if pending.strip():
-            entries.append(json.loads(pending))
-        return entries, value
+        stream = self.manifest_stream(root, path, hash, timeout_s=timeout_s)
+        while True:
+            try:
+                entries.append(next(stream))
+            except StopIteration as end:
+                counts: dict[str, Any] = end.value or {}
+                return entries, counts
 
     def list_dir(
         self,
@@ -334,9 +663,9 @@ class AgentClient:
         *,
         recursive: bool = False,
         max_entries: int | None = None,
-        timeout_s: float | None = None,
+        timeout_s: float = 120.0,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The entries of directory ``path`` (default: root), like ``manifest`` without
+        """The entries of directory ``path`` (default: root), like a manifest without
         digests, at most ``max_entries`` (guest default 10,000).
 
         Returns (entries sorted by path, {path, count, truncated}).
@@ -348,7 +677,12 @@ class AgentClient:
             args["max_entries"] = max_entries
         value, _ = self.call("list_dir", args, timeout_s=timeout_s)
         entries = value.pop("entries", [])
-        return (entries if isinstance(entries, list) else []), value
+        if not isinstance(entries, list):
+            entries = []
+        limit = max_entries or 100_000
+        if len(entries) > limit:
+            entries, value["truncated"] = entries[:limit], True
+        return entries, value
 
     def remove_paths(
         self,
@@ -357,7 +691,8 @@ class AgentClient:
         *,
         recursive: bool = False,
         missing_ok: bool = False,
-        timeout_s: float | None = None,
+        sync: bool = True,
+        timeout_s: float = 300.0,
     ) -> dict[str, Any]:
         """Remove files, symlinks and (``recursive``) directories; returns {removed, missing}."""
         args = {
@@ -365,6 +700,7 @@ class AgentClient:
             "paths": list(paths),
             "recursive": recursive,
             "missing_ok": missing_ok,
+            "sync": sync,
         }
         value, _ = self.call("remove_paths", args, timeout_s=timeout_s)
         return value
@@ -376,37 +712,30 @@ class AgentClient:
         removes: Iterable[str] = (),
         dirs: Iterable[dict[str, Any]] = (),
         symlinks: Iterable[dict[str, Any]] = (),
+        specials: Iterable[dict[str, Any]] = (),
         chmods: Iterable[dict[str, Any]] = (),
-        timeout_s: float | None = None,
+        sync: bool = True,
+        timeout_s: float = 300.0,
     ) -> dict[str, Any]:
         """Apply structure: removes, then dirs [{path, mode}], symlinks [{path, target}],
-        then final modes (dirs' and chmods [{path, mode}], deepest first)."""
+        specials [{path, type, mode, rdev}] (fifos and device nodes), then final modes
+        (dirs' and chmods [{path, mode}], deepest first)."""
         args = {
             "root": root,
             "removes": list(removes),
             "dirs": list(dirs),
             "symlinks": list(symlinks),
+            "specials": list(specials),
             "chmods": list(chmods),
+            "sync": sync,
         }
         value, _ = self.call("apply_tree", args, timeout_s=timeout_s)
         return value
 
-    def archive_get(
-        self,
-        root: str,
-        path: str,
-        sink: Callable[[bytes], None],
-        *,
-        timeout_s: float | None = None,
-    ) -> dict[str, Any]:
-        """Stream a tar of ``path`` (file or directory) to ``sink``; returns counts and bytes."""
-        value, _ = self.call(
-            "archive_get",
-            {"root": root, "path": path},
-            on_data=lambda _stream, data: sink(data),
-            timeout_s=timeout_s,
-        )
-        return value
+    def archive_stream(self, root: str, path: str, *, timeout_s: float) -> CallStream:
+        """A tar of ``path`` (file or directory) as it streams; the result value has
+        counts and the type of ``path``."""
+        return self.stream("archive_get", {"root": root, "path": path}, timeout_s=timeout_s)
 
     def archive_put(
         self,
@@ -420,12 +749,18 @@ class AgentClient:
     ) -> dict[str, Any]:
         """Extract a tar (plain, gzip, bzip2 or xz) streamed from ``chunks`` into ``dest``.
 
-        The guest refuses unsafe or oversized archives and then leaves nothing behind.
-        Returns {dest, created, entries, files, dirs, symlinks, hardlinks, bytes,
-        compression, replaced, replaced_count}.
+        The guest refuses unsafe or oversized archives and then leaves nothing behind;
+        what it extracted is on its disk when this returns. Returns {dest, created,
+        entries, files, dirs, symlinks, hardlinks, bytes, compression, replaced,
+        replaced_count}.
         """
         args = {"root": root, "dest": dest, "max_bytes": max_bytes, "max_entries": max_entries}
-        value, _ = self.call("archive_put", args, input_chunks=chunks, timeout_s=timeout_s)
+        value, _ = self.call(
+            "archive_put",
+            args,
+            input_chunks=chunks,
+            timeout_s=timeout_s if timeout_s is not None else data_deadline(max_bytes),
+        )
         return value
 
     # -- services ----------------------------------------------------------------------
@@ -462,12 +797,12 @@ class AgentClient:
         value, _ = self.call("service_start", args, timeout_s=ready_timeout_s + 15.0)
         return value
 
-    def service_list(self, timeout_s: float | None = 30.0) -> list[dict[str, Any]]:
+    def service_list(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         value, _ = self.call("service_list", timeout_s=timeout_s)
         services = value.get("services", [])
         return services if isinstance(services, list) else []
 
-    def service_status(self, name: str, timeout_s: float | None = 30.0) -> dict[str, Any]:
+    def service_status(self, name: str, timeout_s: float = 30.0) -> dict[str, Any]:
         value, _ = self.call("service_status", {"name": name}, timeout_s=timeout_s)
         return value
 
@@ -484,8 +819,8 @@ class AgentClient:
     ) -> dict[str, Any]:
         """A service's log lines: value["lines"] = [{stream, text}] (stdout's, then stderr's).
 
-        With ``follow`` the lines stream until the service ends: each goes to
-        ``on_line(stream, text)`` if given, else into value["lines"].
+        With ``follow`` the lines stream until the service ends (or ``timeout_s``): each
+        goes to ``on_line(stream, text)`` if given, else into value["lines"].
         """
         args: dict[str, Any] = {
             "name": name,
@@ -516,7 +851,9 @@ class AgentClient:
                     emit(source, bytes(raw))
                 del pending[: end + 1]
 
-        value, _ = self.call("service_logs", args, on_data=collect, timeout_s=timeout_s)
+        value, _ = self.call(
+            "service_logs", args, on_data=collect, timeout_s=timeout_s or 7 * 24 * 3600.0
+        )
         for source, pending in partial.items():
             if pending:
                 emit(source, bytes(pending))
@@ -532,7 +869,7 @@ class AgentClient:
         return value
 
     def service_stop_all(self, signal: str = "TERM", grace_s: float = 10.0) -> dict[str, Any]:
-        """Stop every running service (workspace stop): {stopped: [names], results}."""
+        """Stop every running service at once (workspace stop): {stopped: [names], results}."""
         args = {"signal": signal, "grace_s": grace_s}
         value, _ = self.call("service_stop_all", args, timeout_s=grace_s + 30.0)
         return value
@@ -602,3 +939,23 @@ class AgentClient:
         value, _ = self.call("shell_list", timeout_s=30.0)
         shells = value.get("shells", [])
         return shells if isinstance(shells, list) else []
+
+
+def _json_line(line: bytes) -> dict[str, Any]:
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolViolation(f"the guest sent a manifest line that is not JSON: {exc}") from exc
+    if not isinstance(item, dict):
+        raise ProtocolViolation("the guest sent a manifest line that is not an object")
+    return item
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+        return float(value)
+    return 0.0

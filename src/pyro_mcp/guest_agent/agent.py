@@ -19,6 +19,7 @@ from typing import Any
 
 from pyro_mcp.guest import protocol as p
 from pyro_mcp.guest_agent import (
+    boot_state,
     ops_archive,
     ops_exec,
     ops_files,
@@ -30,7 +31,7 @@ from pyro_mcp.guest_agent import (
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.workers import Workers
 
-AGENT_VERSION = "1.0"
+AGENT_VERSION = "2.0"
 CAPABILITIES = (
     "exec",
     "stream",
@@ -46,6 +47,9 @@ CAPABILITIES = (
     "apply_tree",
     "archive_get",
     "archive_put",
+    "fs_sync",
+    "sparse",
+    "specials",
     "service_start",
     "service_list",
     "service_status",
@@ -64,6 +68,9 @@ CAPABILITIES = (
 
 Handler = Callable[[Call], tuple[dict[str, Any], bytes]]
 
+BEAT_S = 5.0  # every call in flight gets a keepalive frame this often
+STALL_S = 0.5  # a partial frame idle this long is checked for a torn frame
+
 
 class Agent:
     """Serves one channel (a file descriptor open for reading and writing)."""
@@ -81,7 +88,9 @@ class Agent:
         self._calls: dict[int, Call] = {}
         self._calls_lock = threading.Lock()
         self._closed = False
+        self._done = threading.Event()
         self._workers = Workers()
+        self.session: str | None = None
         self.started = time.monotonic()
         self.handlers: dict[str, Handler] = {
             "hello": self._hello,
@@ -89,6 +98,7 @@ class Agent:
             "kill": self._kill,
             "put_file": ops_files.put_file,
             "get_file": ops_files.get_file,
+            "fs_sync": ops_files.fs_sync,
             "reidentify": ops_system.reidentify,
             "shutdown": ops_system.make_shutdown(poweroff),
             "tree_manifest": ops_tree.tree_manifest,
@@ -119,38 +129,79 @@ class Agent:
 
     def serve(self) -> None:
         """Read frames until the channel closes."""
-        with os.fdopen(os.dup(self.read_fd), "rb", buffering=0) as stream:
-            reader = p.FrameReader(stream)
-            try:
-                while True:
+        decoder = p.FrameDecoder()
+        waiter = select.poll()
+        waiter.register(self.read_fd, select.POLLIN)
+        threading.Thread(target=self._beat, daemon=True, name="pyro-agent-beat").start()
+        try:
+            while True:
+                if decoder.pending and not waiter.poll(int(STALL_S * 1000)):
+                    items = decoder.stalled()
+                else:
                     try:
-                        frame = reader.read()
-                    except p.ChannelClosed:
+                        data = os.read(self.read_fd, 1 << 20)
+                    except OSError:
                         return
-                    except p.ProtocolError as exc:
-                        message = {"code": "protocol", "message": str(exc)}
-                        self.send(p.Frame(p.ERROR, 0, message))
-                        continue
-                    self._dispatch(frame)
-            finally:
-                with self._write_lock:
-                    self._closed = True
-                for call in self._running():
-                    call.cancel()
+                    if not data:
+                        return
+                    items = decoder.feed(data)
+                for item in items:
+                    if isinstance(item, p.Damaged):
+                        self._damaged(item)
+                    else:
+                        self._dispatch(item)
+        finally:
+            with self._write_lock:
+                self._closed = True
+            self._done.set()
+            for call in self._running():
+                call.cancel()
 
     def _running(self) -> list[Call]:
         with self._calls_lock:
             return list(self._calls.values())
 
+    def _beat(self) -> None:
+        """Keepalives: every call that runs long says it is alive, so a host can tell a
+        slow call from a stalled agent."""
+        while not self._done.wait(BEAT_S):
+            for call in self._running():
+                try:
+                    call.send(p.Frame(p.DATA, call.id, {"stream": p.BEAT}))
+                except OSError:
+                    return
+
+    def _damaged(self, item: p.Damaged) -> None:
+        with self._calls_lock:
+            running = self._calls.get(item.id)
+        if running is not None:
+            running.break_input(item.reason)
+        elif item.t == p.CALL:
+            message = f"the call frame was damaged in transit ({item.reason})"
+            frame = p.Frame(p.ERROR, item.id, {"code": "protocol", "message": message})
+            if self.session is not None:
+                frame.header["s"] = self.session
+            self.send(frame)
+
     def _dispatch(self, frame: p.Frame) -> None:
         if frame.t == p.CALL:
             op = str(frame.header.get("op", ""))
-            if op == "ping":  # answered inline: the latency floor of the channel
-                self.send(p.Frame(p.RESULT, frame.id, {"value": {}}))
-                return
             args = frame.header.get("args") or {}
+            if op == "hello":
+                self._new_session(args)
+            if op == "ping":  # answered inline: the latency floor of the channel
+                reply = p.Frame(p.RESULT, frame.id, {"value": {}})
+                if self.session is not None:
+                    reply.header["s"] = self.session
+                self.send(reply)
+                return
             call = Call(
-                self.send, frame.id, op, args if isinstance(args, dict) else {}, frame.payload
+                self.send,
+                frame.id,
+                op,
+                args if isinstance(args, dict) else {},
+                frame.payload,
+                self.session,
             )
             with self._calls_lock:
                 self._calls[frame.id] = call
@@ -158,23 +209,33 @@ class Agent:
             return
         with self._calls_lock:
             running = self._calls.get(frame.id)
-        if running is None:
-            return  # late frame for a finished call
+        if running is None or running.session != self.session:
+            return  # late frame for a finished call, or for another session's call
         if frame.t == p.DATA:
-            running.feed(frame.payload)
+            offset = frame.header.get("offset")
+            running.feed(frame.payload, offset if isinstance(offset, int) else None)
         elif frame.t == p.EOF:
             running.end_input()
         elif frame.t == p.CANCEL:
             running.cancel()
 
+    def _new_session(self, args: Any) -> None:
+        """A host said hello: calls of an earlier session on this channel lost their host."""
+        session = args.get("session") if isinstance(args, dict) else None
+        self.session = session if isinstance(session, str) else None
+        for call in self._running():
+            if call.session != self.session:
+                call.cancel()
+
     def _run(self, call: Call) -> None:
         try:
-            self.send(self._answer(call))
+            call.send(self._answer(call))
         except OSError:
             pass  # the host went away; nobody is left to answer
         finally:
             with self._calls_lock:
-                self._calls.pop(call.id, None)
+                if self._calls.get(call.id) is call:
+                    del self._calls[call.id]
 
     def _answer(self, call: Call) -> p.Frame:
         handler = self.handlers.get(call.op)
@@ -198,10 +259,13 @@ class Agent:
             "protocol": p.PROTOCOL_VERSION,
             "agent_version": AGENT_VERSION,
             "capabilities": list(CAPABILITIES),
+            "session": call.session,
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "uptime_s": _uptime(),
             "agent_uptime_s": round(time.monotonic() - self.started, 3),
+            "mounts": boot_state.mounts(boot_state.REPORTED_MOUNTS),
+            "boot_errors": boot_state.boot_errors(),
         }, b""
 
     def _kill(self, call: Call) -> tuple[dict[str, Any], bytes]:
@@ -212,7 +276,7 @@ class Agent:
             raise CallError("invalid_argument", "kill needs call_id (int) and a signal name")
         with self._calls_lock:
             victim = self._calls.get(target)
-        if victim is None:
+        if victim is None or victim.session != call.session:
             raise CallError("not_found", f"no call {target} is running")
         if victim.send_signal is None:
             raise CallError("invalid_argument", f"call {target} runs no process")

@@ -20,7 +20,10 @@ class CallError(Exception):
 
 
 class Call:
-    """One call in flight: its input stream, cancel flag and the way to answer."""
+    """One call in flight: its input stream, cancel flag and the way to answer.
+
+    Every frame it sends carries ``session``, the session of the host that made it.
+    """
 
     def __init__(
         self,
@@ -29,24 +32,39 @@ class Call:
         op: str,
         args: dict[str, Any],
         payload: bytes,
+        session: str | None = None,
     ) -> None:
-        self.send = send
+        self._send = send
         self.id = ident
         self.op = op
         self.args = args
         self.payload = payload
+        self.session = session
+        self.started = time.monotonic()
         self.cancelled = threading.Event()
         self.on_cancel: Callable[[], None] | None = None
         self.send_signal: Callable[[int], None] | None = None  # set while a process runs
-        self._input: list[bytes] = []
+        self._input: list[tuple[int | None, bytes]] = []
         self._input_done = threading.Event()
+        self._input_broken: str | None = None
         self._input_ready = threading.Condition()
 
+    def send(self, frame: p.Frame) -> None:
+        if self.session is not None:
+            frame.header["s"] = self.session
+        self._send(frame)
+
     # -- input streamed by the host (large file puts) --------------------------------
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, offset: int | None = None) -> None:
         with self._input_ready:
-            self._input.append(data)
+            self._input.append((offset, data))
             self._input_ready.notify()
+
+    def break_input(self, reason: str) -> None:
+        """A frame of the input was damaged: the input can no longer be trusted."""
+        with self._input_ready:
+            self._input_broken = reason
+            self._input_ready.notify_all()
 
     def end_input(self) -> None:
         with self._input_ready:
@@ -55,15 +73,25 @@ class Call:
 
     def read_input(self, timeout_s: float = 60.0) -> bytes | None:
         """Next chunk of streamed input; None at the end of the stream."""
+        extent = self.read_extent(timeout_s)
+        return None if extent is None else extent[1]
+
+    def read_extent(self, timeout_s: float = 60.0) -> tuple[int | None, bytes] | None:
+        """Next chunk of streamed input with its offset (None unless the host sends a
+        sparse file); None at the end of the stream."""
         with self._input_ready:
             deadline = time.monotonic() + timeout_s
             while not self._input and not self._input_done.is_set():
+                if self._input_broken is not None:
+                    break
                 if self.cancelled.is_set():
                     raise CallError("cancelled", "call cancelled")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise CallError("timeout", "no input from the host in time")
                 self._input_ready.wait(left)
+            if self._input_broken is not None:
+                raise CallError("protocol", f"the call's input was damaged: {self._input_broken}")
             return self._input.pop(0) if self._input else None
 
     # -- output ----------------------------------------------------------------------

@@ -174,14 +174,37 @@ def mount_all(libc: _Libc) -> None:
 WORKSPACE_MOUNT = "/workspace"
 
 
+BOOT_ERRORS = "/run/pyro/boot-errors"
+
+
+def boot_error(message: str) -> None:
+    """Say what a boot step could not do, on the console and in ``BOOT_ERRORS`` (which
+    the agent reports in hello, so the host can refuse the guest with the reason)."""
+    say(f"pyro-init: {message}")
+    try:
+        if not isdir("/run/pyro"):
+            os.mkdir("/run/pyro", 0o755)
+        fd = os.open(BOOT_ERRORS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (message.replace("\n", " ") + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        return
+
+
 def mount_workspace(libc: _Libc, device: str) -> None:
-    """Mount the workspace disk (``pyro.workspace=/dev/vdb``) at /workspace."""
+    """Mount the workspace disk (``pyro.workspace=/dev/vdb``) at /workspace.
+
+    A failure is a boot error: the agent then refuses to work in /workspace (it would be
+    the root disk's empty directory) and the host refuses to boot such a guest.
+    """
     try:
         if not isdir(WORKSPACE_MOUNT):
             os.mkdir(WORKSPACE_MOUNT, 0o755)
         libc.mount(device, WORKSPACE_MOUNT, "ext4", 0, None)
     except OSError as exc:
-        say(f"pyro-init: cannot mount {device} at {WORKSPACE_MOUNT}: {exc}")
+        boot_error(f"cannot mount {device} at {WORKSPACE_MOUNT}: {exc}")
 
 
 def open_console() -> None:

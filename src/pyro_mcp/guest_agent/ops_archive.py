@@ -51,6 +51,7 @@ from pyro_mcp.guest_agent.archive_extract import check_link, extract, finish_dir
 from pyro_mcp.guest_agent.archive_input import HEADER_SLACK, Input
 from pyro_mcp.guest_agent.archive_pack import write_tar
 from pyro_mcp.guest_agent.calls import Call, CallError
+from pyro_mcp.guest_agent.ops_files import sync_filesystem
 
 DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_MAX_ENTRIES = 100_000
@@ -137,6 +138,7 @@ def archive_put(call: Call) -> tuple[dict[str, Any], bytes]:
             replaced, merged = [], set()
         staging = ""
         finish_dirs(dest, done, merged)
+        sync_filesystem(real_root)  # what is acknowledged is on the disk
     except BaseException:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)

@@ -7,22 +7,34 @@ That check runs here, in the guest, because only the guest sees its symlinks.
 ``put_file``: the content is the call's payload, or (``streamed``: true) the ``data``
 frames the host sends after the call, ended by ``eof``. Written to a temporary file in the
 same directory and renamed into place, so a reader never sees half a file. ``mode``
-(int), ``mkdirs`` (bool), ``max_bytes`` (int cap).
+(int), ``mkdirs`` (bool), ``max_bytes`` (int cap), ``size`` (a sparse file: every streamed
+chunk carries its ``offset``, the gaps stay holes), ``sync`` (default true: the file and
+its directory are fsynced before the answer, so what is acknowledged survives the VMM
+being killed; a caller writing many files passes false and ends with ``fs_sync``).
 
 ``get_file``: streams the content as ``data`` frames (``stream`` file); ``max_bytes`` caps
-what is sent (the result says ``truncated``).
+what is sent (the result says ``truncated``); ``sparse``: only the data extents are read
+and sent, each frame with its ``offset``. A FIFO or device is refused, never opened for
+a blocking read.
+
+``fs_sync`` {root}: flushes the filesystem holding ``root`` (syncfs): the end of a series
+of unsynced writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+import time
 from typing import Any
 
+from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest_agent import boot_state
 from pyro_mcp.guest_agent.calls import Call, CallError
 
-HARD_MAX_BYTES = 4 << 30
+HARD_MAX_BYTES = 1 << 44  # ext4's largest file; callers always pass their own cap
 READ_CHUNK = 256 << 10
 
 
@@ -38,6 +50,7 @@ def confined_path(path: Any, root: Any) -> str:
     if not isinstance(root, str) or not root.startswith("/"):
         raise CallError("invalid_argument", "root must be an absolute path")
     real_root = os.path.realpath(root)
+    boot_state.require_mounted(real_root)
     if not _inside(normal, os.path.normpath(root)):
         raise CallError("outside_root", f"{path} is outside {root}")
     resolved = os.path.realpath(normal)
@@ -65,6 +78,12 @@ def put_file(call: Call) -> tuple[dict[str, Any], bytes]:
     if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
         raise CallError("invalid_argument", "mode must be an integer permission value")
     limit = _cap(args.get("max_bytes"))
+    sync = _bool(args, "sync", True)
+    size = args.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise CallError("invalid_argument", "size must be a non-negative integer")
+    if size is not None and size > limit:
+        raise CallError("too_large", f"content exceeds the limit of {limit} bytes")
     parent = os.path.dirname(path)
     if args.get("mkdirs"):
         os.makedirs(parent, exist_ok=True)
@@ -72,22 +91,18 @@ def put_file(call: Call) -> tuple[dict[str, Any], bytes]:
         raise CallError("not_found", f"directory {parent} does not exist")
     if os.path.isdir(path) and not os.path.islink(path):
         raise CallError("is_a_directory", f"{path} is a directory")
-    tmp = os.path.join(parent, f".pyro-put-{os.getpid()}-{call.id}")
-    written = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    tmp = os.path.join(parent, f".pyro-put-{os.getpid()}-{call.id}-{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        chunks = [call.payload] if not args.get("streamed") else _stream(call)
-        for chunk in chunks:
-            written += len(chunk)
-            if written > limit:
-                raise CallError("too_large", f"content exceeds the limit of {limit} bytes")
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+        written = _write_input(call, fd, limit, size)
         os.fchmod(fd, mode)
+        if sync:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
+        if sync:
+            sync_directory(parent)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -97,17 +112,104 @@ def put_file(call: Call) -> tuple[dict[str, Any], bytes]:
     return {"path": path, "size": written, "mode": mode}, b""
 
 
-def _stream(call: Call) -> Any:
-    while (chunk := call.read_input()) is not None:
-        yield chunk
+def _write_input(call: Call, fd: int, limit: int, size: int | None) -> int:
+    """Write the call's content to ``fd``; the file's final length.
+
+    Without ``size`` the content is the payload or the streamed chunks, in order. With
+    ``size`` (a sparse file) every streamed chunk carries its offset, increasing; the gaps
+    stay holes and the file is cut to ``size``.
+    """
+    if size is None and not call.args.get("streamed"):
+        chunks: Any = [(None, call.payload)]
+    else:
+        chunks = _extents(call)
+    position = 0
+    for offset, chunk in chunks:
+        if size is not None:
+            if offset is None or offset < position or offset + len(chunk) > size:
+                raise CallError(
+                    "invalid_argument", "a sparse file's chunks need increasing offsets"
+                )
+            position = offset
+        if position + len(chunk) > limit:
+            raise CallError("too_large", f"content exceeds the limit of {limit} bytes")
+        view = memoryview(chunk)
+        while view:
+            done = os.pwrite(fd, view, position)
+            position += done
+            view = view[done:]
+    if size is None:
+        return position
+    os.ftruncate(fd, size)
+    return size
+
+
+def _extents(call: Call) -> Any:
+    while (extent := call.read_extent()) is not None:
+        yield extent
+
+
+def _bool(args: dict[str, Any], name: str, default: bool) -> bool:
+    value = args.get(name, default)
+    if not isinstance(value, bool):
+        raise CallError("invalid_argument", f"{name} must be true or false")
+    return value
+
+
+def sync_directory(path: str) -> None:
+    """fsync a directory: the names created, renamed or removed in it are on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc_syncfs: Any = None
+
+
+def sync_filesystem(path: str) -> None:
+    """Flush the whole filesystem holding ``path`` to its disk (syncfs(2)): what every
+    call that changed several paths does once before it answers."""
+    global _libc_syncfs
+    if _libc_syncfs is None:
+        import ctypes  # lazily: the agent starts at every boot
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        _libc_syncfs = getattr(libc, "syncfs", False)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not _libc_syncfs:
+            os.sync()
+        elif _libc_syncfs(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def fs_sync(call: Call) -> tuple[dict[str, Any], bytes]:
+    root = call.args.get("root")
+    if not isinstance(root, str) or not root.startswith("/") or "\x00" in root:
+        raise CallError("invalid_argument", "root must be an absolute path")
+    started = time.monotonic()
+    sync_filesystem(root)
+    return {"root": root, "duration_ms": round((time.monotonic() - started) * 1000, 3)}, b""
 
 
 def get_file(call: Call) -> tuple[dict[str, Any], bytes]:
     args = call.args
     path = confined_path(args.get("path"), args.get("root"))
     limit = _cap(args.get("max_bytes"))
+    sparse = _bool(args, "sparse", False)
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if args.get("root"):
+        flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW if args.get("root") else os.O_RDONLY)
+        fd = os.open(path, flags)
     except FileNotFoundError as exc:
         raise CallError("not_found", f"{path} does not exist") from exc
     except OSError as exc:
@@ -116,13 +218,11 @@ def get_file(call: Call) -> tuple[dict[str, Any], bytes]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise CallError("not_a_file", f"{path} is not a regular file")
-        sent = 0
-        while sent < limit:
-            chunk = os.read(fd, min(READ_CHUNK, limit - sent))
-            if not chunk:
-                break
-            call.send_data("file", chunk)
-            sent += len(chunk)
+        os.set_blocking(fd, True)
+        if sparse:
+            sent = _send_sparse(call, fd, min(limit, info.st_size))
+        else:
+            sent = _send_all(call, fd, limit)
     finally:
         os.close(fd)
     return {
@@ -132,3 +232,40 @@ def get_file(call: Call) -> tuple[dict[str, Any], bytes]:
         "truncated": sent < info.st_size,
         "mode": stat.S_IMODE(info.st_mode),
     }, b""
+
+
+def _send_all(call: Call, fd: int, limit: int) -> int:
+    sent = 0
+    while sent < limit:
+        chunk = os.read(fd, min(READ_CHUNK, limit - sent))
+        if not chunk:
+            break
+        call.send_data("file", chunk)
+        sent += len(chunk)
+    return sent
+
+
+def _send_sparse(call: Call, fd: int, end: int) -> int:
+    """Send the data extents of the first ``end`` bytes, each chunk with its offset;
+    holes are never read. Returns ``end`` (the logical bytes covered)."""
+    position = 0
+    while position < end:
+        try:
+            data_at = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        if data_at >= end:
+            break
+        hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), end)
+        position = data_at
+        while position < hole_at:
+            if call.cancelled.is_set():
+                raise CallError("cancelled", "call cancelled")
+            chunk = os.pread(fd, min(READ_CHUNK, hole_at - position), position)
+            if not chunk:
+                return position  # shrank while we read
+            call.send(p.Frame(p.DATA, call.id, {"stream": "file", "offset": position}, chunk))
+            position += len(chunk)
+    return end

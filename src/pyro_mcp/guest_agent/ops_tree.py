@@ -4,16 +4,22 @@ Every operation takes ``root`` (absolute, normally ``/workspace``) and refuses a
 that escapes it; symlinks are resolved here, in the guest, because only the guest sees
 them. A path argument is absolute (inside ``root``) or relative to ``root``. Paths in
 results are relative to the root's real path: "/"-separated, no leading "./", "" for the
-root itself. Entries never follow symlinks::
+root itself. Names are bytes on Linux: they travel as Python strings decoded with
+``surrogateescape`` (JSON escapes the surrogates), so no name is ever lost or refused.
+Entries never follow symlinks::
 
-    {"path", "type": "file"|"dir"|"symlink"|"other", "mode" (permission bits),
-     "size" (bytes; 0 for dir and other), "mtime_ns", "sha256" (files, when hashing),
-     "target" (symlinks)}
+    {"path", "type": "file"|"dir"|"symlink"|"fifo"|"socket"|"chardev"|"blockdev",
+     "mode" (permission bits), "size" (bytes; 0 but for files and symlinks), "mtime_ns",
+     "sha256" (files, when hashing), "target" (symlinks), "rdev" ([major, minor]: devices)}
 
 ``tree_manifest`` {root, path?, hash=true}
     Streams the entries of ``path`` (itself, unless it is the root) and everything under
-    it, sorted by path (code-point order), as JSON lines in ``data`` frames (stream
-    ``manifest``; every frame holds whole lines). File digests are cached for the life of
+    it as JSON lines in ``data`` frames (stream ``manifest``; every frame holds whole
+    lines), in tree order: a directory, then everything under it, then its next sibling;
+    siblings sorted by name (code-point order). That is the order of the paths' component
+    lists, so a reader can check a manifest and compare two of them as they stream, in
+    constant memory. The walk streams as it goes: nothing holds the whole tree. File
+    digests are cached for the life of
     the VM, keyed by (st_dev, st_ino, size, mtime_ns, ctime_ns), so a manifest of an
     unchanged tree reads no file. A file whose ctime is within ``RACY_NS`` of the start of
     the manifest is hashed but not cached: a write in the same clock tick could leave
@@ -27,26 +33,33 @@ root itself. Entries never follow symlinks::
     result value: ``{"path", "entries", "count", "truncated"}``. Truncated at
     ``max_entries`` or when the value would approach the frame header limit.
 
-``remove_paths`` {root, paths, recursive=false, missing_ok=false}
+``remove_paths`` {root, paths, recursive=false, missing_ok=false, sync=true}
     Removes files, symlinks (never their targets) and, with ``recursive``, directories.
-    Every path is checked before anything is removed; the root itself is refused.
+    Every path is checked before anything is removed; the root itself is refused. A path
+    below something that is no longer a directory counts as missing.
     Result: ``removed`` (count), ``missing`` (paths that did not exist, with missing_ok).
 
 ``apply_tree`` {root, removes?, dirs?: [{path, mode}], symlinks?: [{path, target}],
-chmods?: [{path, mode}]}
+specials?: [{path, type, mode, rdev?}], chmods?: [{path, mode}], sync=true}
     The structural half of "make the tree match a manifest" (file contents go with
     put_file). In order: removes (deepest first, recursive, missing ones ignored), dirs
     (shallowest first, created owner-writable), symlinks (created or atomically replaced;
-    a target is data and may point anywhere, only the link itself is confined), then the
-    final modes of ``dirs`` and ``chmods`` (deepest first, so a read-only directory is
-    locked last; modes of symlinks are skipped: Linux has none). Arguments are validated
-    before any change; confinement is checked again as each step runs, so a removal that
-    turns a symlink into a directory is followed correctly. Not transactional.
+    a target is data and may point anywhere, only the link itself is confined), specials
+    (fifos and device nodes recreated; a socket cannot be: it is skipped and counted in
+    ``sockets_skipped``), then the final modes of ``dirs`` and ``chmods`` (deepest first,
+    so a read-only directory is locked last; modes of symlinks are skipped: Linux has
+    none). Arguments are validated before any change; confinement is checked again as
+    each step runs, so a removal that turns a symlink into a directory is followed
+    correctly. Not transactional.
+
+``remove_paths`` and ``apply_tree`` flush the filesystem (syncfs) before they answer,
+unless ``sync`` is false (a caller making many changes ends them with ``fs_sync``).
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import stat
@@ -56,7 +69,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest_agent import boot_state
 from pyro_mcp.guest_agent.calls import Call, CallError
+from pyro_mcp.guest_agent.ops_files import sync_filesystem
 
 RACY_NS = 100_000_000  # 10x the coarsest kernel clock tick (HZ=100)
 CACHE_MAX = 131_072  # entries (~190 bytes each)
@@ -76,10 +91,12 @@ Scanned = tuple[str, str, os.stat_result]  # (relative path, absolute path, lsta
 
 
 def workspace_root(root: Any) -> str:
-    """The real path of ``root``, which must be an existing directory."""
+    """The real path of ``root``, which must be an existing directory (and, for
+    /workspace, the mounted workspace disk)."""
     if not isinstance(root, str) or not root.startswith("/") or "\x00" in root:
         raise CallError("invalid_argument", f"root must be an absolute path, got {root!r}")
     real = os.path.realpath(root)
+    boot_state.require_mounted(real)
     try:
         info = os.stat(real)
     except FileNotFoundError as exc:
@@ -163,35 +180,22 @@ def kind_of(mode: int) -> str:
         return "dir"
     if stat.S_ISLNK(mode):
         return "symlink"
-    return "other"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "chardev"
+    return "blockdev"
+
+
+SPECIAL_TYPES = ("fifo", "socket", "chardev", "blockdev")
 
 
 def scan(top: str, top_rel: str, recursive: bool, errors: list[str]) -> Iterator[Scanned]:
-    """Everything under the directory ``top`` (not itself), symlinks never followed."""
-    stack = [(top, top_rel)]
-    while stack:
-        directory, dir_rel = stack.pop()
-        try:
-            with os.scandir(directory) as found:
-                children = list(found)
-        except FileNotFoundError:
-            continue  # removed while we walked
-        except OSError as exc:
-            errors.append(f"{dir_rel or '.'}: {exc.strerror}")
-            continue
-        prefix = dir_rel + "/" if dir_rel else ""
-        for child in children:
-            try:
-                info = child.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                errors.append(f"{prefix}{child.name}: {exc.strerror}")
-                continue
-            rel = prefix + child.name
-            yield rel, child.path, info
-            if recursive and stat.S_ISDIR(info.st_mode):
-                stack.append((child.path, rel))
+    """Everything in the directory ``top`` (not itself; all below it when ``recursive``,
+    in tree order), symlinks never followed."""
+    return walk(top, top_rel, errors) if recursive else _children(top, top_rel, errors)
 
 
 def entry(rel: str, path: str, info: os.stat_result) -> dict[str, Any]:
@@ -206,7 +210,46 @@ def entry(rel: str, path: str, info: os.stat_result) -> dict[str, Any]:
     }
     if kind == "symlink":
         item["target"] = os.readlink(path)
+    elif kind in ("chardev", "blockdev"):
+        item["rdev"] = [os.major(info.st_rdev), os.minor(info.st_rdev)]
     return item
+
+
+def walk(top: str, top_rel: str, errors: list[str]) -> Iterator[Scanned]:
+    """Everything under the directory ``top`` (not itself) in tree order: each entry,
+    then (for a directory) everything under it, siblings sorted by name. Holds one
+    directory listing per level, never the tree; symlinks are never followed."""
+    stack: list[Iterator[Scanned]] = [_children(top, top_rel, errors)]
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            continue
+        yield child
+        rel, path, info = child
+        if stat.S_ISDIR(info.st_mode):
+            stack.append(_children(path, rel, errors))
+
+
+def _children(directory: str, dir_rel: str, errors: list[str]) -> Iterator[Scanned]:
+    try:
+        with os.scandir(directory) as found:
+            children = sorted(found, key=lambda child: child.name)
+    except FileNotFoundError:
+        return  # removed while we walked
+    except OSError as exc:
+        errors.append(f"{dir_rel or '.'}: {exc.strerror}")
+        return
+    prefix = dir_rel + "/" if dir_rel else ""
+    for child in children:
+        try:
+            info = child.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            errors.append(f"{prefix}{child.name}: {exc.strerror}")
+            continue
+        yield prefix + child.name, child.path, info
 
 
 def _top(args: dict[str, Any], required: bool = False) -> tuple[str, str, str]:
@@ -278,9 +321,7 @@ class _Hasher:
             if not stat.S_ISREG(before.st_mode):
                 return None
             sha = self._sha256()
-            while chunk := os.read(fd, READ_CHUNK):
-                sha.update(chunk)
-                self.hashed_bytes += len(chunk)
+            self._hash_extents(fd, before.st_size, sha)
             after = os.fstat(fd)
         finally:
             os.close(fd)
@@ -290,6 +331,40 @@ class _Hasher:
         if _key(before) == key and self.started_ns - after.st_ctime_ns > RACY_NS:
             _remember(key, value)
         return value.hex(), after
+
+    def _hash_extents(self, fd: int, size: int, sha: Any) -> None:
+        """Hash ``size`` bytes of the file: data extents are read, holes hashed as the
+        zeros they hold without reading them (a sparse file costs no disk reads)."""
+        position = 0
+        while position < size:
+            try:
+                data_at = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data_at = size  # a hole to the end
+            data_at = min(data_at, size)
+            while position < data_at:
+                step = min(READ_CHUNK, data_at - position)
+                sha.update(_zeros(step))
+                position += step
+            if position >= size:
+                break
+            hole_at = min(os.lseek(fd, position, os.SEEK_HOLE), size)
+            while position < hole_at:
+                chunk = os.pread(fd, min(READ_CHUNK, hole_at - position), position)
+                if not chunk:
+                    return  # shrank while we read: the stat check notices
+                sha.update(chunk)
+                self.hashed_bytes += len(chunk)
+                position += len(chunk)
+
+
+_ZEROS = bytes(READ_CHUNK)
+
+
+def _zeros(size: int) -> bytes | memoryview:
+    return _ZEROS if size == READ_CHUNK else memoryview(_ZEROS)[:size]
 
 
 def _remember(key: tuple[int, int, int, int, int], value: bytes) -> None:
@@ -321,13 +396,12 @@ def tree_manifest(call: Call) -> tuple[dict[str, Any], bytes]:
     except FileNotFoundError as exc:
         raise CallError("not_found", f"{top_rel or '.'} does not exist") from exc
     errors: list[str] = []
-    found: list[Scanned] = [(top_rel, top, top_info)] if top_rel else []
+    found: Iterator[Scanned] = iter([(top_rel, top, top_info)] if top_rel else [])
     if stat.S_ISDIR(top_info.st_mode):
-        found.extend(scan(top, top_rel, True, errors))
-    found.sort(key=lambda item: item[0])
+        found = itertools.chain(found, walk(top, top_rel, errors))
     hasher = _Hasher() if hashing else None
     out = _Lines(call, "manifest")
-    counts = {"file": 0, "dir": 0, "symlink": 0, "other": 0}
+    counts = dict.fromkeys(("file", "dir", "symlink", *SPECIAL_TYPES), 0)
     total_bytes = vanished = 0
     for index, (rel, path, info) in enumerate(found):
         if index & 255 == 0 and call.cancelled.is_set():
@@ -360,7 +434,7 @@ def tree_manifest(call: Call) -> tuple[dict[str, Any], bytes]:
         "files": counts["file"],
         "dirs": counts["dir"],
         "symlinks": counts["symlink"],
-        "other": counts["other"],
+        "other": sum(counts[kind] for kind in SPECIAL_TYPES),
         "bytes": total_bytes,
         "hashed": hasher.hashed if hasher else 0,
         "cached": hasher.cached if hasher else 0,
@@ -415,10 +489,11 @@ def list_dir(call: Call) -> tuple[dict[str, Any], bytes]:
 
 
 def remove_entry(path: str, recursive: bool) -> bool:
-    """Remove one path without following it; False if it did not exist."""
+    """Remove one path without following it; False if it did not exist (or lay below
+    something that is no longer a directory)."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     if stat.S_ISDIR(info.st_mode):
         if not recursive:
@@ -452,7 +527,7 @@ def remove_paths(call: Call) -> tuple[dict[str, Any], bytes]:
     for rel, path in targets:  # check everything before removing anything
         try:
             info = os.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if not missing_ok:
                 raise CallError("not_found", f"{rel} does not exist") from None
             missing.append(rel)
@@ -462,6 +537,8 @@ def remove_paths(call: Call) -> tuple[dict[str, Any], bytes]:
     removed = 0
     for _, path in sorted(targets, key=lambda item: -_depth(item[0])):
         removed += remove_entry(path, recursive)
+    if _flag(args, "sync", True):
+        sync_filesystem(real_root)
     return {"removed": removed, "missing": missing}, b""
 
 
@@ -500,10 +577,12 @@ def apply_tree(call: Call) -> tuple[dict[str, Any], bytes]:
     for _, target in links:
         if not isinstance(target, str) or not target or "\x00" in target:
             raise CallError("invalid_argument", "symlinks[].target must be a non-empty string")
+    specials = [_special(item, root, real_root) for item in _list(args, "specials")]
     chmods = [
         (rel, _mode(mode, "chmods[].mode"))
         for rel, mode in _items(args, "chmods", "mode", root, real_root)
     ]
+    sync = _flag(args, "sync", True)
 
     removed = 0
     for rel in sorted(removes, key=lambda r: (-_depth(r), r)):
@@ -537,6 +616,21 @@ def apply_tree(call: Call) -> tuple[dict[str, Any], bytes]:
             os.unlink(temp)
             raise
 
+    sockets_skipped = 0
+    for rel, kind, mode, rdev in specials:
+        if kind == "socket":
+            sockets_skipped += 1  # only a process that listens can make one
+            continue
+        path = entry_inside(real_root, rel)
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        remove_entry(path, False)
+        if kind == "fifo":
+            os.mkfifo(path, mode)
+        else:
+            kind_bits = stat.S_IFCHR if kind == "chardev" else stat.S_IFBLK
+            os.mknod(path, kind_bits | mode, os.makedev(*rdev))
+        os.chmod(path, mode)  # mkfifo and mknod apply the umask
+
     final = dict(dirs)
     final.update(chmods)
     changed = skipped = 0
@@ -551,10 +645,35 @@ def apply_tree(call: Call) -> tuple[dict[str, Any], bytes]:
             continue
         os.chmod(path, final[rel])
         changed += 1
+    if sync:
+        sync_filesystem(real_root)
     return {
         "removed": removed,
         "dirs_created": created,
         "symlinks": len(links),
+        "specials": len(specials) - sockets_skipped,
+        "sockets_skipped": sockets_skipped,
         "chmods": changed,
         "skipped": skipped,
     }, b""
+
+
+def _special(item: Any, root: str, real_root: str) -> tuple[str, str, int, tuple[int, int]]:
+    """A checked ``specials`` item: (rel, type, mode, (major, minor))."""
+    if not isinstance(item, dict):
+        raise CallError("invalid_argument", "specials holds objects with path, type and mode")
+    rel = parse_path(item.get("path"), root, real_root, "specials[].path")
+    if not rel:
+        raise CallError("invalid_argument", "specials cannot change the root itself")
+    kind = item.get("type")
+    if kind not in SPECIAL_TYPES:
+        raise CallError("invalid_argument", f"specials[].type must be one of {SPECIAL_TYPES}")
+    mode = _mode(item.get("mode"), "specials[].mode")
+    rdev = item.get("rdev", [0, 0])
+    if kind in ("chardev", "blockdev") and not (
+        isinstance(rdev, list)
+        and len(rdev) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 for n in rdev)
+    ):
+        raise CallError("invalid_argument", "specials[].rdev must be [major, minor]")
+    return rel, str(kind), mode, (int(rdev[0]), int(rdev[1])) if kind != "fifo" else (0, 0)

@@ -1,0 +1,168 @@
+"""The host stays bounded and correct against an agent that lies (tests/hostile_agent.py),
+served in-process over a socketpair. The same agent runs in real guests in
+tests/guest/test_hostile_guest.py."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.hostile_agent import HostileAgent, reset_mode
+from tests.unit.conftest import InProcessAgent
+
+from pyro_mcp.errors import OperationTimeout, ProtocolViolation
+from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest.client import QUEUE_BYTES, AgentClient
+
+
+@pytest.fixture
+def hostile() -> Iterator[AgentClient]:
+    reset_mode()
+    served = InProcessAgent(HostileAgent)
+    yield served.client
+    served.close()
+
+
+def _mode(client: AgentClient, mode: str, **options: object) -> None:
+    client.call("hostile_mode", {"mode": mode, **options}, timeout_s=10)
+
+
+def test_an_exec_that_floods_past_its_cap_is_refused_at_once_in_bounded_memory(
+    hostile: AgentClient,
+) -> None:
+    _mode(hostile, "flood_exec")
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProtocolViolation, match="more stdout than the 1048576-byte cap"):
+            hostile.exec(["true"], output_cap=1 << 20, timeout_s=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 10
+    assert peak < QUEUE_BYTES + (8 << 20)  # one call's queue and what it kept
+    _mode(hostile, "honest")
+    assert hostile.exec(["echo", "still", "fine"]).stdout == b"still fine\n"
+
+
+def test_a_file_read_gets_at_most_what_it_asked_for(hostile: AgentClient) -> None:
+    _mode(hostile, "flood_file", flood_bytes=128 << 20)
+    data, info = hostile.get_file("/etc/hostname", max_bytes=10)
+    assert data == b"y" * 10 and info["truncated"] is True
+    _mode(hostile, "honest")
+    hostile.ping()
+
+
+def test_a_stalled_agent_fails_each_call_within_its_idle_deadline(hostile: AgentClient) -> None:
+    _mode(hostile, "stall")
+    started = time.monotonic()
+    with pytest.raises(OperationTimeout, match="sent nothing for 1 s"):
+        hostile.call("exec", {"argv": ["sleep", "30"]}, timeout_s=600, idle_s=1)
+    with pytest.raises(OperationTimeout):
+        hostile.call("get_file", {"path": "/etc/hostname"}, timeout_s=600, idle_s=1)
+    assert time.monotonic() - started < 5
+
+
+def test_keepalives_keep_a_silent_long_command_alive(hostile: AgentClient) -> None:
+    from pyro_mcp.guest_agent import agent
+
+    assert agent.BEAT_S < 7  # the host's idle deadline below is longer than one beat
+    value, _ = hostile.call("exec", {"argv": ["sleep", "8"]}, timeout_s=60, idle_s=7)
+    assert value["exit_code"] == 0
+
+
+def test_a_torn_frame_fails_its_call_and_later_calls_get_through(hostile: AgentClient) -> None:
+    _mode(hostile, "tear")
+    outcome: list[BaseException] = []
+
+    def torn_call() -> None:
+        try:
+            hostile.call("exec", {"argv": ["true"]}, timeout_s=30)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=torn_call)
+    worker.start()
+    time.sleep(0.5)  # the torn half frame is on the link now
+    assert hostile.exec(["echo", "after"]).stdout == b"after\n"
+    worker.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ProtocolViolation)
+    assert "damaged" in str(outcome[0])
+    hostile.ping()
+
+
+def test_a_dead_clients_late_answer_never_completes_a_new_clients_call() -> None:
+    """A virtio-serial port is reused: the next client talks on the same byte stream."""
+    reset_mode()
+    host, guest = socket.socketpair()
+    agent = HostileAgent(guest.fileno(), poweroff=lambda: None)
+    threading.Thread(target=agent.serve, daemon=True).start()
+    # The first client says hello and starts a command, then dies without reading.
+    dead = [
+        p.Frame(p.CALL, 1, {"op": "hello", "args": {"session": "dead0000dead0000"}}),
+        p.Frame(p.CALL, 2, {"op": "exec", "args": {"shell": "sleep 0.3; echo late"}}),
+    ]
+    host.sendall(b"".join(frame.encode() for frame in dead))
+    client = AgentClient(host)
+    try:
+        client.hello()  # call 1 of the new client
+        # Call 2 of the new client runs while the dead client's call 2 finishes.
+        result = client.exec(shell="sleep 1; echo mine")
+        assert result.stdout == b"mine\n"
+        assert client.dropped >= 1  # the dead client's answers, ignored
+    finally:
+        client.close()
+        guest.close()
+
+
+def test_sparse_data_going_backwards_or_claiming_a_huge_size_is_refused(
+    hostile: AgentClient, tmp_path: Path
+) -> None:
+    from pyro_mcp.errors import InvalidArgument, TooLarge
+    from pyro_mcp.workspace import checkpoints
+    from pyro_mcp.workspace.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    budget = checkpoints._Budget(checkpoints.MAX_CHECKPOINT_BYTES)
+    _mode(hostile, "bad_offsets")
+    with pytest.raises(InvalidArgument, match="comes after offset"):
+        checkpoints.fetch_blob(hostile, store, "f", budget)
+    _mode(hostile, "huge_size", size=1 << 60)
+    with pytest.raises(TooLarge):
+        checkpoints.fetch_blob(hostile, store, "f", budget)
+    assert list(store) == [] and list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_manifest_without_end_stops_at_the_entry_limit_and_leaves_no_spool(
+    hostile: AgentClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp.errors import TooLarge
+    from pyro_mcp.workspace import checkpoints
+    from pyro_mcp.workspace.blobs import BlobStore
+
+    monkeypatch.setenv("PYRO_MAX_MANIFEST_ENTRIES", "20000")
+    store = BlobStore(tmp_path / "blobs")
+    _mode(hostile, "flood_manifest")
+    with pytest.raises(TooLarge, match="more than 20000 entries"):
+        checkpoints.spool_current(store, hostile)
+    assert list(store.tmp_dir.iterdir()) == []
+    _mode(hostile, "honest")
+    hostile.ping()
+
+
+def test_a_consumer_that_falls_behind_holds_back_the_link_not_host_memory(
+    hostile: AgentClient,
+) -> None:
+    _mode(hostile, "flood_file", flood_bytes=256 << 20)
+    call = hostile.file_stream("/etc/hostname", max_bytes=1 << 40)
+    time.sleep(1.0)  # the agent floods; nobody reads the stream
+    queued = call._pending._bytes
+    assert queued <= QUEUE_BYTES + p.MAX_PAYLOAD
+    call.close()  # leaving early cancels the call and frees the reader
+    _mode(hostile, "honest")
+    hostile.ping()
