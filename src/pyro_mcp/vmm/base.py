@@ -26,6 +26,7 @@ from pyro_mcp.errors import (
     VMError,
 )
 from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.vmm import console
 
 MIN_MEM_MIB = 128
 MAX_VCPUS = 32
@@ -53,6 +54,8 @@ class VMSpec:
     mem_mib: int = 256
     hostname: str = "pyro"
     agent_ports: int = 1  # channels to the agent: one per host process talking at once
+    read_files: tuple[Path, ...] = ()  # what the VMM only reads besides the kernel (backing
+    # images of copy-on-write disks): a confined VMM sees these and nothing else of the host
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -172,7 +175,9 @@ class VM(ABC):
         return client
 
     def console_tail(self, lines: int = 30) -> str:
-        return read_tail(self.spec.console_log, lines)
+        data = console.read_tail(self.spec.console_log, 16384)
+        text = data.decode("utf-8", "replace").replace("\r", "")
+        return "\n".join(text.rstrip().splitlines()[-lines:])
 
     def vmm_log_tail(self, lines: int = 30) -> str:
         return read_tail(self.spec.vmm_log, lines)

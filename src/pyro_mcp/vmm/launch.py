@@ -18,8 +18,10 @@ from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.storage.overlay import copy_sparse, create_overlay
 from pyro_mcp.vmm.base import VM, Disk, VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
+from pyro_mcp.vmm.firecracker.vm import OVERHEAD_MIB as FIRECRACKER_OVERHEAD_MIB
 from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
 from pyro_mcp.vmm.qemu import QemuVM
+from pyro_mcp.vmm.qemu.vm import OVERHEAD_MIB as QEMU_OVERHEAD_MIB
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,21 @@ class BackendChoice:
     @property
     def label(self) -> str:
         return self.backend if self.backend == "firecracker" else f"qemu-{self.accel}"
+
+
+# Host memory a VMM takes beyond its guest's RAM, in MiB, as admission counts it (each
+# backend states its own); the console pump of every VM adds a few MiB.
+CONSOLE_PUMP_MIB = 8
+VMM_OVERHEAD_MIB = {
+    "qemu-tcg": QEMU_OVERHEAD_MIB["tcg"] + CONSOLE_PUMP_MIB,
+    "qemu-kvm": QEMU_OVERHEAD_MIB["kvm"] + CONSOLE_PUMP_MIB,
+    "firecracker": FIRECRACKER_OVERHEAD_MIB + CONSOLE_PUMP_MIB,
+}
+
+
+def overhead_mib(label: str | None) -> int:
+    """What admission adds to a VM's guest RAM for its VMM (the most when unknown)."""
+    return VMM_OVERHEAD_MIB.get(label or "", max(VMM_OVERHEAD_MIB.values()))
 
 
 def new_vm_id() -> str:
@@ -76,6 +93,7 @@ def build_spec(
     kernel = kernel_for(paths, kernel_flavor)
     run_dir = paths.run_root / vm_id
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    reads: tuple[Path, ...] = ()
     if choice.backend == "firecracker":
         root = root_overlay or run_dir / "root.ext4"
         if not root.exists():
@@ -86,6 +104,7 @@ def build_spec(
         if not root.exists():
             create_overlay(image, root)
         root_disk = Disk(root, "qcow2")
+        reads = (image,)  # the overlay's backing file
     if choice.backend == "firecracker":
         boot_image, initrd = kernel.vmlinux, kernel.initramfs
     elif kernel.initramfs is not None:
@@ -104,6 +123,7 @@ def build_spec(
         mem_mib=mem_mib,
         hostname=f"pyro-{vm_id[:8]}",
         agent_ports=agent_ports,
+        read_files=reads,
     )
     spec.validate()
     return spec

@@ -10,7 +10,8 @@ logs stay in the run directory.
 
 As root, Firecracker is launched through the jailer (see :mod:`.jailer`); otherwise it runs
 directly as the caller. The guest agent is reached over virtio-vsock (:mod:`.vsock`). The
-serial console (Firecracker's stdout) goes to ``console.log``; serial input is Firecracker's
+serial console (Firecracker's stdout) goes through a pump to ``console.log`` (bounded,
+see :mod:`pyro_mcp.vmm.console`); serial input is Firecracker's
 stdin, a pipe when ``serial_input`` is set.
 """
 
@@ -32,6 +33,7 @@ from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_VSOCK_PORT
 from pyro_mcp.runtime.binaries import BinarySet
 from pyro_mcp.vmm.base import VM, VMSpec, read_tail
+from pyro_mcp.vmm.console import start_pump
 from pyro_mcp.vmm.firecracker import layout as names
 from pyro_mcp.vmm.firecracker.api import FirecrackerAPI
 from pyro_mcp.vmm.firecracker.config import GUEST_CID, vm_config
@@ -46,6 +48,7 @@ JAILER_EXIT_TIMEOUT_S = 10.0
 VSOCK_ATTEMPT_S = 2.0
 SNAPSHOT_TIMEOUT_S = 120.0
 LOG_LEVEL = "Info"
+OVERHEAD_MIB = 32  # host memory Firecracker takes beyond the guest's RAM (MiB)
 
 
 class _Auto:
@@ -165,8 +168,9 @@ class FirecrackerVM(VM):
         stdin: int | IO[bytes] = subprocess.PIPE if self.serial_input else subprocess.DEVNULL
         self.console_start = self.console_size()
         self.launched_at = time.monotonic()
-        with self.spec.console_log.open("ab") as console, self.spec.vmm_log.open("ab") as log:
-            try:
+        console = start_pump(self.spec.console_log)  # serial output, kept bounded
+        try:
+            with self.spec.vmm_log.open("ab") as log:
                 self.process = subprocess.Popen(
                     argv,
                     stdin=stdin,
@@ -177,8 +181,10 @@ class FirecrackerVM(VM):
                     close_fds=True,
                     umask=0o077,
                 )
-            except OSError as exc:
-                raise VMError(f"cannot start {argv[0]}: {exc}") from exc
+        except OSError as exc:
+            raise VMError(f"cannot start {argv[0]}: {exc}") from exc
+        finally:
+            os.close(console)
         if isinstance(self.root, JailRoot) and self.root.config.new_pid_ns:
             # The jailer forks Firecracker into the new PID namespace and exits.
             try:

@@ -20,6 +20,8 @@ from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_PORT_NAME
 from pyro_mcp.runtime.host_tools import require
 from pyro_mcp.vmm.base import VM, VMSpec, guest_kernel_args
+from pyro_mcp.vmm.console import start_pump
+from pyro_mcp.vmm.qemu.confinement import confine, release, vmm_dir
 from pyro_mcp.vmm.qemu.qmp import QMPClient
 
 ACCELS = ("kvm", "tcg")
@@ -27,6 +29,9 @@ ACCELS = ("kvm", "tcg")
 TCG_TSC_KHZ = 2_600_000
 TCG_LPJ = 10_400_000
 TCG_TB_SIZE_MIB = 64
+# Host memory QEMU takes beyond the guest's RAM (MiB): the translation cache and emulation
+# state under TCG, device emulation under KVM; admission and the memory cgroup count it.
+OVERHEAD_MIB = {"tcg": TCG_TB_SIZE_MIB + 128, "kvm": 96}
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 MAX_SOCKET_PATH = 100
 
@@ -54,8 +59,9 @@ def lock_port(run_dir: Path, port: int, *, wait: bool = False) -> int | None:
 
 
 def agent_socket(run_dir: Path, port: int) -> Path:
-    """The host end of agent channel ``port`` (a virtio-serial port named pyro.agent.N)."""
-    return run_dir / f"agent.{port}.sock"
+    """The host end of agent channel ``port`` (a virtio-serial port named pyro.agent.N),
+    in the directory QEMU makes its sockets in."""
+    return vmm_dir(run_dir) / f"agent.{port}.sock"
 
 
 def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
@@ -71,11 +77,12 @@ def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
         ("-m", str(spec.mem_mib)),
         ("-smp", str(spec.vcpu_count)),
         ("-sandbox", SANDBOX),
-        ("-chardev", f"file,id=console,path={spec.console_log}"),
+        # The console goes to QEMU's stdout, a pipe to the VM's console pump (bounded).
+        ("-chardev", "stdio,id=console,signal=off"),
         ("-serial", "chardev:console"),
         ("-kernel", str(spec.kernel)),
         ("-append", kernel_command_line(spec, accel)),
-        ("-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off"),
+        ("-qmp", f"unix:{vmm_dir(run) / 'qmp.sock'},server=on,wait=off"),
         ("-object", "rng-random,id=rng0,filename=/dev/urandom"),
         ("-device", "virtio-rng-device,rng=rng0"),
         ("-device", f"virtio-serial-device,max_ports={spec.agent_ports + 1}"),
@@ -92,7 +99,7 @@ def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
         if disk.read_only:
             drive += ",readonly=on"
         options += [("-drive", drive), ("-device", f"virtio-blk-device,drive=d{index}")]
-    argv = [require("qemu-system-x86_64"), "-nodefaults", "-no-user-config", "-nographic"]
+    argv = [require("qemu-system-x86_64"), "-nodefaults", "-no-user-config", "-display", "none"]
     argv.append("-no-reboot")
     for flag, value in options:
         argv += [flag, value]
@@ -108,6 +115,7 @@ class QemuVM(VM):
         self._qmp: QMPClient | None = None
         self.started_at = 0.0
         self._port_lock: int | None = None
+        self.confinement: dict[str, object] = {}
 
     @property
     def agent_socket(self) -> Path:
@@ -115,7 +123,7 @@ class QemuVM(VM):
 
     @property
     def qmp_socket(self) -> Path:
-        return self.spec.run_dir / "qmp.sock"
+        return vmm_dir(self.spec.run_dir) / "qmp.sock"
 
     def start(self) -> None:
         self.spec.validate()
@@ -124,19 +132,34 @@ class QemuVM(VM):
         self.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = qemu_argv(self.spec, self.accel)
         started = time.monotonic()
-        with self.spec.vmm_log.open("ab") as log:
-            try:
+        reads = [self.spec.kernel, *([self.spec.initrd] if self.spec.initrd else [])]
+        jailed = confine(
+            self.spec,
+            argv,
+            accel=self.accel,
+            overhead_mib=OVERHEAD_MIB[self.accel],
+            read_files=[*reads, *self.spec.read_files],
+        )
+        self.confinement = jailed.summary
+        console = start_pump(self.spec.console_log)
+        try:
+            with self.spec.vmm_log.open("ab") as log:
                 self.process = subprocess.Popen(
-                    argv,
+                    jailed.argv,
                     stdin=subprocess.DEVNULL,
-                    stdout=log,
+                    stdout=console,
                     stderr=log,
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=jailed.pass_fds,
                     umask=0o077,
                 )
-            except OSError as exc:
-                raise VMError(f"cannot start QEMU: {exc}") from exc
+        except OSError as exc:
+            release(self.spec.vm_id)
+            raise VMError(f"cannot start QEMU: {exc}") from exc
+        finally:
+            os.close(console)  # QEMU holds it now; the pump ends when QEMU does
+            jailed.close_parent_fds()  # and its uid lock
         self.started_at = started
 
     def _connect_agent(self, deadline: float, timeout_s: float) -> socket.socket:
@@ -193,3 +216,4 @@ class QemuVM(VM):
             self._qmp.close()
             self._qmp = None
         super().kill()
+        release(self.spec.vm_id)
