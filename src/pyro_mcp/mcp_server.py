@@ -33,6 +33,7 @@ from pydantic import ConfigDict, Field
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
 from pyro_mcp.api.context import HostPathPolicy
+from pyro_mcp.api.display import printable, printable_text
 from pyro_mcp.api.lifecycle import discard_owned_vms
 from pyro_mcp.api.registry import Param
 from pyro_mcp.errors import PyroError
@@ -75,8 +76,8 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
         try:
             result = await anyio.to_thread.run_sync(lambda: op.call(ctx, **kwargs))
         except PyroError as exc:
-            raise ToolError(f"{exc.code}: {exc}") from exc
-        return dict(result)
+            raise ToolError(printable_text(f"{exc.code}: {exc}")) from exc
+        return dict(printable(result))
 
     parameters = [
         inspect.Parameter(

@@ -144,9 +144,12 @@ def test_seeds_that_escape_or_explode_are_refused_and_leave_nothing(
         big = tmp_path / "big"
         big.mkdir()
         (big / "noise").write_bytes(os.urandom(24 << 20))
-        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(big), disk_mib=16)
-    listed = ws.workspace_list(ws_ctx)["workspaces"]
-    assert all(w["state"] == "failed" for w in listed)
+        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(big), disk_mib=16, name="big")
+    # A create that failed leaves nothing behind: no record, no files, its name free.
+    assert ws.workspace_list(ws_ctx)["workspaces"] == []
+    assert list((ws_ctx.state_dir / "workspaces").iterdir()) == []
+    wid = ws.workspace_create(ws_ctx, "debian:12", name="big")["id"]
+    ws.workspace_delete(ws_ctx, wid)
 
 
 def test_mcp_style_host_paths_are_confined(ws_ctx: Context, tmp_path: Path) -> None:
@@ -251,10 +254,13 @@ def test_a_create_killed_midway_is_reconciled(ws_ctx: Context, tmp_path: Path) -
     proc.wait()
     report = ws.reconcile(ws_ctx)
     listed = ws.workspace_list(ws_ctx)["workspaces"]
-    assert len(listed) == 1
-    # Either its VM finished booting (kept, it can be used) or it failed cleanly.
-    assert listed[0]["state"] in ("failed", "running"), (listed, report)
-    ws.workspace_delete(ws_ctx, listed[0]["id"])
+    # Either its VM finished booting (kept, it can be used) or nothing of it is left.
+    if listed:
+        assert [w["state"] for w in listed] == ["running"], (listed, report)
+        ws.workspace_delete(ws_ctx, listed[0]["id"])
+    else:
+        assert len(report["discarded"]) == 1, report
+        assert not (ws_ctx.state_dir / "workspaces" / report["discarded"][0]).exists()
     assert ws.workspace_list(ws_ctx)["workspaces"] == []
 
 

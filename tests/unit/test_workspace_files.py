@@ -151,7 +151,7 @@ def test_an_entry_round_trips_through_its_wire_form() -> None:
         ("a/", InvalidArgument),
         ("", InvalidArgument),
         ("a\x00b", InvalidArgument),
-        ("bad\udcff", InvalidArgument),
+        ("bad\ud800", InvalidArgument),  # a surrogate that stands for no byte
         ("x" * 256, InvalidArgument),
     ],
 )
@@ -163,7 +163,9 @@ def test_a_guest_manifest_with_a_bad_path_is_refused(path: str, error: type[Pyro
 @pytest.mark.parametrize(
     ("entries", "words"),
     [
-        ([{"path": "a", "type": "fifo", "mode": 0}], "type must be one of"),
+        ([{"path": "a", "type": "other", "mode": 0}], "type must be one of"),
+        ([{"path": "a", "type": "chardev", "mode": 0}], "rdev"),
+        ([{"path": "a", "type": "fifo", "mode": 0, "rdev": [1, 3]}], "only devices"),
         ([{"path": "a", "type": "file", "mode": 0o644}], "sha256"),
         ([{"path": "a", "type": "file", "mode": 0o644, "sha256": "XYZ"}], "sha256"),
         ([{"path": "a", "type": "symlink", "mode": 0o777}], "target"),
@@ -319,11 +321,24 @@ def test_manifests_are_canonical_json_blobs(store: BlobStore) -> None:
     sha = store.put_manifest(entries)
     assert store.put_manifest(list(reversed(entries))) == sha
     assert store.put_manifest([e.to_dict() for e in entries]) == sha
-    assert store.get_manifest(sha) == sorted(entries, key=lambda e: e.path)
-    text = store.get_bytes(sha).decode()
-    assert " " not in text and text.startswith('{"entries":[{"mode":493,')
+    assert store.get_manifest(sha) == [entries[1], entries[2], entries[0]]  # tree order
+    lines = store.get_bytes(sha).decode().splitlines()
+    assert lines[0] == '{"format":"pyro-manifest/2"}'
+    assert lines[1] == '{"mode":493,"mtime_ns":1,"path":"a","size":0,"type":"dir"}'
+    assert len(lines) == 4 and " " not in "".join(lines)
     with pytest.raises(InvalidArgument, match="not a"):
         store.get_manifest(store.put_bytes(b'{"entries": []}'))
+    with pytest.raises(InvalidArgument, match="out of tree order"):
+        store.get_manifest(
+            store.put_bytes(
+                b"".join(
+                    [
+                        lines[0].encode() + b"\n",
+                        *(line.encode() + b"\n" for line in (lines[1], lines[3], lines[2])),
+                    ]
+                )
+            )
+        )
     with pytest.raises(InvalidArgument, match="not JSON"):
         store.get_manifest(store.put_bytes(b"\x00binary"))
     with pytest.raises(OutsideRoot):

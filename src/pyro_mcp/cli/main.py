@@ -16,6 +16,7 @@ from typing import Any
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
+from pyro_mcp.api.display import printable, printable_text
 from pyro_mcp.api.registry import Param
 from pyro_mcp.cli.render import render_text
 from pyro_mcp.errors import InvalidArgument, PyroError
@@ -140,17 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not as_json:
         ctx.output = _write_live
     try:
-        result = op.call(ctx, **_arguments(op, namespace))
+        result = printable(op.call(ctx, **_arguments(op, namespace)))
     except PyroError as exc:
         if as_json:
-            print(json.dumps(exc.to_dict(), indent=2))
+            print(json.dumps(printable(exc.to_dict()), indent=2))
         else:
-            print(f"pyro: error: {exc.message}", file=sys.stderr)
+            print(f"pyro: error: {printable_text(exc.message)}", file=sys.stderr)
             if exc.hint:
-                print(f"  hint: {exc.hint}", file=sys.stderr)
+                print(f"  hint: {printable_text(exc.hint)}", file=sys.stderr)
             tail = getattr(exc, "stderr_tail", "")
             if tail:
-                print("  --- output (tail) ---\n" + tail, file=sys.stderr)
+                print("  --- output (tail) ---\n" + printable_text(tail), file=sys.stderr)
         return 2 if isinstance(exc, InvalidArgument) else 1
     except KeyboardInterrupt:
         print("pyro: interrupted", file=sys.stderr)

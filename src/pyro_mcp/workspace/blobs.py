@@ -1,17 +1,21 @@
 """A content-addressed store of file contents: each blob is named by its sha256.
 
-Layout under the store's directory::
+Every workspace has its own store (``<workspace dir>/blobs``): the host never takes a
+guest's word that it has some content, so a digest one guest names can never bring in
+what another workspace stored (nor tell it whether another workspace has it). Layout::
 
     ab/ab12...ef      one read-only file per blob, fanned out by the first two hex digits
     tmp/              blobs being written; renamed into place once hashed
 
-A write hashes while it streams into a temporary file, then renames it to its digest, so a
-reader sees a whole blob or none, and writing the same content twice stores it once. Runs
-of zero bytes become holes, so a sparse file stays sparse. Manifests are stored here too,
-as canonical JSON (:meth:`BlobStore.put_manifest`).
+A write hashes what it receives while it streams into a temporary file, then renames it to
+that digest: the name is always what the host computed, never what a sender claimed.
+Runs of zero bytes and the gaps of a sparse stream (:meth:`BlobWriter.write_at`) become
+holes, so a sparse file stays sparse (and its holes are never read or sent).
 
-Concurrency: writers never conflict (same content, same name). :meth:`BlobStore.gc` must
-not run while another process is adding blobs it means to keep; callers hold their lock.
+Manifests are stored here too (:meth:`BlobStore.put_manifest`, :meth:`manifest_writer`),
+as JSON lines in tree order: a format line, then one canonical JSON object per entry. They
+are written and read as streams, so a manifest of millions of entries never sits in
+memory. :meth:`BlobStore.gc` deletes what no manifest it is given reaches.
 """
 
 from __future__ import annotations
@@ -28,12 +32,20 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from pyro_mcp.errors import InvalidArgument, NotFound, TooLarge
-from pyro_mcp.workspace.manifest import Entry, validate_manifest
+from pyro_mcp.workspace.manifest import (
+    STORED_MAX_ENTRIES,
+    Entry,
+    ManifestChecker,
+    validate_manifest,
+)
 
 CHUNK = 1 << 20
-MANIFEST_FORMAT = "pyro-manifest/1"
+MANIFEST_FORMAT = "pyro-manifest/2"
+OLD_MANIFEST_FORMAT = "pyro-manifest/1"  # one JSON document; read, never written
 STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died
+MAX_MANIFEST_LINE = 64 << 10  # an entry's line: a path of 4 KiB escaped, a target too
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_ZEROS = bytes(CHUNK)
 
 
 class SparseWriter:
@@ -50,6 +62,11 @@ class SparseWriter:
             self._handle.write(chunk)
         self.written += len(chunk)
 
+    def skip(self, size: int) -> None:
+        """``size`` zero bytes as a hole."""
+        self._handle.seek(size, os.SEEK_CUR)
+        self.written += size
+
     def finish(self) -> None:
         """Set the final length (a trailing hole is not written otherwise) and flush."""
         self._handle.truncate(self.written)
@@ -57,10 +74,10 @@ class SparseWriter:
 
 
 class BlobWriter:
-    """One blob being written: ``write`` chunks, then ``commit`` for its digest.
+    """One blob being written: ``write`` (or ``write_at``) chunks, then ``commit``.
 
     Use as a context manager; leaving it without a commit discards the data. Raises
-    TooLarge as soon as more than ``max_bytes`` arrive.
+    TooLarge as soon as the content passes ``max_bytes``.
     """
 
     def __init__(self, store: BlobStore, max_bytes: int | None) -> None:
@@ -78,14 +95,45 @@ class BlobWriter:
     def size(self) -> int:
         return self._sparse.written
 
-    def write(self, chunk: bytes) -> None:
-        if self._max_bytes is not None and self.size + len(chunk) > self._max_bytes:
+    def _check(self, end: int) -> None:
+        if self._max_bytes is not None and end > self._max_bytes:
             raise TooLarge(f"blob is larger than the limit of {self._max_bytes} bytes")
+
+    def write(self, chunk: bytes) -> None:
+        self._check(self.size + len(chunk))
         self._digest.update(chunk)
         self._sparse.write(chunk)
 
-    def commit(self) -> str:
-        """Rename the data to its digest (or drop it if the blob exists) and return it."""
+    def write_at(self, offset: int, chunk: bytes) -> None:
+        """``chunk`` at ``offset`` (never before what was written: InvalidArgument); the
+        gap is a hole, hashed as the zeros it reads as."""
+        if offset < self.size:
+            raise InvalidArgument(
+                f"sparse data at offset {offset} comes after offset {self.size} was written"
+            )
+        self._check(offset + len(chunk))
+        self.zeros(offset - self.size)
+        self.write(chunk)
+
+    def zeros(self, size: int) -> None:
+        """``size`` zero bytes, as a hole."""
+        self._check(self.size + size)
+        left = size
+        while left > 0:
+            step = min(left, CHUNK)
+            self._digest.update(_ZEROS if step == CHUNK else memoryview(_ZEROS)[:step])
+            left -= step
+        self._sparse.skip(size)
+
+    def commit(self, size: int | None = None) -> str:
+        """Rename the data to its digest (or drop it if the blob exists) and return it.
+
+        ``size``: the blob's length when a sparse stream ends in a hole.
+        """
+        if size is not None:
+            if size < self.size:
+                raise InvalidArgument(f"a blob of {self.size} bytes cannot end at {size}")
+            self.zeros(size - self.size)
         sha = self._digest.hexdigest()
         self._sparse.finish()
         os.fsync(self._handle.fileno())
@@ -116,6 +164,53 @@ class BlobWriter:
         tb: TracebackType | None,
     ) -> None:
         self.abort()
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """One manifest line: canonical JSON (sorted keys, ASCII, no spaces) and a newline."""
+    return _CANONICAL.encode(entry.to_dict()).encode("ascii") + b"\n"
+
+
+def _format_line() -> bytes:
+    return json.dumps({"format": MANIFEST_FORMAT}, separators=(",", ":")).encode() + b"\n"
+
+
+class ManifestWriter:
+    """A manifest being written entry by entry (tree order, checked as it goes).
+
+    ``add`` entries, then ``commit`` for the manifest's digest; counts ``entries``,
+    ``files`` and ``file_bytes``. Leaving it without a commit discards it.
+    """
+
+    def __init__(self, store: BlobStore, max_entries: int) -> None:
+        self._blob = store.writer()
+        self._checker = ManifestChecker(max_entries=max_entries)
+        self._blob.write(_format_line())
+        self.files = 0
+        self.file_bytes = 0
+
+    @property
+    def entries(self) -> int:
+        return self._checker.count
+
+    def add(self, entry: Entry) -> None:
+        self._checker.add(entry)
+        if entry.type == "file":
+            self.files += 1
+            self.file_bytes += entry.size
+        self._blob.write(encode_entry(entry))
+
+    def commit(self) -> str:
+        return self._blob.commit()
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._blob.abort()
 
 
 class BlobStore:
@@ -189,40 +284,109 @@ class BlobStore:
         except FileNotFoundError as exc:
             raise NotFound(f"blob {sha} is not in the store") from exc
 
-    def get_bytes(self, sha: str) -> bytes:
-        """The whole blob; NotFound if it is not stored."""
+    def get_bytes(self, sha: str, max_bytes: int | None = None) -> bytes:
+        """The whole blob (TooLarge past ``max_bytes``); NotFound if it is not stored."""
         with self.open(sha) as handle:
+            if max_bytes is not None and os.fstat(handle.fileno()).st_size > max_bytes:
+                raise TooLarge(f"blob {sha} is larger than {max_bytes} bytes")
             return handle.read()
+
+    def extents(self, sha: str) -> tuple[int, Iterator[tuple[int, bytes]]]:
+        """(size, the blob's data as (offset, chunk) pairs): its holes are never read."""
+        handle = self.open(sha)
+        size = os.fstat(handle.fileno()).st_size
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            with handle:
+                fd = handle.fileno()
+                position = 0
+                while position < size:
+                    try:
+                        data_at = os.lseek(fd, position, os.SEEK_DATA)
+                    except OSError:
+                        return  # only a hole is left
+                    hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), size)
+                    position = data_at
+                    while position < hole_at:
+                        chunk = os.pread(fd, min(CHUNK, hole_at - position), position)
+                        if not chunk:
+                            return
+                        yield position, chunk
+                        position += len(chunk)
+
+        return size, chunks()
 
     # --- manifests --------------------------------------------------------------------
 
+    def manifest_writer(self, *, max_entries: int = STORED_MAX_ENTRIES) -> ManifestWriter:
+        """A :class:`ManifestWriter` into this store."""
+        return ManifestWriter(self, max_entries)
+
     def put_manifest(self, entries: Sequence[Entry | Mapping[str, Any]]) -> str:
-        """Store a manifest as canonical JSON (sorted keys, entries by path); its sha256.
+        """Store a manifest given whole (checked, put in tree order); its sha256. The same
+        entries always give the same digest."""
+        ordered = validate_manifest(list(entries), max_entries=STORED_MAX_ENTRIES)
+        with self.manifest_writer() as writer:
+            for entry in ordered:
+                writer.add(entry)
+            return writer.commit()
 
-        ``entries`` are Entry objects or their dict form (checked). The same entries
-        always give the same digest, so equal trees share one blob.
-        """
-        ordered = validate_manifest(list(entries), max_entries=2**31)
-        document = {"format": MANIFEST_FORMAT, "entries": [e.to_dict() for e in ordered]}
-        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return self.put_bytes(text.encode("ascii"))
+    def iter_manifest(self, sha: str) -> Iterator[Entry]:
+        """The entries of the manifest ``sha`` as they are read, checked again; NotFound,
+        or InvalidArgument if the blob is not a manifest."""
+        with self.open(sha) as reader:
+            first = reader.readline(MAX_MANIFEST_LINE)
+            if first.startswith(b'{"entries":'):
+                yield from self._old_manifest(sha, first + reader.read())
+                return
+            try:
+                head = json.loads(first)
+            except ValueError as exc:
+                raise InvalidArgument(f"blob {sha} is not a manifest (not JSON)") from exc
+            if not isinstance(head, dict) or head.get("format") != MANIFEST_FORMAT:
+                raise InvalidArgument(f"blob {sha} is not a {MANIFEST_FORMAT} manifest")
+            checker = ManifestChecker(max_entries=STORED_MAX_ENTRIES)
+            while line := reader.readline(MAX_MANIFEST_LINE):
+                if not line.endswith(b"\n"):
+                    raise InvalidArgument(f"manifest {sha} has a line longer than allowed")
+                try:
+                    raw = json.loads(line)
+                except ValueError as exc:
+                    raise InvalidArgument(f"manifest {sha} holds a line that is not JSON") from exc
+                yield checker.add(Entry.from_dict(raw))
 
-    def get_manifest(self, sha: str) -> list[Entry]:
-        """The manifest stored as ``sha``; NotFound, or InvalidArgument if the blob is not
-        a manifest."""
+    @staticmethod
+    def _old_manifest(sha: str, data: bytes) -> Iterator[Entry]:
         try:
-            document = json.loads(self.get_bytes(sha))
+            document = json.loads(data)
         except ValueError as exc:
             raise InvalidArgument(f"blob {sha} is not a manifest (not JSON)") from exc
-        if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+        if not isinstance(document, dict) or document.get("format") != OLD_MANIFEST_FORMAT:
             raise InvalidArgument(f"blob {sha} is not a {MANIFEST_FORMAT} manifest")
-        return validate_manifest(document.get("entries"), max_entries=2**31)
+        yield from validate_manifest(document.get("entries"), max_entries=STORED_MAX_ENTRIES)
+
+    def get_manifest(self, sha: str) -> list[Entry]:
+        """The whole manifest ``sha`` in memory (small ones: tests, seeds)."""
+        return list(self.iter_manifest(sha))
 
     # --- cleaning ---------------------------------------------------------------------
+
+    def reachable(self, manifests: Iterable[str]) -> set[str]:
+        """``manifests`` and every file blob their entries name (the GC keep-set)."""
+        keep: set[str] = set()
+        for sha in manifests:
+            keep.add(sha)
+            if not self.has(sha):
+                continue
+            for entry in self.iter_manifest(sha):
+                if entry.type == "file" and entry.sha256:
+                    keep.add(entry.sha256)
+        return keep
 
     def gc(self, keep: set[str]) -> tuple[int, int]:
         """Delete every blob not in ``keep``, and temporary files older than an hour.
 
+        ``keep`` is what must survive, files and manifests alike (see :meth:`reachable`).
         Returns ``(blobs removed, bytes freed)``; bytes are the blobs' logical sizes.
         """
         removed = freed = 0

@@ -21,7 +21,7 @@ files larger than ``max_read_bytes`` are not read at all. Whatever was cut is fl
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ DEFAULT_CONTEXT_LINES = 3
 DEFAULT_MAX_FILE_PATCH_BYTES = 256 << 10
 DEFAULT_MAX_TOTAL_PATCH_BYTES = 2 << 20
 DEFAULT_MAX_READ_BYTES = 4 << 20
+DEFAULT_MAX_FILES = 10_000
 BINARY_SNIFF_BYTES = 8192
 NO_NEWLINE = "\\ No newline at end of file\n"
 
@@ -45,19 +46,30 @@ def git_mode(entry: Entry) -> str:
 
 
 def quote_path(path: str) -> str:
-    """``path`` as git prints it: unchanged, or C-quoted when it holds special characters."""
-    if not any(ch in '"\\' or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
+    """``path`` as git prints it: unchanged, or C-quoted when it holds special characters.
+
+    Bytes that are not UTF-8 (surrogates of ``surrogateescape``) are written as octal
+    escapes, as git writes them, so the name parses back to the same bytes.
+    """
+    if not any(_special(ch) for ch in path):
         return path
     escapes = {'"': '\\"', "\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
     out = []
     for ch in path:
         if ch in escapes:
             out.append(escapes[ch])
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:
+            out.append(f"\\{ord(ch) - 0xDC00:03o}")
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
             out.append(f"\\{ord(ch):03o}")
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
+
+
+def _special(ch: str) -> bool:
+    code = ord(ch)
+    return ch in '"\\' or code < 0x20 or code == 0x7F or 0xDC80 <= code <= 0xDCFF
 
 
 def _name(prefix: str, path: str) -> str:
@@ -139,7 +151,7 @@ class _Budget:
 
 
 def render_diff(
-    changes: Changes,
+    changes: Changes | Iterable[Change],
     read_before: Callable[[str], bytes],
     read_after: Callable[[str], bytes],
     *,
@@ -147,19 +159,29 @@ def render_diff(
     max_file_patch_bytes: int = DEFAULT_MAX_FILE_PATCH_BYTES,
     max_total_patch_bytes: int = DEFAULT_MAX_TOTAL_PATCH_BYTES,
     max_read_bytes: int = DEFAULT_MAX_READ_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
 ) -> dict[str, Any]:
-    """The diff for ``changes`` as ``{"summary", "files", "patch", "truncated"}``.
+    """The diff for ``changes`` (a :class:`Changes`, or changes in tree order as they
+    stream) as ``{"summary", "files", "files_omitted", "patch", "truncated"}``.
 
     ``summary`` counts every changed path (directories included). Each item of ``files``
     is ``{"path", "status", "type", "binary", "patch", "mode_change", "truncated"}``:
-    ``patch`` is that path's part of the whole patch (None for directories, or when the
-    total cap left no room), ``mode_change`` is ``{"old": "100644", "new": "100755"}`` or
-    None. ``patch`` at the top is every file's part joined. Byte caps count UTF-8 bytes.
+    ``patch`` is that path's part of the whole patch (None for directories and special
+    files, or when the total cap left no room), ``mode_change`` is ``{"old": "100644",
+    "new": "100755"}`` or None. ``patch`` at the top is every file's part joined. Byte caps
+    count UTF-8 bytes. At most ``max_files`` changes are listed; ``files_omitted`` counts
+    the rest (``summary`` still counts them).
     """
     budget = _Budget(max_file_patch_bytes, max_total_patch_bytes)
-    files = []
+    files: list[dict[str, Any]] = []
     parts = []
-    for change in changes.items():
+    counts = dict.fromkeys(("added", "modified", "deleted", "type_changed"), 0)
+    omitted = 0
+    for change in changes.items() if isinstance(changes, Changes) else changes:
+        counts[change.status] += 1
+        if len(files) >= max_files:
+            omitted += 1
+            continue
         rendered = _render_change(
             change, read_before, read_after, context_lines, max_read_bytes, budget
         )
@@ -182,10 +204,11 @@ def render_diff(
             }
         )
     return {
-        "summary": changes.counts(),
+        "summary": counts,
         "files": files,
+        "files_omitted": omitted,
         "patch": "".join(parts),
-        "truncated": any(item["truncated"] for item in files),
+        "truncated": omitted > 0 or any(item["truncated"] for item in files),
     }
 
 

@@ -6,10 +6,12 @@
   ``pyro env prune`` can never pull the ground from under a workspace;
 - ``root.qcow2`` (QEMU) or ``root.ext4`` (Firecracker): the root disk, copy-on-write;
 - ``workspace.ext4``: the disk mounted at ``/workspace``;
+- ``blobs/``: the contents of its baseline and checkpoints, by sha256 (never shared with
+  another workspace: a guest can only ever reach what its own workspace stored);
 - ``creating.owner``: while a create is in progress, which process runs it.
 
-Blobs (file contents of baselines and checkpoints, deduplicated) live in
-``<state_dir>/blobs``; the store is ``<state_dir>/store.sqlite3``.
+The store is ``<state_dir>/store.sqlite3``. (``<state_dir>/blobs``, the shared store of
+earlier versions, is split into the workspaces' own stores when found.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class StateLayout:
 
     @property
     def blobs_dir(self) -> Path:
+        """The shared blob store of earlier versions (see :meth:`Workspaces.blobs`)."""
         return self.state_dir / "blobs"
 
     @property
@@ -54,6 +57,11 @@ class WorkspaceFiles:
     @property
     def workspace_disk(self) -> Path:
         return self.directory / "workspace.ext4"
+
+    @property
+    def blobs_dir(self) -> Path:
+        """This workspace's own blob store (contents of its baseline and checkpoints)."""
+        return self.directory / "blobs"
 
     @property
     def owner_file(self) -> Path:

@@ -21,28 +21,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyro_mcp.errors import InvalidArgument, InvalidState, PyroError, TooLarge
+from pyro_mcp.errors import InvalidArgument, InvalidState, PyroError, TooLarge, VMError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.runtime import environments
 from pyro_mcp.runtime.host_probe import probe_platform
 from pyro_mcp.runtime.paths import RuntimePaths, state_dir
+from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, AttachedAgent, attach
 from pyro_mcp.vmm.base import VM, Disk
-from pyro_mcp.vmm.launch import build_spec, create_vm
+from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, overhead_mib
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.vmm.selection import choose_backend
 from pyro_mcp.workspace import seeds
 from pyro_mcp.workspace.blobs import BlobStore
 from pyro_mcp.workspace.layout import StateLayout, WorkspaceFiles
+from pyro_mcp.workspace.paths import WORKSPACE_ROOT
+from pyro_mcp.workspace.states import RESERVING_STATES
 from pyro_mcp.workspace.store import WorkspaceRecord, WorkspaceStore, require_state
 
 Progress = Callable[[str], None]
-WORKSPACE_ROOT = "/workspace"
 WORKSPACE_DEVICE = "/dev/vdb"
 AGENT_PORTS = 8
 BOOT_TIMEOUT_S = 90.0
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 10.0  # services get this long after TERM before KILL
+SHUTDOWN_CALL_S = 30.0  # the agent answers shutdown at once; a slow guest gets room
+POWEROFF_S = 60.0  # init stops everything (3 s), syncs the disks and powers off
 MAX_WORKSPACES_ENV = "PYRO_MAX_WORKSPACES"
 MEMORY_SHARE = 0.9  # of host memory that workspace VMs may reserve together
 ORPHAN_GRACE_S = 60.0
@@ -79,17 +83,43 @@ class Workspaces:
         self.layout = StateLayout(state or state_dir())
         self.layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = WorkspaceStore(self.layout.store_path)
-        self.blobs = BlobStore(self.layout.blobs_dir)
+        if self.layout.blobs_dir.is_dir():
+            self._adopt_shared_blobs()
 
     def close(self) -> None:
         self.store.close()
+
+    # -- file contents -----------------------------------------------------------------
+    def blobs(self, workspace_id: str) -> BlobStore:
+        """The blob store of one workspace: never shared with another."""
+        return BlobStore(self.layout.workspace(workspace_id).blobs_dir)
+
+    def collect_blobs(self, workspace_id: str) -> tuple[int, int]:
+        """Delete the blobs no baseline or checkpoint of the workspace reaches any more:
+        (blobs removed, bytes freed)."""
+        store = self.blobs(workspace_id)
+        manifests = [c.manifest for c in self.store.checkpoints(workspace_id)]
+        return store.gc(store.reachable(manifests))
+
+    def _adopt_shared_blobs(self) -> None:
+        """Earlier versions kept one blob store for every workspace: give each workspace
+        hard links to the blobs its own manifests reach, then drop the shared store."""
+        shared = BlobStore(self.layout.blobs_dir)
+        for record in self.store.list():
+            own = self.blobs(record.id)
+            manifests = [c.manifest for c in self.store.checkpoints(record.id)]
+            for sha in shared.reachable(manifests):
+                if shared.has(sha) and not own.has(sha):
+                    own.path(sha).parent.mkdir(parents=True, exist_ok=True)
+                    os.link(shared.path(sha), own.path(sha))
+        shutil.rmtree(self.layout.blobs_dir, ignore_errors=True)
 
     # -- create ------------------------------------------------------------------------
     def create(
         self,
         environment: str,
         *,
-        seed_path: Path | None = None,
+        seed_path: Path | HostPath | None = None,
         name: str | None = None,
         labels: dict[str, str] | None = None,
         vcpu_count: int = 1,
@@ -103,7 +133,8 @@ class Workspaces:
         _check_sizes(vcpu_count, mem_mib, disk_mib, ttl_seconds)
         image = environments.image_for(self.paths, environment)
         self.reconcile()
-        self._admit(mem_mib)
+        choice = choose_backend(self.paths, backend, progress=progress)
+        self._admit(mem_mib, choice)
         record = self.store.create(
             environment=environment,
             vcpu_count=vcpu_count,
@@ -122,8 +153,9 @@ class Workspaces:
             progress("preparing the workspace disk" + (f" from {seed_path}" if seed_path else ""))
             staging = files.directory / "seed-staging"
             shutil.rmtree(staging, ignore_errors=True)
+            store = self.blobs(record.id)
             baseline = (
-                seeds.ingest_seed(seed_path, staging, self.blobs)
+                seeds.ingest_seed(seed_path, staging, store)
                 if seed_path
                 else (seeds.empty_seed(staging))
             )
@@ -132,32 +164,36 @@ class Workspaces:
             files_only = [entry for entry in baseline if entry.type == "file"]
             self.store.add_baseline(
                 record.id,
-                manifest=self.blobs.put_manifest(baseline),
+                manifest=store.put_manifest(baseline),
                 file_count=len(files_only),
                 total_bytes=sum(entry.size for entry in files_only),
             )
-            self._boot(record, files, backend=backend, progress=progress, first=True)
-        except BaseException as exc:
-            note = f"create failed: {exc}" if isinstance(exc, Exception) else "create interrupted"
-            self._fail(record.id, note)
+            self._boot(record, files, choice=choice, progress=progress, first=True)
+        except BaseException:
+            self._discard(record.id)  # a create that failed leaves nothing, its name is free
             raise
         finally:
             files.owner_file.unlink(missing_ok=True)
         return self.store.get(record.id)
 
-    def _admit(self, mem_mib: int) -> None:
+    def _admit(self, mem_mib: int, choice: BackendChoice) -> None:
+        """Refuse a VM that would take the host past its limits: the number of live
+        workspaces, and memory counted as each VMM really costs (guest RAM plus the
+        VMM's own overhead, for every workspace that holds or is about to hold a VM)."""
         limits = Limits.for_host()
-        live = self.store.count_live()
-        if live >= limits.max_workspaces:
+        live = self.store.list(states=RESERVING_STATES)
+        if len(live) >= limits.max_workspaces:
             raise TooLarge(
-                f"{live} workspaces are live, the limit is {limits.max_workspaces}",
+                f"{len(live)} workspaces are live, the limit is {limits.max_workspaces}",
                 hint=f"stop or delete one, or raise {MAX_WORKSPACES_ENV}",
             )
-        reserved = self.store.reserved_mem_mib()
-        if reserved + mem_mib > limits.max_reserved_mem_mib:
+        reserved = sum(r.mem_mib + overhead_mib(r.backend) for r in live)
+        wanted = mem_mib + overhead_mib(choice.label)
+        if reserved + wanted > limits.max_reserved_mem_mib:
             raise TooLarge(
-                f"starting another {mem_mib} MiB workspace would reserve {reserved + mem_mib} MiB "
-                f"of the {limits.max_reserved_mem_mib} MiB this host allows",
+                f"starting another {mem_mib} MiB workspace ({wanted} MiB with its VMM) would "
+                f"reserve {reserved + wanted} MiB of the {limits.max_reserved_mem_mib} MiB "
+                "this host allows",
                 hint="stop a workspace or ask for less memory with --mem-mib",
             )
 
@@ -167,11 +203,10 @@ class Workspaces:
         record: WorkspaceRecord,
         files: WorkspaceFiles,
         *,
-        backend: str | None,
+        choice: BackendChoice,
         progress: Progress,
         first: bool,
     ) -> None:
-        choice = choose_backend(self.paths, backend or _family(record.backend), progress=progress)
         spec = build_spec(
             self.paths,
             environment=record.environment,
@@ -189,7 +224,8 @@ class Workspaces:
         progress(f"booting ({choice.label})")
         try:
             vm.start()
-            vm.wait_ready(BOOT_TIMEOUT_S)
+            client = vm.wait_ready(BOOT_TIMEOUT_S)
+            _require_workspace_mount(client.hello_info, vm)
         except BaseException:
             vm.kill()
             shutil.rmtree(spec.run_dir, ignore_errors=True)
@@ -242,30 +278,40 @@ class Workspaces:
         require_state(record, {"running"}, "stop")
         self.store.transition(record.id, "stopping", expect={"running"})
         progress("stopping services and shutting the guest down")
-        try:
-            attached = self._attach(record)
-            with attached as client:
-                client.call("service_stop_all", {}, timeout_s=STOP_GRACE_S + 5)
-                client.call("shutdown", timeout_s=5)
-        except PyroError:
-            pass  # a dead agent cannot shut down cleanly; the kill below still stops it
+        self._shut_down(record)
         self._mark_services_stopped(record.id)
-        _wait_exit(record.vmm_pid, record.run_dir, STOP_GRACE_S)
+        _wait_exit(record.vmm_pid, record.run_dir, POWEROFF_S)
         self._end_vm(record)
         return self.store.transition(
             record.id, "stopped", expect={"stopping"}, note="stopped", vmm_pid=None
         )
+
+    def _shut_down(self, record: WorkspaceRecord) -> None:
+        """Stop the services, then always ask the guest to power off (its init syncs the
+        disks first); a dead or stuck agent leaves the kill that follows to stop it."""
+        try:
+            attached = self._attach(record)
+        except PyroError:
+            return
+        with attached as client:
+            with suppress(PyroError):  # a service that will not stop must not skip the sync
+                client.service_stop_all(grace_s=STOP_GRACE_S)
+            with suppress(PyroError):
+                client.fs_sync(WORKSPACE_ROOT)
+            with suppress(PyroError):
+                client.call("shutdown", timeout_s=SHUTDOWN_CALL_S)
 
     def start(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
         """Boot a stopped (or failed) workspace again from its disks."""
         self.reconcile_one(ref)
         record = self.store.get(ref)
         require_state(record, {"stopped", "failed"}, "start")
-        self._admit(record.mem_mib)
+        choice = choose_backend(self.paths, _family(record.backend), progress=progress)
+        self._admit(record.mem_mib, choice)
         record = self.store.transition(record.id, "starting", expect={"stopped", "failed"})
         files = self.layout.workspace(record.id)
         try:
-            self._boot(record, files, backend=None, progress=progress, first=False)
+            self._boot(record, files, choice=choice, progress=progress, first=False)
         except BaseException as exc:
             self._fail(record.id, f"start failed: {exc}")
             raise
@@ -322,6 +368,17 @@ class Workspaces:
         shutil.rmtree(run_dir, ignore_errors=True)
         _remove_run_dir(record.run_dir)
 
+    def _discard(self, workspace_id: str) -> None:
+        """Remove a workspace that never came to be (a failed or abandoned create): its VM,
+        its files and its record, so nothing is left and its name is free again."""
+        with suppress(PyroError):
+            record = self.store.get(workspace_id)
+            self._end_vm(record)
+            self.layout.workspace(record.id).remove()
+            if record.state != "deleting":
+                self.store.transition(record.id, "deleting", note="create failed")
+            self.store.delete_record(record.id)
+
     def _fail(self, workspace_id: str, note: str) -> None:
         try:
             record = self.store.get(workspace_id)
@@ -333,7 +390,13 @@ class Workspaces:
     # -- reconcile ---------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
         """Repair what crashes left: dead VMMs, orphan VMMs, stale run dirs, expired TTLs."""
-        report: dict[str, list[str]] = {"stopped": [], "failed": [], "expired": [], "orphans": []}
+        report: dict[str, list[str]] = {
+            "stopped": [],
+            "failed": [],
+            "discarded": [],
+            "expired": [],
+            "orphans": [],
+        }
         for record in self.store.list():
             change = self._reconcile_record(record)
             if change:
@@ -365,8 +428,11 @@ class Workspaces:
                 return None
             if record.state == "starting" and time.time() - record.updated_at < BOOT_TIMEOUT_S:
                 return None
+            if record.state == "creating":
+                self._discard(record.id)  # it never came to be: nothing of it is kept
+                return "discarded"
             self._end_vm(record)
-            note = f"the process {record.state} it went away before it finished"
+            note = "the process starting it went away before it finished"
             self.store.transition(record.id, "failed", note=note, error=note, vmm_pid=None)
             return "failed"
         return None
@@ -408,6 +474,23 @@ def _as_stopped(services: dict[str, Any]) -> dict[str, Any]:
         else status
         for name, status in services.items()
     }
+
+
+def _require_workspace_mount(hello: dict[str, Any], vm: VM) -> None:
+    """A workspace guest whose /workspace disk did not mount is refused (its agent would
+    serve the root disk's empty directory in its place)."""
+    mounts = hello.get("mounts")
+    mount = mounts.get(WORKSPACE_ROOT) if isinstance(mounts, dict) else None
+    if isinstance(mount, dict) and mount.get("fstype") == "ext4":
+        return
+    errors = hello.get("boot_errors")
+    why = "; ".join(str(e) for e in errors) if isinstance(errors, list) and errors else ""
+    raise VMError(
+        f"the workspace disk did not mount at {WORKSPACE_ROOT}"
+        + (f": {why}" if why else " (the guest reported no reason)"),
+        hint="its data is kept; `pyro workspace disk export` copies the disk image out",
+        console_tail=vm.console_tail(),
+    )
 
 
 def _check_sizes(vcpu: int, mem: int, disk: int, ttl: float | None) -> None:

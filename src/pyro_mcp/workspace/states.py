@@ -48,8 +48,11 @@ TRANSITIONS: Mapping[WorkspaceState, frozenset[WorkspaceState]] = {
     _S.DELETING: frozenset(),
 }
 
-# States whose VM holds (or is about to hold) host memory: what admission counts.
-RESERVING_STATES: frozenset[WorkspaceState] = frozenset({_S.CREATING, _S.STARTING, _S.RUNNING})
+# States whose VM holds (or is about to hold) host memory: what admission counts. A
+# stopping VM holds its memory until it has exited.
+RESERVING_STATES: frozenset[WorkspaceState] = frozenset(
+    {_S.CREATING, _S.STARTING, _S.RUNNING, _S.STOPPING}
+)
 
 # How a user moves a workspace out of a state towards another, if a command does it.
 _REMEDIES: Mapping[tuple[WorkspaceState, WorkspaceState], str] = {

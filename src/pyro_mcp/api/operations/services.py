@@ -10,7 +10,7 @@ from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import Arg, operation
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.workspace.content import guest_path
+from pyro_mcp.workspace.paths import guest_path
 
 WORKSPACE = Arg("workspace id or name", positional=True)
 NAME = Arg("service name (unique in the workspace)", positional=True)
@@ -53,6 +53,9 @@ def ready_probe(
             raise InvalidArgument("ready_command is empty")
         return {"type": "command", "shell": ready_command}
     return None
+
+
+FOLLOW_MAX_S = 7 * 24 * 3600.0
 
 
 @operation(cli=("workspace", "service", "start"), sdk="start_service", profiles=FULL)
@@ -147,8 +150,11 @@ def service_logs(
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service logs") as agent:
         if follow and ctx.output is not None:
             value, _ = agent.call(
-                "service_logs", {**args, "follow": True}, on_data=ctx.output, timeout_s=None
-            )
+                "service_logs",
+                {**args, "follow": True},
+                on_data=ctx.output,
+                timeout_s=FOLLOW_MAX_S,  # until the service ends; the agent's keepalives
+            )  # tell a quiet service from a stalled agent
         else:
             value, _ = agent.call("service_logs", args, timeout_s=60)
         return value

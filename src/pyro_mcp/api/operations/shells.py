@@ -8,7 +8,7 @@ from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces
 from pyro_mcp.api.registry import Arg, operation
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.workspace.content import guest_path
+from pyro_mcp.workspace.paths import guest_path
 
 WORKSPACE = Arg("workspace id or name", positional=True)
 SHELL = Arg("shell id (from shell open)", positional=True)

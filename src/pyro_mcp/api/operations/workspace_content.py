@@ -9,8 +9,8 @@ from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspaces import CORE, FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import Arg, operation
 from pyro_mcp.errors import InvalidArgument, InvalidState
-from pyro_mcp.storage import disk_export, workspace_disk
-from pyro_mcp.workspace import content
+from pyro_mcp.storage import disk_export, host_files, workspace_disk
+from pyro_mcp.workspace import checkpoints, content
 
 WORKSPACE = Arg("workspace id or name", positional=True)
 PATH = Arg("path in /workspace (relative paths start there)", positional=True)
@@ -94,7 +94,7 @@ def workspace_file_write(
     if text is not None:
         data = text.encode()
     elif text_file is not None:
-        data = ctx.host_paths.check(text_file, "text file").read_bytes()
+        data = host_files.read_file(ctx.host_paths.check(text_file, "text file"), "text file")
     else:
         data = sys.stdin.buffer.read()
     with open_workspaces(ctx) as workspaces:
@@ -145,11 +145,11 @@ def workspace_sync_push(
 def workspace_diff(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    against: Annotated[str, Arg("checkpoint to compare with")] = content.BASELINE,
+    against: Annotated[str, Arg("checkpoint to compare with")] = checkpoints.BASELINE,
 ) -> dict[str, Any]:
     """What changed in /workspace since the baseline: counts and unified patches."""
     with open_workspaces(ctx) as workspaces:
-        return content.diff(workspaces, workspace, against)
+        return checkpoints.diff(workspaces, workspace, against)
 
 
 @operation(cli=("workspace", "export"), sdk="export_workspace", profiles=CORE)
@@ -163,6 +163,8 @@ def workspace_export(
     """Copy a file or directory out of /workspace to the host."""
     target = ctx.host_paths.check(output, "export output")
     with open_workspaces(ctx) as workspaces:
+        # content.export hands ``output`` to exporting.extract_export, which takes a
+        # HostPath; the ignore goes once content.export's annotation says Path | HostPath.
         return content.export(workspaces, workspace, path, target, force=force)
 
 
@@ -174,7 +176,7 @@ def snapshot_create(
 ) -> dict[str, Any]:
     """Checkpoint /workspace under a name (only changed files are copied out)."""
     with open_workspaces(ctx) as workspaces:
-        return content.create_checkpoint(workspaces, workspace, name)
+        return checkpoints.create_checkpoint(workspaces, workspace, name)
 
 
 @operation(cli=("workspace", "snapshot", "list"), sdk="list_snapshots", profiles=FULL)
@@ -190,21 +192,22 @@ def snapshot_delete(
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, Arg("checkpoint name", positional=True)],
 ) -> dict[str, Any]:
-    """Delete a checkpoint."""
+    """Delete a checkpoint; the file contents no other checkpoint needs are freed."""
     with open_workspaces(ctx) as workspaces:
         workspaces.store.delete_checkpoint(workspace, name)
-        return {"deleted": name}
+        removed, freed = workspaces.collect_blobs(workspaces.store.get(workspace).id)
+        return {"deleted": name, "blobs_removed": removed, "bytes_freed": freed}
 
 
 @operation(cli=("workspace", "reset"), sdk="reset_workspace", profiles=FULL)
 def workspace_reset(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    snapshot: Annotated[str, Arg("checkpoint to restore")] = content.BASELINE,
+    snapshot: Annotated[str, Arg("checkpoint to restore")] = checkpoints.BASELINE,
 ) -> dict[str, Any]:
     """Restore /workspace exactly to a checkpoint (default: the baseline) and say what changed."""
     with open_workspaces(ctx) as workspaces:
-        return content.reset(workspaces, workspace, snapshot)
+        return checkpoints.reset(workspaces, workspace, snapshot)
 
 
 def _stopped_disk(ctx: Context, workspace: str, action: str) -> Any:
@@ -228,7 +231,8 @@ def workspace_disk_list(
 ) -> dict[str, Any]:
     """List a stopped workspace's /workspace disk offline (never mounted on the host)."""
     image = _stopped_disk(ctx, workspace, "disk list")
-    return {"path": path, "entries": workspace_disk.disk_list(image, path, recursive)}
+    listing = workspace_disk.disk_list(image, path, recursive)
+    return {"path": path, "entries": list(listing), "unlisted": listing.unlisted}
 
 
 @operation(cli=("workspace", "disk", "read"), sdk="read_workspace_disk", profiles=FULL)
@@ -254,9 +258,15 @@ def workspace_disk_export(
     """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
     image = _stopped_disk(ctx, workspace, "disk export")
     target = ctx.host_paths.check(output, "disk export output")
-    disk_export.disk_export(image, target, force=force)
-    return {"output": str(target), "size": target.stat().st_size}
+    written = disk_export.disk_export(image, target, force=force)
+    return {"output": str(written), "size": image.stat().st_size}
 
 
 def _read_text(ctx: Context, path: str, purpose: str) -> str:
-    return ctx.host_paths.check(path, purpose).read_text()
+    """A host text file (UTF-8), read through a confined descriptor, at most 64 MiB."""
+    target = ctx.host_paths.check(path, purpose)
+    data = host_files.read_file(target, purpose)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{purpose} {target} is not UTF-8 text") from exc
