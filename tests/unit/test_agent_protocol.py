@@ -154,7 +154,100 @@ def test_an_oversized_or_forged_prefix_is_skipped_not_trusted() -> None:
 
     decoder = p.FrameDecoder()
     good = p.Frame(p.RESULT, 7, {"value": {}}).encode()
-    forged = struct.pack(">4sIIII", p.MAGIC, p.MAX_HEADER + 1, 0, 0, 0)
-    plausible = struct.pack(">4sIIII", p.MAGIC, 2, 0, 12345, 0) + b"{}"  # its CRC is wrong
+    forged = struct.pack(">4sIII", p.MAGIC, p.MAX_HEADER + 1, 0, 0)
+    plausible = struct.pack(">4sIII", p.MAGIC, 2, 0, 12345) + b"{}"  # its CRC is wrong
     assert decoder.feed(forged + plausible + good) == [p.Frame(p.RESULT, 7, {"value": {}})]
     assert decoder.resyncs == len(forged) + len(plausible)
+
+
+def _frames(*payloads: bytes) -> list[p.Frame]:
+    return [p.Frame(p.DATA, n + 1, {"stream": "file"}, data) for n, data in enumerate(payloads)]
+
+
+def test_frames_decode_whole_in_one_feed_or_one_byte_at_a_time() -> None:
+    frames = _frames(b"", b"x" * 100_000, b"PYRO inside a payload", bytes(range(256)))
+    wire = b"".join(frame.encode() for frame in frames)
+    assert p.FrameDecoder().feed(wire) == frames
+    decoder = p.FrameDecoder()
+    found: list[p.Decoded] = []
+    for index in range(len(wire)):
+        found += decoder.feed(wire[index : index + 1])
+    assert found == frames and not decoder.pending and decoder.resyncs == 0
+
+
+def test_a_torn_frame_is_damage_for_its_call_and_the_frames_after_it_arrive() -> None:
+    torn, after, later = _frames(b"a" * 5000, b"after", b"b" * 20_000)
+    cut = torn.encode()[:3000]  # the sender died mid-write; its successor goes on
+    decoder = p.FrameDecoder()
+    found = decoder.feed(cut + after.encode())
+    found += decoder.feed(later.encode())  # enough bytes to cover what the torn one declared
+    assert found == [p.Damaged(p.DATA, 1, "its payload was torn"), after, later]
+    assert decoder.damaged == 1 and not decoder.pending
+
+
+def test_a_torn_frame_that_declared_more_than_will_come_is_given_up_when_idle() -> None:
+    torn, after = _frames(b"a" * 100_000, b"after")
+    decoder = p.FrameDecoder()
+    assert decoder.feed(torn.encode()[:500] + after.encode()) == []  # it waits for the rest
+    assert decoder.pending
+    assert decoder.stalled() == [
+        p.Damaged(p.DATA, 1, "it was cut short (the sender stopped mid-frame)"),
+        after,
+    ]
+    assert not decoder.pending
+    assert decoder.stalled() == []  # nothing left to give up
+
+
+def test_an_incomplete_frame_alone_is_kept_when_idle() -> None:
+    (frame,) = _frames(b"z" * 10_000)
+    decoder = p.FrameDecoder()
+    wire = frame.encode()
+    assert decoder.feed(wire[:4000]) == [] and decoder.stalled() == []
+    assert decoder.feed(wire[4000:]) == [frame]
+
+
+def _read_like_a_channel(decoder: p.FrameDecoder, wire: bytes, piece: int) -> list[p.Decoded]:
+    """Deliver ``wire`` as a channel would, ``piece`` bytes per read, into the decoder's
+    target when it offers one (a large frame read in place)."""
+    found: list[p.Decoded] = []
+    at = 0
+    while at < len(wire):
+        target = decoder.target()
+        if target is None:
+            found += decoder.feed(wire[at : at + piece])
+            at += piece
+            continue
+        with target:
+            size = min(piece, len(target), len(wire) - at)
+            target[:size] = wire[at : at + size]
+        found += decoder.filled(size)
+        at += size
+    return found
+
+
+def test_large_frames_are_read_in_place_and_come_out_whole() -> None:
+    frames = _frames(b"a" * 300_000, b"small", bytes(range(256)) * 1000, b"")
+    wire = b"".join(frame.encode() for frame in frames)
+    for piece in (4096, 65536, 1 << 20):
+        decoder = p.FrameDecoder()
+        assert _read_like_a_channel(decoder, wire, piece) == frames
+        assert not decoder.pending
+
+
+def test_a_large_frame_torn_while_read_in_place_gives_back_what_it_swallowed() -> None:
+    torn, after, later = _frames(b"a" * 200_000, b"after", b"b" * 300_000)
+    wire = torn.encode()[:100_000] + after.encode() + later.encode()
+    found = _read_like_a_channel(p.FrameDecoder(), wire, 4096)
+    assert found == [p.Damaged(p.DATA, 1, "its payload was torn"), after, later]
+
+
+def test_a_large_frame_that_stops_coming_is_given_up_when_a_later_frame_is_in() -> None:
+    torn, after = _frames(b"a" * 500_000, b"after")
+    decoder = p.FrameDecoder()
+    assert _read_like_a_channel(decoder, torn.encode()[:200_000] + after.encode(), 4096) == []
+    assert decoder.target() is not None  # still filling the big one
+    assert decoder.stalled() == [
+        p.Damaged(p.DATA, 1, "it was cut short (the sender stopped mid-frame)"),
+        after,
+    ]
+    assert not decoder.pending

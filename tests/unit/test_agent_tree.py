@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -549,7 +550,7 @@ def test_archive_put_into_the_root_and_bad_arguments(client: AgentClient, root: 
 def test_connections_of_one_vm_share_the_digest_cache(root: Path) -> None:
     ops_tree.clear_digest_cache()
     for index in range(30):
-        (root / f"f{index}").write_bytes(b"z" * index)
+        (root / f"f{index}").write_bytes(b"z" * (index + 1))  # empty files are never read
     time.sleep(SETTLE_S)
     one, two = InProcessAgent(), InProcessAgent()
     try:
@@ -609,3 +610,32 @@ def test_each_port_gets_its_own_server_and_the_restart_notice(
         ("/dev/vport0p2", True),
         ("/dev/vport0p3", True),
     ]
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {
+            "path": "a/b.txt",
+            "type": "file",
+            "mode": 420,
+            "size": 3,
+            "mtime_ns": 1,
+            "sha256": "0" * 64,
+        },
+        {"path": 'q"uo\\te\n', "type": "dir", "mode": 493, "size": 0, "mtime_ns": -5},
+        {
+            "path": "caf\udce9",
+            "type": "symlink",
+            "mode": 511,
+            "size": 4,
+            "mtime_ns": 0,
+            "target": "é/x",
+        },
+        {"path": "null", "type": "chardev", "mode": 384, "size": 0, "mtime_ns": 7, "rdev": [1, 3]},
+    ],
+)
+def test_a_manifest_line_is_exactly_what_json_would_write(item: dict[str, Any]) -> None:
+    line = ops_tree.entry_line(item)
+    assert line == json.dumps(item, separators=(",", ":")).encode() + b"\n"
+    assert json.loads(line) == item  # names that are not UTF-8 come back as they were

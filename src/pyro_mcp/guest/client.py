@@ -58,6 +58,9 @@ QUEUE_BYTES = 16 << 20  # frames one call may hold that its caller has not taken
 BASE_S = 30.0  # the fixed part of a data call's deadline
 MIN_RATE = 1 << 20  # bytes/s a data call is allowed at worst (TCG guests move ~100 MiB/s)
 LINK_RECV = 1 << 20
+# Uploads go in large frames: the agent reads each straight into place, and every frame
+# costs it a header, a dispatch and an allocation (dear under emulation).
+UPLOAD_CHUNK = 1 << 20
 
 
 def idle_from_env() -> float:
@@ -161,12 +164,15 @@ class _Pending:
             self._cond.notify_all()
             return item
 
-    def close(self) -> None:
-        """The caller is gone: drop what is queued and never block the reader again."""
+    def close(self, *, lost: bool = False) -> None:
+        """Drop what is queued and never block the reader again: the caller is gone, or
+        (``lost``) the connection is, and a waiting caller is told so."""
         with self._cond:
             self._closed = True
             self._items.clear()
             self._bytes = 0
+            if lost:
+                self._items.append(_LOST)
             self._cond.notify_all()
 
 
@@ -211,11 +217,11 @@ class CallStream:
                 ):
                     self.close()
                     raise ProtocolViolation(f"{self.op}: the guest sent a bad offset {offset!r}")
-                yield stream, offset, frame.payload
+                yield stream, offset, bytes(frame.payload)  # (a copy is cheap on the host)
             elif frame.t == p.RESULT:
                 value = frame.header.get("value")
                 self.value = value if isinstance(value, dict) else {}
-                self.payload = frame.payload
+                self.payload = bytes(frame.payload)
                 self._finish()
             elif frame.t == p.ERROR:
                 self._finish()
@@ -314,10 +320,16 @@ class AgentClient:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        with self._lock:
+            waiting = list(self._pending.values())
+        for pending in waiting:  # never leave the reader blocked on a queue nobody drains
+            pending.close(lost=True)
 
     def _read_loop(self) -> None:
         decoder = p.FrameDecoder()
         reason = "the guest agent connection closed"
+        buffer = bytearray(LINK_RECV)
+        view = memoryview(buffer)
         try:
             while True:
                 if decoder.pending:
@@ -325,10 +337,18 @@ class AgentClient:
                     if not readable:
                         self._deliver(decoder.stalled())
                         continue
-                data = self._sock.recv(LINK_RECV)
-                if not data:
+                target = decoder.target()
+                if target is not None:  # the rest of a large frame: straight into place
+                    with target:
+                        size = self._sock.recv_into(target)
+                    if not size:
+                        break
+                    self._deliver(decoder.filled(size))
+                    continue
+                size = self._sock.recv_into(buffer)
+                if not size:
                     break
-                self._deliver(decoder.feed(data))
+                self._deliver(decoder.feed(view[:size]))
         except (OSError, ValueError) as exc:
             if self._closed is None:
                 reason = f"the guest agent connection failed: {exc}"
@@ -420,11 +440,11 @@ class AgentClient:
             if time.monotonic() > stream._deadline:
                 raise OperationTimeout(f"guest operation {stream.op}: sending its input timed out")
             offset, chunk = item if isinstance(item, tuple) else (None, item)
-            for start in range(0, len(chunk), p.CHUNK):
+            for start in range(0, len(chunk), UPLOAD_CHUNK):
                 header: dict[str, Any] = {"stream": "file"}
                 if offset is not None:
                     header["offset"] = offset + start
-                self._send(p.Frame(p.DATA, ident, header, chunk[start : start + p.CHUNK]))
+                self._send(p.Frame(p.DATA, ident, header, chunk[start : start + UPLOAD_CHUNK]))
         self._send(p.Frame(p.EOF, ident, {"stream": "file"}))
 
     def call(

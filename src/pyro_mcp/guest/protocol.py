@@ -7,9 +7,9 @@ under Firecracker) carries frames. Every frame is::
     header_len   u32 BE           length of the JSON header
     payload_len  u32 BE           length of the raw payload (may be 0)
     header_crc   u32 BE           CRC-32 of the 12 bytes above and the header
-    payload_crc  u32 BE           CRC-32 of the payload
     header       JSON object      UTF-8
     payload      bytes            raw, never base64
+    trailer      u32 BE           header_crc again: where the frame must end
 
 The header always has ``t`` (the frame type) and ``id`` (the call it belongs to); frames
 the agent sends also carry ``s``, the session they belong to (see below). Many calls are in
@@ -31,13 +31,15 @@ error     guest -> host   the call failed: ``code``, ``message``
 ========  ==============  ============================================================
 
 **Damage.** A frame whose header CRC fails is not a frame: the reader skips one byte and
-looks for the next magic. A frame whose header is sound but whose payload CRC fails was
-torn (its sender died mid-write, or the link lost bytes): the reader reports it as
-:class:`Damaged` for that call id and rescans from just after its header, so the frames
-that followed are found and only the torn frame's call fails. A torn frame that declared
-more payload than will ever come would hold back every later frame; when the link has
-been idle for a moment, :meth:`FrameDecoder.stalled` gives it up if a complete, sound frame
-starts later in what was received.
+looks for the next magic. A frame whose header is sound but whose trailer is not where
+its lengths say was torn (its sender died mid-write, and the next frame began inside the
+space the torn one declared): the reader reports it as :class:`Damaged` for that call id
+and rescans from just after its header, so the frames that followed are found and only
+the torn frame's call fails. (A stream socket neither flips bits nor loses bytes in the
+middle, so payloads are not hashed: a guest under emulation would pay for every byte.)
+A torn frame that declared more payload than will ever come would hold back every later
+frame; when the link has been idle for a moment, :meth:`FrameDecoder.stalled` gives it up
+if a complete, sound frame starts later in what was received.
 
 **Sessions.** The first call on a connection is ``hello``; its ``session`` argument is a
 random token of the host. The agent tags every frame it sends with the session of the call
@@ -57,6 +59,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +70,14 @@ AGENT_VSOCK_PORT = 1024  # vsock port the agent listens on
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 8 << 20
 CHUNK = 256 << 10  # the size streams are cut into
+COMPACT_AT = 4 << 20  # a decoder drops consumed bytes once this many have piled up
+DIRECT_MIN = 64 << 10  # a frame with this much payload still to come is read in place
 
-_PREFIX = struct.Struct(">4sIIII")
+_PREFIX = struct.Struct(">4sIII")
 _LENGTHS = struct.Struct(">4sII")  # what the header CRC covers before the header itself
+_TRAILER = struct.Struct(">I")
 PREFIX_SIZE = _PREFIX.size
+TRAILER_SIZE = _TRAILER.size
 
 AGENT_RESTARTED = "agent_restarted"  # code of the unsolicited notice of a restarted agent
 BEAT = "beat"  # data stream of keepalives
@@ -83,6 +90,9 @@ CANCEL = "cancel"
 RESULT = "result"
 ERROR = "error"
 FRAME_TYPES = frozenset({CALL, DATA, EOF, CANCEL, RESULT, ERROR})
+
+
+Bytes = bytes | bytearray  # a payload: large ones read in place are bytearrays
 
 
 class ProtocolError(Exception):
@@ -98,7 +108,7 @@ class Frame:
     t: str
     id: int
     header: dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
+    payload: Bytes = b""  # a large payload read in place is a bytearray
 
     def encode(self) -> bytes:
         head = dict(self.header, t=self.t, id=self.id)
@@ -108,9 +118,8 @@ class Frame:
         if len(self.payload) > MAX_PAYLOAD:
             raise ProtocolError(f"payload of {len(self.payload)} bytes exceeds {MAX_PAYLOAD}")
         lengths = _LENGTHS.pack(MAGIC, len(raw), len(self.payload))
-        header_crc = zlib.crc32(raw, zlib.crc32(lengths))
-        prefix = lengths + struct.pack(">II", header_crc, zlib.crc32(self.payload))
-        return prefix + raw + self.payload
+        crc = _TRAILER.pack(zlib.crc32(raw, zlib.crc32(lengths)))
+        return b"".join((lengths, crc, raw, self.payload, crc))
 
 
 @dataclass(frozen=True)
@@ -139,110 +148,283 @@ def decode_header(raw: bytes) -> tuple[str, int, dict[str, Any]]:
 Decoded = Frame | Damaged
 
 
+class _Direct:
+    """A large frame whose header is in and whose payload is read straight into place."""
+
+    def __init__(
+        self,
+        prefix: bytes,
+        kind: str,
+        ident: int,
+        head: dict[str, Any],
+        header_crc: int,
+        payload_len: int,
+    ) -> None:
+        self.prefix = prefix  # its magic, lengths, CRC and header: kept for a rescan
+        self.kind, self.ident, self.head, self.header_crc = kind, ident, head, header_crc
+        self.data = bytearray(payload_len + TRAILER_SIZE)
+        self.view: memoryview | None = None  # while a reader reads into it
+        self.filled = 0
+
+
 class FrameDecoder:
     """Incremental decoder for both ends: ``feed`` bytes, get whole frames (or damage).
 
     Memory is bounded by one frame (header and payload limits) plus what one ``feed``
-    brings. Counters: ``resyncs`` (bytes skipped looking for a frame), ``damaged``.
+    brings. Counters: ``resyncs`` (bytes skipped looking for a frame), ``damaged``. Whole
+    frames are decoded straight from what was fed (each payload is copied once); only an
+    incomplete tail is kept, in a buffer consumed by moving an offset. Once the header of a
+    large frame is in, :meth:`target` offers the place its payload goes, so a reader reads
+    it there with no copy at all (emulated guests pay for every one).
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._at = 0  # where the undecoded bytes of the buffer start
+        self._need = 0  # the buffer length before which the head frame cannot be complete
+        self._direct: _Direct | None = None
         self.resyncs = 0
         self.damaged = 0
 
     @property
     def pending(self) -> bool:
         """Bytes of an incomplete frame are waiting for the rest."""
-        return bool(self._buffer)
+        return self._direct is not None or len(self._buffer) > self._at
 
-    def feed(self, data: bytes) -> list[Decoded]:
-        self._buffer += data
-        return self._drain()
+    def target(self) -> memoryview | None:
+        """Where the next bytes should be read to (the rest of a large frame), or None
+        (read into your own buffer and :meth:`feed`). Release the view (``with``) before
+        calling :meth:`filled`."""
+        direct = self._direct
+        return None if direct is None else memoryview(direct.data)[direct.filled :]
 
-    def _drain(self) -> list[Decoded]:
+    @property
+    def filling(self) -> bool:
+        """A large frame is being read in place: read with :meth:`fill`."""
+        return self._direct is not None
+
+    def fill(self, read: Callable[[memoryview], int]) -> tuple[int, list[Decoded]]:
+        """Read more of the large frame straight into place: ``read(view)`` fills the start
+        of ``view`` and returns how much. Returns (bytes read, what completed); 0 bytes
+        read means the channel ended. The cheapest way in: one call per read."""
+        direct = self._direct
+        assert direct is not None, "fill() while no large frame is being read"
+        if direct.view is None:
+            direct.view = memoryview(direct.data)
+        size = read(direct.view[direct.filled :])
+        if not size:
+            return 0, []
+        direct.filled += size
+        if direct.filled < len(direct.data):
+            return size, []
+        direct.view.release()
+        direct.view = None
+        return size, self.filled(0)
+
+    def filled(self, size: int) -> list[Decoded]:
+        """``size`` bytes were read into the last :meth:`target`."""
+        direct = self._direct
+        assert direct is not None, "filled() without a target()"
+        direct.filled += size
+        if direct.filled < len(direct.data):
+            return []
+        if direct.view is not None:
+            direct.view.release()
+            direct.view = None
+        self._direct = None
+        trailer = _TRAILER.unpack_from(direct.data, len(direct.data) - TRAILER_SIZE)[0]
+        if trailer != direct.header_crc:  # torn: what it swallowed are the frames after it
+            self.damaged += 1
+            out: list[Decoded] = [Damaged(direct.kind, direct.ident, "its payload was torn")]
+            return out + self.feed(direct.data)
+        del direct.data[-TRAILER_SIZE:]  # the payload is the buffer itself: no copy
+        return [Frame(direct.kind, direct.ident, direct.head, direct.data)]
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Decoded]:
         out: list[Decoded] = []
+        if self._direct is not None:
+            return self._feed_direct(memoryview(data))
+        if not self.pending:
+            self._buffer.clear()
+            self._at = 0
+            view = memoryview(data)
+            self._need = 0
+            used = self._drain(view, 0, out)  # the common case: no copy of what is fed
+            if self._direct is None:
+                self._buffer += view[used:]
+                self._need -= used  # the tail now starts the buffer
+            return out
+        if self._at > COMPACT_AT:
+            del self._buffer[: self._at]
+            self._need -= self._at
+            self._at = 0
+        self._buffer += data
+        if len(self._buffer) < self._need:
+            return out  # a large frame arriving piece by piece: nothing to parse yet
+        with memoryview(self._buffer) as view:
+            at = self._drain(view, self._at, out)
+        self._at = at
+        if self._direct is not None:
+            self._buffer.clear()
+            self._at = 0
+        return out
+
+    def _feed_direct(self, data: memoryview) -> list[Decoded]:
+        """Bytes fed while a large frame is being filled: as much as it takes, then on."""
+        direct = self._direct
+        assert direct is not None
+        take = min(len(data), len(direct.data) - direct.filled)
+        direct.data[direct.filled : direct.filled + take] = data[:take]
+        out = self.filled(take)
+        return out + (self.feed(data[take:]) if take < len(data) else [])
+
+    def _drain(self, buffer: memoryview, at: int, out: list[Decoded]) -> int:
+        """Decode whole frames from ``buffer`` at ``at``; where the undecoded part starts.
+        A large frame that is not complete becomes the direct target (what of it was in
+        ``buffer`` is copied there, and everything up to the end of ``buffer`` is used)."""
         while True:
-            start = self._buffer.find(MAGIC)
+            start = _find(buffer, at)
             if start < 0:
-                self.resyncs += max(0, len(self._buffer) - 3)
-                del self._buffer[: max(0, len(self._buffer) - 3)]
-                return out
-            if start:
-                self.resyncs += start
-                del self._buffer[:start]
-            step = self._parse_at(0)
-            if step is None:
-                return out  # incomplete: wait for more
+                keep = max(at, len(buffer) - 3)  # a magic may be split across feeds
+                self.resyncs += keep - at
+                return keep
+            self.resyncs += start - at
+            step = _parse(buffer, start)
+            if isinstance(step, int):
+                if step - (len(buffer) - start) >= DIRECT_MIN and self._go_direct(buffer, start):
+                    return len(buffer)
+                self._need = start + step  # incomplete: wait for that much
+                return start
             consumed, item = step
             if item is None:
                 self.resyncs += consumed
             else:
                 self.damaged += isinstance(item, Damaged)
                 out.append(item)
-            del self._buffer[:consumed]
+            at = start + consumed
 
-    def _parse_at(self, at: int) -> tuple[int, Decoded | None] | None:
-        """Decode the frame starting at ``at`` (which holds the magic).
-
-        None: incomplete. Otherwise (bytes to drop, what was found): a bad header drops
-        one byte (it was no frame); a torn payload drops only the prefix and header (the
-        next frame may start inside the declared payload).
-        """
-        buffer = self._buffer
-        if len(buffer) - at < PREFIX_SIZE:
-            return None
-        _, header_len, payload_len, header_crc, payload_crc = _PREFIX.unpack_from(buffer, at)
-        if header_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
-            return 1, None
-        head_end = at + PREFIX_SIZE + header_len
-        if len(buffer) < head_end:
-            return None
-        raw = bytes(buffer[at + PREFIX_SIZE : head_end])
-        if zlib.crc32(raw, zlib.crc32(buffer[at : at + 12])) != header_crc:
-            return 1, None
+    def _go_direct(self, buffer: memoryview, at: int) -> bool:
+        """Start filling the large frame at ``at`` in place (False: its header is not in)."""
         try:
+            found = _header(buffer, at)
+            if isinstance(found, int):
+                return False
+            header_len, payload_len, header_crc, raw = found
             kind, ident, head = decode_header(raw)
-        except ProtocolError:
-            return PREFIX_SIZE + header_len, None  # sound bytes, but no frame header
-        end = head_end + payload_len
-        if len(buffer) < end:
-            return None
-        payload = bytes(buffer[head_end:end])
-        if zlib.crc32(payload) != payload_crc:
-            return PREFIX_SIZE + header_len, Damaged(kind, ident, "its payload was torn")
-        return end - at, Frame(kind, ident, head, payload)
+        except (_NotAFrame, ProtocolError):
+            return False
+        head_end = at + PREFIX_SIZE + header_len
+        direct = _Direct(bytes(buffer[at:head_end]), kind, ident, head, header_crc, payload_len)
+        have = len(buffer) - head_end
+        direct.data[:have] = buffer[head_end:]
+        direct.filled = have
+        self._direct = direct
+        return True
 
     def stalled(self) -> list[Decoded]:
         """The link has been idle with an incomplete frame at the head: if a complete,
         sound frame starts later in the buffer, the head frame was torn. Give it up
         (reported as damage when its header was sound) and decode what follows."""
-        buffer = self._buffer
-        if not buffer.startswith(MAGIC):
-            return []
-        at = buffer.find(MAGIC, 1)
-        while at >= 0:
-            step = self._parse_at(at)
-            if step is not None and isinstance(step[1], Frame):
-                head = self._torn_head()
-                del buffer[:at]
-                self.resyncs += at
-                if head is not None:
-                    self.damaged += 1
-                return ([head] if head else []) + self._drain()
-            at = buffer.find(MAGIC, at + 1)
-        return []
+        direct = self._direct
+        if direct is not None:  # back into the buffer, to be searched like any other
+            if direct.view is not None:
+                direct.view.release()
+                direct.view = None
+            self._direct = None
+            self._buffer = bytearray(direct.prefix) + direct.data[: direct.filled]
+            self._at = 0
+        out: list[Decoded] = []
+        head = self._at
+        flat = bytes(self._buffer)  # one copy for the whole search
+        if flat.find(MAGIC, head, head + len(MAGIC)) != head:
+            return out
+        with memoryview(self._buffer) as buffer:
+            at = flat.find(MAGIC, head + 1)
+            while at >= 0:
+                step = _parse(buffer, at)
+                if not isinstance(step, int) and isinstance(step[1], Frame):
+                    torn = _torn(buffer, head)
+                    if torn is not None:
+                        self.damaged += 1
+                        out.append(torn)
+                    self.resyncs += at - head
+                    self._at = self._drain(buffer, at, out)
+                    return out
+                at = flat.find(MAGIC, at + 1)
+        if self._direct is None and direct is not None:
+            self._direct = direct  # nothing after it yet: keep filling it
+            self._buffer.clear()
+            self._at = 0
+        return out
 
-    def _torn_head(self) -> Damaged | None:
-        buffer = self._buffer
-        if len(buffer) < PREFIX_SIZE:
+
+def _find(buffer: memoryview, start: int) -> int:
+    """Where the next magic is at or after ``start`` (-1: none). Frames follow each other,
+    so it is almost always right there; only after garbage is the rest searched."""
+    if buffer[start : start + len(MAGIC)] == MAGIC:
+        return start
+    found = buffer[start:].tobytes().find(MAGIC)
+    return found + start if found >= 0 else -1
+
+
+def _header(buffer: memoryview, at: int) -> tuple[int, int, int, bytes] | int:
+    """(header length, payload length, header CRC, header bytes) of a frame at ``at``
+    whose prefix and header are sound; when incomplete, how many bytes from ``at`` it
+    takes to know; raises _NotAFrame."""
+    if len(buffer) - at < PREFIX_SIZE:
+        return PREFIX_SIZE
+    _, header_len, payload_len, header_crc = _PREFIX.unpack_from(buffer, at)
+    if header_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
+        raise _NotAFrame
+    head_end = at + PREFIX_SIZE + header_len
+    if len(buffer) < head_end:
+        return int(PREFIX_SIZE + header_len)
+    raw = bytes(buffer[at + PREFIX_SIZE : head_end])
+    if zlib.crc32(raw, zlib.crc32(buffer[at : at + 12])) != header_crc:
+        raise _NotAFrame
+    return int(header_len), int(payload_len), int(header_crc), raw
+
+
+class _NotAFrame(Exception):
+    """The magic at this place starts no frame (a bad length or header CRC)."""
+
+
+def _parse(buffer: memoryview, at: int) -> tuple[int, Decoded | None] | int:
+    """Decode the frame starting at ``at`` (which holds the magic).
+
+    An int: incomplete, and how many bytes from ``at`` are needed before it can be known.
+    Otherwise (bytes to drop, what was found): a bad header drops one byte (it was no
+    frame); a torn frame drops only its prefix and header (the next frame may start inside
+    the payload it declared).
+    """
+    try:
+        found = _header(buffer, at)
+    except _NotAFrame:
+        return 1, None
+    if isinstance(found, int):
+        return found
+    header_len, payload_len, header_crc, raw = found
+    try:
+        kind, ident, head = decode_header(raw)
+    except ProtocolError:
+        return PREFIX_SIZE + header_len, None  # sound bytes, but no frame header
+    head_end = at + PREFIX_SIZE + header_len
+    end = head_end + payload_len
+    if len(buffer) < end + TRAILER_SIZE:
+        return end + TRAILER_SIZE - at
+    if _TRAILER.unpack_from(buffer, end)[0] != header_crc:
+        return PREFIX_SIZE + header_len, Damaged(kind, ident, "its payload was torn")
+    payload = bytes(buffer[head_end:end]) if payload_len else b""
+    return end + TRAILER_SIZE - at, Frame(kind, ident, head, payload)
+
+
+def _torn(buffer: memoryview, at: int) -> Damaged | None:
+    """The damage to report for a frame at ``at`` cut short, if its header is sound."""
+    try:
+        found = _header(buffer, at)
+        if isinstance(found, int):
             return None
-        _, header_len, _, header_crc, _ = _PREFIX.unpack_from(buffer, 0)
-        raw = bytes(buffer[PREFIX_SIZE : PREFIX_SIZE + header_len])
-        if len(raw) != header_len or zlib.crc32(raw, zlib.crc32(buffer[:12])) != header_crc:
-            return None
-        try:
-            kind, ident, _ = decode_header(raw)
-        except ProtocolError:
-            return None
-        return Damaged(kind, ident, "it was cut short (the sender stopped mid-frame)")
+        kind, ident, _ = decode_header(found[3])
+    except (_NotAFrame, ProtocolError):
+        return None
+    return Damaged(kind, ident, "it was cut short (the sender stopped mid-frame)")

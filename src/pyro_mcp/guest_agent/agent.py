@@ -8,6 +8,7 @@ socketpair in unit tests.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -70,6 +71,8 @@ Handler = Callable[[Call], tuple[dict[str, Any], bytes]]
 
 BEAT_S = 5.0  # every call in flight gets a keepalive frame this often
 STALL_S = 0.5  # a partial frame idle this long is checked for a torn frame
+READ_SIZE = 1 << 20
+PAGE = 4096  # a virtio-serial port hands out one page-sized buffer per read
 
 
 class Agent:
@@ -133,18 +136,31 @@ class Agent:
         waiter = select.poll()
         waiter.register(self.read_fd, select.POLLIN)
         threading.Thread(target=self._beat, daemon=True, name="pyro-agent-beat").start()
+        # One read buffer for the life of the channel: a fresh megabyte per read costs a
+        # mapping and its page faults, which emulation makes slow.
+        buffer = bytearray(READ_SIZE)
+        view = memoryview(buffer)
+        reader = functools.partial(_read, self.read_fd)
+        whole = False  # the last read filled what it could take: more is likely queued
         try:
             while True:
-                if decoder.pending and not waiter.poll(int(STALL_S * 1000)):
+                # Only a read that came short may be followed by silence; a torn frame
+                # is given up when the channel stays quiet (see FrameDecoder.stalled).
+                if not whole and decoder.pending and not waiter.poll(int(STALL_S * 1000)):
                     items = decoder.stalled()
+                    if not items:
+                        continue
+                elif decoder.filling:
+                    size, items = decoder.fill(reader)  # straight into place
+                    if not size:
+                        return
+                    whole = size % PAGE == 0
                 else:
-                    try:
-                        data = os.read(self.read_fd, 1 << 20)
-                    except OSError:
+                    size = reader(view)
+                    if not size:
                         return
-                    if not data:
-                        return
-                    items = decoder.feed(data)
+                    whole = size % PAGE == 0
+                    items = decoder.feed(view[:size])
                 for item in items:
                     if isinstance(item, p.Damaged):
                         self._damaged(item)
@@ -282,6 +298,14 @@ class Agent:
             raise CallError("invalid_argument", f"call {target} runs no process")
         victim.send_signal(signum)
         return {"signalled": target, "signal": signame}, b""
+
+
+def _read(fd: int, into: memoryview) -> int:
+    """Read into ``into``; 0 at the end of the channel (a read error counts as its end)."""
+    try:
+        return os.readv(fd, [into])
+    except OSError:
+        return 0
 
 
 def _uptime() -> float:

@@ -21,7 +21,7 @@ MAGICS = {"gz": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00"}
 if TYPE_CHECKING:  # a Protocol class costs import time, and the agent starts at every boot
 
     class _Decompressor(Protocol):
-        def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+        def decompress(self, data: p.Bytes, max_length: int = -1) -> bytes: ...
 
         @property
         def eof(self) -> bool: ...
@@ -43,7 +43,7 @@ class _Gzip:
         self._tail = b""
         self._full = False
 
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+    def decompress(self, data: p.Bytes, max_length: int = -1) -> bytes:
         out = self._zlib.decompress(self._tail + data, max(max_length, 0))
         self._tail = self._zlib.unconsumed_tail
         self._full = 0 < max_length <= len(out)
@@ -85,7 +85,7 @@ class Input:
     def __init__(self, call: Call, streamed: bool, ceiling: int) -> None:
         self._call = call
         self._streamed = streamed
-        self._raw: list[bytes] = [call.payload] if call.payload else []
+        self._raw: list[p.Bytes] = [call.payload] if call.payload else []
         self._raw_done = not streamed
         self._decoder: _Decompressor | None = None
         self._ready = bytearray()
@@ -95,7 +95,7 @@ class Input:
         self.allowed = HEADER_SLACK
         self.ceiling = ceiling
 
-    def _next_raw(self) -> bytes | None:
+    def _next_raw(self) -> p.Bytes | None:
         while self._raw:
             chunk = self._raw.pop(0)
             if chunk:
@@ -130,7 +130,7 @@ class Input:
                 self._ready += chunk
             return
         if decoder.eof:  # concatenated streams continue; anything else after is ignored
-            rest: bytes | None = decoder.unused_data or self._next_raw()
+            rest: p.Bytes | None = decoder.unused_data or self._next_raw()
             if not rest or self.kind is None or not rest.startswith(MAGICS[self.kind][:2]):
                 self._eof = True
                 return

@@ -31,7 +31,7 @@ class Call:
         ident: int,
         op: str,
         args: dict[str, Any],
-        payload: bytes,
+        payload: p.Bytes,
         session: str | None = None,
     ) -> None:
         self._send = send
@@ -44,7 +44,7 @@ class Call:
         self.cancelled = threading.Event()
         self.on_cancel: Callable[[], None] | None = None
         self.send_signal: Callable[[int], None] | None = None  # set while a process runs
-        self._input: list[tuple[int | None, bytes]] = []
+        self._input: list[tuple[int | None, p.Bytes]] = []
         self._input_done = threading.Event()
         self._input_broken: str | None = None
         self._input_ready = threading.Condition()
@@ -55,7 +55,7 @@ class Call:
         self._send(frame)
 
     # -- input streamed by the host (large file puts) --------------------------------
-    def feed(self, data: bytes, offset: int | None = None) -> None:
+    def feed(self, data: p.Bytes, offset: int | None = None) -> None:
         with self._input_ready:
             self._input.append((offset, data))
             self._input_ready.notify()
@@ -71,12 +71,12 @@ class Call:
             self._input_done.set()
             self._input_ready.notify()
 
-    def read_input(self, timeout_s: float = 60.0) -> bytes | None:
+    def read_input(self, timeout_s: float = 60.0) -> p.Bytes | None:
         """Next chunk of streamed input; None at the end of the stream."""
         extent = self.read_extent(timeout_s)
         return None if extent is None else extent[1]
 
-    def read_extent(self, timeout_s: float = 60.0) -> tuple[int | None, bytes] | None:
+    def read_extent(self, timeout_s: float = 60.0) -> tuple[int | None, p.Bytes] | None:
         """Next chunk of streamed input with its offset (None unless the host sends a
         sparse file); None at the end of the stream."""
         with self._input_ready:

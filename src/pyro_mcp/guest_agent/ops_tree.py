@@ -66,6 +66,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from json.encoder import encode_basestring_ascii as _quote  # C: quotes, escapes
 from typing import Any
 
 from pyro_mcp.guest import protocol as p
@@ -73,6 +74,7 @@ from pyro_mcp.guest_agent import boot_state
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.ops_files import sync_filesystem
 
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 RACY_NS = 100_000_000  # 10x the coarsest kernel clock tick (HZ=100)
 CACHE_MAX = 131_072  # entries (~190 bytes each)
 READ_CHUNK = 1 << 20
@@ -266,6 +268,34 @@ def _top(args: dict[str, Any], required: bool = False) -> tuple[str, str, str]:
 # --- manifest ------------------------------------------------------------------------
 
 
+def entry_line(item: dict[str, Any]) -> bytes:
+    """A manifest entry as one line of compact JSON (what json.dumps gives, built directly:
+    under emulation the generic encoder was most of a manifest's cost)."""
+    parts = [
+        '{"path":',
+        _quote(item["path"]),
+        ',"type":"',
+        item["type"],
+        '","mode":',
+        str(item["mode"]),
+        ',"size":',
+        str(item["size"]),
+        ',"mtime_ns":',
+        str(item["mtime_ns"]),
+    ]
+    sha = item.get("sha256")
+    if sha is not None:
+        parts += (',"sha256":"', sha, '"')
+    target = item.get("target")
+    if target is not None:
+        parts += (',"target":', _quote(target))
+    rdev = item.get("rdev")
+    if rdev is not None:
+        parts.append(f',"rdev":[{rdev[0]},{rdev[1]}]')
+    parts.append("}\n")
+    return "".join(parts).encode("ascii")
+
+
 class _Lines:
     """JSON lines cut into data frames of whole lines, each at most one protocol chunk."""
 
@@ -273,10 +303,9 @@ class _Lines:
         self.call, self.stream = call, stream
         self._parts: list[bytes] = []
         self._size = 0
-        self._encode = json.JSONEncoder(separators=(",", ":")).encode  # one, not one per line
 
     def add(self, item: dict[str, Any]) -> None:
-        line = self._encode(item).encode() + b"\n"
+        line = entry_line(item)
         if self._size + len(line) > p.CHUNK:
             self.flush()
         self._parts.append(line)
@@ -302,6 +331,8 @@ class _Hasher:
 
     def digest(self, path: str, info: os.stat_result) -> tuple[str, os.stat_result] | None:
         """The sha256 of a regular file and its stat; None if it is no longer one."""
+        if info.st_size == 0:
+            return EMPTY_SHA256, info  # as its stat says: nothing to open or read
         with _digests_lock:
             known = _digests.get(_key(info))
         if known is not None:
