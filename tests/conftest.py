@@ -39,6 +39,14 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimePaths]:
     assert leftovers == [], f"VM run directories left behind: {leftovers}"
     if run_root.exists():
         run_root.rmdir()
+    # A confined VMM's cgroups go with it: one left empty is a leak (a live VM, maybe of
+    # another pyro process, keeps its own populated).
+    empty = [
+        str(group)
+        for group in Path("/sys/fs/cgroup").glob("*/pyro-mcp/*")
+        if group.is_dir() and not (group / "cgroup.procs").read_text().strip()
+    ]
+    assert empty == [], f"VMM cgroups left behind: {empty}"
 
 
 @pytest.fixture

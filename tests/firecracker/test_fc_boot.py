@@ -78,6 +78,12 @@ def test_boot_arguments_select_the_vsock_channel(make_vm: VMFactory) -> None:
     assert f"pyro.hostname={vm.spec.hostname}" in args
     assert config["vsock"]["uds_path"] == "v.sock"
     assert config["drives"][0]["is_root_device"] is True
+    # A balloon the host can inflate to take memory back; it yields when the guest is short.
+    assert config["balloon"] == {
+        "amount_mib": 0,
+        "deflate_on_oom": True,
+        "stats_polling_interval_s": 0,
+    }
 
 
 def test_a_qcow2_root_disk_is_refused_before_anything_starts(make_vm: VMFactory) -> None:

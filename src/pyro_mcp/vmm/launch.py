@@ -21,6 +21,7 @@ from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.firecracker.vm import OVERHEAD_MIB as FIRECRACKER_OVERHEAD_MIB
 from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
 from pyro_mcp.vmm.qemu import QemuVM
+from pyro_mcp.vmm.qemu.confinement import release as release_confinement
 from pyro_mcp.vmm.qemu.vm import OVERHEAD_MIB as QEMU_OVERHEAD_MIB
 
 
@@ -157,6 +158,12 @@ def start_owned(vm: VM) -> None:
     sweep_orphans(vm.spec.run_dir.parent)
     vm.start()
     register(vm)
+
+
+def release_vm(vm_id: str) -> None:
+    """Free what outlives a VMM that has exited, whichever process started it (its
+    cgroups; its uid went with the process)."""
+    release_confinement(vm_id)
 
 
 def discard_vm(vm: VM) -> None:

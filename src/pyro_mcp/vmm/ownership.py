@@ -18,9 +18,11 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 from pyro_mcp.vmm.base import VM
+from pyro_mcp.vmm.qemu.confinement import release
 
 OWNER_FILE = "owner.json"
 
@@ -88,9 +90,25 @@ def sweep_orphans(run_root: Path) -> list[str]:
         vmm_pid = record.get("vmm_pid")
         if isinstance(vmm_pid, int) and _is_vmm_of(vmm_pid, run_dir):
             _kill(vmm_pid)
+            wait_gone(vmm_pid)
+        release(run_dir.name)  # the VM's cgroups (its uid went with it)
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(run_dir.name)
     return removed
+
+
+def wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
+    """Wait until ``pid`` has exited (a zombie counts: it runs no more); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _kill(pid: int) -> None:

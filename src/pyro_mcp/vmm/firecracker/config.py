@@ -1,4 +1,5 @@
-"""Firecracker's configuration for a VMSpec: machine, kernel and boot arguments, drives, vsock.
+"""Firecracker's configuration for a VMSpec: machine, kernel and boot arguments, drives, vsock,
+balloon.
 
 One dict, keyed like Firecracker's ``--config-file`` format, serves both boot paths: it is
 written as that file, or sent resource by resource through the API. Every path in it is a
@@ -54,4 +55,7 @@ def vm_config(spec: VMSpec, vsock_cid: int = GUEST_CID) -> dict[str, Any]:
             for index, disk in enumerate(disks)
         ],
         "vsock": {"guest_cid": vsock_cid, "uds_path": names.VSOCK_SOCKET},
+        # A balloon the host can inflate to take memory back (Firecracker 1.12 has no free
+        # page reporting); it gives way when the guest runs short (deflate_on_oom).
+        "balloon": {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 0},
     }

@@ -237,7 +237,7 @@ class FirecrackerVM(VM):
             self.root.place(self.spec.initrd, names.INITRD, writable=False)
 
     def configure(self) -> None:
-        """Send the machine, kernel, drives and vsock configuration through the API.
+        """Send the machine, kernel, drives, vsock and balloon configuration through the API.
 
         Raises FirecrackerAPIError (a VMError) with Firecracker's fault message."""
         config = vm_config(self.spec, self.vsock_cid)
@@ -246,6 +246,7 @@ class FirecrackerVM(VM):
         for drive in config["drives"]:
             self.api.drives.put(**drive)
         self.api.vsock.put(**config["vsock"])
+        self.api.balloon.put(**config["balloon"])
         self.mark("configured_ms", self.launched_at)
 
     def instance_start(self) -> None:

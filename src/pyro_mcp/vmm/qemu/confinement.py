@@ -181,7 +181,8 @@ def confine(
         devices = [list(device) for device in DEVICES]
         if accel == "kvm":
             devices.append(list(KVM_DEVICE))
-        cgroups, limits = _make_cgroups(spec.vm_id, spec.mem_mib + overhead_mib, spec.vcpu_count)
+        memory_mib = spec.mem_mib + overhead_mib + MEMORY_MARGIN_MIB
+        cgroups, limits = _make_cgroups(spec.vm_id, memory_mib, spec.vcpu_count)
         root = spec.run_dir / "root"
         root.mkdir(mode=0o700, exist_ok=True)
         config = {

@@ -85,6 +85,8 @@ def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
         ("-qmp", f"unix:{vmm_dir(run) / 'qmp.sock'},server=on,wait=off"),
         ("-object", "rng-random,id=rng0,filename=/dev/urandom"),
         ("-device", "virtio-rng-device,rng=rng0"),
+        # Pages the guest frees are reported and dropped from QEMU's resident set.
+        ("-device", "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on"),
         ("-device", f"virtio-serial-device,max_ports={spec.agent_ports + 1}"),
     ]
     for port in range(spec.agent_ports):
