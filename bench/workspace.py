@@ -54,6 +54,7 @@ DELETE_ROW = (f"  workspace delete (running, {BLOB_SEED})", "ms", 0)
 EXEC_OP_ROW = ("workspace exec `true` (operation: open store, attach, exec, journal)", "ms", 1)
 EXEC_ATTACHED_ROW = ("  exec `true` through one attached AgentClient", "ms", 1)
 ATTACH_ROW = ("  attach + detach only (Workspaces.agent, no call)", "ms", 1)
+FILE_WRITE_ROW = ("workspace file write, 4 KiB (operation; acknowledged = on disk)", "ms", 1)
 TREE_CREATE_ROW = (f"workspace create, {TREE_FILES:,}-file seed, until guest ready", "ms", 0)
 DIFF_COLD_ROW = (
     f"diff {TREE_FILES:,} files / {CHANGED} modified: first since boot (cold caches)",
@@ -65,7 +66,14 @@ DIFF_REPEAT_ROW = ("  diff: repeated call, nothing changed since", "ms", 0)
 SNAPSHOT_ROW = (f"checkpoint create, {TREE_FILES:,} files, {CHANGED} changed since", "ms", 0)
 RESET_ROW = (f"reset to checkpoint, {CHANGED} files changed since (diff verified empty)", "ms", 0)
 
-CREATE_EXEC_ROWS = [CREATE_ROW, DELETE_ROW, EXEC_OP_ROW, EXEC_ATTACHED_ROW, ATTACH_ROW]
+CREATE_EXEC_ROWS = [
+    CREATE_ROW,
+    DELETE_ROW,
+    EXEC_OP_ROW,
+    EXEC_ATTACHED_ROW,
+    ATTACH_ROW,
+    FILE_WRITE_ROW,
+]
 TREE_ROWS = [
     TREE_CREATE_ROW,
     DIFF_COLD_ROW,
@@ -235,9 +243,8 @@ def measure_create_and_exec(
                 measure_exec(table, ctx, wid, counts.ws_exec)
             except Exception as exc:
                 reason = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:160]
-                table.explain(
-                    [table.row(*s) for s in (EXEC_OP_ROW, EXEC_ATTACHED_ROW, ATTACH_ROW)], reason
-                )
+                rows = (EXEC_OP_ROW, EXEC_ATTACHED_ROW, ATTACH_ROW, FILE_WRITE_ROW)
+                table.explain([table.row(*s) for s in rows], reason)
         elapsed, _ = _timed(ws.workspace_delete, ctx, wid)
         delete.add(elapsed)
 
@@ -275,6 +282,22 @@ def measure_exec(table: Table, ctx: Context, wid: str, n: int) -> None:
             with workspaces.agent(wid, "bench"):
                 pass
             attach_only.add(_ms_since(started))
+    measure_file_write(table, ctx, wid, n)
+
+
+def measure_file_write(table: Table, ctx: Context, wid: str, n: int) -> None:
+    """4 KiB written through the operation, a new file each time; a sample counts when the
+    file reads back as written."""
+    row = table.row(*FILE_WRITE_ROW)
+    text = os.urandom(2048).hex()
+    wc.workspace_file_write(ctx, wid, "bench-warm.txt", text=text)
+    for index in range(n):
+        elapsed, _ = _timed(wc.workspace_file_write, ctx, wid, f"bench-{index}.txt", text=text)
+        back = wc.workspace_file_read(ctx, wid, f"bench-{index}.txt", max_bytes=8192)
+        if back["content"] == text:
+            row.add(elapsed)
+        else:
+            _miss(row, "the file did not read back as written")
 
 
 def measure_tree(

@@ -12,7 +12,6 @@ import io
 import os
 import signal
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from pyro_mcp.api import Context
 from pyro_mcp.api.operations import workspace_content as wc
 from pyro_mcp.api.operations import workspaces as ws
 from pyro_mcp.errors import GuestError
+from pyro_mcp.vmm.ownership import wait_gone
 
 pytestmark = pytest.mark.guest
 
@@ -46,16 +46,7 @@ def _archive(path: Path, name: str, data: bytes) -> Path:
 def _kill_9(pid: int) -> None:
     """SIGKILL the VMM and wait until it is dead (a zombie or gone): nothing else."""
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return
-        if state in ("Z", "X"):
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"VMM {pid} outlived SIGKILL for 10 s")
+    assert wait_gone(pid, 10.0), f"VMM {pid} outlived SIGKILL for 10 s"
 
 
 def _read(ctx: Context, wid: str, path: str) -> bytes | None:

@@ -334,6 +334,11 @@ def test_the_vmm_killed_during_a_checkpoint_loses_nothing(ws_ctx: Context, tmp_p
     names = {snapshot["name"] for snapshot in wc.snapshot_list(ws_ctx, wid)["snapshots"]}
     assert "interrupted" not in names  # no record of a checkpoint that was never finished
     assert ws.workspace_status(ws_ctx, wid)["state"] == "stopped"
+    # What it had fetched is collected: the store holds only what the baseline needs.
+    assert ws.reconcile(ws_ctx)["collected"] == [wid]
+    store = ws_ctx.state_dir / "workspaces" / wid / "blobs"
+    blobs = {p.name for p in store.glob("??/*")}
+    assert len(blobs) == 20 * 50 + 1  # the seed's files and the baseline manifest
     ws.workspace_start(ws_ctx, wid)
     wc.snapshot_create(ws_ctx, wid, "interrupted")
     wc.workspace_exec(ws_ctx, wid, ["rm", "-rf", "d0"])

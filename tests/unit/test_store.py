@@ -564,16 +564,6 @@ def test_expired_lists_workspaces_past_their_ttl(path: Path) -> None:
         assert [r.id for r in store.expired(clock.now + 7200)] == [short.id]
 
 
-def test_admission_counts_workspaces_that_hold_memory(store: WorkspaceStore) -> None:
-    assert (store.count_live(), store.reserved_mem_mib()) == (0, 0)
-    _in_state(store, WorkspaceState.CREATING, mem_mib=100)
-    _in_state(store, WorkspaceState.RUNNING, mem_mib=200)
-    _in_state(store, WorkspaceState.STARTING, mem_mib=400)
-    for idle in (WorkspaceState.STOPPED, WorkspaceState.FAILED, WorkspaceState.DELETING):
-        _in_state(store, idle, mem_mib=10_000)
-    assert (store.count_live(), store.reserved_mem_mib()) == (3, 700)
-
-
 # -- the command journal -------------------------------------------------------------------
 
 

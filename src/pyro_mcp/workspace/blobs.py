@@ -16,10 +16,18 @@ Manifests are stored here too (:meth:`BlobStore.put_manifest`, :meth:`manifest_w
 as JSON lines in tree order: a format line, then one canonical JSON object per entry. They
 are written and read as streams, so a manifest of millions of entries never sits in
 memory. :meth:`BlobStore.gc` deletes what no manifest it is given reaches.
+
+Concurrency: writers hold the store's lock shared (:meth:`BlobStore.writing`) from their
+first blob until the manifest that names them is recorded; :meth:`BlobStore.gc` runs only
+when it can take the lock exclusively (otherwise it skips, and the next collection does
+the work). A writer that may leave unreferenced blobs behind (a checkpoint interrupted by
+a crash) marks the store first (``PENDING``), so a later reconcile collects it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +35,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -43,6 +52,8 @@ CHUNK = 1 << 20
 MANIFEST_FORMAT = "pyro-manifest/2"
 OLD_MANIFEST_FORMAT = "pyro-manifest/1"  # one JSON document; read, never written
 STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died
+LOCK = ".lock"
+PENDING = ".collect"  # a writer may have left blobs no manifest names: collect them
 MAX_MANIFEST_LINE = 64 << 10  # an entry's line: a path of 4 KiB escaped, a target too
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ZEROS = bytes(CHUNK)
@@ -371,6 +382,28 @@ class BlobStore:
 
     # --- cleaning ---------------------------------------------------------------------
 
+    @contextmanager
+    def writing(self, *, may_leave_garbage: bool = False) -> Iterator[None]:
+        """Hold the store's lock shared while adding blobs a manifest will name: no
+        collection runs meanwhile. With ``may_leave_garbage`` the store is marked for a
+        collection until the block ends without an error."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if may_leave_garbage:
+                (self.directory / PENDING).touch()
+            yield
+            if may_leave_garbage:
+                (self.directory / PENDING).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    @property
+    def needs_collection(self) -> bool:
+        """A writer that may have left unreferenced blobs did not finish cleanly."""
+        return (self.directory / PENDING).exists()
+
     def reachable(self, manifests: Iterable[str]) -> set[str]:
         """``manifests`` and every file blob their entries name (the GC keep-set)."""
         keep: set[str] = set()
@@ -388,7 +421,24 @@ class BlobStore:
 
         ``keep`` is what must survive, files and manifests alike (see :meth:`reachable`).
         Returns ``(blobs removed, bytes freed)``; bytes are the blobs' logical sizes.
+        Skipped (``(0, 0)``) while a writer holds the store (see :meth:`writing`).
         """
+        if not self.directory.is_dir():
+            return 0, 0
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0, 0
+            result = self._collect(keep)
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / PENDING).unlink()
+            return result
+        finally:
+            os.close(fd)
+
+    def _collect(self, keep: set[str]) -> tuple[int, int]:
         removed = freed = 0
         for sha in list(self):
             if sha in keep:

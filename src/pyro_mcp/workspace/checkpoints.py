@@ -17,8 +17,10 @@ store. Everything the guest says is untrusted:
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -47,6 +49,7 @@ MAX_BLOB_BYTES = 64 << 30  # one file of a checkpoint (logical size: holes count
 MAX_CHECKPOINT_BYTES = 64 << 30  # all the files a checkpoint fetches (logical sizes)
 BATCH = 2000  # paths per structural call (arguments travel in a 1 MiB frame header)
 SMALL_FILE = 256 << 10  # written in one frame; larger files stream their data extents
+ARCHIVE_MIN = 8  # this many small files of one batch go in one archive, not one call each
 
 
 _SPOOL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
@@ -129,7 +132,13 @@ def diff(workspaces: Workspaces, ref: str, against: str = BASELINE) -> dict[str,
     with workspaces.agent(ref, "diff") as agent, spool_current(store, agent) as current:
 
         def read_before(blob: str) -> bytes:
-            return store.get_bytes(blob, max_bytes=DEFAULT_MAX_READ_BYTES)
+            try:
+                return store.get_bytes(blob, max_bytes=DEFAULT_MAX_READ_BYTES)
+            except NotFound as exc:
+                raise IntegrityError(
+                    f"checkpoint {against!r} is damaged: blob {blob} is not in the store",
+                    hint="take a new checkpoint to compare with",
+                ) from exc
 
         def read_after(relative: str) -> bytes:
             data, _ = agent.get_file(
@@ -205,6 +214,7 @@ def create_checkpoint(workspaces: Workspaces, ref: str, name: str) -> dict[str, 
     budget = _Budget(MAX_CHECKPOINT_BYTES)
     vanished = fetched = 0
     with (
+        store.writing(may_leave_garbage=True),  # an interrupted checkpoint is collected later
         workspaces.agent(ref, "snapshot create") as agent,
         spool_current(store, agent) as current,
         store.manifest_writer() as manifest,
@@ -219,13 +229,13 @@ def create_checkpoint(workspaces: Workspaces, ref: str, name: str) -> dict[str, 
                 fetched += 1
             manifest.add(entry)
         sha = manifest.commit()
-    checkpoint = workspaces.store.add_checkpoint(
-        record.id,
-        name,
-        manifest=sha,
-        file_count=manifest.files,
-        total_bytes=manifest.file_bytes,
-    )
+        checkpoint = workspaces.store.add_checkpoint(
+            record.id,
+            name,
+            manifest=sha,
+            file_count=manifest.files,
+            total_bytes=manifest.file_bytes,
+        )
     return {**checkpoint.to_dict(), "fetched": fetched, "vanished": vanished}
 
 
@@ -314,6 +324,18 @@ class _Restorer:
                 specials=self.specials,
                 sync=False,
             )
+        small = [e for e in self.files if self.store.size(e.sha256 or "") <= SMALL_FILE]
+        if len(small) >= ARCHIVE_MIN:  # many small files: one archive, one call
+            total = sum(self.store.size(e.sha256 or "") for e in small)
+            self.agent.archive_put(
+                WORKSPACE_ROOT,
+                WORKSPACE_ROOT,
+                files_tar(self.store, small),
+                max_bytes=total,
+                max_entries=len(small) * 2 + 64,  # and the directories the names pass
+            )
+            sent = {id(e) for e in small}
+            self.files = [e for e in self.files if id(e) not in sent]
         for entry in self.files:
             self._write(entry)
         self.removes, self.dirs, self.links, self.specials, self.files = [], [], [], [], []
@@ -336,6 +358,44 @@ class _Restorer:
             batch = self.chmods[start : start + BATCH]
             self.agent.apply_tree(WORKSPACE_ROOT, chmods=batch, sync=False)
         self.agent.fs_sync(WORKSPACE_ROOT)
+
+
+class _Chunks(io.RawIOBase):
+    """A write-only file whose bytes are collected for the caller to send on."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.pending.append(bytes(data))
+        self.size += len(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self.pending, self.size = b"".join(self.pending), [], 0
+        return data
+
+
+def files_tar(store: BlobStore, entries: list[Entry]) -> Iterator[bytes]:
+    """The contents of ``entries`` (files of a checkpoint) as a tar stream, named by their
+    paths, with their modes and mtimes, in chunks of about 1 MiB."""
+    sink = _Chunks()
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for entry in entries:
+            sha = entry.sha256 or ""
+            info = tarfile.TarInfo(entry.path)
+            info.size = store.size(sha)
+            info.mode = entry.mode
+            info.mtime = entry.mtime_ns / 1e9
+            with store.open(sha) as content:
+                archive.addfile(info, content)
+            if sink.size >= 1 << 20:
+                yield sink.take()
+    yield sink.take()
 
 
 def reset(workspaces: Workspaces, ref: str, name: str = BASELINE) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, AttachedAgent, attach
 from pyro_mcp.vmm.base import VM, Disk
-from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, overhead_mib
+from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, overhead_mib, release_vm
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.vmm.selection import choose_backend
 from pyro_mcp.workspace import seeds
@@ -154,20 +154,21 @@ class Workspaces:
             staging = files.directory / "seed-staging"
             shutil.rmtree(staging, ignore_errors=True)
             store = self.blobs(record.id)
-            baseline = (
-                seeds.ingest_seed(seed_path, staging, store)
-                if seed_path
-                else (seeds.empty_seed(staging))
-            )
-            create_workspace_disk(files.workspace_disk, disk_mib, staging)
-            shutil.rmtree(staging, ignore_errors=True)
-            files_only = [entry for entry in baseline if entry.type == "file"]
-            self.store.add_baseline(
-                record.id,
-                manifest=store.put_manifest(baseline),
-                file_count=len(files_only),
-                total_bytes=sum(entry.size for entry in files_only),
-            )
+            with store.writing():
+                baseline = (
+                    seeds.ingest_seed(seed_path, staging, store)
+                    if seed_path
+                    else (seeds.empty_seed(staging))
+                )
+                create_workspace_disk(files.workspace_disk, disk_mib, staging)
+                shutil.rmtree(staging, ignore_errors=True)
+                files_only = [entry for entry in baseline if entry.type == "file"]
+                self.store.add_baseline(
+                    record.id,
+                    manifest=store.put_manifest(baseline),
+                    file_count=len(files_only),
+                    total_bytes=sum(entry.size for entry in files_only),
+                )
             self._boot(record, files, choice=choice, progress=progress, first=True)
         except BaseException:
             self._discard(record.id)  # a create that failed leaves nothing, its name is free
@@ -365,6 +366,7 @@ class Workspaces:
         for pid in _vmm_pids(run_dir):
             _signal(pid, signal.SIGKILL)
             _wait_exit(pid, str(run_dir), 5.0)
+        release_vm(record.id)
         shutil.rmtree(run_dir, ignore_errors=True)
         _remove_run_dir(record.run_dir)
 
@@ -395,6 +397,7 @@ class Workspaces:
             "failed": [],
             "discarded": [],
             "expired": [],
+            "collected": [],
             "orphans": [],
         }
         for record in self.store.list():
@@ -404,6 +407,10 @@ class Workspaces:
         for record in self.store.expired(time.time()):
             self.delete(record.id)
             report["expired"].append(record.id)
+        for record in self.store.list():
+            if self.blobs(record.id).needs_collection:  # a checkpoint did not finish
+                self.collect_blobs(record.id)
+                report["collected"].append(record.id)
         report["orphans"] = self._sweep_orphans()
         return report
 
@@ -458,6 +465,8 @@ class Workspaces:
                 continue
             for pid in _vmm_pids(run_dir):
                 _signal(pid, signal.SIGKILL)
+                _wait_exit(pid, str(run_dir), 5.0)
+            release_vm(run_dir.name)
             shutil.rmtree(run_dir, ignore_errors=True)
             removed.append(run_dir.name)
         return removed

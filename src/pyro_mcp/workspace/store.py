@@ -55,7 +55,6 @@ from pyro_mcp.workspace.schema import (
     sql_migration,
 )
 from pyro_mcp.workspace.states import (
-    RESERVING_STATES,
     TRANSITIONS,
     WorkspaceState,
     describe,
@@ -250,24 +249,6 @@ class WorkspaceStore:
                 (now,),
             ).fetchall()
         return [from_row(WorkspaceRecord, r) for r in rows]
-
-    def count_live(self) -> int:
-        """How many workspaces hold host resources (creating, starting or running)."""
-        return int(self._reserving("COUNT(*)"))
-
-    def reserved_mem_mib(self) -> int:
-        """Guest memory, MiB, of the workspaces counted by ``count_live``."""
-        return int(self._reserving("COALESCE(SUM(mem_mib), 0)"))
-
-    def _reserving(self, aggregate: str) -> int:
-        states = sorted(s.value for s in RESERVING_STATES)
-        with self._db.read() as conn:
-            row = conn.execute(
-                f"SELECT {aggregate} FROM workspaces WHERE state IN "
-                f"({', '.join('?' * len(states))})",
-                states,
-            ).fetchone()
-        return int(row[0])
 
     # -- workspace writes ------------------------------------------------------------
 
