@@ -61,6 +61,7 @@ def hostile_guest(
 
 
 def _bounded(measured: Measured, limit_s: float) -> None:
+    print(f"[hostile] host pyro peak RSS {measured.peak_mib:.1f} MiB, {measured.seconds:.1f} s")
     assert measured.peak_mib < PEAK_RSS_BOUND_MIB, measured
     assert measured.seconds < limit_s, measured
 
