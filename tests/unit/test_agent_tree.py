@@ -449,6 +449,24 @@ def test_archive_put_merges_and_accepts_compressed_tars(client: AgentClient, roo
     assert (dest / "sub").is_dir()
 
 
+def _tree_state(top: Path) -> dict[str, tuple[object, ...]]:
+    """Every path under ``top`` (links not followed) with its type, mode, link count and
+    content (a file's digest, a link's target): what any write would change."""
+    state: dict[str, tuple[object, ...]] = {}
+    for directory, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = Path(directory, name)
+            info = path.lstat()
+            if path.is_symlink():
+                content: object = os.readlink(path)
+            elif path.is_file():
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                content = None
+            state[str(path.relative_to(top))] = (info.st_mode, info.st_nlink, content)
+    return state
+
+
 def _assert_refused_and_clean(
     client: AgentClient,
     root: Path,
@@ -457,24 +475,32 @@ def _assert_refused_and_clean(
     max_bytes: int = 1 << 30,
     max_entries: int = 1000,
 ) -> None:
-    before = sorted(str(p) for p in root.parent.rglob("*"))
+    """archive_put of ``data`` into ``root``/in/dest is refused with ``code``, and nothing
+    under the root's parent changed (nor was anything staged there left)."""
+    before = _tree_state(root.parent)
     _refused(code, client.archive_put, str(root), "in/dest", [data], max_bytes, max_entries)
-    assert sorted(str(p) for p in root.parent.rglob("*")) == before
+    assert _tree_state(root.parent) == before
     assert not (root / "in").exists()
 
 
 def test_malicious_archives_are_refused_and_leave_nothing(client: AgentClient, root: Path) -> None:
+    # What an escape would reach lies beside the root, where the check sees every change.
+    outside = root.parent / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not yours\n")
     (root / "existing").mkdir()
+    (root / "existing" / "kept.txt").write_bytes(b"kept\n")
     first = _file("ok.txt")
     cases: list[tuple[str, list[tuple[tarfile.TarInfo, bytes | None]]]] = [
         ("outside_root", [first, _file("../evil.txt")]),
-        ("outside_root", [first, _file("a/../../evil.txt")]),
-        ("outside_root", [first, _file("/tmp/evil.txt")]),
-        ("outside_root", [_special("etc", tarfile.SYMTYPE, "/etc"), _file("etc/evil.conf")]),
-        ("outside_root", [first, _special("etc", tarfile.SYMTYPE, "/etc")]),
+        ("outside_root", [first, _file("../../../evil.txt")]),
+        ("outside_root", [first, _file("a/../../../../outside/evil.txt")]),
+        ("outside_root", [first, _file(f"{outside}/evil.txt")]),
+        ("outside_root", [_special("out", tarfile.SYMTYPE, str(outside)), _file("out/evil.txt")]),
+        ("outside_root", [first, _special("out", tarfile.SYMTYPE, str(outside))]),
         ("outside_root", [first, _special("up", tarfile.SYMTYPE, "../../../..")]),
-        ("outside_root", [first, _special("h", tarfile.LNKTYPE, "../../../../etc/passwd")]),
-        ("outside_root", [first, _special("h", tarfile.LNKTYPE, "/etc/passwd")]),
+        ("outside_root", [first, _special("h", tarfile.LNKTYPE, "../../../outside/secret")]),
+        ("outside_root", [first, _special("h", tarfile.LNKTYPE, str(outside / "secret"))]),
         ("unsupported_member", [first, _special("dev", tarfile.CHRTYPE)]),
         ("unsupported_member", [first, _special("blk", tarfile.BLKTYPE)]),
         ("unsupported_member", [first, _special("fifo", tarfile.FIFOTYPE)]),
@@ -484,7 +510,14 @@ def test_malicious_archives_are_refused_and_leave_nothing(client: AgentClient, r
         _assert_refused_and_clean(client, root, code, _tar(members))
     _assert_refused_and_clean(client, root, "invalid_archive", b"not a tar at all" * 100)
     _assert_refused_and_clean(client, root, "invalid_archive", _tar([first])[:700])
-    assert not (root.parent / "evil.txt").exists()
+    assert sorted(_tree_state(root.parent)) == [
+        "outside",
+        "outside/secret",
+        "workspace",
+        "workspace/existing",
+        "workspace/existing/kept.txt",
+    ]
+    assert (outside / "secret").stat().st_nlink == 1
 
 
 def test_symlink_chains_are_resolved_as_they_will_be(client: AgentClient, root: Path) -> None:
