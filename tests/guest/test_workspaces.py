@@ -125,31 +125,52 @@ def test_paths_that_escape_the_workspace_are_refused(ws_ctx: Context, tmp_path: 
         wc.workspace_file_write(ws_ctx, wid, "big", text="x" * (65 << 20))
 
 
+def _left_behind(ctx: Context, run_dirs_before: set[str]) -> list[str]:
+    """What is left of workspaces in ``ctx``, read without the repairs that listing or
+    reconciling makes (either would hide a create that failed to clean up after itself)."""
+    from pyro_mcp.api.operations.workspaces import open_workspaces
+
+    with open_workspaces(ctx) as workspaces:  # opening the store repairs nothing
+        left = [f"record {r.id} ({r.state})" for r in workspaces.store.list()]
+    files = ctx.state_dir / "workspaces"
+    if files.exists():
+        left += [f"file {p.relative_to(ctx.state_dir)}" for p in sorted(files.rglob("*"))]
+    run_root = ctx.paths.run_root
+    run_dirs = {p.name for p in run_root.iterdir()} if run_root.exists() else set()
+    left += [f"run dir {name}" for name in sorted(run_dirs - run_dirs_before)]
+    return left
+
+
 def test_seeds_that_escape_or_explode_are_refused_and_leave_nothing(
     ws_ctx: Context, tmp_path: Path
 ) -> None:
+    run_root = ws_ctx.paths.run_root
+    run_dirs = {p.name for p in run_root.iterdir()} if run_root.exists() else set()
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "escape").symlink_to("/etc/passwd")
-    with pytest.raises(OutsideRoot):
-        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(bad))
+    with pytest.raises(OutsideRoot, match="escape"):
+        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(bad), name="seeded")
+    assert _left_behind(ws_ctx, run_dirs) == []
     archive = tmp_path / "evil.tar"
     with tarfile.open(archive, "w") as tar:
-        info = tarfile.TarInfo("../../outside")
+        info = tarfile.TarInfo("../../outside")  # from the staging dir: <state>/workspaces/
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    with pytest.raises(OutsideRoot):
-        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(archive))
-    with pytest.raises(TooLarge):
-        big = tmp_path / "big"
-        big.mkdir()
-        (big / "noise").write_bytes(os.urandom(24 << 20))
-        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(big), disk_mib=16, name="big")
-    # A create that failed leaves nothing behind: no record, no files, its name free.
-    assert ws.workspace_list(ws_ctx)["workspaces"] == []
-    assert list((ws_ctx.state_dir / "workspaces").iterdir()) == []
-    wid = ws.workspace_create(ws_ctx, "debian:12", name="big")["id"]
+    with pytest.raises(OutsideRoot, match="outside"):
+        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(archive), name="seeded")
+    assert _left_behind(ws_ctx, run_dirs) == []
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "noise").write_bytes(os.urandom(24 << 20))
+    with pytest.raises(TooLarge, match="does not fit in a 16 MiB workspace disk"):
+        ws.workspace_create(ws_ctx, "debian:12", seed_path=str(big), disk_mib=16, name="seeded")
+    assert _left_behind(ws_ctx, run_dirs) == []
+    # The name the failed creates asked for is free.
+    wid = ws.workspace_create(ws_ctx, "debian:12", name="seeded")["id"]
+    assert ws.workspace_status(ws_ctx, "seeded")["id"] == wid
     ws.workspace_delete(ws_ctx, wid)
+    assert _left_behind(ws_ctx, run_dirs) == []
 
 
 def test_mcp_style_host_paths_are_confined(ws_ctx: Context, tmp_path: Path) -> None:
