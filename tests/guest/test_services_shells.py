@@ -119,25 +119,52 @@ def test_bad_service_requests_get_specific_errors(ws_ctx: Context, workspace: st
     sv.service_stop(ws_ctx, workspace, "flood", grace_seconds=1)
 
 
+def _read_until(
+    ctx: Context, workspace: str, shell: str, cursor: int, line: str
+) -> tuple[str, int]:
+    """Read plain output from ``cursor`` until one whole line of it is ``line``."""
+    text = ""
+    deadline = time.monotonic() + 30
+    while True:
+        got = sh.shell_read(ctx, workspace, shell, cursor=cursor, plain=True, wait_for_idle_ms=200)
+        text += got["output"]
+        cursor = got["next_cursor"]
+        if line in [piece.strip() for piece in text.split("\n")]:
+            return text, cursor
+        assert time.monotonic() < deadline, f"never saw the line {line!r} in {text!r}"
+
+
+def _foreground_command(ctx: Context, workspace: str, shell: str) -> str:
+    (info,) = [s for s in sh.shell_list(ctx, workspace)["shells"] if s["shell_id"] == shell]
+    comm = f"/proc/{info['foreground_pgid']}/comm"
+    return str(wc.workspace_exec(ctx, workspace, ["cat", comm])["stdout"]).strip()
+
+
 def test_an_interactive_shell(ws_ctx: Context, workspace: str) -> None:
+    # Every line looked for is one the shell computes: the terminal's echo of the typed
+    # command never matches it.
     opened = sh.shell_open(ws_ctx, workspace)
     shell = opened["shell_id"]
-    sh.shell_write(ws_ctx, workspace, shell, "cd /tmp && pwd")
-    first = sh.shell_read(ws_ctx, workspace, shell, plain=True, wait_for_idle_ms=500)
-    assert "/tmp" in first["output"]
-    assert "\x1b[" not in first["output"]
+    sh.shell_write(ws_ctx, workspace, shell, "cd /tmp && printf '%s:%s\\n' \"$PWD\" $((6 * 7))")
+    text, cursor = _read_until(ws_ctx, workspace, shell, 0, "/tmp:42")
+    assert "\x1b[" not in text
     sh.shell_write(ws_ctx, workspace, shell, "sleep 100")
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while _foreground_command(ws_ctx, workspace, shell) != "sleep":
+        assert time.monotonic() < deadline, "sleep never ran in the shell's foreground"
+        time.sleep(0.1)
     sh.shell_signal(ws_ctx, workspace, shell, "INT")
-    sh.shell_write(ws_ctx, workspace, shell, "echo after-interrupt")
-    later = sh.shell_read(
-        ws_ctx, workspace, shell, cursor=first["next_cursor"], plain=True, wait_for_idle_ms=500
-    )
-    assert "after-interrupt" in later["output"]
+    # Runs only once the interrupt ended the sleep (else in 100 s, long after the read).
+    sh.shell_write(ws_ctx, workspace, shell, "echo after-$((40 + 2))")
+    later, _ = _read_until(ws_ctx, workspace, shell, cursor, "after-42")
+    assert "/tmp:42" not in later  # the cursor reads only what is new
+    assert _foreground_command(ws_ctx, workspace, shell) != "sleep"
     assert any(s["shell_id"] == shell for s in sh.shell_list(ws_ctx, workspace)["shells"])
     sh.shell_close(ws_ctx, workspace, shell)
-    with pytest.raises(GuestError):
+    with pytest.raises(GuestError) as closed:
         sh.shell_write(ws_ctx, workspace, shell, "echo closed")
+    assert closed.value.guest_code == "invalid_state"
+    assert shell not in {s["shell_id"] for s in sh.shell_list(ws_ctx, workspace)["shells"]}
 
 
 def test_services_stop_with_the_workspace_and_stay_stopped_after_start(
