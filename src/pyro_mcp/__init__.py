@@ -1,18 +1,29 @@
-"""pyro-mcp: disposable, hardware-isolated Linux machines for coding agents."""
+"""pyro-mcp: disposable, hardware-isolated Linux machines for coding agents.
+
+The names exported here are the SDK (``Pyro``) and the whole exception tree of
+:mod:`pyro_mcp.errors`: whatever an operation documents that it raises can be caught by
+importing it from ``pyro_mcp``.
+"""
 
 from pyro_mcp.errors import (
+    AgentUnavailable,
+    BootTimeout,
     BuildError,
     Conflict,
+    GuestError,
     HostToolMissing,
     IntegrityError,
     InvalidArgument,
     InvalidState,
     NotFound,
+    OperationTimeout,
     OutsideRoot,
+    ProtocolViolation,
     PyroError,
     RuntimeMissing,
     TooLarge,
     ToolFailed,
+    VMError,
 )
 
 __version__ = "4.0.0.dev0"
@@ -28,18 +39,24 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AgentUnavailable",
+    "BootTimeout",
     "BuildError",
     "Conflict",
+    "GuestError",
     "HostToolMissing",
     "IntegrityError",
     "InvalidArgument",
     "InvalidState",
     "NotFound",
+    "OperationTimeout",
     "OutsideRoot",
+    "ProtocolViolation",
     "Pyro",
     "PyroError",
     "RuntimeMissing",
     "TooLarge",
     "ToolFailed",
+    "VMError",
     "__version__",
 ]
