@@ -30,6 +30,7 @@ from typing import Any
 
 from bench.firecracker_tiny import bench_tiny_guest
 from bench.guest import Counts, measure_boots, measure_cold_run
+from bench.host import HostCounts, measure_host_side
 from bench.services import ServiceCounts, measure_services_and_shells
 from bench.stats import Row, Table
 from bench.workspace import WorkspaceCounts, measure_workspaces
@@ -90,6 +91,12 @@ def choose_service_counts(args: argparse.Namespace) -> ServiceCounts:
     if args.repeat is not None:
         return ServiceCounts.scaled(args.repeat)
     return ServiceCounts.quick() if args.quick else ServiceCounts()
+
+
+def choose_host_counts(args: argparse.Namespace) -> HostCounts:
+    if args.repeat is not None:
+        return HostCounts.scaled(args.repeat)
+    return HostCounts.quick() if args.quick else HostCounts()
 
 
 def _git_revision() -> str:
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = choose_counts(args)
     ws_counts = choose_workspace_counts(args)
     svc_counts = choose_service_counts(args)
+    host_counts = choose_host_counts(args)
     started = time.monotonic()
     run_root = Path(tempfile.mkdtemp(prefix="pyro-bench-", dir="/tmp"))
     os.environ["PYRO_RUN_DIR"] = str(run_root)
@@ -275,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             table, paths, args.environment, svc_counts, args.mem_mib
         )
 
+    def host_side() -> None:
+        measure_host_side(table, host_counts)
+
     def firecracker() -> None:
         info = measure_firecracker_tiny(table, counts.fc_tiny)
         if info is not None:
@@ -305,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
             services,
         )
         section(
+            f"host side, no VM (manifest x{host_counts.host_manifest}, "
+            f"archive bombs x{host_counts.host_bomb})",
+            ("agent manifest (in process)", "ms"),
+            host_side,
+        )
+        section(
             f"firecracker tiny guest x{counts.fc_tiny}",
             ("firecracker tiny guest", "ms"),
             firecracker,
@@ -315,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_root, ignore_errors=True)
 
     elapsed = time.monotonic() - started
-    all_counts = asdict(counts) | asdict(ws_counts) | asdict(svc_counts)
+    all_counts = asdict(counts) | asdict(ws_counts) | asdict(svc_counts) | asdict(host_counts)
     counts_line = "samples: " + ", ".join(f"{k}={v}" for k, v in all_counts.items())
     if args.quick and args.repeat is None:
         counts_line += " (--quick)"
