@@ -63,15 +63,23 @@ def test_ping_is_answered_while_a_long_command_runs(client: AgentClient) -> None
     assert done and done[0] >= 900
 
 
-def test_output_streams_while_the_command_runs(client: AgentClient) -> None:
-    seen: list[tuple[float, bytes]] = []
-    started = time.monotonic()
-    client.exec(
-        shell="echo one; sleep 0.5; echo two",
-        on_output=lambda _s, d: seen.append((time.monotonic() - started, d)),
+def test_output_streams_while_the_command_runs(client: AgentClient, tmp_path: Path) -> None:
+    # The command ends only once the host has seen its first line: without streaming, the
+    # host would see nothing before the end, and the command would time out.
+    seen = tmp_path / "seen"
+    chunks: list[bytes] = []
+
+    def on_output(_stream: str, data: bytes) -> None:
+        chunks.append(data)
+        seen.touch()
+
+    result = client.exec(
+        shell=f"echo one; while [ ! -e {seen} ]; do sleep 0.01; done; echo two",
+        on_output=on_output,
+        timeout_s=30,
     )
-    assert [data for _, data in seen] == [b"one\n", b"two\n"]
-    assert seen[0][0] < 0.4
+    assert not result.timed_out and result.exit_code == 0
+    assert chunks == [b"one\n", b"two\n"]
 
 
 def test_stdin_reaches_the_command(client: AgentClient) -> None:

@@ -37,14 +37,12 @@ def test_an_exec_that_floods_past_its_cap_is_refused_at_once_in_bounded_memory(
 ) -> None:
     _mode(hostile, "flood_exec")
     tracemalloc.start()
-    started = time.monotonic()
     try:
         with pytest.raises(ProtocolViolation, match="more stdout than the 1048576-byte cap"):
             hostile.exec(["true"], output_cap=1 << 20, timeout_s=60)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.monotonic() - started < 10
     assert peak < QUEUE_BYTES + (8 << 20)  # one call's queue and what it kept
     _mode(hostile, "honest")
     assert hostile.exec(["echo", "still", "fine"]).stdout == b"still fine\n"
@@ -60,12 +58,11 @@ def test_a_file_read_gets_at_most_what_it_asked_for(hostile: AgentClient) -> Non
 
 def test_a_stalled_agent_fails_each_call_within_its_idle_deadline(hostile: AgentClient) -> None:
     _mode(hostile, "stall")
-    started = time.monotonic()
+    # The idle limit ends each call, not its deadline (which would say "took longer than 30 s").
     with pytest.raises(OperationTimeout, match="sent nothing for 1 s"):
-        hostile.call("exec", {"argv": ["sleep", "30"]}, timeout_s=600, idle_s=1)
-    with pytest.raises(OperationTimeout):
-        hostile.call("get_file", {"path": "/etc/hostname"}, timeout_s=600, idle_s=1)
-    assert time.monotonic() - started < 5
+        hostile.call("exec", {"argv": ["sleep", "30"]}, timeout_s=30, idle_s=1)
+    with pytest.raises(OperationTimeout, match="sent nothing for 1 s"):
+        hostile.call("get_file", {"path": "/etc/hostname"}, timeout_s=30, idle_s=1)
 
 
 def test_keepalives_keep_a_silent_long_command_alive(hostile: AgentClient) -> None:
