@@ -1,0 +1,320 @@
+"""The workspace lifecycle (create, stop, start, delete, reconcile, the orphan sweep,
+admission) driven through the operations, on fake VMs (tests/unit/fake_vm.py): the real
+store, disks and guest agent, a real VMM process per VM, no kernel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.unit import fake_vm
+
+from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations import services as sv
+from pyro_mcp.api.operations import workspace_content as wc
+from pyro_mcp.api.operations import workspaces as ws
+from pyro_mcp.api.operations.workspaces import open_workspaces
+from pyro_mcp.errors import InvalidState, NotFound, TooLarge, VMError
+from pyro_mcp.storage.workspace_disk import create_workspace_disk
+from pyro_mcp.vmm.base import Disk, VMSpec
+from pyro_mcp.vmm.ownership import OWNER_FILE
+from pyro_mcp.workspace.lifecycle import MAX_WORKSPACES_ENV
+
+
+def _left_behind(ctx: Context) -> list[str]:
+    return fake_vm.left_behind(ctx.state_dir, ctx.paths.run_root)
+
+
+def _seed(tmp_path: Path) -> Path:
+    seed = tmp_path / "seed"
+    (seed / "src").mkdir(parents=True)
+    (seed / "src" / "app.py").write_text("print('seeded')\n")
+    return seed
+
+
+def _cat(ctx: Context, workspace: str, path: str) -> str:
+    ran = wc.workspace_exec(ctx, workspace, ["cat", path])
+    assert ran["exit_code"] == 0, ran
+    return str(ran["stdout"])
+
+
+def _power_loss(ctx: Context, workspace: str) -> None:
+    """Kill the workspace's VMM as a crash would, and wait until it (and its guest) died."""
+    os.killpg(ws.workspace_status(ctx, workspace)["vmm_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while fake_vm.vmm_processes(ctx.paths.run_root):
+        assert time.monotonic() < deadline, "the VMM did not die of SIGKILL"
+        time.sleep(0.02)
+
+
+# --- create, stop, start, delete ---------------------------------------------------------
+
+
+def test_a_workspace_boots_from_its_seed_and_stop_and_start_keep_its_disk(
+    fake_ctx: Context, tmp_path: Path
+) -> None:
+    created = ws.workspace_create(fake_ctx, "debian:12", seed_path=str(_seed(tmp_path)))
+    wid = created["id"]
+    assert (created["state"], created["backend"]) == ("running", fake_vm.FAKE_LABEL)
+    assert _cat(fake_ctx, wid, "src/app.py") == "print('seeded')\n"
+    wc.workspace_file_write(fake_ctx, wid, "notes/todo.txt", text="ship it\n")
+
+    stopped = ws.workspace_stop(fake_ctx, wid)
+    assert (stopped["state"], stopped["vmm_pid"]) == ("stopped", None)
+    assert fake_vm.vmm_processes(fake_ctx.paths.run_root) == []
+    assert list(fake_ctx.paths.run_root.iterdir()) == []
+    # What was written is on the disk image, read offline.
+    on_disk = wc.workspace_disk_read(fake_ctx, wid, "/notes/todo.txt")
+    assert on_disk["content"] == "ship it\n"
+    with pytest.raises(InvalidState, match="stopped"):
+        wc.workspace_exec(fake_ctx, wid, ["true"])
+
+    started = ws.workspace_start(fake_ctx, wid)
+    assert started["state"] == "running" and started["boot_id"] != created["boot_id"]
+    assert _cat(fake_ctx, wid, "notes/todo.txt") == "ship it\n"
+    assert _cat(fake_ctx, wid, "src/app.py") == "print('seeded')\n"
+
+    assert ws.workspace_delete(fake_ctx, wid) == {"deleted": wid, "name": None}
+    assert _left_behind(fake_ctx) == []
+    with pytest.raises(NotFound):
+        ws.workspace_status(fake_ctx, wid)
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        ("mount", "the workspace disk did not mount at /workspace: cannot mount /dev/vdb"),
+        ("exit", "exited with 3 while waiting for its agent socket"),
+    ],
+)
+def test_a_create_whose_boot_fails_leaves_nothing_and_its_name_free(
+    fake_ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, error: str
+) -> None:
+    monkeypatch.setenv(fake_vm.FAIL_ENV, failure)
+    with pytest.raises(VMError, match=error):
+        ws.workspace_create(fake_ctx, "debian:12", seed_path=str(_seed(tmp_path)), name="app")
+    assert _left_behind(fake_ctx) == []
+    monkeypatch.delenv(fake_vm.FAIL_ENV)
+    assert ws.workspace_create(fake_ctx, "debian:12", name="app")["name"] == "app"
+
+
+def test_a_create_interrupted_while_booting_leaves_nothing(fake_ctx: Context) -> None:
+    def interrupt(message: str) -> None:
+        if message.startswith("booting"):
+            raise KeyboardInterrupt
+
+    interrupted = Context(paths=fake_ctx.paths, state_dir=fake_ctx.state_dir, progress=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ws.workspace_create(interrupted, "debian:12", name="app")
+    assert _left_behind(fake_ctx) == []
+
+
+def test_a_seed_too_large_for_the_disk_leaves_nothing(fake_ctx: Context, tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "noise").write_bytes(os.urandom(24 << 20))
+    with pytest.raises(TooLarge, match="does not fit in a 16 MiB workspace disk"):
+        ws.workspace_create(fake_ctx, "debian:12", seed_path=str(big), disk_mib=16)
+    assert _left_behind(fake_ctx) == []
+
+
+# --- reconcile ---------------------------------------------------------------------------
+
+
+def test_reconcile_marks_a_workspace_whose_vmm_died_stopped_and_start_boots_it_again(
+    fake_ctx: Context,
+) -> None:
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    wc.workspace_file_write(fake_ctx, wid, "kept.txt", text="acknowledged\n")
+    assert sv.service_start(fake_ctx, wid, "sleeper", ["sleep", "1000"])["state"] == "running"
+    _power_loss(fake_ctx, wid)
+
+    report = ws.reconcile(fake_ctx)
+    assert report["stopped"] == [wid]
+    status = ws.workspace_status(fake_ctx, wid)
+    assert (status["state"], status["vmm_pid"]) == ("stopped", None)
+    assert "the VMM exited unexpectedly" in status["state_note"]
+    assert [(s["name"], s["state"]) for s in sv.service_list(fake_ctx, wid)["services"]] == [
+        ("sleeper", "stopped")
+    ]
+    assert fake_vm.vmm_processes(fake_ctx.paths.run_root) == []
+    assert list(fake_ctx.paths.run_root.iterdir()) == []
+    assert ws.reconcile(fake_ctx)["stopped"] == []  # once repaired, nothing to repair
+
+    assert ws.workspace_start(fake_ctx, wid)["state"] == "running"
+    assert _cat(fake_ctx, wid, "kept.txt") == "acknowledged\n"
+
+
+def test_a_call_on_a_workspace_whose_vmm_died_says_it_is_stopped(fake_ctx: Context) -> None:
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    _power_loss(fake_ctx, wid)
+    with pytest.raises(InvalidState, match="stopped"):
+        wc.workspace_exec(fake_ctx, wid, ["true"])
+    assert ws.workspace_status(fake_ctx, wid)["state"] == "stopped"
+
+
+def test_reconcile_discards_a_create_whose_process_died_and_kills_its_vmm(
+    fake_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fake_vm.FAIL_ENV, "hang")  # the guest never answers: create waits
+    child = os.fork()
+    if child == 0:  # the process creating the workspace, killed while it boots
+        try:
+            ws.workspace_create(fake_ctx, "debian:12", name="doomed")
+        finally:
+            os._exit(1)
+    try:
+        deadline = time.monotonic() + 30
+        while not fake_vm.vmm_processes(fake_ctx.paths.run_root):
+            assert time.monotonic() < deadline, "the create never started its VMM"
+            time.sleep(0.05)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    with open_workspaces(fake_ctx) as workspaces:
+        (record,) = workspaces.store.list()
+    assert (record.name, record.state) == ("doomed", "creating")
+
+    assert ws.reconcile(fake_ctx)["discarded"] == [record.id]
+    assert _left_behind(fake_ctx) == []
+    monkeypatch.delenv(fake_vm.FAIL_ENV)
+    assert ws.workspace_create(fake_ctx, "debian:12", name="doomed")["state"] == "running"
+
+
+def _orphan_vm(run_root: Path, tmp_path: Path, name: str) -> Any:
+    """A VMM of a workspace that no record knows any more, its run dir 2 minutes old."""
+    disk = tmp_path / f"{name}.ext4"
+    staging = tmp_path / f"{name}-staging"
+    staging.mkdir()
+    create_workspace_disk(disk, 16, staging)
+    run_dir = run_root / name
+    run_dir.mkdir()
+    spec = VMSpec(
+        vm_id=name,
+        run_dir=run_dir,
+        kernel=Path("/nonexistent/vmlinux"),
+        root_disk=Disk(tmp_path / f"{name}-root"),
+        extra_disks=(Disk(disk),),
+        agent_ports=1,
+    )
+    vm = fake_vm.make_fake_vm_class()(spec)
+    vm.start()
+    vm.wait_ready(30)
+    vm.release_agent()
+    old = time.time() - 120
+    os.utime(run_dir, (old, old))
+    return vm
+
+
+def test_the_sweep_kills_orphan_vmms_and_leaves_one_shot_and_young_run_dirs(
+    fake_ctx: Context, tmp_path: Path
+) -> None:
+    run_root = fake_ctx.paths.run_root
+    kept = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    orphan = _orphan_vm(run_root, tmp_path, "0rphan0rphan")
+    one_shot = run_root / "0neshot0ne00"
+    one_shot.mkdir()
+    (one_shot / OWNER_FILE).write_text("{}")
+    old = time.time() - 120
+    os.utime(one_shot, (old, old))
+    young = run_root / "y0ung0y0ung0"
+    young.mkdir()  # a VM being set up right now
+
+    assert ws.reconcile(fake_ctx)["orphans"] == ["0rphan0rphan"]
+    assert orphan.process.wait(timeout=10) is not None
+    assert sorted(p.name for p in run_root.iterdir()) == sorted([kept, one_shot.name, young.name])
+    assert wc.workspace_exec(fake_ctx, kept, ["true"])["exit_code"] == 0
+    one_shot.joinpath(OWNER_FILE).unlink()
+    one_shot.rmdir()
+    young.rmdir()
+
+
+# --- admission ---------------------------------------------------------------------------
+
+
+def test_admission_refuses_past_the_limit_and_counts_only_live_workspaces(
+    fake_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MAX_WORKSPACES_ENV, "1")
+    first = ws.workspace_create(fake_ctx, "debian:12", name="first")["id"]
+    with pytest.raises(TooLarge, match="1 workspaces are live, the limit is 1") as refused:
+        ws.workspace_create(fake_ctx, "debian:12", name="second")
+    assert refused.value.hint == f"stop or delete one, or raise {MAX_WORKSPACES_ENV}"
+    assert [r["name"] for r in ws.workspace_list(fake_ctx)["workspaces"]] == ["first"]
+
+    ws.workspace_stop(fake_ctx, first)  # a stopped workspace holds no VM: it does not count
+    second = ws.workspace_create(fake_ctx, "debian:12", name="second")["id"]
+    with pytest.raises(TooLarge, match="1 workspaces are live"):
+        ws.workspace_start(fake_ctx, first)
+    status = ws.workspace_status(fake_ctx, first)
+    assert (status["state"], status["vmm_pid"]) == ("stopped", None)
+    assert len(fake_vm.vmm_processes(fake_ctx.paths.run_root)) == 2  # second's VMM + guest
+    ws.workspace_delete(fake_ctx, second)
+    assert ws.workspace_start(fake_ctx, first)["state"] == "running"
+
+
+# --- races -------------------------------------------------------------------------------
+
+
+def _together(count: int, call: Any) -> list[Any]:
+    """Run ``call(index)`` in ``count`` threads at once: each result or exception."""
+    results: list[Any] = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = call(index)
+        except Exception as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lifecycle: a create's record exists before its owner file, so a reconcile by "
+    "another call (any create or list) in that window discards the create in progress; "
+    "four concurrent creates of one name then also fail with mke2fs errors, not Conflict",
+)
+def test_a_reconcile_while_a_create_prepares_its_files_leaves_the_create_alone(
+    fake_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workspaces_dir = fake_ctx.state_dir / "workspaces"
+    real_mkdir = Path.mkdir
+    repaired: list[dict[str, Any]] = []
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self.parent == workspaces_dir and not repaired:  # the create's own directory
+            repaired.append(ws.reconcile(fake_ctx))  # another process, at just this moment
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    try:
+        created = ws.workspace_create(fake_ctx, "debian:12", name="app")
+    finally:
+        monkeypatch.undo()
+    assert repaired and repaired[0]["discarded"] == []
+    assert ws.workspace_status(fake_ctx, "app")["state"] == created["state"] == "running"
+
+
+def test_concurrent_execs_on_one_workspace_each_get_their_own_answer(fake_ctx: Context) -> None:
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+
+    def compute(index: int) -> str:
+        script = f"printf '%s\\n' $(({index} * 7 + 1000))"
+        return str(wc.workspace_exec(fake_ctx, wid, ["sh", "-c", script])["stdout"])
+
+    results = _together(6, lambda index: [compute(index * 10 + n) for n in range(3)])
+    assert results == [[f"{(i * 10 + n) * 7 + 1000}\n" for n in range(3)] for i in range(6)]
+    assert len(ws.workspace_logs(fake_ctx, wid, limit=100)["commands"]) == 18
