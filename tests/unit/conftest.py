@@ -71,14 +71,14 @@ def fake_ctx(
     ctx = Context(paths=RuntimePaths(tmp_path / "cache", run_root), state_dir=tmp_path / "state")
     try:
         yield ctx
-    finally:
         with open_workspaces(ctx) as workspaces:
             for record in workspaces.store.list():
                 workspaces.delete(record.id)
+    finally:
         running = fake_vm.vmm_processes(run_root)
         for pid in running:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         leftovers = sorted(p.name for p in run_root.iterdir())
         shutil.rmtree(run_root, ignore_errors=True)
-        assert (running, leftovers) == ([], []), "VMMs or run directories left behind"
+    assert (running, leftovers) == ([], []), "VMMs or run directories left behind"
