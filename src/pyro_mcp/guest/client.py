@@ -51,6 +51,10 @@ Chunk = tuple[str, int | None, bytes]  # (stream, offset when sparse, bytes)
 Upload = bytes | tuple[int, bytes]  # a chunk to send, or (offset, chunk) for a sparse file
 
 CALL_TIMEOUT_S = 60.0  # the deadline of a call that names none
+# A command's timeout is kept by the guest's clock; the host waits this much longer (a
+# guest clock up to 10 % slow, and the time to send the result) before its own guard fires.
+HOST_GUARD_FACTOR = 1.1
+HOST_GUARD_MARGIN_S = 10.0
 IDLE_S = 30.0  # silence (no frame, not even a keepalive) after which a call has stalled
 IDLE_ENV = "PYRO_AGENT_IDLE_S"  # overrides IDLE_S (a slow host may want more)
 STALL_S = 0.5  # an idle link with a partial frame is checked for a torn frame this often
@@ -176,6 +180,11 @@ class _Pending:
             self._cond.notify_all()
 
 
+def host_guard_s(timeout_s: float) -> float:
+    """How long the host waits for a command the guest times out after ``timeout_s``."""
+    return timeout_s * HOST_GUARD_FACTOR + HOST_GUARD_MARGIN_S
+
+
 class CallStream:
     """One call in flight whose data frames its caller takes as they arrive.
 
@@ -203,6 +212,7 @@ class CallStream:
         self.value: dict[str, Any] | None = None
         self.payload = b""
         self.done = False
+        self.expired = False  # its whole-call deadline passed (not a stall)
 
     def __iter__(self) -> Iterator[Chunk]:
         while not self.done:
@@ -241,6 +251,7 @@ class CallStream:
             now = time.monotonic()
             left = self._deadline - now
             if left <= 0:
+                self.expired = True
                 self.close()
                 raise OperationTimeout(
                     f"guest operation {self.op} took longer than {self._timeout_s:g} s"
@@ -517,23 +528,31 @@ class AgentClient:
         )
         captured: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         kept = {"stdout": 0, "stderr": 0}
-        # The guest enforces the command timeout; the host allows a margin on top. A
-        # command without one is bounded by the agent's keepalives (idle_s).
-        wait = (timeout_s + 10.0) if timeout_s is not None else 7 * 24 * 3600.0
+        # The guest enforces the command timeout. The host's guard leaves room for the
+        # guest's own result (its clock may run a little slow); if it fires all the same,
+        # the guest command is cancelled and what it printed is still the result. A
+        # command without a timeout is bounded by the agent's keepalives (idle_s).
+        wait = host_guard_s(timeout_s) if timeout_s is not None else 7 * 24 * 3600.0
         with self.stream("exec", args, stdin, timeout_s=wait) as call:
-            for stream, _offset, data in call:
-                if stream not in captured:
-                    continue
-                kept[stream] += len(data)
-                if kept[stream] > output_cap:
-                    call.close()
-                    raise ProtocolViolation(
-                        f"exec: the guest sent more {stream} than the {output_cap}-byte cap"
-                    )
-                captured[stream].append(data)
-                if on_output is not None:
-                    on_output(stream, data)
-            value = call.value or {}
+            try:
+                for stream, _offset, data in call:
+                    if stream not in captured:
+                        continue
+                    kept[stream] += len(data)
+                    if kept[stream] > output_cap:
+                        call.close()
+                        raise ProtocolViolation(
+                            f"exec: the guest sent more {stream} than the {output_cap}-byte cap"
+                        )
+                    captured[stream].append(data)
+                    if on_output is not None:
+                        on_output(stream, data)
+                value = call.value or {}
+            except OperationTimeout:
+                if not call.expired:
+                    raise
+                value = {"exit_code": 128 + 9, "signal": "SIGKILL", "timed_out": True}
+                value["timed_out_by"] = "host"
         return ExecResult(
             exit_code=_int(value.get("exit_code"), -1),
             stdout=b"".join(captured["stdout"]),
