@@ -426,16 +426,33 @@ def _wait_for_host(fd: int, waiter: select.epoll) -> None:
             return
 
 
+VSOCK_BACKLOG = 64
+
+
 def serve_vsock() -> None:
+    """Serve the agent's vsock port (Firecracker): every host connection at once."""
     family = getattr(socket, "AF_VSOCK", 40)
     cid_any = getattr(socket, "VMADDR_CID_ANY", 0xFFFFFFFF)
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.bind((cid_any, p.AGENT_VSOCK_PORT))
-    listener.listen(4)
+    listener.listen(VSOCK_BACKLOG)
+    serve_connections(listener)
+
+
+def serve_connections(listener: socket.socket) -> None:
+    """Accept host connections on ``listener`` forever, each served by its own Agent in
+    its own thread, so several host processes work on the VM at once (as each
+    virtio-serial port does under QEMU)."""
     while True:
         conn, _ = listener.accept()
-        with conn:
-            Agent(conn.fileno()).serve()
+        threading.Thread(
+            target=_serve_connection, args=(conn,), daemon=True, name="pyro-agent-conn"
+        ).start()
+
+
+def _serve_connection(conn: socket.socket) -> None:
+    with conn:  # closed once its agent has stopped writing to it (Agent.serve's end)
+        Agent(conn.fileno()).serve()
 
 
 def main() -> None:
