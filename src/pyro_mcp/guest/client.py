@@ -43,6 +43,7 @@ from pyro_mcp.errors import (
     GuestError,
     OperationTimeout,
     ProtocolViolation,
+    PyroError,
 )
 from pyro_mcp.guest import protocol as p
 
@@ -55,6 +56,7 @@ CALL_TIMEOUT_S = 60.0  # the deadline of a call that names none
 # guest clock up to 10 % slow, and the time to send the result) before its own guard fires.
 HOST_GUARD_FACTOR = 1.1
 HOST_GUARD_MARGIN_S = 10.0
+RESYNC_S = 30.0  # for a restarted agent to say which calls reached it
 IDLE_S = 30.0  # silence (no frame, not even a keepalive) after which a call has stalled
 IDLE_ENV = "PYRO_AGENT_IDLE_S"  # overrides IDLE_S (a slow host may want more)
 STALL_S = 0.5  # an idle link with a partial frame is checked for a torn frame this often
@@ -371,7 +373,7 @@ class AgentClient:
         for item in items:
             if item.id == 0:
                 if isinstance(item, p.Frame) and item.header.get("code") == p.AGENT_RESTARTED:
-                    self._fail_pending()
+                    threading.Thread(target=self._resync, daemon=True, name="pyro-resync").start()
                 continue
             if isinstance(item, p.Frame) and (
                 item.t not in (p.DATA, p.EOF, p.RESULT, p.ERROR)
@@ -387,6 +389,38 @@ class AgentClient:
                 continue
             pending.put(item)
 
+    def _resync(self) -> None:
+        """The agent restarted: fail the calls it never received, and only those.
+
+        The channel keeps order, so a question sent after every call made so far is read
+        by the new agent after each of those it received: any it does not list (and has
+        not answered before its reply) were lost with the old agent.
+        """
+        ident = next(self._ids)
+        pending = _Pending()
+        frame = p.Frame(p.CALL, ident, self._call_header("calls_in_flight", {}))
+        with self._send_lock:  # no call can be registered but not yet sent meanwhile
+            with self._lock:
+                asked = dict(self._pending)
+                self._pending[ident] = pending
+            try:
+                self._write(frame)
+            except AgentUnavailable:
+                pass  # the link is gone: _read_loop fails everything
+        stream = CallStream(self, ident, "calls_in_flight", pending, RESYNC_S, None)
+        known: set[int] = set()
+        try:
+            value, _ = stream.result()
+            ids = value.get("ids")
+            known = {i for i in ids if isinstance(i, int)} if isinstance(ids, list) else set()
+        except PyroError:
+            pass  # no answer: none of them can be trusted to come back
+        finally:
+            stream.close()
+        for call_id, waiting in asked.items():
+            if call_id not in known:
+                waiting.put(_LOST)
+
     def _fail_pending(self) -> None:
         """Wake every waiting call with a lost-link marker."""
         with self._lock:
@@ -401,14 +435,23 @@ class AgentClient:
         pending.close()
 
     def _send(self, frame: p.Frame) -> None:
-        data = frame.encode()
         with self._send_lock:
-            if self._closed is not None:
-                raise AgentUnavailable(self._closed)
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                raise AgentUnavailable(f"cannot send to the guest agent: {exc}") from exc
+            self._write(frame)
+
+    def _write(self, frame: p.Frame) -> None:
+        """Send ``frame``; the caller holds the send lock."""
+        if self._closed is not None:
+            raise AgentUnavailable(self._closed)
+        try:
+            self._sock.sendall(frame.encode())
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot send to the guest agent: {exc}") from exc
+
+    def _call_header(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        header: dict[str, Any] = {"op": op, "args": args}
+        if self.session is not None:  # lets an agent that restarted carry on the session
+            header["s"] = self.session
+        return header
 
     # -- calls -----------------------------------------------------------------------
     def stream(
@@ -429,12 +472,14 @@ class AgentClient:
         """
         ident = next(self._ids)
         pending = _Pending()
-        with self._lock:
-            self._pending[ident] = pending
         idle = self.idle_s if isinstance(idle_s, _Default) else idle_s
         stream = CallStream(self, ident, op, pending, timeout_s, idle)
+        frame = p.Frame(p.CALL, ident, self._call_header(op, args or {}), payload)
         try:
-            self._send(p.Frame(p.CALL, ident, {"op": op, "args": args or {}}, payload))
+            with self._send_lock:  # registered and sent together (see _resync)
+                with self._lock:
+                    self._pending[ident] = pending
+                self._write(frame)
             if input_chunks is not None:
                 self._upload(ident, pending, input_chunks, stream)
         except BaseException:
