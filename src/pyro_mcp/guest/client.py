@@ -403,10 +403,8 @@ class AgentClient:
             with self._lock:
                 asked = dict(self._pending)
                 self._pending[ident] = pending
-            try:
+            with contextlib.suppress(AgentUnavailable):  # gone: _read_loop fails them all
                 self._write(frame)
-            except AgentUnavailable:
-                pass  # the link is gone: _read_loop fails everything
         stream = CallStream(self, ident, "calls_in_flight", pending, RESYNC_S, None)
         known: set[int] = set()
         try:
