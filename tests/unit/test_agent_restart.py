@@ -126,3 +126,18 @@ def test_a_call_sent_after_the_restart_is_answered_even_if_the_notice_comes_late
     relay.release_agent_output()
     worker.join(timeout=10)
     assert answers == [b"hi\n"]
+
+
+def test_a_hello_lost_with_an_agent_that_restarted_is_asked_again(
+    port: tuple[Port, AgentClient],
+) -> None:
+    relay, client = port
+    relay.kill_agent()  # what the host sends now is dropped: the port is closed
+    answered: list[str] = []
+    worker = threading.Thread(target=lambda: answered.append(client.hello()["session"]))
+    worker.start()
+    time.sleep(0.3)
+    relay.start_agent(restarted=True)
+    worker.join(timeout=15)
+    assert answered == [client.session]
+    assert client.exec(["echo", "on"]).stdout == b"on\n"

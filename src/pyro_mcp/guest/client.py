@@ -536,7 +536,17 @@ class AgentClient:
         self.session = secrets.token_hex(8)
         # No idle limit: a booting guest has no agent yet to send keepalives.
         args = {"session": self.session}
-        value, _ = self.call("hello", args, timeout_s=timeout_s, idle_s=None)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                value, _ = self.call("hello", args, timeout_s=left, idle_s=None)
+                break
+            except AgentUnavailable:
+                # Lost with an agent that restarted as it was sent (a port the new agent
+                # opens drops what was waiting on it): hello again, to the new one.
+                if self.closed or time.monotonic() >= deadline:
+                    raise
         if value.get("protocol") != p.PROTOCOL_VERSION:
             raise AgentUnavailable(
                 f"guest agent speaks protocol {value.get('protocol')!r}, host needs "
