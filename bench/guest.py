@@ -35,6 +35,7 @@ FILE_SIZES_MIB = (1, 64)
 PING_ROW = ("agent ping round trip", "us", 0)
 EXEC_ROW = ("exec `true` round trip (host wall clock)", "ms", 2)
 EXEC_GUEST_ROW = ("  exec `true` as timed by the guest agent", "ms", 2)
+CLOCK_ROW = ("guest clock drift vs host over {s} s (+ fast, - slow)", "%", 3)
 
 
 def file_rows(size_mib: int) -> tuple[tuple[str, str, int], tuple[str, str, int]]:
@@ -55,10 +56,11 @@ class Counts:
     file_1m: int = 5
     file_64m: int = 3
     fc_tiny: int = 10
+    clock_s: int = 60  # how long the guest clock is compared with the host's
 
     @classmethod
     def quick(cls) -> Counts:
-        return cls(cold_run=2, boot=2, exec=3, ping=3, file_1m=2, file_64m=2, fc_tiny=3)
+        return cls(cold_run=2, boot=2, exec=3, ping=3, file_1m=2, file_64m=2, fc_tiny=3, clock_s=5)
 
     @classmethod
     def scaled(cls, repeat: int) -> Counts:
@@ -77,6 +79,7 @@ class Counts:
             file_1m=scale(base.file_1m),
             file_64m=scale(base.file_64m),
             fc_tiny=scale(base.fc_tiny),
+            clock_s=base.clock_s,
         )
 
 
@@ -168,6 +171,7 @@ def measure_boots(
     for size in FILE_SIZES_MIB:
         for spec in file_rows(size):
             table.row(*spec)
+    table.row(*clock_row_spec(counts.clock_s))
     n = max(1, counts.boot)
     for index in range(n):
         started = time.monotonic()
@@ -207,12 +211,37 @@ def measure_in_guest(table: Table, agent: AgentClient, counts: Counts) -> None:
         sections.append(
             (list(file_rows(size)), partial(measure_files, table, agent, size, n)),
         )
+    clock_row = clock_row_spec(counts.clock_s)
+    sections.append(([clock_row], partial(measure_clock, table, agent, counts.clock_s)))
     for specs, section in sections:
         try:
             section()
         except Exception as exc:
             reason = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:160]
             table.explain([table.row(*spec) for spec in specs], reason)
+
+
+def clock_row_spec(seconds: int) -> tuple[str, str, int]:
+    metric, unit, decimals = CLOCK_ROW
+    return metric.format(s=seconds), unit, decimals
+
+
+def _guest_uptime(agent: AgentClient) -> tuple[float, float]:
+    """(guest CLOCK_MONOTONIC-based uptime, host monotonic at the middle of the read)."""
+    before = time.monotonic()
+    result = agent.exec(["cat", "/proc/uptime"], timeout_s=30)
+    after = time.monotonic()
+    return float(result.stdout.split()[0]), (before + after) / 2
+
+
+def measure_clock(table: Table, agent: AgentClient, seconds: int) -> None:
+    """How far the guest's clock moves from the host's over ``seconds`` (TCG guests keep
+    time by the TSC frequency pyro gives them)."""
+    row = table.row(*clock_row_spec(seconds))
+    guest0, host0 = _guest_uptime(agent)
+    time.sleep(seconds)
+    guest1, host1 = _guest_uptime(agent)
+    row.add(((guest1 - guest0) / (host1 - host0) - 1) * 100)
 
 
 def measure_ping(table: Table, agent: AgentClient, n: int) -> None:

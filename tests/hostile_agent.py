@@ -9,6 +9,7 @@ current *mode* says to misbehave. The host sets the mode with the extra operatio
 ``honest``         behave (the default)
 ``flood_exec``     exec answers with endless stdout, far past any output cap
 ``flood_file``     get_file sends ``flood_bytes`` whatever ``max_bytes`` asked for
+``slow_clock``     exec keeps its timeout ``factor`` times late (a guest clock running slow)
 ``stall``          answer nothing more (no result, no keepalive) after this call
 ``tear``           the next result is sent as half a frame, then the rest of the traffic
 ``lie_digest``     tree_manifest claims ``digest`` for the file ``path``
@@ -127,6 +128,13 @@ class HostileAgent(base.Agent):  # type: ignore[name-defined,misc]
             _data(call, "stdout", chunk)
             sent += len(chunk)
         return {"exit_code": 0, "stdout_truncated": False, "stdout_bytes": sent}, b""
+
+    def _slow_clock_exec(self, call: Call, honest: Any) -> tuple[dict[str, Any], bytes]:
+        # A guest whose clock runs slow keeps a command's timeout late by the host's clock.
+        timeout = call.args.get("timeout_s")
+        if isinstance(timeout, (int, float)):
+            call.args["timeout_s"] = timeout * float(mode().get("factor", 100))
+        return honest(call)  # type: ignore[no-any-return]
 
     def _flood_file_get_file(self, call: Call, honest: Any) -> tuple[dict[str, Any], bytes]:
         total = int(mode().get("flood_bytes", 128 << 20))

@@ -96,3 +96,17 @@ def test_a_killed_agent_is_restarted_and_the_host_learns_of_it(
             assert time.monotonic() < deadline, "the agent did not come back"
     assert hello["pid"] != old_pid
     assert agent.exec(["echo", "back"]).stdout == b"back\n"
+
+
+def test_guest_time_keeps_pace_with_the_host(booted: tuple[VM, AgentClient]) -> None:
+    """A guest `sleep 10` takes 10 s of host time, within 5 % (a TCG guest keeps time by
+    the TSC frequency it is given on its command line)."""
+    _, agent = booted
+    started = time.monotonic()
+    agent.exec(["true"], timeout_s=30)
+    overhead = time.monotonic() - started
+    started = time.monotonic()
+    result = agent.exec(["sleep", "10"], timeout_s=60)
+    host_s = time.monotonic() - started - overhead
+    assert result.exit_code == 0
+    assert 9.5 <= host_s <= 10.5, f"guest sleep 10 took {host_s:.2f} s of host time"

@@ -163,3 +163,33 @@ def test_a_consumer_that_falls_behind_holds_back_the_link_not_host_memory(
     call.close()  # leaving early cancels the call and frees the reader
     _mode(hostile, "honest")
     hostile.ping()
+
+
+def test_a_guest_that_keeps_a_timeout_late_still_gives_a_timed_out_result(
+    hostile: AgentClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp.guest import client
+
+    monkeypatch.setattr(client, "HOST_GUARD_MARGIN_S", 0.5)
+    _mode(hostile, "slow_clock", factor=1000)
+    result = hostile.exec(["sh", "-c", "echo started; exec sleep 60"], timeout_s=1)
+    assert result.timed_out is True
+    assert (result.exit_code, result.signal, result.stdout) == (137, "SIGKILL", b"started\n")
+    assert _wait_gone(b"sleep\x0060\x00")  # the host's guard cancelled it in the guest
+
+
+def _wait_gone(cmdline: bytes, within_s: float = 10.0) -> bool:
+    """Whether no process with ``cmdline`` is left (the in-process agent runs its commands
+    on this host), waiting up to ``within_s`` for a kill to take effect."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        left = []
+        for proc in Path("/proc").iterdir():
+            try:
+                left.append((proc / "cmdline").read_bytes() == cmdline)
+            except OSError:
+                continue
+        if not any(left):
+            return True
+        time.sleep(0.05)
+    return False

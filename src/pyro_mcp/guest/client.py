@@ -43,6 +43,7 @@ from pyro_mcp.errors import (
     GuestError,
     OperationTimeout,
     ProtocolViolation,
+    PyroError,
 )
 from pyro_mcp.guest import protocol as p
 
@@ -51,6 +52,11 @@ Chunk = tuple[str, int | None, bytes]  # (stream, offset when sparse, bytes)
 Upload = bytes | tuple[int, bytes]  # a chunk to send, or (offset, chunk) for a sparse file
 
 CALL_TIMEOUT_S = 60.0  # the deadline of a call that names none
+# A command's timeout is kept by the guest's clock; the host waits this much longer (a
+# guest clock up to 10 % slow, and the time to send the result) before its own guard fires.
+HOST_GUARD_FACTOR = 1.1
+HOST_GUARD_MARGIN_S = 10.0
+RESYNC_S = 30.0  # for a restarted agent to say which calls reached it
 IDLE_S = 30.0  # silence (no frame, not even a keepalive) after which a call has stalled
 IDLE_ENV = "PYRO_AGENT_IDLE_S"  # overrides IDLE_S (a slow host may want more)
 STALL_S = 0.5  # an idle link with a partial frame is checked for a torn frame this often
@@ -176,6 +182,11 @@ class _Pending:
             self._cond.notify_all()
 
 
+def host_guard_s(timeout_s: float) -> float:
+    """How long the host waits for a command the guest times out after ``timeout_s``."""
+    return timeout_s * HOST_GUARD_FACTOR + HOST_GUARD_MARGIN_S
+
+
 class CallStream:
     """One call in flight whose data frames its caller takes as they arrive.
 
@@ -203,6 +214,7 @@ class CallStream:
         self.value: dict[str, Any] | None = None
         self.payload = b""
         self.done = False
+        self.expired = False  # its whole-call deadline passed (not a stall)
 
     def __iter__(self) -> Iterator[Chunk]:
         while not self.done:
@@ -241,6 +253,7 @@ class CallStream:
             now = time.monotonic()
             left = self._deadline - now
             if left <= 0:
+                self.expired = True
                 self.close()
                 raise OperationTimeout(
                     f"guest operation {self.op} took longer than {self._timeout_s:g} s"
@@ -360,7 +373,7 @@ class AgentClient:
         for item in items:
             if item.id == 0:
                 if isinstance(item, p.Frame) and item.header.get("code") == p.AGENT_RESTARTED:
-                    self._fail_pending()
+                    threading.Thread(target=self._resync, daemon=True, name="pyro-resync").start()
                 continue
             if isinstance(item, p.Frame) and (
                 item.t not in (p.DATA, p.EOF, p.RESULT, p.ERROR)
@@ -376,6 +389,36 @@ class AgentClient:
                 continue
             pending.put(item)
 
+    def _resync(self) -> None:
+        """The agent restarted: fail the calls it never received, and only those.
+
+        The channel keeps order, so a question sent after every call made so far is read
+        by the new agent after each of those it received: any it does not list (and has
+        not answered before its reply) were lost with the old agent.
+        """
+        ident = next(self._ids)
+        pending = _Pending()
+        frame = p.Frame(p.CALL, ident, self._call_header("calls_in_flight", {}))
+        with self._send_lock:  # no call can be registered but not yet sent meanwhile
+            with self._lock:
+                asked = dict(self._pending)
+                self._pending[ident] = pending
+            with contextlib.suppress(AgentUnavailable):  # gone: _read_loop fails them all
+                self._write(frame)
+        stream = CallStream(self, ident, "calls_in_flight", pending, RESYNC_S, None)
+        known: set[int] = set()
+        try:
+            value, _ = stream.result()
+            ids = value.get("ids")
+            known = {i for i in ids if isinstance(i, int)} if isinstance(ids, list) else set()
+        except PyroError:
+            pass  # no answer: none of them can be trusted to come back
+        finally:
+            stream.close()
+        for call_id, waiting in asked.items():
+            if call_id not in known:
+                waiting.put(_LOST)
+
     def _fail_pending(self) -> None:
         """Wake every waiting call with a lost-link marker."""
         with self._lock:
@@ -390,14 +433,23 @@ class AgentClient:
         pending.close()
 
     def _send(self, frame: p.Frame) -> None:
-        data = frame.encode()
         with self._send_lock:
-            if self._closed is not None:
-                raise AgentUnavailable(self._closed)
-            try:
-                self._sock.sendall(data)
-            except OSError as exc:
-                raise AgentUnavailable(f"cannot send to the guest agent: {exc}") from exc
+            self._write(frame)
+
+    def _write(self, frame: p.Frame) -> None:
+        """Send ``frame``; the caller holds the send lock."""
+        if self._closed is not None:
+            raise AgentUnavailable(self._closed)
+        try:
+            self._sock.sendall(frame.encode())
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot send to the guest agent: {exc}") from exc
+
+    def _call_header(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        header: dict[str, Any] = {"op": op, "args": args}
+        if self.session is not None:  # lets an agent that restarted carry on the session
+            header["s"] = self.session
+        return header
 
     # -- calls -----------------------------------------------------------------------
     def stream(
@@ -418,12 +470,14 @@ class AgentClient:
         """
         ident = next(self._ids)
         pending = _Pending()
-        with self._lock:
-            self._pending[ident] = pending
         idle = self.idle_s if isinstance(idle_s, _Default) else idle_s
         stream = CallStream(self, ident, op, pending, timeout_s, idle)
+        frame = p.Frame(p.CALL, ident, self._call_header(op, args or {}), payload)
         try:
-            self._send(p.Frame(p.CALL, ident, {"op": op, "args": args or {}}, payload))
+            with self._send_lock:  # registered and sent together (see _resync)
+                with self._lock:
+                    self._pending[ident] = pending
+                self._write(frame)
             if input_chunks is not None:
                 self._upload(ident, pending, input_chunks, stream)
         except BaseException:
@@ -482,7 +536,17 @@ class AgentClient:
         self.session = secrets.token_hex(8)
         # No idle limit: a booting guest has no agent yet to send keepalives.
         args = {"session": self.session}
-        value, _ = self.call("hello", args, timeout_s=timeout_s, idle_s=None)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                value, _ = self.call("hello", args, timeout_s=left, idle_s=None)
+                break
+            except AgentUnavailable:
+                # Lost with an agent that restarted as it was sent (a port the new agent
+                # opens drops what was waiting on it): hello again, to the new one.
+                if self.closed or time.monotonic() >= deadline:
+                    raise
         if value.get("protocol") != p.PROTOCOL_VERSION:
             raise AgentUnavailable(
                 f"guest agent speaks protocol {value.get('protocol')!r}, host needs "
@@ -517,23 +581,31 @@ class AgentClient:
         )
         captured: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         kept = {"stdout": 0, "stderr": 0}
-        # The guest enforces the command timeout; the host allows a margin on top. A
-        # command without one is bounded by the agent's keepalives (idle_s).
-        wait = (timeout_s + 10.0) if timeout_s is not None else 7 * 24 * 3600.0
+        # The guest enforces the command timeout. The host's guard leaves room for the
+        # guest's own result (its clock may run a little slow); if it fires all the same,
+        # the guest command is cancelled and what it printed is still the result. A
+        # command without a timeout is bounded by the agent's keepalives (idle_s).
+        wait = host_guard_s(timeout_s) if timeout_s is not None else 7 * 24 * 3600.0
         with self.stream("exec", args, stdin, timeout_s=wait) as call:
-            for stream, _offset, data in call:
-                if stream not in captured:
-                    continue
-                kept[stream] += len(data)
-                if kept[stream] > output_cap:
-                    call.close()
-                    raise ProtocolViolation(
-                        f"exec: the guest sent more {stream} than the {output_cap}-byte cap"
-                    )
-                captured[stream].append(data)
-                if on_output is not None:
-                    on_output(stream, data)
-            value = call.value or {}
+            try:
+                for stream, _offset, data in call:
+                    if stream not in captured:
+                        continue
+                    kept[stream] += len(data)
+                    if kept[stream] > output_cap:
+                        call.close()
+                        raise ProtocolViolation(
+                            f"exec: the guest sent more {stream} than the {output_cap}-byte cap"
+                        )
+                    captured[stream].append(data)
+                    if on_output is not None:
+                        on_output(stream, data)
+                value = call.value or {}
+            except OperationTimeout:
+                if not call.expired:
+                    raise
+                value = {"exit_code": 128 + 9, "signal": "SIGKILL", "timed_out": True}
+                value["timed_out_by"] = "host"
         return ExecResult(
             exit_code=_int(value.get("exit_code"), -1),
             stdout=b"".join(captured["stdout"]),

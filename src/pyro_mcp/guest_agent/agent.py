@@ -49,6 +49,7 @@ CAPABILITIES = (
     "archive_get",
     "archive_put",
     "fs_sync",
+    "calls_in_flight",
     "sparse",
     "specials",
     "service_start",
@@ -126,7 +127,8 @@ class Agent:
                 data = data[written:]
 
     def announce_restart(self) -> None:
-        """Tell the host that this agent replaced one that died (its calls are lost)."""
+        """Tell the host that this agent replaced one that died. The host then asks which of
+        its calls reached this agent (``calls_in_flight``) and gives up only the others."""
         message = "the guest agent restarted; calls in flight were lost"
         self.send(p.Frame(p.ERROR, 0, {"code": p.AGENT_RESTARTED, "message": message}))
 
@@ -205,8 +207,12 @@ class Agent:
             args = frame.header.get("args") or {}
             if op == "hello":
                 self._new_session(args)
-            if op == "ping":  # answered inline: the latency floor of the channel
-                reply = p.Frame(p.RESULT, frame.id, {"value": {}})
+            elif self.session is None and isinstance(frame.header.get("s"), str):
+                # A restarted agent carries on the session of the host that was attached.
+                self.session = frame.header["s"]
+            if op in ("ping", "calls_in_flight"):  # answered inline, in the channel's order
+                value = {} if op == "ping" else {"ids": self._ids_in_flight()}
+                reply = p.Frame(p.RESULT, frame.id, {"value": value})
                 if self.session is not None:
                     reply.header["s"] = self.session
                 self.send(reply)
@@ -234,6 +240,11 @@ class Agent:
             running.end_input()
         elif frame.t == p.CANCEL:
             running.cancel()
+
+    def _ids_in_flight(self) -> list[int]:
+        """The calls of this session that have not ended: after a restart, what the host
+        sent before asking and is not listed here (nor answered already) was lost."""
+        return sorted(c.id for c in self._running() if c.session == self.session)
 
     def _new_session(self, args: Any) -> None:
         """A host said hello: calls of an earlier session on this channel lost their host."""
@@ -426,16 +437,39 @@ def _wait_for_host(fd: int, waiter: select.epoll) -> None:
             return
 
 
+VSOCK_BACKLOG = 64
+
+
 def serve_vsock() -> None:
+    """Serve the agent's vsock port (Firecracker): every host connection at once."""
     family = getattr(socket, "AF_VSOCK", 40)
     cid_any = getattr(socket, "VMADDR_CID_ANY", 0xFFFFFFFF)
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.bind((cid_any, p.AGENT_VSOCK_PORT))
-    listener.listen(4)
+    listener.listen(VSOCK_BACKLOG)
+    serve_connections(listener)
+
+
+def serve_connections(listener: socket.socket) -> None:
+    """Accept host connections on ``listener`` forever, each served by its own Agent in
+    its own thread, so several host processes work on the VM at once (as each
+    virtio-serial port does under QEMU)."""
     while True:
-        conn, _ = listener.accept()
-        with conn:
-            Agent(conn.fileno()).serve()
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            if listener.fileno() == -1:
+                return  # closed: nothing more to serve
+            time.sleep(0.1)  # a connection that failed as it came, or no fd to spare
+            continue
+        threading.Thread(
+            target=_serve_connection, args=(conn,), daemon=True, name="pyro-agent-conn"
+        ).start()
+
+
+def _serve_connection(conn: socket.socket) -> None:
+    with conn:  # closed once its agent has stopped writing to it (Agent.serve's end)
+        Agent(conn.fileno()).serve()
 
 
 def main() -> None:

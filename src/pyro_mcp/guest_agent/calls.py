@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,12 @@ class Call:
         self._input_done = threading.Event()
         self._input_broken: str | None = None
         self._input_ready = threading.Condition()
+
+    @staticmethod
+    def temp_name(kind: str) -> str:
+        """A name for a temporary file of this call that no other call uses: a random token
+        (process ids are shared by every channel, call ids restart on each)."""
+        return f".pyro-{kind}-{secrets.token_hex(8)}"
 
     def send(self, frame: p.Frame) -> None:
         if self.session is not None:

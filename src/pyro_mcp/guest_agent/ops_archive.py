@@ -119,8 +119,7 @@ def archive_put(call: Call) -> tuple[dict[str, Any], bytes]:
         parent = dest if existed else os.path.dirname(dest)
         if not existed:
             _make_parents(parent, created)
-        token = f"{os.getpid()}-{call.id}-{os.urandom(4).hex()}"
-        staging = os.path.join(parent, f".pyro-extract-{token}")
+        staging = os.path.join(parent, call.temp_name("extract"))
         os.mkdir(staging, 0o700)
         ceiling = max_bytes + (max_entries + 1) * ENTRY_OVERHEAD + HEADER_SLACK
         source = Input(call, streamed, ceiling)

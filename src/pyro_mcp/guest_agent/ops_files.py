@@ -92,7 +92,7 @@ def put_file(call: Call) -> tuple[dict[str, Any], bytes]:
         raise CallError("not_found", f"directory {parent} does not exist")
     if os.path.isdir(path) and not os.path.islink(path):
         raise CallError("is_a_directory", f"{path} is a directory")
-    tmp = os.path.join(parent, f".pyro-put-{os.getpid()}-{call.id}-{os.urandom(4).hex()}")
+    tmp = os.path.join(parent, call.temp_name("put"))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     placed = False
     try:

@@ -633,13 +633,13 @@ def apply_tree(call: Call) -> tuple[dict[str, Any], bytes]:
         if not stat.S_ISDIR(info.st_mode):
             raise CallError("exists", f"{rel} exists and is not a directory")
 
-    for index, (rel, target) in enumerate(links):
+    for rel, target in links:
         path = entry_inside(real_root, rel)
         parent = os.path.dirname(path)
         os.makedirs(parent, 0o755, exist_ok=True)
         if os.path.isdir(path) and not os.path.islink(path):
             raise CallError("exists", f"{rel} is a directory; remove it first")
-        temp = os.path.join(parent, f".pyro-link-{os.getpid()}-{call.id}-{index}")
+        temp = os.path.join(parent, call.temp_name("link"))
         os.symlink(target, temp)
         try:
             os.replace(temp, path)

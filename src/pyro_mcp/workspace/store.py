@@ -250,6 +250,13 @@ class WorkspaceStore:
             ).fetchall()
         return [from_row(WorkspaceRecord, r) for r in rows]
 
+    def next_expiry(self) -> float | None:
+        """When the soonest TTL runs out (epoch seconds), or None if no workspace has one."""
+        with self._db.read() as conn:
+            row = conn.execute("SELECT MIN(expires_at) FROM workspaces").fetchone()
+        value = row[0] if row else None
+        return float(value) if value is not None else None
+
     # -- workspace writes ------------------------------------------------------------
 
     def create(

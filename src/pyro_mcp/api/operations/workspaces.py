@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import Arg, operation
 from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.workspace.expiry import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.store import UNSET
 
@@ -21,6 +22,8 @@ def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
     workspaces = Workspaces(ctx.paths, ctx.state_dir)
     try:
         yield workspaces
+        # A TTL set now, or found after a host reboot, is kept from now on.
+        ensure_keeper(ctx.paths, workspaces.layout.state_dir, workspaces.store.next_expiry())
     finally:
         workspaces.close()
 

@@ -2,8 +2,9 @@
 
 The guest agent channel is a virtio-serial port backed by a host Unix socket (mode 0600,
 in the VM's run directory): no vhost device is needed. QMP (another Unix socket) controls
-the VM. Under TCG the guest TSC is pinned on the kernel command line, otherwise concurrent
-software-emulated guests hang while calibrating it.
+the VM. Under TCG the guest TSC is pinned on the kernel command line to the host's
+measured frequency (:mod:`tsc`): concurrent software-emulated guests hang while
+calibrating it, and a wrong value makes guest time run fast or slow.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from pyro_mcp.vmm.base import VM, VMSpec, guest_kernel_args
 from pyro_mcp.vmm.console import start_pump
 from pyro_mcp.vmm.qemu.confinement import confine, release, vmm_dir
 from pyro_mcp.vmm.qemu.qmp import QMPClient
+from pyro_mcp.vmm.qemu.tsc import tcg_clock_args
 
 ACCELS = ("kvm", "tcg")
-# A pinned TSC for software emulation (kHz, and the matching loops-per-jiffy at HZ=250).
-TCG_TSC_KHZ = 2_600_000
-TCG_LPJ = 10_400_000
 TCG_TB_SIZE_MIB = 64
 # Host memory QEMU takes beyond the guest's RAM (MiB): the translation cache and emulation
 # state under TCG, device emulation under KVM; admission and the memory cgroup count it.
@@ -39,7 +38,7 @@ MAX_SOCKET_PATH = 100
 def kernel_command_line(spec: VMSpec, accel: str) -> str:
     args = guest_kernel_args(spec, "virtio-serial")
     if accel == "tcg":
-        args += [f"tsc_early_khz={TCG_TSC_KHZ}", f"lpj={TCG_LPJ}", "tsc=reliable"]
+        args += tcg_clock_args()
     return " ".join([*args, *spec.kernel_args])
 
 

@@ -1,0 +1,114 @@
+"""Workspaces expire on time, whether or not any pyro command runs.
+
+A workspace given a TTL is deleted (its VM killed, its disks and records removed) when the
+TTL runs out. The deleting is done by the *keeper*: one small background process per
+state directory, started by the first pyro process that sees a workspace with a TTL and
+none running (``ensure_keeper``). It holds ``<state dir>/expiry.lock`` for as long as it
+runs (a second one started in a race sees the lock and leaves), looks at the store every
+``RECHECK_S`` (or sooner when a TTL ends sooner), deletes what expired, and exits once no
+workspace has a TTL. After a host reboot the next pyro command starts it again; what
+expired meanwhile is deleted at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pyro_mcp.errors import PyroError
+from pyro_mcp.runtime.paths import RuntimePaths
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "expiry.lock"
+LOG_FILE = "expiry.log"
+LOG_MAX_BYTES = 1 << 20  # the keeper's log is started afresh past this
+RECHECK_S = 1.0  # how late a shortened TTL may be noticed
+
+
+def _lock(state_dir: Path) -> int | None:
+    """An fd holding the keeper's lock of ``state_dir``, or None if a keeper holds it."""
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def keeper_running(state_dir: Path) -> bool:
+    fd = _lock(state_dir)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def ensure_keeper(paths: RuntimePaths, state_dir: Path, next_expiry: float | None) -> None:
+    """Start the keeper of ``state_dir`` if a workspace has a TTL and none runs."""
+    if next_expiry is None or keeper_running(state_dir):
+        return
+    log_path = state_dir / LOG_FILE
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size > LOG_MAX_BYTES:
+            log_path.unlink()
+    argv = [sys.executable, "-m", "pyro_mcp.workspace.expiry"]
+    argv += [str(state_dir), str(paths.cache_dir), str(paths.run_root)]
+    with open(log_path, "ab") as output:
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,  # outlives this process and its terminal
+            close_fds=True,
+        )
+
+
+def keep(paths: RuntimePaths, state_dir: Path) -> None:
+    """Delete workspaces as their TTLs run out, until none has one (see the module doc)."""
+    from pyro_mcp.workspace.lifecycle import Workspaces
+
+    fd = _lock(state_dir)
+    if fd is None:
+        return  # another keeper has it
+    workspaces = Workspaces(paths, state_dir)
+    try:
+        while True:
+            for record in workspaces.store.expired(time.time()):
+                if record.state == "creating":
+                    continue  # its create finishes (or reconcile removes it) first
+                try:
+                    workspaces.delete(record.id)
+                    log.warning("workspace %s expired and was deleted", record.id)
+                except PyroError as exc:
+                    log.warning("workspace %s expired; deleting it failed: %s", record.id, exc)
+            upcoming = workspaces.store.next_expiry()
+            if upcoming is None:
+                return
+            time.sleep(min(max(upcoming - time.time(), 0.05), RECHECK_S))
+    finally:
+        workspaces.close()
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(format="%(asctime)s pyro-expiry: %(message)s", level=logging.INFO)
+    state_dir, cache_dir, run_root = (Path(a) for a in argv)
+    try:
+        keep(RuntimePaths(cache_dir, run_root), state_dir)
+    except (PyroError, OSError) as exc:
+        log.warning("stopped: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
