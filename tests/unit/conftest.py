@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from tests.fake_vmm.harness import FakeHostFactory, fake_hosts
 
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest_agent.agent import Agent
@@ -36,3 +38,10 @@ def agent_client() -> Iterator[AgentClient]:
     served = InProcessAgent()
     yield served.client
     served.close()
+
+
+@pytest.fixture
+def fake_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHostFactory]:
+    """``fake_host(jailed=True, other_filesystem=False)``: pyro pointed at the fake
+    Firecracker (tests/fake_vmm); the test fails if anything of its VMs is left after it."""
+    yield from fake_hosts(monkeypatch, tmp_path)
