@@ -19,6 +19,7 @@ from pyro_mcp.storage.overlay import copy_sparse, create_overlay
 from pyro_mcp.vmm.base import VM, Disk, VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.firecracker.vm import OVERHEAD_MIB as FIRECRACKER_OVERHEAD_MIB
+from pyro_mcp.vmm.identity import mark_run_dir
 from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
 from pyro_mcp.vmm.qemu import QemuVM
 from pyro_mcp.vmm.qemu.confinement import release as release_confinement
@@ -92,8 +93,7 @@ def build_spec(
     vm_id = vm_id or new_vm_id()
     image = base_image or environments.image_for(paths, environment)
     kernel = kernel_for(paths, kernel_flavor)
-    run_dir = paths.run_root / vm_id
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run_dir = mark_run_dir(paths.run_root / vm_id)
     reads: tuple[Path, ...] = ()
     if choice.backend == "firecracker":
         root = root_overlay or run_dir / "root.ext4"
