@@ -22,7 +22,6 @@ from pyro_mcp.vmm.firecracker.vm import OVERHEAD_MIB as FIRECRACKER_OVERHEAD_MIB
 from pyro_mcp.vmm.identity import mark_run_dir
 from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
 from pyro_mcp.vmm.qemu import QemuVM
-from pyro_mcp.vmm.qemu.confinement import release as release_confinement
 from pyro_mcp.vmm.qemu.vm import OVERHEAD_MIB as QEMU_OVERHEAD_MIB
 
 
@@ -156,14 +155,8 @@ def prepare_vm(
 def start_owned(vm: VM) -> None:
     """Start a one-shot VM owned by this process (see :mod:`pyro_mcp.vmm.ownership`)."""
     sweep_orphans(vm.spec.run_dir.parent)
-    vm.start()
     register(vm)
-
-
-def release_vm(vm_id: str) -> None:
-    """Free what outlives a VMM that has exited, whichever process started it (its
-    cgroups; its uid went with the process)."""
-    release_confinement(vm_id)
+    vm.start()
 
 
 def discard_vm(vm: VM) -> None:
