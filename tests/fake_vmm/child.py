@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.fake_vmm.harness import FIRECRACKER_CHOICE, FakeHost
+from tests.fake_vmm.harness import FIRECRACKER_CHOICE, QEMU_CHOICE, FakeHost
 
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.vmm import launch
@@ -31,12 +31,12 @@ def main(argv: list[str]) -> int:
         Path(params["state_dir"]),
         Path(params["bin_dir"]),
         bool(params["jailed"]),
+        params["backend"],
     )
     host.patch(setattr)
     extra = tuple(Disk(Path(p)) for p in params.get("extra_disks", []))
-    vm = launch.prepare_vm(
-        host.paths, environment="debian:12", choice=FIRECRACKER_CHOICE, extra_disks=extra
-    )
+    choice = QEMU_CHOICE if host.backend == "qemu" else FIRECRACKER_CHOICE
+    vm = launch.prepare_vm(host.paths, environment="debian:12", choice=choice, extra_disks=extra)
     if params["action"] == "one-shot":
         launch.start_owned(vm)
     else:

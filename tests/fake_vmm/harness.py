@@ -1,12 +1,15 @@
-"""VMs and workspaces whose VMM is the fake Firecracker (``fake_firecracker.py``).
+"""VMs and workspaces whose VMM is the fake Firecracker (``fake_firecracker.py``) or the
+fake QEMU (``fake_qemu.py``).
 
-:func:`make_fake_host` installs the fake ``firecracker`` and ``jailer`` programs in a
-temporary directory and points pyro at them (and at a stand-in kernel and environment
-image); everything else runs as on a real host: ``Workspaces.create`` boots through
-``FirecrackerVM`` (jailed when root, unless ``jailed=False``), the agent is pyro's own,
-stop, delete, reconcile and the sweeps are the real code paths. :meth:`FakeHost.in_child`
-does the same in another process (``python -m tests.fake_vmm.child``), which then dies or
-exits: what any later pyro process finds after a crash or after a CLI command returned.
+:func:`make_fake_host` installs the fake ``firecracker``, ``jailer`` and
+``qemu-system-x86_64`` programs in a temporary directory and points pyro at them (and at a
+stand-in kernel and environment image); everything else runs as on a real host:
+``Workspaces.create`` boots through ``FirecrackerVM`` (jailed when root, unless
+``jailed=False``) or ``QemuVM`` (unconfined: a confined QEMU sees only system programs),
+the agent is pyro's own, stop, delete, reconcile and the sweeps are the real code paths.
+:meth:`FakeHost.in_child` does the same in another process (``python -m
+tests.fake_vmm.child``), which then dies or exits: what any later pyro process finds after
+a crash or after a CLI command returned.
 
 Every fake process appends ``<kind> <pid> <vm id>`` to :attr:`FakeHost.log`, so a test
 can name exactly what its VMs were and check that none is left.
@@ -35,8 +38,11 @@ from pyro_mcp.runtime.binaries import BinarySet
 from pyro_mcp.runtime.kernel_artifact import KernelArtifact
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.vmm import launch
+from pyro_mcp.vmm.base import VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.launch import BackendChoice
+from pyro_mcp.vmm.qemu import vm as qemu_vm
+from pyro_mcp.vmm.qemu.confinement import Confinement, vmm_dir
 from pyro_mcp.workspace import lifecycle
 from pyro_mcp.workspace.lifecycle import Workspaces
 
@@ -44,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SRC = Path(pyro_mcp.__file__).resolve().parents[1]  # the pyro under test, for children
 FIRECRACKER_CHOICE = BackendChoice("firecracker", "kvm", "the fake Firecracker of the unit tests")
+QEMU_CHOICE = BackendChoice("qemu", "tcg", "the fake QEMU of the unit tests")
 Setter = Callable[[Any, str, Any], None]
 
 
@@ -54,6 +61,7 @@ def _program(directory: Path, name: str, script: Path) -> Path:
         f"#!{sys.executable} -S\n"
         "import runpy, sys\n"
         f"sys.argv[0] = {str(script)!r}\n"
+        f"sys.path.insert(0, {str(script.parent)!r})\n"
         f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
     )
     path.chmod(0o755)
@@ -68,6 +76,7 @@ class FakeHost:
     state_dir: Path
     bin_dir: Path
     jailed: bool
+    backend: str = "firecracker"
     workspaces: list[Workspaces] = field(default_factory=list)
 
     @property
@@ -102,10 +111,14 @@ class FakeHost:
     def patch(self, setter: Setter) -> None:
         """Point pyro at the fakes (``setter``: ``monkeypatch.setattr`` or ``setattr``)."""
         image, kernel, fake = self.image, self.kernel, self.binaries
+        choice = QEMU_CHOICE if self.backend == "qemu" else FIRECRACKER_CHOICE
+        qemu = str(self.bin_dir / "qemu-system-x86_64")
         setter(environments, "image_for", lambda paths, environment: image)
         setter(launch, "kernel_for", lambda paths, flavor=None: kernel)
         setter(binaries, "installed_binaries", lambda paths: fake)
-        setter(lifecycle, "choose_backend", lambda *args, **kwargs: FIRECRACKER_CHOICE)
+        setter(lifecycle, "choose_backend", lambda *args, **kwargs: choice)
+        setter(qemu_vm, "require", lambda program: qemu)
+        setter(qemu_vm, "confine", _unconfined)
         if not self.jailed:
             setter(launch, "FirecrackerVM", functools.partial(FirecrackerVM, jailer=None))
 
@@ -122,6 +135,7 @@ class FakeHost:
             "state_dir": str(self.state_dir),
             "bin_dir": str(self.bin_dir),
             "jailed": self.jailed,
+            "backend": self.backend,
             "action": action,
             **options,
         }
@@ -148,9 +162,9 @@ class FakeHost:
         return [(kind, int(pid), vm_id) for kind, pid, vm_id in rows]
 
     def vmm_pid(self, vm_id: str) -> int:
-        """The pid of the latest fake Firecracker of ``vm_id``."""
-        pids = [pid for kind, pid, vid in self.launched() if kind == "firecracker" and vid == vm_id]
-        assert pids, f"no fake Firecracker ran for {vm_id}"
+        """The pid of the latest fake VMM of ``vm_id``."""
+        pids = [pid for kind, pid, vid in self.launched() if kind == self.backend and vid == vm_id]
+        assert pids, f"no fake {self.backend} ran for {vm_id}"
         return pids[-1]
 
     def running_vmms(self) -> list[int]:
@@ -182,12 +196,21 @@ class FakeHost:
         return problems
 
 
-def make_fake_host(directory: Path, *, jailed: bool, state_dir: Path) -> FakeHost:
+def _unconfined(spec: VMSpec, argv: list[str], **_: Any) -> Confinement:
+    """QEMU's launch as without root (a confined QEMU sees only system programs)."""
+    vmm_dir(spec.run_dir).mkdir(mode=0o700, exist_ok=True)
+    return Confinement(argv, summary={"confined": False, "reason": "the unit tests' fake"})
+
+
+def make_fake_host(
+    directory: Path, *, jailed: bool, state_dir: Path, backend: str = "firecracker"
+) -> FakeHost:
     """Install the fake programs, a stand-in kernel and environment image in ``directory``."""
     bin_dir = directory / "bin"
     bin_dir.mkdir(parents=True)
     _program(bin_dir, "firecracker", HERE / "fake_firecracker.py")
     _program(bin_dir, "jailer", HERE / "fake_jailer.py")
+    _program(bin_dir, "qemu-system-x86_64", HERE / "fake_qemu.py")
     cache = directory / "cache"
     cache.mkdir()
     (cache / "vmlinux").write_bytes(b"\x7fELF: not really a kernel\n")
@@ -195,7 +218,7 @@ def make_fake_host(directory: Path, *, jailed: bool, state_dir: Path) -> FakeHos
         handle.truncate(4 << 20)
     # Firecracker's socket paths must stay short: a run root right under /tmp.
     run_root = Path(tempfile.mkdtemp(prefix="pyro-u-", dir="/tmp"))
-    return FakeHost(RuntimePaths(cache, run_root), state_dir, bin_dir, jailed)
+    return FakeHost(RuntimePaths(cache, run_root), state_dir, bin_dir, jailed, backend)
 
 
 def _force_remove(root: Path) -> None:
@@ -208,7 +231,7 @@ def _force_remove(root: Path) -> None:
 
 
 FakeHostFactory = Callable[..., FakeHost]
-"""``factory(jailed=True, other_filesystem=False)``."""
+"""``factory(jailed=True, other_filesystem=False, backend="firecracker")``."""
 
 
 def fake_hosts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHostFactory]:
@@ -218,7 +241,10 @@ def fake_hosts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Fake
     disks live on /dev/shm, another filesystem than the jail's, so it bind-mounts them."""
     hosts: list[FakeHost] = []
 
-    def factory(*, jailed: bool = True, other_filesystem: bool = False) -> FakeHost:
+    def factory(
+        *, jailed: bool = True, other_filesystem: bool = False, backend: str = "firecracker"
+    ) -> FakeHost:
+        jailed = jailed and backend == "firecracker"
         if jailed and os.geteuid() != 0:
             pytest.skip("the jailer's layout (bind mounts, cgroups, device nodes) needs root")
         if other_filesystem:
@@ -227,7 +253,9 @@ def fake_hosts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Fake
             state = Path(tempfile.mkdtemp(prefix="pyro-u-state-", dir="/dev/shm"))
         else:
             state = tmp_path / f"state{len(hosts)}"
-        host = make_fake_host(tmp_path / f"host{len(hosts)}", jailed=jailed, state_dir=state)
+        host = make_fake_host(
+            tmp_path / f"host{len(hosts)}", jailed=jailed, state_dir=state, backend=backend
+        )
         for name, value in host.env().items():
             monkeypatch.setenv(name, value)
         host.patch(monkeypatch.setattr)

@@ -19,7 +19,12 @@ from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.vmm import ownership
 from pyro_mcp.workspace.lifecycle import Workspaces
 
-BOTH_MODES = pytest.mark.parametrize("jailed", [True, False], ids=["jailed", "direct"])
+VMM_KINDS = {
+    "firecracker-jailed": {"jailed": True},
+    "firecracker-direct": {"jailed": False},
+    "qemu": {"backend": "qemu"},
+}
+EVERY_KIND = pytest.mark.parametrize("kind", list(VMM_KINDS))
 
 
 def _age(path: Path, seconds: float = 3600) -> None:
@@ -79,11 +84,11 @@ def test_sweeps_touch_neither_unrelated_directories_nor_processes(
             process.wait()
 
 
-@BOTH_MODES
-def test_the_one_shot_sweep_ends_a_firecracker_vm_whose_owner_was_killed(
-    fake_host: FakeHostFactory, jailed: bool
+@EVERY_KIND
+def test_the_one_shot_sweep_ends_a_vm_whose_owner_was_killed(
+    fake_host: FakeHostFactory, kind: str
 ) -> None:
-    host = fake_host(jailed=jailed)
+    host = fake_host(**VMM_KINDS[kind])
     started = host.in_child("one-shot")  # `pyro run` killed with SIGKILL mid-run
     assert started["returncode"] == -9
     vm_id, pid = started["vm_id"], started["pid"]
@@ -97,11 +102,11 @@ def test_the_one_shot_sweep_ends_a_firecracker_vm_whose_owner_was_killed(
     assert mounts_under([host.paths.run_root]) == [] and vm_cgroups([vm_id]) == []
 
 
-@BOTH_MODES
-def test_the_workspace_sweep_ends_a_firecracker_vmm_no_workspace_owns(
-    fake_host: FakeHostFactory, jailed: bool
+@EVERY_KIND
+def test_the_workspace_sweep_ends_a_vmm_no_workspace_owns(
+    fake_host: FakeHostFactory, kind: str
 ) -> None:
-    host = fake_host(jailed=jailed)
+    host = fake_host(**VMM_KINDS[kind])
     started = host.in_child("launch")  # booted by a process that died before its record
     vm_id, pid = started["vm_id"], started["pid"]
     run_dir = Path(started["run_dir"])

@@ -1,6 +1,7 @@
-"""Workspaces whose VMM is Firecracker: reconcile, stop, delete and crashes, found and ended
-by the identity recorded at launch (tests/fake_vmm: a fake Firecracker with the real argv
-shape, launched through pyro's jailer code into the jailer's directory layout).
+"""Workspaces' VMMs: reconcile, stop, delete and crashes, found and ended by the identity
+recorded at launch, for every kind of VMM (tests/fake_vmm: a fake Firecracker with the real
+argv shape, launched through pyro's jailer code into the jailer's directory layout, or
+directly; a fake QEMU with pyro's QEMU argv).
 
 Firecracker's command line names neither the run directory nor the jail (``--id`` and
 relative names only): nothing may judge it by its command line.
@@ -23,13 +24,15 @@ from pyro_mcp.vmm.attach import AgentEndpoint, attach
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.store import WorkspaceRecord
 
-BOTH_MODES = pytest.mark.parametrize("jailed", [True, False], ids=["jailed", "direct"])
-# Jailed, the disks are hard-linked into the jail, or bind-mounted from another filesystem.
-EVERY_LAYOUT = pytest.mark.parametrize(
-    ("jailed", "other_filesystem"),
-    [(True, False), (True, True), (False, False)],
-    ids=["jailed", "jailed-bind-mounts", "direct"],
-)
+# How pyro runs the VMM. Jailed, the disks are hard-linked into the jail, or bind-mounted
+# from another filesystem.
+VMM_KINDS = {
+    "firecracker-jailed": {"jailed": True},
+    "firecracker-jailed-bind-mounts": {"jailed": True, "other_filesystem": True},
+    "firecracker-direct": {"jailed": False},
+    "qemu": {"backend": "qemu"},
+}
+EVERY_KIND = pytest.mark.parametrize("kind", list(VMM_KINDS))
 
 
 def _wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
@@ -40,9 +43,9 @@ def _wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
 
 
 def _running_workspace(
-    fake_host: FakeHostFactory, *, jailed: bool = True, other_filesystem: bool = False
+    fake_host: FakeHostFactory, kind: str
 ) -> tuple[FakeHost, Workspaces, WorkspaceRecord]:
-    host = fake_host(jailed=jailed, other_filesystem=other_filesystem)
+    host = fake_host(**VMM_KINDS[kind])
     workspaces = host.open()
     return host, workspaces, workspaces.create("debian:12", disk_mib=16)
 
@@ -53,19 +56,18 @@ def _nothing_of_the_vm_left(host: FakeHost, workspaces: Workspaces, workspace_id
     assert vm_cgroups([workspace_id]) == []
     assert host.running_vmms() == []
     files = workspaces.layout.workspace(workspace_id)
-    for disk in (files.workspace_disk, files.root_disk("firecracker")):
+    for disk in (files.workspace_disk, files.root_disk(host.backend)):
         if disk.exists():  # kept (stop, crash): given back whole
             assert disk.stat().st_uid == files.directory.stat().st_uid  # lent to the jail
             assert disk.stat().st_nlink == 1  # no hard link of the jail holds its space
 
 
-@BOTH_MODES
-def test_reconcile_keeps_a_running_firecracker_workspace_running(
-    fake_host: FakeHostFactory, jailed: bool
-) -> None:
-    host, workspaces, record = _running_workspace(fake_host, jailed=jailed)
+@EVERY_KIND
+def test_reconcile_keeps_a_running_workspace_running(fake_host: FakeHostFactory, kind: str) -> None:
+    host, workspaces, record = _running_workspace(fake_host, kind)
     pid = host.vmm_pid(record.id)
-    assert str(host.paths.run_root).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    if host.backend == "firecracker":
+        assert str(host.paths.run_root).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
     workspaces.reconcile()
 
@@ -76,16 +78,14 @@ def test_reconcile_keeps_a_running_firecracker_workspace_running(
     assert host.running_vmms() == [pid]  # no second VMM was started
 
 
-@EVERY_LAYOUT
-def test_stopping_a_firecracker_workspace_leaves_no_vmm_jail_mount_or_cgroup(
-    fake_host: FakeHostFactory, jailed: bool, other_filesystem: bool
+@EVERY_KIND
+def test_stopping_a_workspace_leaves_no_vmm_jail_mount_or_cgroup(
+    fake_host: FakeHostFactory, kind: str
 ) -> None:
-    host, workspaces, record = _running_workspace(
-        fake_host, jailed=jailed, other_filesystem=other_filesystem
-    )
-    if jailed:
+    host, workspaces, record = _running_workspace(fake_host, kind)
+    if host.jailed:
         assert host.jail_dir(record.id).is_dir() and vm_cgroups([record.id])
-    if other_filesystem:
+    if "bind-mounts" in kind:
         assert mounts_under([host.jail_dir(record.id)]), "the jail bind-mounts the disks"
 
     stopped = workspaces.stop(record.id)
@@ -97,13 +97,11 @@ def test_stopping_a_firecracker_workspace_leaves_no_vmm_jail_mount_or_cgroup(
     assert started.state == "running" and len(host.running_vmms()) == 1
 
 
-@EVERY_LAYOUT
-def test_deleting_a_running_firecracker_workspace_ends_its_vmm_and_leaves_nothing(
-    fake_host: FakeHostFactory, jailed: bool, other_filesystem: bool
+@EVERY_KIND
+def test_deleting_a_running_workspace_ends_its_vmm_and_leaves_nothing(
+    fake_host: FakeHostFactory, kind: str
 ) -> None:
-    host, workspaces, record = _running_workspace(
-        fake_host, jailed=jailed, other_filesystem=other_filesystem
-    )
+    host, workspaces, record = _running_workspace(fake_host, kind)
     pid = host.vmm_pid(record.id)
 
     workspaces.delete(record.id)
@@ -114,13 +112,11 @@ def test_deleting_a_running_firecracker_workspace_ends_its_vmm_and_leaves_nothin
     assert workspaces.store.list() == []
 
 
-@EVERY_LAYOUT
-def test_reconcile_cleans_up_after_a_firecracker_crash_and_the_workspace_boots_again(
-    fake_host: FakeHostFactory, jailed: bool, other_filesystem: bool
+@EVERY_KIND
+def test_reconcile_cleans_up_after_a_crash_and_the_workspace_boots_again(
+    fake_host: FakeHostFactory, kind: str
 ) -> None:
-    host, workspaces, record = _running_workspace(
-        fake_host, jailed=jailed, other_filesystem=other_filesystem
-    )
+    host, workspaces, record = _running_workspace(fake_host, kind)
     pid = host.vmm_pid(record.id)
     os.kill(pid, signal.SIGKILL)
     assert _wait_gone(pid)
@@ -139,7 +135,7 @@ def test_reconcile_cleans_up_after_a_firecracker_crash_and_the_workspace_boots_a
 def test_a_process_that_names_the_run_directory_is_not_taken_for_the_vmm(
     fake_host: FakeHostFactory,
 ) -> None:
-    host, workspaces, record = _running_workspace(fake_host, jailed=False)
+    host, workspaces, record = _running_workspace(fake_host, "firecracker-direct")
     run_dir = host.paths.run_root / record.id
     pid = host.vmm_pid(record.id)
     # Someone else's process whose command line happens to name the run directory.
@@ -160,11 +156,11 @@ def test_a_process_that_names_the_run_directory_is_not_taken_for_the_vmm(
         bystander.wait()
 
 
-@BOTH_MODES
+@EVERY_KIND
 def test_a_stopping_workspace_counts_as_active_in_the_orphan_sweep(
-    fake_host: FakeHostFactory, jailed: bool
+    fake_host: FakeHostFactory, kind: str
 ) -> None:
-    host, workspaces, record = _running_workspace(fake_host, jailed=jailed)
+    host, workspaces, record = _running_workspace(fake_host, kind)
     pid = host.vmm_pid(record.id)
     run_dir = host.paths.run_root / record.id
     # Another process is stopping it (its guest is syncing), for longer than the grace.
