@@ -20,7 +20,9 @@ import pytest
 from tests.fake_vmm.harness import FakeHost, FakeHostFactory
 from tests.leftovers import mounts_under, process_running, vm_cgroups
 
+from pyro_mcp.errors import PyroError
 from pyro_mcp.vmm.attach import AgentEndpoint, attach
+from pyro_mcp.vmm.firecracker import jail_release
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.store import WorkspaceRecord
 
@@ -177,3 +179,34 @@ def test_a_stopping_workspace_counts_as_active_in_the_orphan_sweep(
     assert endpoint is not None
     with attach(AgentEndpoint.from_str(endpoint), timeout_s=5) as client:  # it still answers
         assert client.exec(["true"]).exit_code == 0
+
+
+def test_a_jail_that_cannot_be_cleaned_up_fails_its_workspace_and_reconcile_goes_on(
+    fake_host: FakeHostFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = fake_host(**VMM_KINDS["firecracker-jailed-bind-mounts"])
+    workspaces = host.open()
+    stuck = workspaces.create("debian:12", disk_mib=16)
+    other = workspaces.create("debian:12", disk_mib=16)
+    for record in (stuck, other):
+        os.kill(host.vmm_pid(record.id), signal.SIGKILL)
+        assert _wait_gone(host.vmm_pid(record.id))
+    real_run = jail_release.run
+
+    def umount_fails_in_one_jail(argv: list[str], **kwargs: object) -> object:
+        if argv[0] == "umount" and f"/{stuck.id}/root/" in argv[-1]:
+            raise PyroError(f"umount: {argv[-1]}: target is busy")
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jail_release, "run", umount_fails_in_one_jail)
+
+    report = workspaces.reconcile()
+
+    assert report["failed"] == [stuck.id] and report["stopped"] == [other.id]
+    failed = workspaces.store.get(stuck.id)
+    assert failed.state == "failed" and "left in place" in (failed.error or "")
+    assert mounts_under([host.jail_dir(stuck.id)]), "the jail was not removed through its mounts"
+    assert (workspaces.layout.workspace(stuck.id).workspace_disk).stat().st_size > 0
+    monkeypatch.setattr(jail_release, "run", real_run)
+    workspaces.delete(stuck.id)  # once the mount can go, everything goes
+    _nothing_of_the_vm_left(host, workspaces, stuck.id)

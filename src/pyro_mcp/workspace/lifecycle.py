@@ -387,12 +387,18 @@ class Workspaces:
             self.store.delete_record(record.id)
 
     def _fail(self, workspace_id: str, note: str) -> None:
+        """End the workspace's VM and make it ``failed`` (saying so when what its VM held
+        could not all be given back: a later start then says what is in the way)."""
         try:
             record = self.store.get(workspace_id)
-            self._end_vm(record)
-            self.store.transition(workspace_id, "failed", note=note, error=note, vmm_pid=None)
         except PyroError:
-            pass
+            return
+        try:
+            self._end_vm(record)
+        except PyroError as exc:
+            note = f"{note}; cleaning up after its VM failed: {exc}"
+        with suppress(PyroError):
+            self.store.transition(workspace_id, "failed", note=note, error=note, vmm_pid=None)
 
     # -- reconcile ---------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
@@ -427,7 +433,12 @@ class Workspaces:
         if record.state in live_states and self._vmm(record).alive():
             return None
         if record.state in ("running", "stopping"):
-            self._end_vm(record)
+            try:
+                self._end_vm(record)
+            except PyroError as exc:
+                self._mark_services_stopped(record.id)
+                self._fail(record.id, f"the VMM exited unexpectedly: {exc}")
+                return "failed"
             note = "the VMM exited unexpectedly; disks kept: `pyro workspace start` boots it again"
             self._mark_services_stopped(record.id)
             if record.state == "running":
