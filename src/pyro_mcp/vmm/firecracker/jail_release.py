@@ -101,7 +101,8 @@ def _unmount_all(jail_dir: Path) -> list[str]:
             try:
                 run(["umount", str(target)], what="unmount a jail bind mount")
             except PyroError as exc:
-                problems.append(str(exc))
+                if target in mounts_under(target):  # not another process that got there first
+                    problems.append(str(exc))
         if problems:
             break
     return problems or [f"{len(mounts_under(jail_dir))} mounts remain"]
