@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.leftovers import jail_dirs, leftovers
 
 from pyro_mcp.api import Context
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
@@ -34,19 +35,15 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimePaths]:
     runtime_fetch(ctx)
     runtime_build_kernel(ctx)
     env_pull(ctx, "debian:12")
+    jails_before = jail_dirs()  # another pyro process's live VMs may have some
     yield paths
-    leftovers = sorted(p.name for p in run_root.glob("*")) if run_root.exists() else []
-    assert leftovers == [], f"VM run directories left behind: {leftovers}"
+    # Whichever the VMM (QEMU, Firecracker with or without the jailer): no run directory,
+    # VMM process, jail, mount in a jail or empty VMM cgroup (a live VM, maybe of another
+    # pyro process, keeps its own populated) is left.
+    problems = leftovers(run_root, jails_before=jails_before)
+    assert problems == [], "; ".join(problems)
     if run_root.exists():
         run_root.rmdir()
-    # A confined VMM's cgroups go with it: one left empty is a leak (a live VM, maybe of
-    # another pyro process, keeps its own populated).
-    empty = [
-        str(group)
-        for group in Path("/sys/fs/cgroup").glob("*/pyro-mcp/*")
-        if group.is_dir() and not (group / "cgroup.procs").read_text().strip()
-    ]
-    assert empty == [], f"VMM cgroups left behind: {empty}"
 
 
 @pytest.fixture

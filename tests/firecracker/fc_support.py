@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.leftovers import process_running
+
 from pyro_mcp.vmm.firecracker import FirecrackerVM
 
 HERE = Path(__file__).resolve().parent
@@ -66,15 +68,6 @@ def build_tiny_guest(directory: Path, load_address: int = LOAD_ADDRESS) -> Path:
     if entry != load_address or loads != [load_address]:
         raise RuntimeError(f"{image}: entry {entry:#x}, PT_LOAD at {[hex(a) for a in loads]}")
     return image
-
-
-def process_running(pid: int) -> bool:
-    """True while ``pid`` is a live (not zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def vmm_processes(vm_id: str) -> list[int]:

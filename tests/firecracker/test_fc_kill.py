@@ -49,7 +49,8 @@ def test_a_killed_firecracker_is_detected_and_cleaned_up(make_vm: VMFactory, jai
     assert not process_running(pid)
     assert vmm_processes(vm.spec.vm_id) == []
     leftovers = sorted(p.name for p in vm.spec.run_dir.iterdir())
-    assert leftovers == ["console.log", "vmm.log"]
+    # The logs stay, with pyro's marker and the record of which process the VMM was.
+    assert leftovers == [".pyro-run-dir", "console.log", "vmm.json", "vmm.log"]
 
 
 def test_stop_without_an_agent_kills_the_vm(make_vm: VMFactory) -> None:

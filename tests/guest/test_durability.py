@@ -20,7 +20,7 @@ from pyro_mcp.api import Context
 from pyro_mcp.api.operations import workspace_content as wc
 from pyro_mcp.api.operations import workspaces as ws
 from pyro_mcp.errors import GuestError
-from pyro_mcp.vmm.ownership import wait_gone
+from pyro_mcp.vmm.identity import ProcessIdentity
 
 pytestmark = pytest.mark.guest
 
@@ -45,8 +45,9 @@ def _archive(path: Path, name: str, data: bytes) -> Path:
 
 def _kill_9(pid: int) -> None:
     """SIGKILL the VMM and wait until it is dead (a zombie or gone): nothing else."""
+    vmm = ProcessIdentity.of(pid)
     os.kill(pid, signal.SIGKILL)
-    assert wait_gone(pid, 10.0), f"VMM {pid} outlived SIGKILL for 10 s"
+    assert vmm is None or vmm.wait_exit(10.0), f"VMM {pid} outlived SIGKILL for 10 s"
 
 
 def _read(ctx: Context, wid: str, path: str) -> bytes | None:

@@ -18,6 +18,7 @@ from mcp import Client
 from mcp.client import IncomingMessage
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp_types import CallToolResult
+from tests.leftovers import vmm_processes
 
 from pyro_mcp.runtime.paths import RuntimePaths
 
@@ -41,11 +42,9 @@ def _run(body: Callable[[], Awaitable[T]], timeout_s: float = 120) -> T:
     return anyio.run(bounded)
 
 
-def _qemu_processes(runtime: RuntimePaths) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
-    return [
-        line for line in out.splitlines() if "qemu-system" in line and str(runtime.run_root) in line
-    ]
+def _vmm_processes(runtime: RuntimePaths) -> list[str]:
+    """The VMMs (QEMU or Firecracker) of this test run's VMs still running."""
+    return vmm_processes([runtime.run_root])
 
 
 def _text(result: CallToolResult) -> str:
@@ -94,7 +93,7 @@ def test_stdio_server_runs_a_command_and_lists_environments(
     # stdout carried the protocol only; pyro's own notes went to stderr.
     assert stray == []
     assert "vm_run: booting" in stderr
-    assert _qemu_processes(runtime) == []
+    assert _vmm_processes(runtime) == []
 
 
 def test_vm_run_reports_progress_while_it_boots(runtime: RuntimePaths, tmp_path: Path) -> None:
@@ -176,7 +175,7 @@ def test_http_server_runs_on_the_guest_kernel_and_stops_cleanly(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert _qemu_processes(runtime) == []
+    assert _vmm_processes(runtime) == []
     assert list(runtime.run_root.glob("*")) == []
 
 
@@ -194,7 +193,7 @@ def test_a_stdio_client_leaving_mid_call_leaves_no_vm_behind(
 
     _run(body)
     deadline = time.monotonic() + 15
-    while _qemu_processes(runtime) and time.monotonic() < deadline:
+    while _vmm_processes(runtime) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _qemu_processes(runtime) == []
+    assert _vmm_processes(runtime) == []
     assert list(runtime.run_root.glob("*")) == []

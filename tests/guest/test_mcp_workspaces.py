@@ -23,6 +23,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp_types import CallToolResult
+from tests.leftovers import vmm_processes
 
 from pyro_mcp.mcp_server import operations_for
 from pyro_mcp.runtime.paths import RuntimePaths
@@ -95,14 +96,9 @@ class Server:
             timeout=120,
         )
 
-    def qemu_processes(self) -> list[str]:
-        out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
-        ours = (str(self.runtime.run_root), str(self.state_dir))
-        return [
-            line
-            for line in out.splitlines()
-            if "qemu-system" in line and any(mark in line for mark in ours)
-        ]
+    def vmm_processes(self) -> list[str]:
+        """The VMMs (QEMU or Firecracker) of this server's VMs still running."""
+        return vmm_processes([self.runtime.run_root, self.state_dir])
 
 
 @pytest.fixture
@@ -117,7 +113,7 @@ def server(runtime: RuntimePaths, tmp_path: Path) -> Iterator[Server]:
         for record in json.loads(listed.stdout)["workspaces"]:
             deleted = srv.pyro("workspace", "delete", record["id"])
             assert deleted.returncode == 0, deleted.stderr
-    assert srv.qemu_processes() == []
+    assert srv.vmm_processes() == []
 
 
 def _run(body: Callable[[], Awaitable[T]], timeout_s: float = 240) -> T:
@@ -228,7 +224,7 @@ def test_an_agent_works_a_workspace_through_its_whole_loop(server: Server, tmp_p
     assert seen["status"]["commands"] >= 1
     assert not seen["delete"].is_error, _text(seen["delete"])
     assert seen["listed"]["workspaces"] == []
-    assert server.qemu_processes() == []
+    assert server.vmm_processes() == []
 
 
 def test_host_paths_outside_the_root_and_bad_arguments_are_tool_errors(
@@ -295,4 +291,4 @@ def test_host_paths_outside_the_root_and_bad_arguments_are_tool_errors(
     listed = server.pyro("workspace", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["workspaces"] == []
-    assert server.qemu_processes() == []
+    assert server.vmm_processes() == []

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.leftovers import vmm_processes
 
 from pyro_mcp.api import Context
 from pyro_mcp.api.operations.vm import vm_run
@@ -36,11 +37,9 @@ def _pyro(
     return subprocess.run([*PYRO, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def _qemu_processes(runtime: RuntimePaths) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
-    return [
-        line for line in out.splitlines() if "qemu-system" in line and str(runtime.run_root) in line
-    ]
+def _vmm_processes(runtime: RuntimePaths) -> list[str]:
+    """The VMMs (QEMU or Firecracker) of this test run's VMs still running."""
+    return vmm_processes([runtime.run_root])
 
 
 def test_cli_run_prints_both_streams_and_exits_with_the_guest_code(runtime: RuntimePaths) -> None:
@@ -159,7 +158,7 @@ def test_ctrl_c_kills_the_vm_and_leaves_nothing_behind(runtime: RuntimePaths) ->
     assert proc.stdout.readline() == b"running\n"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 130
-    assert _qemu_processes(runtime) == []
+    assert _vmm_processes(runtime) == []
     assert list(Path(runtime.run_root).glob("*")) == []
 
 
@@ -177,11 +176,11 @@ def test_a_vm_whose_owner_was_killed_is_swept(runtime: RuntimePaths) -> None:
     assert proc.stdout.readline() == b"running\n"
     proc.kill()  # SIGKILL: the owner gets no chance to clean up
     proc.wait()
-    assert len(_qemu_processes(runtime)) == 1  # the VMM lives on in its own session
+    assert len(_vmm_processes(runtime)) == 1  # the VMM lives on in its own session
     swept = sweep_orphans(runtime.run_root)
     assert len(swept) == 1
     deadline = time.monotonic() + 5
-    while _qemu_processes(runtime) and time.monotonic() < deadline:
+    while _vmm_processes(runtime) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _qemu_processes(runtime) == []
+    assert _vmm_processes(runtime) == []
     assert list(Path(runtime.run_root).glob("*")) == []

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.fake_vmm.harness import FakeHostFactory, fake_hosts
 from tests.unit import fake_vm
 
 from pyro_mcp.api.context import Context
@@ -82,3 +83,10 @@ def fake_ctx(
         leftovers = sorted(p.name for p in run_root.iterdir())
         shutil.rmtree(run_root, ignore_errors=True)
     assert (running, leftovers) == ([], []), "VMMs or run directories left behind"
+
+
+@pytest.fixture
+def fake_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHostFactory]:
+    """``fake_host(jailed=True, other_filesystem=False)``: pyro pointed at the fake
+    Firecracker (tests/fake_vmm); the test fails if anything of its VMs is left after it."""
+    yield from fake_hosts(monkeypatch, tmp_path)

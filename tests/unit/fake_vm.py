@@ -129,6 +129,7 @@ def make_fake_vm_class() -> type[Any]:
                     start_new_session=True,
                     env=env,
                 )
+            self._save_record(self.process.pid)  # its identity, as every VMM's is recorded
 
         def wait_ready(self, timeout_s: float) -> AgentClient:
             deadline = time.monotonic() + timeout_s
@@ -175,8 +176,9 @@ def install(monkeypatch: pytest.MonkeyPatch, base_image: Path) -> None:
     choice = BackendChoice("qemu", "fake", "fake VMs for unit tests")
 
     def build_spec(paths: Any, *, vm_id: str, root_overlay: Path, **options: Any) -> VMSpec:
-        run_dir = paths.run_root / vm_id
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from pyro_mcp.vmm.identity import mark_run_dir
+
+        run_dir = mark_run_dir(paths.run_root / vm_id)
         if not root_overlay.exists():
             root_overlay.write_bytes(b"")  # the root disk is never read: the host's is used
         from pyro_mcp.vmm.base import Disk

@@ -5,6 +5,7 @@ store, disks and guest agent, a real VMM process per VM, no kernel."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from pyro_mcp.api.operations.workspaces import open_workspaces
 from pyro_mcp.errors import InvalidState, NotFound, TooLarge, VMError
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.base import Disk, VMSpec
+from pyro_mcp.vmm.identity import mark_run_dir
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.workspace.lifecycle import MAX_WORKSPACES_ENV
 
@@ -192,8 +194,7 @@ def _orphan_vm(run_root: Path, tmp_path: Path, name: str) -> Any:
     staging = tmp_path / f"{name}-staging"
     staging.mkdir()
     create_workspace_disk(disk, 16, staging)
-    run_dir = run_root / name
-    run_dir.mkdir()
+    run_dir = mark_run_dir(run_root / name)
     spec = VMSpec(
         vm_id=name,
         run_dir=run_dir,
@@ -217,21 +218,18 @@ def test_the_sweep_kills_orphan_vmms_and_leaves_one_shot_and_young_run_dirs(
     run_root = fake_ctx.paths.run_root
     kept = ws.workspace_create(fake_ctx, "debian:12")["id"]
     orphan = _orphan_vm(run_root, tmp_path, "0rphan0rphan")
-    one_shot = run_root / "0neshot0ne00"
-    one_shot.mkdir()
+    one_shot = mark_run_dir(run_root / "0neshot0ne00")
     (one_shot / OWNER_FILE).write_text("{}")
     old = time.time() - 120
     os.utime(one_shot, (old, old))
-    young = run_root / "y0ung0y0ung0"
-    young.mkdir()  # a VM being set up right now
+    young = mark_run_dir(run_root / "y0ung0y0ung0")  # a VM being set up right now
 
     assert ws.reconcile(fake_ctx)["orphans"] == ["0rphan0rphan"]
     assert orphan.process.wait(timeout=10) is not None
     assert sorted(p.name for p in run_root.iterdir()) == sorted([kept, one_shot.name, young.name])
     assert wc.workspace_exec(fake_ctx, kept, ["true"])["exit_code"] == 0
-    one_shot.joinpath(OWNER_FILE).unlink()
-    one_shot.rmdir()
-    young.rmdir()
+    shutil.rmtree(one_shot)
+    shutil.rmtree(young)
 
 
 # --- admission ---------------------------------------------------------------------------

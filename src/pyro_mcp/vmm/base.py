@@ -4,6 +4,10 @@ A :class:`VMSpec` says what to boot; a backend turns it into a :class:`VM`, a ha
 one VMM process: ``start`` launches and boots it, ``wait_ready`` returns a connected
 :class:`~pyro_mcp.guest.client.AgentClient`, and the rest controls or ends it. Every wait
 is bounded and, on failure, its error carries the tail of the serial console.
+
+Each backend records who its VMM process is, and what the VM holds outside it, in the run
+directory (:class:`~pyro_mcp.vmm.identity.VMMRecord`) as soon as it knows: any later
+process ends it and cleans up after it from that record (:mod:`pyro_mcp.vmm.recorded`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pyro_mcp.errors import (
 )
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.vmm import console
+from pyro_mcp.vmm.identity import ProcessIdentity, VMMRecord, mark_run_dir
 
 MIN_MEM_MIB = 128
 MAX_VCPUS = 32
@@ -116,6 +121,7 @@ class VM(ABC):
         self.process: subprocess.Popen[bytes] | None = None
         self.agent: AgentClient | None = None
         self.timings: dict[str, float] = {}
+        self.record = VMMRecord(self.backend, spec.vm_id)
 
     @property
     def pid(self) -> int | None:
@@ -123,6 +129,18 @@ class VM(ABC):
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def _make_run_dir(self) -> None:
+        """The run directory: made (and marked as pyro's) when it does not exist yet."""
+        if not self.spec.run_dir.exists():
+            mark_run_dir(self.spec.run_dir)
+
+    def _save_record(self, pid: int | None = None) -> None:
+        """Record the VM in its run directory (with its VMM's identity once ``pid`` is
+        known): written before the VM holds anything a later process must give back."""
+        if pid is not None:
+            self.record.process = ProcessIdentity.of(pid)
+        self.record.save(self.spec.run_dir)
 
     @abstractmethod
     def start(self) -> None:

@@ -19,9 +19,9 @@ from pyro_mcp.storage.overlay import copy_sparse, create_overlay
 from pyro_mcp.vmm.base import VM, Disk, VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.firecracker.vm import OVERHEAD_MIB as FIRECRACKER_OVERHEAD_MIB
+from pyro_mcp.vmm.identity import mark_run_dir
 from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
 from pyro_mcp.vmm.qemu import QemuVM
-from pyro_mcp.vmm.qemu.confinement import release as release_confinement
 from pyro_mcp.vmm.qemu.vm import OVERHEAD_MIB as QEMU_OVERHEAD_MIB
 
 
@@ -92,8 +92,7 @@ def build_spec(
     vm_id = vm_id or new_vm_id()
     image = base_image or environments.image_for(paths, environment)
     kernel = kernel_for(paths, kernel_flavor)
-    run_dir = paths.run_root / vm_id
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run_dir = mark_run_dir(paths.run_root / vm_id)
     reads: tuple[Path, ...] = ()
     if choice.backend == "firecracker":
         root = root_overlay or run_dir / "root.ext4"
@@ -156,14 +155,8 @@ def prepare_vm(
 def start_owned(vm: VM) -> None:
     """Start a one-shot VM owned by this process (see :mod:`pyro_mcp.vmm.ownership`)."""
     sweep_orphans(vm.spec.run_dir.parent)
-    vm.start()
     register(vm)
-
-
-def release_vm(vm_id: str) -> None:
-    """Free what outlives a VMM that has exited, whichever process started it (its
-    cgroups; its uid went with the process)."""
-    release_confinement(vm_id)
+    vm.start()
 
 
 def discard_vm(vm: VM) -> None:

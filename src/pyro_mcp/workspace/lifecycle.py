@@ -2,6 +2,8 @@
 
 A workspace VM outlives the process that booted it. Its record (state, VMM pid, run
 directory, agent endpoint) lives in the store; every later call attaches to its agent.
+Whether its VMM still runs, and how to end it, comes from the identity the VMM's run
+directory records (:mod:`pyro_mcp.vmm.recorded`), never from process command lines.
 Each state change goes through the store's compare-and-set transition, so a CLI, an SDK
 process and an MCP server can act on the same workspace safely; whatever a crash leaves
 half done, :meth:`Workspaces.reconcile` repairs.
@@ -13,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -30,8 +31,10 @@ from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, AttachedAgent, attach
 from pyro_mcp.vmm.base import VM, Disk
-from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, overhead_mib, release_vm
+from pyro_mcp.vmm.identity import is_run_dir, start_time
+from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, overhead_mib
 from pyro_mcp.vmm.ownership import OWNER_FILE
+from pyro_mcp.vmm.recorded import RecordedVMM
 from pyro_mcp.vmm.selection import choose_backend
 from pyro_mcp.workspace import seeds
 from pyro_mcp.workspace.blobs import BlobStore
@@ -281,7 +284,7 @@ class Workspaces:
         progress("stopping services and shutting the guest down")
         self._shut_down(record)
         self._mark_services_stopped(record.id)
-        _wait_exit(record.vmm_pid, record.run_dir, POWEROFF_S)
+        self._vmm(record).wait_exit(POWEROFF_S)
         self._end_vm(record)
         return self.store.transition(
             record.id, "stopped", expect={"stopping"}, note="stopped", vmm_pid=None
@@ -355,20 +358,22 @@ class Workspaces:
         services = _as_stopped(record.services)
         self.store.set_fields(workspace_id, services=services)
 
-    def _end_vm(self, record: WorkspaceRecord) -> None:
-        """Kill whatever VMM runs for this workspace and remove its run directory.
+    def _vmm(self, record: WorkspaceRecord) -> RecordedVMM:
+        """The workspace's VMM, as its run directory records it."""
+        return RecordedVMM.load(self._run_dirs(record)[0], record.id)
 
-        The run directory is found from the id, not only from the record: a create or
-        start that died before recording its VMM may have left one running.
-        """
-        run_dir = self.paths.run_root / record.id
-        _kill_vmm(record.vmm_pid, record.run_dir)
-        for pid in _vmm_pids(run_dir):
-            _signal(pid, signal.SIGKILL)
-            _wait_exit(pid, str(run_dir), 5.0)
-        release_vm(record.id)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        _remove_run_dir(record.run_dir)
+    def _run_dirs(self, record: WorkspaceRecord) -> list[Path]:
+        """The run directory the record names, and the one its id gives: a create or start
+        that died before recording its VMM may have left a VM running in that one."""
+        own = self.paths.run_root / record.id
+        named = Path(record.run_dir) if record.run_dir else own
+        return [named] if named == own else [named, own]
+
+    def _end_vm(self, record: WorkspaceRecord) -> None:
+        """End whatever VM runs for this workspace: its VMM, everything it holds outside
+        its process (a jail, mounts, cgroups), and its run directory."""
+        for run_dir in self._run_dirs(record):
+            RecordedVMM.load(run_dir, record.id).end()
 
     def _discard(self, workspace_id: str) -> None:
         """Remove a workspace that never came to be (a failed or abandoned create): its VM,
@@ -382,12 +387,18 @@ class Workspaces:
             self.store.delete_record(record.id)
 
     def _fail(self, workspace_id: str, note: str) -> None:
+        """End the workspace's VM and make it ``failed`` (saying so when what its VM held
+        could not all be given back: a later start then says what is in the way)."""
         try:
             record = self.store.get(workspace_id)
-            self._end_vm(record)
-            self.store.transition(workspace_id, "failed", note=note, error=note, vmm_pid=None)
         except PyroError:
-            pass
+            return
+        try:
+            self._end_vm(record)
+        except PyroError as exc:
+            note = f"{note}; cleaning up after its VM failed: {exc}"
+        with suppress(PyroError):
+            self.store.transition(workspace_id, "failed", note=note, error=note, vmm_pid=None)
 
     # -- reconcile ---------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
@@ -419,10 +430,15 @@ class Workspaces:
 
     def _reconcile_record(self, record: WorkspaceRecord) -> str | None:
         live_states = ("running", "stopping", "starting")
-        if record.state in live_states and _vmm_alive(record.vmm_pid, record.run_dir):
+        if record.state in live_states and self._vmm(record).alive():
             return None
         if record.state in ("running", "stopping"):
-            self._end_vm(record)
+            try:
+                self._end_vm(record)
+            except PyroError as exc:
+                self._mark_services_stopped(record.id)
+                self._fail(record.id, f"the VMM exited unexpectedly: {exc}")
+                return "failed"
             note = "the VMM exited unexpectedly; disks kept: `pyro workspace start` boots it again"
             self._mark_services_stopped(record.id)
             if record.state == "running":
@@ -445,29 +461,32 @@ class Workspaces:
         return None
 
     def _sweep_orphans(self) -> list[str]:
-        """Kill VMMs in our run root that no active workspace owns; drop stale run dirs.
+        """End the VMs in our run root that no active workspace owns; drop stale run dirs.
 
-        One-shot VMs (their run dir has an ``owner.json``) are left to their own sweep;
-        a run dir younger than a minute may be a VM that is still being set up.
+        Only run directories pyro marked as its own are looked at (``PYRO_RUN_DIR`` may
+        hold anything else). One-shot VMs (their run dir has an ``owner.json``) are left
+        to their own sweep; a run dir younger than a minute may be a VM that is still
+        being set up; a workspace that is stopping still owns its VM.
         """
-        active = {r.id for r in self.store.list() if r.state in ("running", "creating", "starting")}
+        active = {r.id for r in self.store.list(states=RESERVING_STATES)}
         removed: list[str] = []
         root = self.paths.run_root
         if not root.is_dir():
             return removed
         for run_dir in root.iterdir():
-            if run_dir.name in active or (run_dir / OWNER_FILE).exists():
+            if not is_run_dir(run_dir) or run_dir.name in active:
+                continue
+            if (run_dir / OWNER_FILE).exists():
                 continue
             try:
                 if time.time() - run_dir.stat().st_mtime < ORPHAN_GRACE_S:
                     continue
             except OSError:
                 continue
-            for pid in _vmm_pids(run_dir):
-                _signal(pid, signal.SIGKILL)
-                _wait_exit(pid, str(run_dir), 5.0)
-            release_vm(run_dir.name)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            try:
+                RecordedVMM.load(run_dir).end()
+            except PyroError:
+                continue  # left in place (say, a jail mount that will not go): next time
             removed.append(run_dir.name)
         return removed
 
@@ -525,15 +544,8 @@ def _endpoint(vm: VM) -> AgentEndpoint:
     return AgentEndpoint(VIRTIO_SERIAL, vm.spec.run_dir, vm.spec.agent_ports)
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _me() -> dict[str, object]:
-    return {"pid": os.getpid(), "start": _start_time(os.getpid())}
+    return {"pid": os.getpid(), "start": start_time(os.getpid())}
 
 
 def _owner_alive(owner_file: Path) -> bool:
@@ -542,50 +554,4 @@ def _owner_alive(owner_file: Path) -> bool:
     except (OSError, ValueError):
         return False
     pid = owner.get("pid")
-    return isinstance(pid, int) and _start_time(pid) == owner.get("start") is not None
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _vmm_alive(pid: int | None, run_dir: str | None) -> bool:
-    """The VMM still runs (and the pid was not reused: its argv names our run dir)."""
-    return bool(pid and run_dir and run_dir.encode() in _cmdline(pid))
-
-
-def _vmm_pids(run_dir: Path) -> list[int]:
-    needle = str(run_dir).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and needle in _cmdline(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        with suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-
-def _wait_exit(pid: int | None, run_dir: str | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _vmm_alive(pid, run_dir) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _kill_vmm(pid: int | None, run_dir: str | None) -> None:
-    if pid and _vmm_alive(pid, run_dir):
-        _signal(pid, signal.SIGKILL)
-        _wait_exit(pid, run_dir, 5.0)
-
-
-def _remove_run_dir(run_dir: str | None) -> None:
-    if run_dir:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    return isinstance(pid, int) and start_time(pid) == owner.get("start") is not None

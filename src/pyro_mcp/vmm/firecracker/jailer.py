@@ -10,6 +10,8 @@ namespace and a network namespace, drops to ``uid``/``gid`` and execs it. With
 Files reach the chroot as hard links (the same inode: writes land in the caller's disk).
 Across filesystems a writable file is bind-mounted instead and a read-only one copied.
 A writable file is chowned to the jail's uid for the VM's lifetime and given back after.
+Everything the jail holds is given back by :func:`.jail_release.release_jail`, from the
+jail directory alone (whichever process finds the VM ended).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from pyro_mcp.errors import PyroError, VMError
 from pyro_mcp.runtime.binaries import BinarySet
 from pyro_mcp.runtime.host_tools import run
+from pyro_mcp.vmm.firecracker.jail_release import JailState, mountinfo, release_jail
 from pyro_mcp.vmm.firecracker.layout import VMRoot
 
 # Jail uids: one per VM, from a range no distribution or systemd hands out (0x70000000+).
@@ -95,14 +98,11 @@ class JailerConfig:
 
 def _cgroup_mounts() -> list[tuple[str, Path, set[str]]]:
     """(fstype, mount point, super options) of every cgroup mount."""
-    found = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(fields) > 4 and len(tail) > 2 and tail[0] in ("cgroup", "cgroup2"):
-                found.append((tail[0], Path(fields[4]), set(tail[2].split(","))))
-    return found
+    return [
+        (kind, point, options)
+        for point, kind, options in mountinfo()
+        if kind in ("cgroup", "cgroup2")
+    ]
 
 
 def _readable_by(info: os.stat_result, uid: int, gid: int) -> bool:
@@ -125,9 +125,7 @@ class JailRoot(VMRoot):
         self.base = base
         self.jail_dir = base / binaries.firecracker.name / jail_id
         self.root = self.jail_dir / "root"
-        self._owners: list[tuple[Path, int, int]] = []  # chowned files: original owner
-        self._mounts: list[Path] = []
-        self._made_base = False
+        self.state = JailState()  # what release_jail needs, saved in the jail directory
 
     # -- launching -------------------------------------------------------------------
     def argv(self, firecracker_args: list[str]) -> list[str]:
@@ -168,7 +166,7 @@ class JailRoot(VMRoot):
         self.check_socket_paths()
         if not self.base.exists():
             self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._made_base = True
+            self.state.made_base = True
         if os.statvfs(self.base).f_flag & os.ST_NODEV:
             raise VMError(
                 f"the jail base {self.base} is on a nodev mount: /dev/kvm cannot work there",
@@ -180,6 +178,8 @@ class JailRoot(VMRoot):
             raise VMError(
                 f"{self.jail_dir} already exists: a VM with this id runs or was not cleaned up"
             ) from exc
+        self.state.cgroups = self.cgroup_dirs()  # the jailer makes them: known beforehand
+        self.state.save(self.jail_dir)
         self.root.mkdir(mode=0o700)
 
     def place(self, source: Path, name: str, *, writable: bool) -> None:
@@ -203,7 +203,8 @@ class JailRoot(VMRoot):
                 os.chmod(target, 0o400)
                 return
         if writable and info.st_uid != uid:
-            self._owners.append((source, info.st_uid, info.st_gid))
+            self.state.owners.append((source, info.st_uid, info.st_gid))
+            self.state.save(self.jail_dir)  # before lending it: a crash must not keep it
             os.chown(target, uid, gid)
         elif not writable and not _readable_by(info, uid, gid):
             target.unlink()  # never chown a shared read-only file: give the jail a copy
@@ -218,7 +219,6 @@ class JailRoot(VMRoot):
         except PyroError as exc:
             target.unlink(missing_ok=True)
             raise VMError(f"cannot bind-mount {source} into the jail: {exc}") from exc
-        self._mounts.append(target)
 
     def take(self, name: str, destination: Path) -> None:
         path = self.host_path(name)
@@ -249,41 +249,4 @@ class JailRoot(VMRoot):
         return dirs
 
     def cleanup(self) -> None:
-        problems = []
-        for target in reversed(self._mounts):
-            try:
-                run(["umount", str(target)], what="unmount a jail bind mount")
-                self._mounts.remove(target)
-            except PyroError as exc:
-                problems.append(str(exc))
-        for source, uid, gid in self._owners:
-            with contextlib.suppress(OSError):
-                os.chown(source, uid, gid)
-        self._owners.clear()
-        if self._mounts:
-            # Removing the tree now would delete the mounted files' contents.
-            raise VMError(f"jail {self.jail_dir} left in place: {'; '.join(problems)}")
-        for directory in self.cgroup_dirs():
-            _remove_cgroup(directory)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.jail_dir)
-        # The per-binary directory (and the base, if made here) go once no other jail uses them.
-        leftovers = [self.jail_dir.parent, *([self.base] if self._made_base else [])]
-        for directory in leftovers:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-
-
-def _remove_cgroup(directory: Path, timeout_s: float = 2.0) -> None:
-    # An exiting task can hold its cgroup for a moment after the process is signalled.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            directory.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
+        release_jail(self.jail_dir)

@@ -14,28 +14,9 @@ import select
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 from pyro_mcp.errors import VMError
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process start time (clock ticks since boot), to tell a PID from its reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces; fields after the last ')' are plain.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[0]
+from pyro_mcp.vmm.identity import ProcessIdentity
 
 
 class VMMProcess:
@@ -48,7 +29,8 @@ class VMMProcess:
             self._pidfd: int | None = os.pidfd_open(pid)
         except OSError as exc:
             raise VMError(f"Firecracker (PID {pid}) is already gone: {exc}") from exc
-        self._start_ticks = _start_ticks(pid)
+        # Who it is, for any later process (see vmm.identity): read as it has just started.
+        self.identity = ProcessIdentity.of(pid)
         self._returncode: int | None = None
 
     @property
@@ -85,16 +67,13 @@ class VMMProcess:
 
     def reaped(self) -> bool:
         """True once no process holds this PID any more (a zombie still does)."""
-        if self._start_ticks is None:
-            return True
-        # Gone, or the PID now belongs to another process.
-        return _start_ticks(self.pid) != self._start_ticks
+        return self.identity is None or not self.identity.exists()
 
     def wait_reaped(self, timeout_s: float) -> bool:
         """Wait (bounded) until the exited process is reaped by its parent (init when jailed)."""
         deadline = time.monotonic() + timeout_s
         while not self.reaped():
-            if _proc_state(self.pid) not in ("Z", "X", None):
+            if self.identity is not None and self.identity.alive():
                 return False  # still running
             if time.monotonic() >= deadline:
                 return False

@@ -6,7 +6,9 @@ answering) + :meth:`~FirecrackerVM.configure` (machine, kernel, drives, vsock) +
 same configuration as a JSON file and it boots without API calls. :meth:`~FirecrackerVM.restore`
 loads a :class:`Snapshot` into a new process instead. :meth:`~FirecrackerVM.kill` ends the
 process and removes its root (chroot or working directory) and sockets; the console and VMM
-logs stay in the run directory.
+logs stay in the run directory, with ``vmm.json``: who the process was and where its root
+is, so that any later process can end it and clean up the same way
+(:mod:`pyro_mcp.vmm.recorded`).
 
 As root, Firecracker is launched through the jailer (see :mod:`.jailer`); otherwise it runs
 directly as the caller. The guest agent is reached over virtio-vsock (:mod:`.vsock`). The
@@ -145,8 +147,13 @@ class FirecrackerVM(VM):
         if self._root_used:
             raise VMError(f"VM {self.spec.vm_id} was already launched; create a new one")
         self.spec.validate()
-        self.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_run_dir()
         self._root_used = True
+        if isinstance(self.root, JailRoot):
+            self.record.jail_dir = self.root.jail_dir
+        else:
+            self.record.root_dir = self.root.root
+        self._save_record()  # before the root exists: whoever ends the VM removes it
         self.root.prepare()  # refuses an existing root: it may belong to a live VM
         self._root_ready = True
 
@@ -206,6 +213,8 @@ class FirecrackerVM(VM):
                 ) from exc
         else:
             self.vmm = VMMProcess(self.process.pid, child=self.process)
+        self.record.process = self.vmm.identity
+        self._save_record()
 
     def _wait_for_api(self) -> None:
         deadline = time.monotonic() + API_READY_TIMEOUT_S

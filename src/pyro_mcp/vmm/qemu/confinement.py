@@ -26,7 +26,6 @@ import errno
 import fcntl
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 
 from pyro_mcp.errors import VMError
 from pyro_mcp.vmm.base import VMSpec
+from pyro_mcp.vmm.cgroups import RELEASE_TIMEOUT_S, remove_cgroup
 from pyro_mcp.vmm.qemu import jail
 
 UID_BASE = 900_000
@@ -45,7 +45,6 @@ CGROUP_GROUP = "pyro-mcp"
 MEMORY_MARGIN_MIB = 256  # beyond guest RAM and the VMM's overhead, before the OOM killer
 PIDS_MAX = 512
 CPU_PERIOD_US = 100_000
-RELEASE_TIMEOUT_S = 10.0  # for a killed VMM to finish exiting and leave its cgroups
 CONFINEMENT_FILE = "confinement.json"
 VMM_DIR = "vmm"  # under the run dir: where QEMU makes its sockets (the only place it writes)
 DEVICES = (("/dev/null", 1, 3), ("/dev/zero", 1, 5), ("/dev/urandom", 1, 9))
@@ -144,34 +143,12 @@ def _make_cgroups(vm_id: str, mem_mib: int, vcpus: int) -> tuple[list[Path], dic
 
 
 def release(vm_id: str, timeout_s: float = RELEASE_TIMEOUT_S) -> None:
-    """Remove what confined the VM ``vm_id`` once its VMM was ended (its cgroups; the uid
-    lock goes with the VMM process itself).
-
-    A killed VMM may not have finished exiting yet (freeing guest RAM takes a while) and
-    keeps its cgroups busy until it has: whatever is still in them is killed, and the
-    removal retried until ``timeout_s``.
-    """
+    """Remove what confined the VM ``vm_id`` once its VMM was ended: its cgroups (what is
+    still in them is killed; see :func:`~pyro_mcp.vmm.cgroups.remove_cgroup`). The uid lock
+    went with the VMM process itself."""
     deadline = time.monotonic() + timeout_s
     for directory in set(_cgroup_dirs(vm_id).values()):
-        while True:
-            try:
-                directory.rmdir()
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    break
-                _kill_members(directory)
-                time.sleep(0.02)
-            else:
-                break
-
-
-def _kill_members(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        for pid in (directory / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                os.kill(int(pid), signal.SIGKILL)
+        remove_cgroup(directory, deadline)
 
 
 def _chown(path: Path, uid: int) -> None:

@@ -130,7 +130,8 @@ class QemuVM(VM):
         self.spec.validate()
         if len(str(self.agent_socket)) > MAX_SOCKET_PATH:
             raise VMError(f"run directory path too long for a Unix socket: {self.spec.run_dir}")
-        self.spec.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_run_dir()
+        self._save_record()  # before its cgroups exist: whoever ends the VM removes them
         argv = qemu_argv(self.spec, self.accel)
         started = time.monotonic()
         reads = [self.spec.kernel, *([self.spec.initrd] if self.spec.initrd else [])]
@@ -161,6 +162,7 @@ class QemuVM(VM):
         finally:
             os.close(console)  # QEMU holds it now; the pump ends when QEMU does
             jailed.close_parent_fds()  # and its uid lock
+        self._save_record(self.process.pid)  # the jail execs QEMU: the pid stays the same
         self.started_at = started
 
     def _connect_agent(self, deadline: float, timeout_s: float) -> socket.socket:
