@@ -80,8 +80,8 @@ def exec_command(
             signal=result.signal,
             stdout_tail=result.stdout[-TAIL_BYTES:].decode("utf-8", "replace"),
             stderr_tail=result.stderr[-TAIL_BYTES:].decode("utf-8", "replace"),
-            stdout_bytes=int(result.details.get("stdout_bytes", len(result.stdout))),
-            stderr_bytes=int(result.details.get("stderr_bytes", len(result.stderr))),
+            stdout_bytes=result.stdout_bytes,
+            stderr_bytes=result.stderr_bytes,
         )
     )
     return {
