@@ -1030,6 +1030,17 @@ class Answer:
             raise self._bad(name, "a short string or null")
         return item
 
+    def names(self, name: str, most: int) -> list[str]:
+        """A list of at most ``most`` file names (absent: empty)."""
+        item = self.value.get(name, [])
+        if (
+            not isinstance(item, list)
+            or len(item) > most
+            or not all(isinstance(n, str) and 0 < len(n) <= 4096 for n in item)
+        ):
+            raise self._bad(name, f"a list of at most {most} names")
+        return item
+
 
 def _json_line(line: bytes) -> dict[str, Any]:
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import GuestError, InvalidArgument, NotFound, TooLarge
-from pyro_mcp.guest.client import data_deadline
+from pyro_mcp.guest.client import Answer, data_deadline
 from pyro_mcp.storage import host_files
 from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.workspace import exporting, seeds, tar_output
@@ -33,6 +33,7 @@ TAIL_BYTES = 4096
 SYNC_MAX_BYTES = 2 << 30
 SYNC_MAX_ENTRIES = 100_000
 EXPORT_MAX_BYTES = seeds.DEFAULT_MAX_BYTES
+SKIPPED_NAMES = 100  # an export names at most this many of the entries it left out
 
 
 # --- exec -------------------------------------------------------------------------------
@@ -182,7 +183,9 @@ def apply_patch(workspaces: Workspaces, ref: str, patch_text: str) -> dict[str, 
 def export(
     workspaces: Workspaces, ref: str, path: str, output: Path | HostPath, *, force: bool = False
 ) -> dict[str, Any]:
-    """Copy a file or directory out of /workspace to a host path."""
+    """Copy a file or directory out of /workspace to a host path (an empty directory
+    too). Device nodes, fifos and sockets are left out: the result counts them
+    (``skipped``) and names the first hundred (``skipped_paths``)."""
     target = guest_path(path)
     with workspaces.agent(ref, "export") as agent:
         kind = _kind(agent, target)
@@ -190,7 +193,12 @@ def export(
         with agent.archive_stream(WORKSPACE_ROOT, target, timeout_s=deadline) as call:
             # The tar streams from the guest into the extraction: never whole in memory.
             chunks = (data for _stream, _offset, data in call)
-            return exporting.extract_export(chunks, output, force=force, kind=kind)
+            result = exporting.extract_export(chunks, output, force=force, kind=kind)
+            answer = Answer("archive_get", call.result()[0])
+    # Device nodes, fifos and sockets have no place in an export: say which were left out.
+    result["skipped"] = answer.integer("skipped", 0, 1 << 62, 0)
+    result["skipped_paths"] = answer.names("skipped_paths", most=SKIPPED_NAMES)
+    return result
 
 
 def _kind(agent: Any, target: str) -> exporting.ExportKind:

@@ -160,7 +160,11 @@ def workspace_export(
     output: Annotated[str, Arg("host path to write (file or directory)")],
     force: Annotated[bool, Arg("replace an existing output")] = False,
 ) -> dict[str, Any]:
-    """Copy a file or directory out of /workspace to the host."""
+    """Copy a file or directory out of /workspace to the host.
+
+    An empty directory exports as an empty directory. Device nodes, fifos and sockets
+    are left out: ``skipped`` counts them and ``skipped_paths`` names the first 100.
+    """
     target = ctx.host_paths.check(output, "export output")
     with open_workspaces(ctx) as workspaces:
         # content.export hands ``output`` to exporting.extract_export, which takes a
