@@ -1,11 +1,13 @@
 """The MCP server, generated from the operation registry.
 
 Each operation whose profiles include the served profile becomes one tool: its name, its
-docstring as the description, its parameters (with their help) as the JSON schema. The
-MCP SDK is imported here and nowhere else (its major version is pinned in
-pyproject.toml). Operations block, so they run in worker threads, never on the server's
-event loop; their progress phases become MCP progress notifications (and log lines on
-stderr). Over stdio, stdout carries the protocol and nothing else.
+docstring as the description, its MCP parameters (with their help and the rules of
+:mod:`pyro_mcp.api.validation`) as the JSON schema; arguments are checked by
+``Operation.call``, as on every surface. The MCP SDK is imported here and nowhere else
+(its major version is pinned in pyproject.toml). Operations block, so they run in worker
+threads, never on the server's event loop; their progress phases become MCP progress
+notifications (and log lines on stderr). Over stdio, stdout carries the protocol and
+nothing else.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import signal
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import anyio.from_thread
@@ -28,14 +30,15 @@ from mcp.server.mcpserver import Context as MCPContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, WithJsonSchema
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
 from pyro_mcp.api.context import HostPathPolicy
 from pyro_mcp.api.display import printable, printable_text
 from pyro_mcp.api.lifecycle import discard_owned_vms
-from pyro_mcp.api.registry import Param
+from pyro_mcp.api.registry import Param, Surface
+from pyro_mcp.api.validation import json_schema
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 
@@ -51,12 +54,10 @@ def operations_for(profile: str) -> list[Operation]:
 
 
 def _annotation(param: Param) -> Any:
-    base: Any = param.annotation
-    if param.arg.choices:
-        base = Literal[param.arg.choices]
-    if param.optional:
-        base = base | None
-    return Annotated[base, Field(description=param.arg.help)]
+    # The value reaches the operation as the client sent it: its type and bounds are
+    # checked by Operation.call, as for every surface (one rule, one message). The
+    # schema tells the client the same rules.
+    return Annotated[Any, WithJsonSchema(json_schema(param)), Field(description=param.arg.help)]
 
 
 def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
@@ -74,7 +75,7 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
 
         ctx.progress = progress
         try:
-            result = await anyio.to_thread.run_sync(lambda: op.call(ctx, **kwargs))
+            result = await anyio.to_thread.run_sync(lambda: op.call(ctx, Surface.MCP, **kwargs))
         except PyroError as exc:
             raise ToolError(printable_text(f"{exc.code}: {exc}")) from exc
         return dict(printable(result))
@@ -86,7 +87,7 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
             default=inspect.Parameter.empty if param.required else param.default,
             annotation=_annotation(param),
         )
-        for param in op.params
+        for param in op.params_on(Surface.MCP)
     ]
     parameters.append(
         inspect.Parameter("mcp_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=MCPContext)
