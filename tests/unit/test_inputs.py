@@ -1,8 +1,9 @@
 """Strict inputs: every argument is checked once, from its declaration, with the same
-message whether it came from the SDK, the CLI or an MCP client (api/validation.py).
+message whether it came from the SDK, the CLI or an MCP client (api/validation.py), and a
+command is a shell line (a string) or an argv (a list) on every surface.
 
 Operations that need a workspace run against ``served_workspace`` (a real store and the
-real guest agent in this process).
+real guest agent in this process); ``vm_run`` against a stand-in for the VM layer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -21,10 +23,13 @@ from mcp_types import CallToolResult
 from tests.unit.served_workspace import ServedWorkspace, served_workspace
 
 from pyro_mcp.api import OPERATIONS, Context, all_operations
+from pyro_mcp.api.operations import vm as vm_operations
 from pyro_mcp.api.registry import Param, Surface
 from pyro_mcp.cli.main import main
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.errors import InvalidArgument, TooLarge
+from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.mcp_server import build_server
+from pyro_mcp.runtime import environments
 from pyro_mcp.sdk import Pyro
 from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.store import WorkspaceStore
@@ -54,6 +59,123 @@ def _cli_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
     cut = argv.index("--") if "--" in argv else len(argv)  # after --: the command's own
     code = main([*argv[:cut], "--json", *argv[cut:]])
     return code, json.loads(capsys.readouterr().out)
+
+
+# --- commands: a string is a shell line, a list an argv ---------------------------------
+
+
+def test_exec_workspace_runs_a_string_command_with_the_shell(ws: ServedWorkspace) -> None:
+    result = Pyro().exec_workspace(ws.id, command="echo $((6 * 7)) | tr 4 x")
+    assert (result["exit_code"], result["stdout"]) == (0, "x2\n")
+    assert result["command"] == "echo $((6 * 7)) | tr 4 x"
+    journal = Pyro().workspace_logs(ws.id)["commands"]
+    assert journal[-1]["shell"] == "echo $((6 * 7)) | tr 4 x"
+
+
+def test_exec_workspace_runs_a_list_as_the_argv_without_a_shell(ws: ServedWorkspace) -> None:
+    result = Pyro().exec_workspace(ws.id, command=["printf", "%s|", "a b", "$HOME"])
+    assert (result["exit_code"], result["stdout"]) == (0, "a b|$HOME|")
+
+
+@pytest.mark.parametrize("command", ["echo $((6 * 7))", ["sh", "-c", "echo $((6 * 7))"]])
+def test_mcp_workspace_exec_takes_a_string_or_an_array(
+    ws: ServedWorkspace, command: str | list[str]
+) -> None:
+    result = _mcp("workspace_exec", {"workspace": ws.id, "command": command})
+    assert not result.is_error, _mcp_text(result)
+    assert result.structured_content is not None
+    assert result.structured_content["stdout"] == "42\n"
+
+
+def test_the_mcp_schema_says_a_command_is_a_string_or_an_array_of_strings() -> None:
+    async def body() -> dict[str, Any]:
+        async with Client(build_server("workspace-full")) as client:
+            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+            return {
+                name: tools[name].input_schema["properties"]["command"]
+                for name in tools
+                if "command" in tools[name].input_schema["properties"]
+            }
+
+    schemas = anyio.run(body)
+    assert set(schemas) == {"vm_run", "workspace_exec", "service_start"}
+    for schema in schemas.values():
+        assert schema["anyOf"] == [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}},
+        ]
+
+
+def test_start_service_runs_a_string_command_with_the_shell(ws: ServedWorkspace) -> None:
+    ready = ws.root / "ready"
+    pyro = Pyro()
+    pyro.start_service(
+        ws.id,
+        "web",
+        command=f"echo up-$((40 + 2)); touch {ready}; exec sleep 60",
+        cwd=str(ws.root),
+        ready_file=str(ready),
+    )
+    logs = pyro.service_logs(ws.id, "web", stream="stdout")
+    assert "up-42" in json.dumps(logs)
+    pyro.stop_service(ws.id, "web", grace_seconds=0)
+
+
+@pytest.fixture
+def fake_vm(agent_client: AgentClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vm_run's VM layer replaced: its "guest" is the in-process agent."""
+    vm = SimpleNamespace(spec=SimpleNamespace(vm_id="fake"), wait_ready=lambda _s: agent_client)
+    monkeypatch.setattr(environments, "image_for", lambda paths, name: Path("/dev/null"))
+    monkeypatch.setattr(
+        vm_operations, "choose_backend", lambda *a, **k: SimpleNamespace(label="fake")
+    )
+    monkeypatch.setattr(vm_operations, "prepare_vm", lambda *a, **k: vm)
+    monkeypatch.setattr(vm_operations, "start_owned", lambda vm: None)
+    monkeypatch.setattr(vm_operations, "discard_vm", lambda vm: None)
+
+
+def test_run_in_vm_runs_a_string_command_with_the_shell(fake_vm: None) -> None:
+    result = Pyro().run_in_vm("debian:12", command="echo $((6 * 7)); exit 3")
+    assert (result["exit_code"], result["stdout"]) == (3, "42\n")
+    assert result["command"] == "echo $((6 * 7)); exit 3"
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ({"argv": ["ls"]}, "command must be a string or a list of strings, got {'argv': ['ls']}"),
+        (["ls", 5], "command[1] must be a string, got 5"),
+        (b"ls -la", "command must be a string or a list of strings, got b'ls -la'"),
+        ("  ", "command is empty: give a shell command line or an argv"),
+        ([], "command is empty: give the program to run after --"),
+    ],
+)
+def test_a_command_of_another_type_is_refused_by_name(
+    command: object, message: str, fake_vm: None
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        Pyro().run_in_vm("debian:12", command=command)  # type: ignore[arg-type]
+    assert caught.value.message == message
+
+
+def test_an_argv_too_large_for_one_call_is_refused_before_it_is_sent(ws: ServedWorkspace) -> None:
+    result = _mcp("workspace_exec", {"workspace": ws.id, "command": ["echo", "x" * (3 << 20)]})
+    assert result.is_error
+    assert _mcp_text(result).endswith(
+        "too_large: exec: its arguments take 3.0 MiB encoded; a call's arguments (argv, "
+        "environment, paths) must fit in 1 MiB (pass large data as a file (file write, sync "
+        "push) instead)"
+    )
+    assert Pyro().exec_workspace(ws.id, command="echo still here")["stdout"] == "still here\n"
+
+
+def test_an_environment_too_large_for_one_call_is_refused_before_it_is_sent(
+    ws: ServedWorkspace,
+) -> None:
+    with pytest.raises(TooLarge) as caught:
+        Pyro().exec_workspace(ws.id, command="true", env=[f"BIG={'x' * (2 << 20)}"])
+    assert caught.value.message.startswith("exec: its arguments take 2.0 MiB encoded")
+    assert Pyro().workspace_logs(ws.id)["commands"] == []  # it never ran
 
 
 # --- the SDK: clear errors instead of TypeError or AttributeError ------------------------

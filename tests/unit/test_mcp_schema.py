@@ -200,7 +200,7 @@ def test_a_call_missing_or_misspelling_a_field_is_an_error_result_naming_it(
         ),
         (
             {"command": 5},
-            "command must be a list of strings, got 5",
+            "command must be a string or a list of strings, got 5",
         ),
         (
             {"backend": "xen"},

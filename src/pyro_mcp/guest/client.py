@@ -34,13 +34,14 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyro_mcp.errors import (
     AgentUnavailable,
     GuestError,
+    InvalidArgument,
     OperationTimeout,
     ProtocolViolation,
     TooLarge,
@@ -116,6 +117,19 @@ class ExecResult:
             "stderr_truncated": self.stderr_truncated,
             "duration_ms": self.duration_ms,
         }
+
+
+def command_fields(command: str | Sequence[str]) -> dict[str, Any]:
+    """How the agent runs ``command`` (``exec`` and ``service_start``): a string through
+    ``/bin/sh -lc`` (as pyro-mcp 3.x did), a list as the argv. InvalidArgument when there
+    is nothing to run."""
+    if isinstance(command, str):
+        if not command.strip():
+            raise InvalidArgument("command is empty: give a shell command line or an argv")
+        return {"shell": command}
+    if not command:
+        raise InvalidArgument("command is empty: give the program to run after --")
+    return {"argv": list(command)}
 
 
 def _given(**values: Any) -> dict[str, Any]:

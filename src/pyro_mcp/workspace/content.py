@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import GuestError, InvalidArgument, NotFound, TooLarge
-from pyro_mcp.guest.client import Answer, data_deadline
+from pyro_mcp.guest.client import Answer, command_fields, data_deadline
 from pyro_mcp.storage import host_files
 from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.workspace import exporting, seeds, tar_output
@@ -42,7 +42,7 @@ SKIPPED_NAMES = 100  # an export names at most this many of the entries it left 
 def exec_command(
     workspaces: Workspaces,
     ref: str,
-    command: list[str],
+    command: str | list[str],
     *,
     cwd: str | None = None,
     env: dict[str, str] | None = None,
@@ -50,9 +50,10 @@ def exec_command(
     output_cap_bytes: int = 1 << 20,
     output: OutputFn | None = None,
 ) -> dict[str, Any]:
-    """Run a command in the workspace; its exit code is data, and it is journaled."""
-    if not command:
-        raise InvalidArgument("command is empty: give the program to run after --")
+    """Run a command in the workspace; its exit code is data, and it is journaled.
+
+    ``command`` is a shell command line (``/bin/sh -lc``) or an argv list."""
+    how = command_fields(command)
     if timeout_seconds <= 0:
         raise InvalidArgument("timeout_seconds must be positive")
     directory = guest_path(cwd) if cwd else WORKSPACE_ROOT
@@ -60,7 +61,7 @@ def exec_command(
     with workspaces.agent(ref, "exec") as agent:
         record = workspaces.store.get(ref)
         result = agent.exec(
-            command,
+            **how,
             cwd=directory,
             env=env,
             timeout_s=timeout_seconds,
@@ -71,7 +72,8 @@ def exec_command(
         CommandRecord(
             id=None,
             workspace_id=record.id,
-            argv=list(command),
+            argv=how.get("argv"),
+            shell=how.get("shell"),
             cwd=directory,
             env_keys=sorted(env or {}),
             started_at=started,
@@ -87,7 +89,7 @@ def exec_command(
     )
     return {
         "workspace_id": record.id,
-        "command": list(command),
+        "command": command,
         "cwd": directory,
         **result.to_dict(),
     }

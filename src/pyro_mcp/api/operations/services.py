@@ -12,6 +12,7 @@ from pyro_mcp.api.operations.workspace_content import CWD, ENV
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.guest.client import command_fields
 from pyro_mcp.workspace.paths import guest_path
 
 WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
@@ -65,7 +66,7 @@ def service_start(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, NAME],
-    command: Annotated[list[str], COMMAND],
+    command: Annotated[str | list[str], COMMAND],
     cwd: Annotated[str | None, CWD] = None,
     env: Annotated[list[str] | None, ENV] = None,
     ready_file: Annotated[
@@ -100,15 +101,14 @@ def service_start(
 ) -> dict[str, Any]:
     """Start a named long-lived process in the workspace; returns once it is ready.
 
+    ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
     Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
     probe error (with the service's log tail); ``exited_before_ready`` with its exit
     code; ``exists`` for a name already running; InvalidArgument for a bad probe.
     """
-    if not command:
-        raise InvalidArgument("command is empty: give the program to run after --")
     args: dict[str, Any] = {
         "name": name,
-        "argv": list(command),
+        **command_fields(command),
         "cwd": guest_path(cwd) if cwd else "/workspace",
         "env": parse_pairs(env, "env"),
         "ready_timeout_s": ready_timeout_seconds,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.guest.client import command_fields
 from pyro_mcp.runtime import environments
 from pyro_mcp.vmm.launch import discard_vm, prepare_vm, start_owned
 from pyro_mcp.vmm.selection import BACKEND_NAMES, choose_backend
@@ -17,7 +17,12 @@ BOOT_TIMEOUT_S = 60.0
 MAX_TIMEOUT_S = 24 * 3600
 DEFAULT_OUTPUT_CAP = 1 << 20
 MAX_OUTPUT_CAP = 64 << 20
-COMMAND = Arg("the command and its arguments (after --)", surfaces=EVERY, positional=True)
+COMMAND = Arg(
+    "the command: a string runs with /bin/sh -lc, a list is the argv "
+    "(the CLI takes the argv after --)",
+    surfaces=EVERY,
+    positional=True,
+)
 TIMEOUT = Arg(
     "kill the command after this many seconds",
     surfaces=EVERY,
@@ -43,7 +48,7 @@ def vm_run(
     environment: Annotated[
         str, Arg("environment to boot, e.g. debian:12", surfaces=EVERY, positional=True)
     ],
-    command: Annotated[list[str], COMMAND],
+    command: Annotated[str | list[str], COMMAND],
     vcpu_count: Annotated[int, VCPUS] = 1,
     mem_mib: Annotated[int, MEMORY] = 512,
     timeout_seconds: Annotated[float, TIMEOUT] = 60.0,
@@ -55,15 +60,15 @@ def vm_run(
 ) -> dict[str, Any]:
     """Boot a fresh microVM, run one command in it, and discard the VM.
 
-    The command runs as argv (use ``sh -c '...'`` for shell syntax). Returns stdout,
-    stderr, exit_code (127 when the program does not exist; the exit code is data, not an
-    error), timed_out, truncation flags, duration_ms, the backend used and phase timings
-    in milliseconds. Errors: NotFound for an unknown environment, InvalidArgument for bad
-    sizes, RuntimeMissing when the environment or kernel is not installed, BootTimeout
-    (with the serial console tail) when the guest never becomes ready.
+    ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
+    as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
+    when the program does not exist; the exit code is data, not an error), timed_out,
+    truncation flags, duration_ms, the backend used and phase timings in milliseconds.
+    Errors: NotFound for an unknown environment, InvalidArgument for bad sizes,
+    RuntimeMissing when the environment or kernel is not installed, BootTimeout (with the
+    serial console tail) when the guest never becomes ready.
     """
-    if not command:
-        raise InvalidArgument("command is empty: give the program to run after --")
+    how = command_fields(command)
     started = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -87,7 +92,7 @@ def vm_run(
         phase = mark("boot_ms", phase)
         ctx.progress("running command")
         result = agent.exec(
-            list(command),
+            **how,
             timeout_s=timeout_seconds,
             output_cap=output_cap_bytes,
             on_output=ctx.output,
@@ -99,7 +104,7 @@ def vm_run(
         mark("cleanup_ms", cleanup)
     return {
         "environment": environment,
-        "command": list(command),
+        "command": command,
         **result.to_dict(),
         "duration_ms": round((time.monotonic() - started) * 1000, 1),  # the whole run
         "backend": choice.label,

@@ -34,7 +34,7 @@ CHECKPOINT = Arg("checkpoint name", surfaces=EVERY, positional=True)
 def workspace_exec(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    command: Annotated[list[str], COMMAND],
+    command: Annotated[str | list[str], COMMAND],
     cwd: Annotated[str | None, CWD] = None,
     env: Annotated[list[str] | None, ENV] = None,
     timeout_seconds: Annotated[float, TIMEOUT] = 300.0,
@@ -42,6 +42,7 @@ def workspace_exec(
 ) -> dict[str, Any]:
     """Run a command in a running workspace; output streams, the exit code is data.
 
+    ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
     Errors: InvalidState when the workspace is not running (names its state),
     NotFound for an unknown workspace, AgentUnavailable if its VM died mid-call.
     """
@@ -49,7 +50,7 @@ def workspace_exec(
         return content.exec_command(
             workspaces,
             workspace,
-            list(command),
+            command,
             cwd=cwd,
             env=parse_pairs(env, "env") or None,
             timeout_seconds=timeout_seconds,
