@@ -12,6 +12,8 @@ import json
 import math
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,6 +37,7 @@ from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.store import WorkspaceStore
 
 __all__ = ["served_workspace"]  # the fixture, imported for the tests below
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture
@@ -479,6 +482,24 @@ def test_cli_disk_export_onto_a_directory_with_force_is_a_conflict_not_a_traceba
         "with a file"
     )
     assert list(target.iterdir()) == []
+
+
+# --- the CLI's output going away --------------------------------------------------------
+
+
+def test_cli_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "PYRO_CACHE_DIR": str(tmp_path)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pyro_mcp.cli.main", "env", "list", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # `| head` that has read all it wanted
+    stderr = child.stderr.read()
+    assert child.wait(timeout=60) == 141  # 128 + SIGPIPE, as a tool killed by it
+    assert stderr == b""
 
 
 # --- the layer itself -------------------------------------------------------------------
