@@ -13,6 +13,8 @@ current *mode* says to misbehave. The host sets the mode with the extra operatio
 ``stall``          answer nothing more (no result, no keepalive) after this call
 ``tear``           the next result is sent as half a frame, then the rest of the traffic
 ``lie_digest``     tree_manifest claims ``digest`` for the file ``path``
+``lie_entry``      tree_manifest sets ``field`` to ``value`` in every entry it sends
+``lie_exec``       exec answers with its honest result updated by ``value`` (a dict)
 ``flood_manifest`` tree_manifest streams entries without end
 ``huge_size``      get_file (sparse) claims to have covered ``size`` bytes
 ``bad_offsets``    get_file (sparse) sends its chunks with offsets going backwards
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 try:  # inside a guest the real agent was moved aside to real_agent
@@ -61,6 +64,28 @@ def _set_mode(call: Call) -> tuple[dict[str, Any], bytes]:
 
 def _data(call: Call, stream: str, payload: bytes, **header: Any) -> None:
     call.send(p.Frame(p.DATA, call.id, {"stream": stream, **header}, payload))
+
+
+def _rewrite_manifest(
+    call: Call, honest: Any, change: Callable[[dict[str, Any]], None]
+) -> tuple[dict[str, Any], bytes]:
+    """Run the honest tree_manifest with ``change`` applied to each entry it sends."""
+    real_send = call.send
+
+    def rewrite(frame: p.Frame) -> None:
+        if frame.t == p.DATA and frame.header.get("stream") == "manifest":
+            lines = []
+            for line in frame.payload.split(b"\n"):
+                if line:
+                    item = json.loads(line)
+                    change(item)
+                    line = json.dumps(item, separators=(",", ":")).encode()
+                lines.append(line)
+            frame = p.Frame(frame.t, frame.id, frame.header, b"\n".join(lines))
+        real_send(frame)
+
+    call.send = rewrite  # type: ignore[method-assign]
+    return honest(call)  # type: ignore[no-any-return]
 
 
 class HostileAgent(base.Agent):  # type: ignore[name-defined,misc]
@@ -161,24 +186,24 @@ class HostileAgent(base.Agent):  # type: ignore[name-defined,misc]
 
     def _lie_digest_tree_manifest(self, call: Call, honest: Any) -> tuple[dict[str, Any], bytes]:
         options = mode()
-        target, digest = options.get("path"), options.get("digest")
-        real_send = call.send
 
-        def rewrite(frame: p.Frame) -> None:
-            if frame.t == p.DATA and frame.header.get("stream") == "manifest":
-                lines = []
-                for line in frame.payload.split(b"\n"):
-                    if line:
-                        item = json.loads(line)
-                        if item.get("path") == target and item.get("type") == "file":
-                            item["sha256"] = digest
-                        line = json.dumps(item, separators=(",", ":")).encode()
-                    lines.append(line)
-                frame = p.Frame(frame.t, frame.id, frame.header, b"\n".join(lines))
-            real_send(frame)
+        def change(item: dict[str, Any]) -> None:
+            if item.get("path") == options.get("path") and item.get("type") == "file":
+                item["sha256"] = options.get("digest")
 
-        call.send = rewrite  # type: ignore[method-assign]
-        return honest(call)  # type: ignore[no-any-return]
+        return _rewrite_manifest(call, honest, change)
+
+    def _lie_entry_tree_manifest(self, call: Call, honest: Any) -> tuple[dict[str, Any], bytes]:
+        options = mode()
+
+        def change(item: dict[str, Any]) -> None:
+            item[options["field"]] = options["value"]
+
+        return _rewrite_manifest(call, honest, change)
+
+    def _lie_exec_exec(self, call: Call, honest: Any) -> tuple[dict[str, Any], bytes]:
+        value, payload = honest(call)
+        return {**value, **mode()["value"]}, payload
 
     def _flood_manifest_tree_manifest(
         self, call: Call, honest: Any

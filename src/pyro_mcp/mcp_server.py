@@ -1,41 +1,58 @@
 """The MCP server, generated from the operation registry.
 
 Each operation whose profiles include the served profile becomes one tool: its name, its
-docstring as the description, its parameters (with their help) as the JSON schema. The
-MCP SDK is imported here and nowhere else (its major version is pinned in
-pyproject.toml). Operations block, so they run in worker threads, never on the server's
-event loop; their progress phases become MCP progress notifications (and log lines on
-stderr). Over stdio, stdout carries the protocol and nothing else.
+docstring as the description, its MCP parameters (with their help and the rules of
+:mod:`pyro_mcp.api.validation`) as the JSON schema; arguments are checked by
+``Operation.call``, as on every surface. The MCP SDK is imported here and nowhere else
+(its major version is pinned in pyproject.toml). Operations block, so they run in worker
+threads, never on the server's event loop; their progress phases become MCP progress
+notifications (and log lines on stderr). Over stdio, stdout carries the protocol and
+nothing else, and every request gets an answer (:func:`stdio_verdict`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import inspect
+import io
 import ipaddress
+import json
 import logging
 import os
 import signal
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.server.mcpserver import Context as MCPContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
-from pydantic import ConfigDict, Field
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp_types import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorData,
+    JSONRPCError,
+    jsonrpc_message_adapter,
+)
+from pydantic import ConfigDict, Field, WithJsonSchema
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
 from pyro_mcp.api.context import HostPathPolicy
 from pyro_mcp.api.display import printable, printable_text
 from pyro_mcp.api.lifecycle import discard_owned_vms
-from pyro_mcp.api.registry import Param
+from pyro_mcp.api.registry import Param, Surface
+from pyro_mcp.api.validation import json_schema
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 
@@ -51,12 +68,10 @@ def operations_for(profile: str) -> list[Operation]:
 
 
 def _annotation(param: Param) -> Any:
-    base: Any = param.annotation
-    if param.arg.choices:
-        base = Literal[param.arg.choices]
-    if param.optional:
-        base = base | None
-    return Annotated[base, Field(description=param.arg.help)]
+    # The value reaches the operation as the client sent it: its type and bounds are
+    # checked by Operation.call, as for every surface (one rule, one message). The
+    # schema tells the client the same rules.
+    return Annotated[Any, WithJsonSchema(json_schema(param)), Field(description=param.arg.help)]
 
 
 def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
@@ -74,7 +89,7 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
 
         ctx.progress = progress
         try:
-            result = await anyio.to_thread.run_sync(lambda: op.call(ctx, **kwargs))
+            result = await anyio.to_thread.run_sync(lambda: op.call(ctx, Surface.MCP, **kwargs))
         except PyroError as exc:
             raise ToolError(printable_text(f"{exc.code}: {exc}")) from exc
         return dict(printable(result))
@@ -86,7 +101,7 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
             default=inspect.Parameter.empty if param.required else param.default,
             annotation=_annotation(param),
         )
-        for param in op.params
+        for param in op.params_on(Surface.MCP)
     ]
     parameters.append(
         inspect.Parameter("mcp_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=MCPContext)
@@ -167,7 +182,7 @@ def serve(
         # flight first, or they would outlive us. (uvicorn handles SIGTERM for HTTP by
         # waiting for calls in flight; anything left is discarded at exit.)
         signal.signal(signal.SIGTERM, _discard_and_exit)
-        server.run("stdio")
+        anyio.run(_serve_stdio, server)
         return
     host, port = address
     if not _is_loopback(host):
@@ -177,6 +192,138 @@ def serve(
             host,
         )
     server.run("streamable-http", host=host, port=port)
+
+
+# --- stdio: every request gets an answer ----------------------------------------------
+#
+# The SDK's stdio reader drops a line it cannot parse as a JSON-RPC message, so a
+# request whose params are not an object, or that holds a lone surrogate (which its
+# strict JSON parser refuses), would never be answered and its client would wait
+# forever. Lines are checked before the SDK sees them: those it would drop are answered
+# here with the JSON-RPC error they call for (the HTTP transport already does this).
+
+
+async def _serve_stdio(server: MCPServer) -> None:
+    """``server.run("stdio")``, with the lines the SDK would drop answered."""
+    refusals, answers = anyio.create_memory_object_stream[SessionMessage](64)
+    with _claimed_stdin() as wire:
+        lines = anyio.wrap_file(io.TextIOWrapper(wire, encoding="utf-8", errors="replace"))
+        checked = _checked_lines(lines, refusals)
+        async with (
+            stdio_server(stdin=checked) as (read_stream, write_stream),  # type: ignore[arg-type]
+            anyio.create_task_group() as group,
+        ):
+            group.start_soon(_forward, answers, write_stream)
+            # What MCPServer.run_stdio_async does, with our stdin (mcp 2.x).
+            lowlevel = server._lowlevel_server
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+            group.cancel_scope.cancel()
+
+
+async def _checked_lines(
+    lines: AsyncIterable[str], refusals: MemoryObjectSendStream[SessionMessage]
+) -> AsyncIterator[str]:
+    async for line in lines:
+        verdict = stdio_verdict(line)
+        if verdict is PASS:
+            yield line
+        elif isinstance(verdict, JSONRPCError):
+            await refusals.send(SessionMessage(verdict))
+
+
+async def _forward(answers: MemoryObjectReceiveStream[SessionMessage], write_stream: Any) -> None:
+    async for answer in answers:
+        await write_stream.send(answer)
+
+
+@contextlib.contextmanager
+def _claimed_stdin() -> Iterator[BinaryIO]:
+    """The protocol's stdin, on a private descriptor; fd 0 reads /dev/null meanwhile, so
+    nothing an operation starts can take the client's bytes (what the SDK does itself
+    when it opens stdin)."""
+    private = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    try:
+        # Never closed: a reader thread may still block on it when serving ends.
+        yield os.fdopen(private, "rb", buffering=0, closefd=False)
+    finally:
+        os.dup2(private, 0)
+
+
+PASS = object()  # the SDK takes the line
+DROP = object()  # nothing to answer (a notification or a response that is malformed)
+
+
+def stdio_verdict(line: str) -> object:
+    """What to do with one line from a stdio client: PASS it to the SDK, DROP it, or the
+    JSONRPCError to answer it with (parse error, invalid request, invalid params)."""
+    if not line.strip():
+        return DROP
+    try:
+        jsonrpc_message_adapter.validate_json(line, by_name=False)
+        return PASS
+    except ValueError:
+        pass
+    try:
+        message = json.loads(line, parse_constant=_no_constant)
+    except ValueError:
+        return _error(None, PARSE_ERROR, "Parse error: the line is not a JSON document")
+    if not isinstance(message, dict):
+        return _error(None, INVALID_REQUEST, "Invalid Request: a message is a JSON object")
+    ident = message.get("id")
+    if "id" not in message or "method" not in message:
+        return DROP  # a notification or a response: JSON-RPC answers neither
+    if isinstance(ident, bool) or not isinstance(ident, int | str):
+        return _error(None, INVALID_REQUEST, "Invalid Request: id must be a string or an integer")
+    surrogate = _lone_surrogate(message)
+    if surrogate is not None:
+        where, code = surrogate
+        return _error(
+            ident,
+            INVALID_PARAMS if where.startswith("params") else INVALID_REQUEST,
+            f"Invalid params: {where} holds a lone surrogate (U+{code:04X}), which is not "
+            "Unicode text",
+        )
+    params = message.get("params")
+    if params is not None and not isinstance(params, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean"}
+        shown = kinds.get(type(params), "a number")
+        return _error(
+            ident, INVALID_REQUEST, f"Invalid Request: params must be an object, got {shown}"
+        )
+    return _error(ident, INVALID_REQUEST, "Invalid Request: not a JSON-RPC 2.0 request")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _lone_surrogate(value: Any, where: str = "") -> tuple[str, int] | None:
+    """The first string (key or value) in ``value`` holding a lone surrogate: its place
+    (``params.arguments.text``) and the surrogate."""
+    if isinstance(value, str):
+        for char in value:
+            if 0xD800 <= ord(char) <= 0xDFFF:
+                return where or "the message", ord(char)
+        return None
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{index}]", item) for index, item in enumerate(value))
+    for key, item in items:
+        place = f"{where}{key}" if str(key).startswith("[") else f"{where}.{key}".lstrip(".")
+        found = _lone_surrogate(key, place) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, place)
+        if found is not None:
+            return found
+    return None
+
+
+def _error(ident: int | str | None, code: int, message: str) -> JSONRPCError:
+    return JSONRPCError(jsonrpc="2.0", id=ident, error=ErrorData(code=code, message=message))
 
 
 def _discard_and_exit(signum: int, _frame: object) -> None:

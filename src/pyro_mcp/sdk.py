@@ -1,7 +1,10 @@
 """The Python SDK: ``from pyro_mcp import Pyro``.
 
 Every method of :class:`Pyro` is generated from an operation in :mod:`pyro_mcp.api`: same
-name as declared there, same keyword arguments, same docstring. Results are plain
+name as declared there, the keyword arguments the operation offers the SDK (the CLI's own
+``--id-only``, ``--stdin`` and the like are not among them), same docstring. Every
+argument is checked against its declaration: a value of the wrong type or out of its
+range is an InvalidArgument naming it, as on the CLI and over MCP. Results are plain
 JSON-able dicts, exactly what the CLI prints with ``--json`` and what MCP tools return.
 """
 
@@ -14,6 +17,7 @@ from typing import Any
 
 from pyro_mcp.api import Context, Operation, all_operations
 from pyro_mcp.api.context import ProgressFn
+from pyro_mcp.api.registry import Surface
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
 
 
@@ -45,9 +49,14 @@ def _method(op: Operation) -> Callable[..., Any]:
         bound = signature.bind(self, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.pop("self")
-        return op.call(self._context(), **arguments)
+        return op.call(self._context(), Surface.SDK, **arguments)
 
-    params = list(inspect.signature(op.func).parameters.values())[1:]
+    offered = {param.name for param in op.params_on(Surface.SDK)}
+    params = [
+        param
+        for param in list(inspect.signature(op.func).parameters.values())[1:]
+        if param.name in offered
+    ]
     signature = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params]
     )

@@ -6,10 +6,11 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pyro_mcp.errors import GuestError, OperationTimeout
+from pyro_mcp.errors import GuestError, OperationTimeout, TooLarge
 from pyro_mcp.guest import protocol as p
 from pyro_mcp.guest.client import AgentClient
 
@@ -259,3 +260,22 @@ def test_a_large_frame_that_stops_coming_is_given_up_when_a_later_frame_is_in() 
         after,
     ]
     assert not decoder.pending
+
+
+@pytest.mark.parametrize(
+    ("call", "size"),
+    [
+        ({"argv": ["echo", "x" * (3 << 20)]}, "3.0"),
+        ({"argv": ["true"], "env": {"BIG": "x" * (2 << 20)}}, "2.0"),
+    ],
+)
+def test_a_call_whose_arguments_do_not_fit_a_frame_is_too_large_and_nothing_is_sent(
+    client: AgentClient, call: dict[str, Any], size: str
+) -> None:
+    with pytest.raises(TooLarge) as caught:
+        client.exec(**call)
+    assert caught.value.message == (
+        f"exec: its arguments take {size} MiB encoded; a call's arguments (argv, "
+        "environment, paths) must fit in 1 MiB"
+    )
+    assert client.exec(["echo", "next"]).stdout == b"next\n"  # the link is as it was

@@ -4,6 +4,7 @@ tests/guest/test_hostile_guest.py."""
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -193,3 +194,60 @@ def _wait_gone(cmdline: bytes, within_s: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+@pytest.mark.parametrize(
+    ("lie", "message"),
+    [
+        ({"exit_code": "x"}, "exit_code='x', not an integer from 0 to 255"),
+        ({"exit_code": math.inf}, "exit_code=inf, not an integer from 0 to 255"),
+        ({"exit_code": True}, "exit_code=True, not an integer from 0 to 255"),
+        ({"duration_ms": math.inf}, "duration_ms=inf, not a finite number >= 0"),
+        ({"duration_ms": math.nan}, "duration_ms=nan, not a finite number >= 0"),
+        ({"stdout_bytes": "x"}, "stdout_bytes='x', not an integer from 7 to 4611686018427387904"),
+        ({"stdout_bytes": 1}, "stdout_bytes=1, not an integer from 7 to 4611686018427387904"),
+        ({"timed_out": "no"}, "timed_out='no', not true or false"),
+        ({"signal": 9}, "signal=9, not a short string or null"),
+    ],
+)
+def test_an_exec_result_that_lies_about_a_field_is_a_protocol_violation_naming_it(
+    hostile: AgentClient, lie: dict[str, object], message: str
+) -> None:
+    _mode(hostile, "lie_exec", value=lie)
+    with pytest.raises(ProtocolViolation) as caught:
+        hostile.exec(["echo", "honest"])  # 7 bytes of stdout: it cannot claim fewer
+    assert caught.value.message == f"exec: the guest agent answered {message}"
+    _mode(hostile, "honest")
+    assert hostile.exec(["echo", "fine"]).stdout == b"fine\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("path", 5, "manifest path must be a non-empty string, got 5"),
+        ("path", "../escape", "manifest path '../escape' contains '..'"),
+        ("mode", "0644", "mode must be an integer in [0, 4095]"),
+    ],
+)
+def test_a_manifest_entry_that_lies_is_a_protocol_violation(
+    hostile: AgentClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    field: str,
+    value: object,
+    reason: str,
+) -> None:
+    from pyro_mcp.workspace import checkpoints
+    from pyro_mcp.workspace.blobs import BlobStore
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("a\n")
+    monkeypatch.setattr(checkpoints, "WORKSPACE_ROOT", str(tree))
+    store = BlobStore(tmp_path / "blobs")
+    _mode(hostile, "lie_entry", field=field, value=value)
+    with pytest.raises(ProtocolViolation) as caught:
+        checkpoints.spool_current(store, hostile)
+    assert caught.value.message.startswith("the guest agent sent a bad manifest entry: ")
+    assert reason in caught.value.message
+    assert list(store.tmp_dir.iterdir()) == []

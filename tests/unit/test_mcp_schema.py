@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import anyio
 import pytest
@@ -19,10 +19,10 @@ from mcp import Client
 from mcp_types import CallToolResult, Tool
 
 from pyro_mcp.api import Context, Operation, all_operations, operation, registry
-from pyro_mcp.api.registry import Arg, Param
+from pyro_mcp.api.registry import EVERY, Arg, Param, Surface
 from pyro_mcp.errors import NotFound
 from pyro_mcp.mcp_profiles import PROFILES
-from pyro_mcp.mcp_server import build_server, serve
+from pyro_mcp.mcp_server import build_server, confined_context, serve
 from pyro_mcp.runtime.paths import RuntimePaths
 
 T = TypeVar("T")
@@ -103,9 +103,10 @@ def test_tool_descriptions_and_schemas_come_from_the_operation(profile: str) -> 
         schema = tool.input_schema
         assert schema["type"] == "object"
         assert schema.get("additionalProperties") is False, name
-        assert list(schema["properties"]) == [p.name for p in op.params], name
-        assert schema.get("required", []) == [p.name for p in op.params if p.required], name
-        for param in op.params:
+        offered = op.params_on(Surface.MCP)
+        assert list(schema["properties"]) == [p.name for p in offered], name
+        assert schema.get("required", []) == [p.name for p in offered if p.required], name
+        for param in offered:
             _assert_property(name, param, schema["properties"][param.name])
         assert tool.output_schema is not None and tool.output_schema["type"] == "object"
 
@@ -117,20 +118,28 @@ def _assert_property(tool: str, param: Param, prop: dict[str, Any]) -> None:
         assert "default" not in prop, where
     else:
         assert prop["default"] == param.default, where
-    # An optional parameter is "anyOf: [<type>, null]"; the first arm carries the type.
+    # An optional parameter is "anyOf: [<type>..., null]"; a union has one arm per type.
     variants = prop.get("anyOf", [prop])
     if param.optional:
         assert {"type": "null"} in variants, where
-    typed = next(v for v in variants if v != {"type": "null"})
-    if param.is_list:
-        assert typed["type"] == "array", where
-        assert typed["items"]["type"] == JSON_TYPES[param.item_type], where
-    else:
-        assert typed["type"] == JSON_TYPES[param.annotation], where
-    if param.arg.choices:
-        assert typed["enum"] == list(param.arg.choices), where
-    else:
-        assert "enum" not in typed, where
+    typed = [v for v in variants if v != {"type": "null"}]
+    if param.arg.octal:  # an integer, or a string of octal digits
+        assert [v["type"] for v in typed] == ["integer", "string"], where
+        return
+    assert len(typed) == len(param.arms), where
+    for arm, schema in zip(param.arms, typed, strict=True):
+        if get_origin(arm) is list:
+            assert schema["type"] == "array", where
+            assert schema["items"]["type"] == JSON_TYPES[get_args(arm)[0]], where
+            continue
+        assert schema["type"] == JSON_TYPES[arm], where
+        if arm in (int, float):  # every number states its range
+            low = "exclusiveMinimum" if param.arg.exclusive_minimum else "minimum"
+            assert (schema[low], schema["maximum"]) == (param.arg.minimum, param.arg.maximum)
+        if param.arg.choices:
+            assert schema["enum"] == list(param.arg.choices), where
+        else:
+            assert "enum" not in schema, where
 
 
 def test_choices_become_an_enum_for_vm_run_backend() -> None:
@@ -165,24 +174,13 @@ def test_profiles_nest_so_workspace_full_has_every_mcp_tool() -> None:
     [
         ({"command": ["true"]}, "environment", "Field required"),
         (
-            {"environment": "debian:12", "command": ["true"], "vcpu_count": "two"},
-            "vcpu_count",
-            "valid integer",
-        ),
-        ({"environment": "debian:12", "command": "true"}, "command", "valid list"),
-        (
-            {"environment": "debian:12", "command": ["true"], "backend": "xen"},
-            "backend",
-            "'auto', 'firecracker' or 'qemu'",
-        ),
-        (
             {"environment": "debian:12", "command": ["true"], "timeout": 5},
             "timeout",
             "Extra inputs are not permitted",
         ),
     ],
 )
-def test_a_malformed_call_is_an_error_result_naming_the_field(
+def test_a_call_missing_or_misspelling_a_field_is_an_error_result_naming_it(
     mode: str, arguments: dict[str, Any], field: str, why: str, empty_runtime: dict[str, Any]
 ) -> None:
     result = _call("vm-run", "vm_run", arguments, mode=mode, **empty_runtime)
@@ -193,6 +191,33 @@ def test_a_malformed_call_is_an_error_result_naming_the_field(
 
 
 @pytest.mark.parametrize("mode", CLIENT_MODES)
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            {"vcpu_count": "two"},
+            "vcpu_count must be an integer between 1 and 32, got 'two'",
+        ),
+        (
+            {"command": 5},
+            "command must be a string or a list of strings, got 5",
+        ),
+        (
+            {"backend": "xen"},
+            "backend must be one of 'auto', 'firecracker', 'qemu', got 'xen'",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_the_same_invalid_argument_as_on_every_surface(
+    mode: str, arguments: dict[str, Any], message: str, empty_runtime: dict[str, Any]
+) -> None:
+    call = {"environment": "debian:12", "command": ["true"], **arguments}
+    result = _call("vm-run", "vm_run", call, mode=mode, **empty_runtime)
+    assert result.is_error
+    assert _text(result).endswith(f": invalid_argument: {message}"), _text(result)
+
+
+@pytest.mark.parametrize("mode", CLIENT_MODES)
 def test_an_operation_error_is_an_error_result_with_its_code_and_message(
     mode: str, empty_runtime: dict[str, Any]
 ) -> None:
@@ -200,7 +225,9 @@ def test_an_operation_error_is_an_error_result_with_its_code_and_message(
     arguments = {"environment": "debian:12", "command": ["true"], "vcpu_count": 0}
     result = _call("vm-run", "vm_run", arguments, mode=mode, **empty_runtime)
     assert result.is_error
-    assert "invalid_argument: vcpu_count must be between 1 and 32, got 0" in _text(result)
+    assert "invalid_argument: vcpu_count must be an integer between 1 and 32, got 0" in _text(
+        result
+    )
 
 
 def test_an_empty_command_is_refused_by_the_operation(empty_runtime: dict[str, Any]) -> None:
@@ -228,7 +255,7 @@ SEEN: dict[str, Any] = {}
 
 def mcp_test_probe(
     ctx: Context,
-    name: Annotated[str, Arg("what to look up", positional=True)],
+    name: Annotated[str, Arg("what to look up", surfaces=EVERY, positional=True)],
 ) -> dict[str, Any]:
     """Look ``name`` up slowly, reporting progress (a stand-in used by the MCP tests)."""
     try:
@@ -287,3 +314,76 @@ def test_operations_run_in_a_worker_thread_not_on_the_event_loop(
 def test_a_bad_http_address_is_a_clear_error_before_anything_starts(address: str) -> None:
     with pytest.raises(SystemExit, match="--http takes HOST:PORT"):
         serve("vm-run", http=address)
+
+
+# --- parameters that belong to the CLI, host paths -------------------------------------
+
+
+def test_file_write_over_mcp_has_no_stdin_and_never_reads_the_servers_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class Watched:
+        read = False
+
+        @property
+        def buffer(self) -> Watched:
+            Watched.read = True
+            return self
+
+    monkeypatch.setattr("sys.stdin", Watched())
+    tool = _list_tools("workspace-core")["workspace_file_write"]
+    assert "stdin" not in tool.input_schema["properties"]
+    context = {"make_context": lambda: Context(state_dir=tmp_path / "state")}
+    arguments = {"workspace": "ws", "path": "f", "stdin": True}
+    result = _call("workspace-core", "workspace_file_write", arguments, **context)
+    assert result.is_error
+    assert "stdin\n  Extra inputs are not permitted" in _text(result)
+    assert not Watched.read
+
+
+@pytest.mark.parametrize(
+    ("tool", "option"),
+    [("workspace_create", "id_only"), ("workspace_file_read", "content_only")],
+)
+def test_printing_options_of_the_cli_are_not_mcp_parameters(tool: str, option: str) -> None:
+    assert option not in _list_tools("workspace-full")[tool].input_schema["properties"]
+
+
+# Every host path an MCP client can name, with the other arguments its tool needs.
+HOST_PATH_CALLS = {
+    ("workspace_create", "seed_path"): {"environment": "debian:12"},
+    ("workspace_sync_push", "source"): {"workspace": "ws"},
+    ("workspace_export", "output"): {"workspace": "ws", "path": "f"},
+    ("workspace_disk_export", "output"): {"workspace": "ws"},
+    ("workspace_file_write", "text_file"): {"workspace": "ws", "path": "f"},
+    ("workspace_patch_apply", "patch_file"): {"workspace": "ws"},
+}
+
+
+def test_the_host_path_table_names_every_host_path_an_mcp_client_can_give() -> None:
+    host_paths = {
+        (op.name, p.name)
+        for op in all_operations()
+        if op.profiles
+        for p in op.params_on(Surface.MCP)
+        if p.arg.path and "host" in p.arg.help
+    }
+    assert host_paths == set(HOST_PATH_CALLS)
+
+
+@pytest.mark.parametrize(("tool", "option"), sorted(HOST_PATH_CALLS))
+def test_a_host_path_from_mcp_outside_the_roots_is_refused_before_anything_runs(
+    tool: str, option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYRO_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PYRO_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not for MCP clients\n")
+    arguments = {**HOST_PATH_CALLS[(tool, option)], option: str(outside)}
+    result = _call("workspace-full", tool, arguments, make_context=confined_context([root]))
+    assert result.is_error
+    assert "outside_root: " in _text(result)
+    assert f"{outside} is outside the allowed host roots ({root})" in _text(result)
+    assert not (tmp_path / "state" / "workspaces").exists()  # nothing was created

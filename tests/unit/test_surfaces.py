@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
+from typing import Annotated, Any
 
 import pytest
 
-from pyro_mcp.api import all_operations
+from pyro_mcp.api import OPERATIONS, Context, all_operations, operation, registry
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface
 from pyro_mcp.cli.main import build_parser, main
 from pyro_mcp.sdk import Pyro
+
+# The parameters that only mean something at a terminal: they print less, or read the
+# CLI's own standard input, or stream to its stdout.
+CLI_ONLY_PARAMETERS = {
+    ("workspace_create", "id_only"),
+    ("shell_open", "id_only"),
+    ("workspace_file_read", "content_only"),
+    ("workspace_file_write", "stdin"),
+    ("service_logs", "follow"),
+}
 
 
 def test_every_operation_has_a_cli_command_with_its_help() -> None:
@@ -20,13 +33,73 @@ def test_every_operation_has_a_cli_command_with_its_help() -> None:
         assert op.summary and all(p.arg.help for p in op.params)
 
 
-def test_every_operation_is_a_pyro_method_with_the_same_signature() -> None:
+def test_every_operation_is_a_pyro_method_with_its_sdk_parameters_in_order() -> None:
     for op in all_operations():
         method = getattr(Pyro, op.sdk)
         assert method.__doc__ == op.doc
         op_params = list(inspect.signature(op.func).parameters)[1:]
         sdk_params = list(inspect.signature(method).parameters)[1:]
-        assert sdk_params == op_params, op.name
+        offered = {p.name for p in op.params if p.arg.surfaces & Surface.SDK}
+        assert sdk_params == [name for name in op_params if name in offered], op.name
+
+
+def test_every_parameter_declares_the_surfaces_it_belongs_to() -> None:
+    with pytest.raises(TypeError, match="surfaces"):
+        Arg("a parameter that says nowhere where it may be given")  # type: ignore[call-arg]
+    for op in all_operations():
+        for param in op.params:
+            assert isinstance(param.arg.surfaces, Surface), (op.name, param.name)
+            assert param.arg.surfaces, (op.name, param.name)  # at least one surface
+
+
+def test_cli_only_parameters_are_exactly_the_terminal_ones() -> None:
+    cli_only = {
+        (op.name, p.name)
+        for op in all_operations()
+        for p in op.params
+        if p.arg.surfaces == CLI_ONLY
+    }
+    assert cli_only == CLI_ONLY_PARAMETERS
+    for op in all_operations():  # everything else is offered on every surface
+        for param in op.params:
+            if (op.name, param.name) not in CLI_ONLY_PARAMETERS:
+                assert param.arg.surfaces == EVERY, (op.name, param.name)
+
+
+def _cli_dests(op_cli: tuple[str, ...]) -> set[str]:
+    parser = build_parser()
+    for word in op_cli:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return {a.dest for a in parser._actions if a.dest not in ("help", "json")}
+
+
+@pytest.mark.parametrize("op_name, name", sorted(CLI_ONLY_PARAMETERS))
+def test_a_cli_only_parameter_is_a_flag_but_no_sdk_argument(op_name: str, name: str) -> None:
+    op = OPERATIONS[op_name]
+    assert name in _cli_dests(op.cli)
+    assert name not in inspect.signature(getattr(Pyro, op.sdk)).parameters
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+        getattr(Pyro(), op.sdk)("ws", "x", **{name: True})
+
+
+def test_the_cli_offers_exactly_each_operations_cli_parameters() -> None:
+    for op in all_operations():
+        assert _cli_dests(op.cli) == {p.name for p in op.params_on(Surface.CLI)}, op.name
+
+
+def test_a_number_without_bounds_cannot_be_declared(monkeypatch: pytest.MonkeyPatch) -> None:
+    all_operations()
+    monkeypatch.setattr(registry, "OPERATIONS", dict(registry.OPERATIONS))
+
+    def unbounded(
+        ctx: Context, count: Annotated[int, Arg("how many", surfaces=EVERY)] = 1
+    ) -> dict[str, Any]:
+        """A stand-in whose number states no range."""
+        return {}
+
+    with pytest.raises(TypeError, match=r"unbounded.count: a number needs Arg\(minimum="):
+        operation(cli=("unbounded",), sdk="unbounded")(unbounded)
 
 
 def test_operation_names_cli_words_and_sdk_names_are_unique() -> None:

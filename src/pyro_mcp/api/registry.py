@@ -3,11 +3,14 @@
 An operation is a typed function whose first parameter is the :class:`Context`. Its
 signature and docstring are the single source for the SDK method on ``Pyro``, the CLI
 command and its help, and the MCP tool and its JSON schema. Parameters carry their help
-text with ``Annotated[T, Arg("...")]``.
+text, the surfaces they belong to and their bounds with ``Annotated[T, Arg("...")]``;
+:meth:`Operation.call` checks every argument against them (:mod:`pyro_mcp.api.validation`)
+whichever surface it came from.
 """
 
 from __future__ import annotations
 
+import enum
 import inspect
 import types
 import typing
@@ -16,18 +19,46 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.validation import check_arguments
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Surface(enum.Flag):
+    """Where a parameter can be given: the ``pyro`` CLI, the SDK (``Pyro``), MCP tools."""
+
+    CLI = enum.auto()
+    SDK = enum.auto()
+    MCP = enum.auto()
+
+
+EVERY = Surface.CLI | Surface.SDK | Surface.MCP
+CLI_ONLY = Surface.CLI  # how the CLI prints or reads (--id-only, --stdin, --follow)
+
+
 @dataclass(frozen=True)
 class Arg:
-    """Help text and CLI spelling of one operation parameter."""
+    """Help text, surfaces, bounds and CLI spelling of one operation parameter.
+
+    ``surfaces`` must be declared: a parameter that only makes sense at a terminal
+    (reading our stdin, printing just an id) must not reach MCP or the SDK.
+    ``minimum``/``maximum`` bound a number (every number has both: nan, infinities and
+    huge values are refused alike); ``exclusive_minimum`` makes the minimum itself
+    invalid. ``path``: a file name, where bytes that are not UTF-8 may stand as
+    ``surrogateescape`` characters and an ``os.PathLike`` is taken too. ``octal``: an
+    integer given as a string is read in octal, as chmod does (``"0644"``).
+    """
 
     help: str
+    surfaces: Surface = field(kw_only=True)
     positional: bool = False
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    path: bool = False
+    octal: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,12 +74,25 @@ class Param:
         return self.default is inspect.Parameter.empty
 
     @property
+    def arms(self) -> tuple[Any, ...]:
+        """The types a value may have (``str | list[str]`` has two), None aside."""
+        if get_origin(self.annotation) in (Union, types.UnionType):
+            return get_args(self.annotation)
+        return (self.annotation,)
+
+    @property
     def is_list(self) -> bool:
-        return get_origin(self.annotation) in (list, tuple)
+        return any(get_origin(arm) in (list, tuple) for arm in self.arms)
 
     @property
     def item_type(self) -> Any:
-        return get_args(self.annotation)[0] if self.is_list else self.annotation
+        for arm in self.arms:
+            if get_origin(arm) in (list, tuple):
+                return get_args(arm)[0]
+        return self.annotation
+
+    def on(self, surface: Surface) -> bool:
+        return bool(self.arg.surfaces & surface)
 
 
 @dataclass(frozen=True)
@@ -70,19 +114,26 @@ class Operation:
     def summary(self) -> str:
         return self.doc.splitlines()[0] if self.doc else self.name
 
-    def call(self, ctx: Context, **kwargs: Any) -> Any:
-        return self.func(ctx, **kwargs)
+    def params_on(self, surface: Surface) -> tuple[Param, ...]:
+        """The parameters ``surface`` offers (the others keep their defaults there)."""
+        return tuple(param for param in self.params if param.on(surface))
+
+    def call(self, ctx: Context, via: Surface, /, **arguments: Any) -> Any:
+        """Run the operation with ``arguments`` from ``via``, each checked first
+        (InvalidArgument naming the parameter: its type, bounds, text)."""
+        return self.func(ctx, **check_arguments(self, arguments, via))
 
 
 OPERATIONS: dict[str, Operation] = {}
 
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """``T | None`` as (T, True); ``A | B | None`` as (A | B, True); else (it, False)."""
     origin = get_origin(annotation)
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and len(get_args(annotation)) == 2:
-            return args[0], True
+        if len(args) < len(get_args(annotation)):
+            return (args[0] if len(args) == 1 else Union[tuple(args)]), True  # noqa: UP007
     return annotation, False
 
 
@@ -100,7 +151,10 @@ def _params(func: Callable[..., Any]) -> tuple[Param, ...]:
         if arg is None:
             raise TypeError(f"{func.__name__}.{name}: missing Arg(...) help")
         annotation, optional = _unwrap_optional(base)
-        params.append(Param(name, annotation, optional, parameter.default, arg))
+        param = Param(name, annotation, optional, parameter.default, arg)
+        if param.item_type in (int, float) and (arg.minimum is None or arg.maximum is None):
+            raise TypeError(f"{func.__name__}.{name}: a number needs Arg(minimum=, maximum=)")
+        params.append(param)
     return tuple(params)
 
 

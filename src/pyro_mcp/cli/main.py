@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from typing import Any
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
 from pyro_mcp.api.display import printable, printable_text
-from pyro_mcp.api.registry import Param
+from pyro_mcp.api.registry import Param, Surface
 from pyro_mcp.cli.render import render_text
 from pyro_mcp.errors import InvalidArgument, PyroError
 
@@ -32,7 +34,7 @@ def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
         kwargs["choices"] = param.arg.choices
     if param.arg.metavar:
         kwargs["metavar"] = param.arg.metavar
-    item = param.item_type
+    item = str if param.arg.octal else param.item_type  # octal: "644" is read as 0o644
     if param.arg.positional:
         if param.is_list:
             kwargs["nargs"] = "*" if not param.required else "+"
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=op.doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        for param in op.params:
+        for param in op.params_on(Surface.CLI):
             _add_param(command, param)
         command.add_argument("--json", action="store_true", help="print one JSON result")
         command.set_defaults(operation=op)
@@ -117,7 +119,7 @@ class _ProgressPrinter:
 
 def _arguments(op: Operation, namespace: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for param in op.params:
+    for param in op.params_on(Surface.CLI):
         value = getattr(namespace, param.name)
         if param.is_list and value == []:
             value = None
@@ -128,6 +130,19 @@ def _arguments(op: Operation, namespace: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Whoever read our output went away (`pyro workspace list --json | head`): stop
+        # quietly, as a tool killed by SIGPIPE does. Point stdout at /dev/null so the
+        # interpreter's last flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     if getattr(namespace, "mcp_serve", False):
@@ -141,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not as_json:
         ctx.output = _write_live
     try:
-        result = printable(op.call(ctx, **_arguments(op, namespace)))
+        result = printable(op.call(ctx, Surface.CLI, **_arguments(op, namespace)))
     except PyroError as exc:
         if as_json:
             print(json.dumps(printable(exc.to_dict()), indent=2))

@@ -34,16 +34,18 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyro_mcp.errors import (
     AgentUnavailable,
     GuestError,
+    InvalidArgument,
     OperationTimeout,
     ProtocolViolation,
     PyroError,
+    TooLarge,
 )
 from pyro_mcp.guest import protocol as p
 
@@ -67,6 +69,7 @@ LINK_RECV = 1 << 20
 # Uploads go in large frames: the agent reads each straight into place, and every frame
 # costs it a header, a dispatch and an allocation (dear under emulation).
 UPLOAD_CHUNK = 1 << 20
+MAX_STREAM_BYTES = 1 << 62  # what a command's output count may claim
 
 
 def idle_from_env() -> float:
@@ -102,6 +105,10 @@ class ExecResult:
     stderr_truncated: bool = False
     duration_ms: float = 0.0
     """Time the command ran in the guest, in milliseconds."""
+    stdout_bytes: int = 0
+    """All the standard output the command produced, kept or not (bytes)."""
+    stderr_bytes: int = 0
+    """All the standard error the command produced, kept or not (bytes)."""
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +123,19 @@ class ExecResult:
             "stderr_truncated": self.stderr_truncated,
             "duration_ms": self.duration_ms,
         }
+
+
+def command_fields(command: str | Sequence[str]) -> dict[str, Any]:
+    """How the agent runs ``command`` (``exec`` and ``service_start``): a string through
+    ``/bin/sh -lc`` (as pyro-mcp 3.x did), a list as the argv. InvalidArgument when there
+    is nothing to run."""
+    if isinstance(command, str):
+        if not command.strip():
+            raise InvalidArgument("command is empty: give a shell command line or an argv")
+        return {"shell": command}
+    if not command:
+        raise InvalidArgument("command is empty: give the program to run after --")
+    return {"argv": list(command)}
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -436,12 +456,12 @@ class AgentClient:
         with self._send_lock:
             self._write(frame)
 
-    def _write(self, frame: p.Frame) -> None:
-        """Send ``frame``; the caller holds the send lock."""
+    def _write(self, frame: p.Frame | bytes) -> None:
+        """Send ``frame`` (or a frame already encoded); the caller holds the send lock."""
         if self._closed is not None:
             raise AgentUnavailable(self._closed)
         try:
-            self._sock.sendall(frame.encode())
+            self._sock.sendall(frame if isinstance(frame, bytes) else frame.encode())
         except OSError as exc:
             raise AgentUnavailable(f"cannot send to the guest agent: {exc}") from exc
 
@@ -469,10 +489,11 @@ class AgentClient:
         agent has already answered (it refused the input).
         """
         ident = next(self._ids)
+        # Too large: refused before anything is sent.
+        frame = _call_frame(ident, self._call_header(op, args or {}), payload)
         pending = _Pending()
         idle = self.idle_s if isinstance(idle_s, _Default) else idle_s
         stream = CallStream(self, ident, op, pending, timeout_s, idle)
-        frame = p.Frame(p.CALL, ident, self._call_header(op, args or {}), payload)
         try:
             with self._send_lock:  # registered and sent together (see _resync)
                 with self._lock:
@@ -606,15 +627,19 @@ class AgentClient:
                     raise
                 value = {"exit_code": 128 + 9, "signal": "SIGKILL", "timed_out": True}
                 value["timed_out_by"] = "host"
+        stdout, stderr = b"".join(captured["stdout"]), b"".join(captured["stderr"])
+        result = Answer("exec", value)
         return ExecResult(
-            exit_code=_int(value.get("exit_code"), -1),
-            stdout=b"".join(captured["stdout"]),
-            stderr=b"".join(captured["stderr"]),
-            timed_out=bool(value.get("timed_out")),
-            signal=value.get("signal") if isinstance(value.get("signal"), str) else None,
-            stdout_truncated=bool(value.get("stdout_truncated")),
-            stderr_truncated=bool(value.get("stderr_truncated")),
-            duration_ms=_float(value.get("duration_ms")),
+            exit_code=result.integer("exit_code", 0, 255),
+            stdout=stdout,
+            stderr=stderr,
+            timed_out=result.flag("timed_out"),
+            signal=result.text("signal"),
+            stdout_truncated=result.flag("stdout_truncated"),
+            stderr_truncated=result.flag("stderr_truncated"),
+            duration_ms=result.number("duration_ms", 0.0),
+            stdout_bytes=result.integer("stdout_bytes", len(stdout), MAX_STREAM_BYTES, len(stdout)),
+            stderr_bytes=result.integer("stderr_bytes", len(stderr), MAX_STREAM_BYTES, len(stderr)),
             details=value,
         )
 
@@ -1033,6 +1058,77 @@ class AgentClient:
         return shells if isinstance(shells, list) else []
 
 
+def _call_frame(ident: int, header: dict[str, Any], payload: bytes) -> bytes:
+    """The encoded ``call`` frame; TooLarge when its arguments do not fit in a frame
+    header (a huge argv or environment), before anything is sent."""
+    op, args = header["op"], header["args"]
+    try:
+        return p.Frame(p.CALL, ident, header, payload).encode()
+    except p.ProtocolError as exc:
+        if len(payload) > p.MAX_PAYLOAD:
+            raise  # callers cut their input into frames: this is pyro's own bug
+        size = len(json.dumps(args, separators=(",", ":")))
+        raise TooLarge(
+            f"{op}: its arguments take {size / (1 << 20):.1f} MiB encoded; a call's "
+            f"arguments (argv, environment, paths) must fit in {p.MAX_HEADER >> 20} MiB",
+            hint="pass large data as a file (file write, sync push) instead",
+        ) from exc
+
+
+class Answer:
+    """The result value of a call, read field by field as what it is: the agent's word.
+
+    A field of the wrong type or out of its range is a ProtocolViolation naming the
+    operation, the field and the value, never a crash further on (an ``exit_code`` of
+    ``"x"``, an infinite duration). Absent optional fields take their default.
+    """
+
+    def __init__(self, op: str, value: dict[str, Any]) -> None:
+        self.op = op
+        self.value = value
+
+    def _bad(self, name: str, wanted: str) -> ProtocolViolation:
+        shown = repr(self.value.get(name))[:60]
+        return ProtocolViolation(
+            f"{self.op}: the guest agent answered {name}={shown}, not {wanted}"
+        )
+
+    def integer(self, name: str, low: int, high: int, default: int | None = None) -> int:
+        item = self.value.get(name, default)
+        if type(item) is not int or not low <= item <= high:  # bool is not an int here
+            raise self._bad(name, f"an integer from {low} to {high}")
+        return item
+
+    def number(self, name: str, default: float) -> float:
+        item = self.value.get(name, default)
+        if isinstance(item, bool) or not isinstance(item, int | float) or not 0 <= item < 1e15:
+            raise self._bad(name, "a finite number >= 0")
+        return float(item)
+
+    def flag(self, name: str) -> bool:
+        item = self.value.get(name, False)
+        if not isinstance(item, bool):
+            raise self._bad(name, "true or false")
+        return item
+
+    def text(self, name: str) -> str | None:
+        item = self.value.get(name)
+        if item is not None and (not isinstance(item, str) or len(item) > 64):
+            raise self._bad(name, "a short string or null")
+        return item
+
+    def names(self, name: str, most: int) -> list[str]:
+        """A list of at most ``most`` file names (absent: empty)."""
+        item = self.value.get(name, [])
+        if (
+            not isinstance(item, list)
+            or len(item) > most
+            or not all(isinstance(n, str) and 0 < len(n) <= 4096 for n in item)
+        ):
+            raise self._bad(name, f"a list of at most {most} names")
+        return item
+
+
 def _json_line(line: bytes) -> dict[str, Any]:
     try:
         item = json.loads(line)
@@ -1041,13 +1137,3 @@ def _json_line(line: bytes) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise ProtocolViolation("the guest sent a manifest line that is not an object")
     return item
-
-
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
-        return float(value)
-    return 0.0

@@ -18,6 +18,8 @@ from pyro_mcp.guest import protocol as p
 from pyro_mcp.guest_agent import ops_tree as tree
 from pyro_mcp.guest_agent.calls import Call, CallError
 
+SKIPPED_NAMES = 100  # the result names at most this many skipped entries
+
 
 class _Output:
     """A write-only file object that forwards what tarfile writes as data frames."""
@@ -73,6 +75,13 @@ def write_tar(call: Call, top: str, top_info: os.stat_result) -> dict[str, Any]:
     else:
         members = [(os.path.basename(top), top, top_info)]
     counts = {"files": 0, "dirs": 0, "symlinks": 0, "hardlinks": 0, "skipped": 0}
+    skipped: list[str] = []  # the first SKIPPED_NAMES of them, by name
+
+    def skip(name: str) -> None:
+        counts["skipped"] += 1
+        if len(skipped) < SKIPPED_NAMES:
+            skipped.append(name)
+
     content = 0
     first_names: dict[tuple[int, int], str] = {}
     out = _Output(call, "tar")
@@ -108,14 +117,15 @@ def write_tar(call: Call, top: str, top_info: os.stat_result) -> dict[str, Any]:
                     if info.st_nlink > 1:
                         first_names[inode] = name
                 else:
-                    counts["skipped"] += 1
+                    skip(name)  # a device node, fifo or socket
             except (FileNotFoundError, _Changed):
-                counts["skipped"] += 1  # gone or replaced while we read
+                skip(name)  # gone or replaced while we read
     out.flush()
     return {
         "type": tree.kind_of(top_info.st_mode),
         "mode": stat.S_IMODE(top_info.st_mode),
         **counts,
+        "skipped_paths": skipped,
         "content_bytes": content,
         "bytes": out.bytes,
         "errors": errors[:100],

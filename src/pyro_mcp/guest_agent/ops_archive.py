@@ -7,7 +7,8 @@
     symlinks (never followed), hard links within the archive stay hard links; modes,
     mtimes (whole seconds) and numeric owners are kept, owner names dropped; devices,
     fifos and sockets are skipped. Result: ``type``, ``mode``, ``files``, ``dirs``,
-    ``symlinks``, ``hardlinks``, ``skipped``, ``content_bytes``, ``bytes`` (of tar).
+    ``symlinks``, ``hardlinks``, ``skipped`` (how many) and ``skipped_paths`` (the first
+    100 of them, relative names), ``content_bytes``, ``bytes`` (of tar).
 
 ``archive_put`` {root, dest, max_bytes, max_entries, streamed=true}
     Extracts the tar streamed as input (``data`` frames then ``eof``; the call's payload,

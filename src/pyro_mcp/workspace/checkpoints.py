@@ -37,6 +37,7 @@ from pyro_mcp.workspace.manifest import (
     Entry,
     ManifestChecker,
     compare_streams,
+    guest_entry,
     guest_entry_limit,
 )
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT, guest_path
@@ -73,7 +74,7 @@ class ManifestSpool:
     def fill(self, agent: AgentClient) -> ManifestSpool:
         checker = ManifestChecker(max_entries=guest_entry_limit())
         for raw in agent.manifest_stream(WORKSPACE_ROOT, timeout_s=MANIFEST_TIMEOUT_S):
-            entry = checker.add(Entry.from_dict(raw))
+            entry = guest_entry(raw, checker)
             if entry.path.split("/")[0] == FILESYSTEM_OWNED:
                 continue
             fields = (entry.path, entry.type, entry.mode, entry.size, entry.mtime_ns)

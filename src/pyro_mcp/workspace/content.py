@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import GuestError, InvalidArgument, NotFound, TooLarge
-from pyro_mcp.guest.client import data_deadline
+from pyro_mcp.guest.client import Answer, command_fields, data_deadline
 from pyro_mcp.storage import host_files
 from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.workspace import exporting, seeds, tar_output
@@ -33,6 +33,7 @@ TAIL_BYTES = 4096
 SYNC_MAX_BYTES = 2 << 30
 SYNC_MAX_ENTRIES = 100_000
 EXPORT_MAX_BYTES = seeds.DEFAULT_MAX_BYTES
+SKIPPED_NAMES = 100  # an export names at most this many of the entries it left out
 
 
 # --- exec -------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ EXPORT_MAX_BYTES = seeds.DEFAULT_MAX_BYTES
 def exec_command(
     workspaces: Workspaces,
     ref: str,
-    command: list[str],
+    command: str | list[str],
     *,
     cwd: str | None = None,
     env: dict[str, str] | None = None,
@@ -49,9 +50,10 @@ def exec_command(
     output_cap_bytes: int = 1 << 20,
     output: OutputFn | None = None,
 ) -> dict[str, Any]:
-    """Run a command in the workspace; its exit code is data, and it is journaled."""
-    if not command:
-        raise InvalidArgument("command is empty: give the program to run after --")
+    """Run a command in the workspace; its exit code is data, and it is journaled.
+
+    ``command`` is a shell command line (``/bin/sh -lc``) or an argv list."""
+    how = command_fields(command)
     if timeout_seconds <= 0:
         raise InvalidArgument("timeout_seconds must be positive")
     directory = guest_path(cwd) if cwd else WORKSPACE_ROOT
@@ -59,7 +61,7 @@ def exec_command(
     with workspaces.agent(ref, "exec") as agent:
         record = workspaces.store.get(ref)
         result = agent.exec(
-            command,
+            **how,
             cwd=directory,
             env=env,
             timeout_s=timeout_seconds,
@@ -70,7 +72,8 @@ def exec_command(
         CommandRecord(
             id=None,
             workspace_id=record.id,
-            argv=list(command),
+            argv=how.get("argv"),
+            shell=how.get("shell"),
             cwd=directory,
             env_keys=sorted(env or {}),
             started_at=started,
@@ -80,13 +83,13 @@ def exec_command(
             signal=result.signal,
             stdout_tail=result.stdout[-TAIL_BYTES:].decode("utf-8", "replace"),
             stderr_tail=result.stderr[-TAIL_BYTES:].decode("utf-8", "replace"),
-            stdout_bytes=int(result.details.get("stdout_bytes", len(result.stdout))),
-            stderr_bytes=int(result.details.get("stderr_bytes", len(result.stderr))),
+            stdout_bytes=result.stdout_bytes,
+            stderr_bytes=result.stderr_bytes,
         )
     )
     return {
         "workspace_id": record.id,
-        "command": list(command),
+        "command": command,
         "cwd": directory,
         **result.to_dict(),
     }
@@ -182,7 +185,9 @@ def apply_patch(workspaces: Workspaces, ref: str, patch_text: str) -> dict[str, 
 def export(
     workspaces: Workspaces, ref: str, path: str, output: Path | HostPath, *, force: bool = False
 ) -> dict[str, Any]:
-    """Copy a file or directory out of /workspace to a host path."""
+    """Copy a file or directory out of /workspace to a host path (an empty directory
+    too). Device nodes, fifos and sockets are left out: the result counts them
+    (``skipped``) and names the first hundred (``skipped_paths``)."""
     target = guest_path(path)
     with workspaces.agent(ref, "export") as agent:
         kind = _kind(agent, target)
@@ -190,7 +195,12 @@ def export(
         with agent.archive_stream(WORKSPACE_ROOT, target, timeout_s=deadline) as call:
             # The tar streams from the guest into the extraction: never whole in memory.
             chunks = (data for _stream, _offset, data in call)
-            return exporting.extract_export(chunks, output, force=force, kind=kind)
+            result = exporting.extract_export(chunks, output, force=force, kind=kind)
+            answer = Answer("archive_get", call.result()[0])
+    # Device nodes, fifos and sockets have no place in an export: say which were left out.
+    result["skipped"] = answer.integer("skipped", 0, 1 << 62, 0)
+    result["skipped_paths"] = answer.names("skipped_paths", most=SKIPPED_NAMES)
+    return result
 
 
 def _kind(agent: Any, target: str) -> exporting.ExportKind:

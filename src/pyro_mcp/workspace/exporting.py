@@ -139,8 +139,8 @@ def _extract(
         raise InvalidArgument("a file export must hold exactly one regular file")
     if kind == "file" or (kind == "auto" and single):
         return entries, "file", entries[0].path
-    if not entries and root is None:
-        raise InvalidArgument("the exported archive is empty")
+    if not entries and root is None and kind == "auto":
+        raise InvalidArgument("the exported archive is empty")  # no telling what it was
     mode, mtime_ns = (root.mode, root.mtime_ns) if root else (0o755, None)
     os.fchmod(tree_fd, mode)
     if mtime_ns is not None:

@@ -11,8 +11,8 @@ The guest agent streams manifests of ``/workspace`` in tree order, so the host c
 (:class:`ManifestChecker`) and compares two of them (:func:`compare_streams`) as they
 stream, in memory that grows with the tree's depth, not its size.
 :func:`manifest_of_directory` produces manifests of host directories (seeds). A manifest
-received from a guest is untrusted: every field is checked (:meth:`Entry.from_dict`)
-before anything on the host uses it.
+received from a guest is untrusted: every field is checked (:func:`guest_entry`) before
+anything on the host uses it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pyro_mcp.errors import InvalidArgument, OutsideRoot, TooLarge
+from pyro_mcp.errors import InvalidArgument, OutsideRoot, ProtocolViolation, TooLarge
 from pyro_mcp.runtime.digests import sha256_file
 
 EntryType = Literal["file", "dir", "symlink", "fifo", "socket", "chardev", "blockdev"]
@@ -274,6 +274,21 @@ class ManifestChecker:
         self._last = key
         self.count += 1
         return entry
+
+
+def guest_entry(raw: object, checker: ManifestChecker) -> Entry:
+    """One entry of a manifest the guest agent streamed, checked in its place.
+
+    A malformed entry (a path that is not a string, a bad field, one out of order) is the
+    agent breaking the protocol: ProtocolViolation, saying what is wrong. TooLarge, past
+    the entry limit, stays TooLarge.
+    """
+    try:
+        return checker.add(Entry.from_dict(raw))  # type: ignore[arg-type]
+    except (InvalidArgument, OutsideRoot) as exc:
+        raise ProtocolViolation(
+            f"the guest agent sent a bad manifest entry: {exc.message}"
+        ) from exc
 
 
 def entry_type_of(st_mode: int) -> EntryType:

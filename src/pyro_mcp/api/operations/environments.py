@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
-from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.runtime import environments
 
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
@@ -21,8 +21,8 @@ def env_list(ctx: Context) -> dict[str, Any]:
 @operation(cli=("env", "pull"), sdk="pull_environment", progress=True)
 def env_pull(
     ctx: Context,
-    name: Annotated[str, Arg("environment name, e.g. debian:12", positional=True)],
-    force: Annotated[bool, Arg("rebuild even if it is installed")] = False,
+    name: Annotated[str, Arg("environment name, e.g. debian:12", surfaces=EVERY, positional=True)],
+    force: Annotated[bool, Arg("rebuild even if it is installed", surfaces=EVERY)] = False,
 ) -> dict[str, Any]:
     """Obtain an environment image (built locally from Debian packages) and install it.
 
@@ -37,7 +37,7 @@ def env_pull(
 @operation(cli=("env", "inspect"), sdk="inspect_environment")
 def env_inspect(
     ctx: Context,
-    name: Annotated[str, Arg("environment name", positional=True)],
+    name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
 ) -> dict[str, Any]:
     """Show an environment's manifest: packages, image digest and size, build details."""
     return environments.inspect_environment(ctx.paths, name)

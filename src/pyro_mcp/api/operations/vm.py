@@ -6,8 +6,8 @@ import time
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
-from pyro_mcp.api.registry import Arg, operation
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.guest.client import command_fields
 from pyro_mcp.runtime import environments
 from pyro_mcp.vmm.launch import discard_vm, prepare_vm, start_owned
 from pyro_mcp.vmm.selection import BACKEND_NAMES, choose_backend
@@ -16,17 +16,28 @@ ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
 BOOT_TIMEOUT_S = 60.0
 MAX_TIMEOUT_S = 24 * 3600
 DEFAULT_OUTPUT_CAP = 1 << 20
-
-
-def _validate(vcpu_count: int, mem_mib: int, timeout_seconds: float) -> None:
-    if not 1 <= vcpu_count <= 32:
-        raise InvalidArgument(f"vcpu_count must be between 1 and 32, got {vcpu_count}")
-    if not 128 <= mem_mib <= 65536:
-        raise InvalidArgument(f"mem_mib must be between 128 and 65536, got {mem_mib}")
-    if not 0 < timeout_seconds <= MAX_TIMEOUT_S:
-        raise InvalidArgument(
-            f"timeout_seconds must be > 0 and at most {MAX_TIMEOUT_S}, got {timeout_seconds}"
-        )
+MAX_OUTPUT_CAP = 64 << 20
+COMMAND = Arg(
+    "the command: a string runs with /bin/sh -lc, a list is the argv "
+    "(the CLI takes the argv after --)",
+    surfaces=EVERY,
+    positional=True,
+)
+TIMEOUT = Arg(
+    "kill the command after this many seconds",
+    surfaces=EVERY,
+    minimum=0,
+    exclusive_minimum=True,
+    maximum=MAX_TIMEOUT_S,
+)
+OUTPUT_CAP = Arg(
+    "keep at most this many bytes of each output stream",
+    surfaces=EVERY,
+    minimum=0,
+    maximum=MAX_OUTPUT_CAP,
+)
+VCPUS = Arg("virtual CPUs", surfaces=EVERY, minimum=1, maximum=32)
+MEMORY = Arg("guest memory in MiB", surfaces=EVERY, minimum=128, maximum=65536)
 
 
 @operation(
@@ -34,32 +45,30 @@ def _validate(vcpu_count: int, mem_mib: int, timeout_seconds: float) -> None:
 )
 def vm_run(
     ctx: Context,
-    environment: Annotated[str, Arg("environment to boot, e.g. debian:12", positional=True)],
-    command: Annotated[list[str], Arg("the command and its arguments (after --)", positional=True)],
-    vcpu_count: Annotated[int, Arg("virtual CPUs (1-32)")] = 1,
-    mem_mib: Annotated[int, Arg("guest memory in MiB (128-65536)")] = 512,
-    timeout_seconds: Annotated[float, Arg("kill the command after this many seconds")] = 60.0,
+    environment: Annotated[
+        str, Arg("environment to boot, e.g. debian:12", surfaces=EVERY, positional=True)
+    ],
+    command: Annotated[str | list[str], COMMAND],
+    vcpu_count: Annotated[int, VCPUS] = 1,
+    mem_mib: Annotated[int, MEMORY] = 512,
+    timeout_seconds: Annotated[float, TIMEOUT] = 60.0,
     backend: Annotated[
-        str | None, Arg("VMM backend (default: the boot probe's pick)", choices=BACKEND_NAMES)
+        str | None,
+        Arg("VMM backend (default: the boot probe's pick)", surfaces=EVERY, choices=BACKEND_NAMES),
     ] = None,
-    output_cap_bytes: Annotated[
-        int, Arg("keep at most this many bytes of each output stream")
-    ] = DEFAULT_OUTPUT_CAP,
+    output_cap_bytes: Annotated[int, OUTPUT_CAP] = DEFAULT_OUTPUT_CAP,
 ) -> dict[str, Any]:
     """Boot a fresh microVM, run one command in it, and discard the VM.
 
-    The command runs as argv (use ``sh -c '...'`` for shell syntax). Returns stdout,
-    stderr, exit_code (127 when the program does not exist; the exit code is data, not an
-    error), timed_out, truncation flags, duration_ms, the backend used and phase timings
-    in milliseconds. Errors: NotFound for an unknown environment, InvalidArgument for bad
-    sizes, RuntimeMissing when the environment or kernel is not installed, BootTimeout
-    (with the serial console tail) when the guest never becomes ready.
+    ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
+    as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
+    when the program does not exist; the exit code is data, not an error), timed_out,
+    truncation flags, duration_ms, the backend used and phase timings in milliseconds.
+    Errors: NotFound for an unknown environment, InvalidArgument for bad sizes,
+    RuntimeMissing when the environment or kernel is not installed, BootTimeout (with the
+    serial console tail) when the guest never becomes ready.
     """
-    if not command:
-        raise InvalidArgument("command is empty: give the program to run after --")
-    _validate(vcpu_count, mem_mib, timeout_seconds)
-    if output_cap_bytes < 0:
-        raise InvalidArgument("output_cap_bytes must not be negative")
+    how = command_fields(command)
     started = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -83,7 +92,7 @@ def vm_run(
         phase = mark("boot_ms", phase)
         ctx.progress("running command")
         result = agent.exec(
-            list(command),
+            **how,
             timeout_s=timeout_seconds,
             output_cap=output_cap_bytes,
             on_output=ctx.output,
@@ -95,7 +104,7 @@ def vm_run(
         mark("cleanup_ms", cleanup)
     return {
         "environment": environment,
-        "command": list(command),
+        "command": command,
         **result.to_dict(),
         "duration_ms": round((time.monotonic() - started) * 1000, 1),  # the whole run
         "backend": choice.label,

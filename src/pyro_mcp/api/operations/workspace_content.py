@@ -6,14 +6,23 @@ import sys
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.vm import COMMAND, OUTPUT_CAP, TIMEOUT
 from pyro_mcp.api.operations.workspaces import CORE, FULL, open_workspaces, parse_pairs
-from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument, InvalidState
 from pyro_mcp.storage import disk_export, host_files, workspace_disk
 from pyro_mcp.workspace import checkpoints, content
 
-WORKSPACE = Arg("workspace id or name", positional=True)
-PATH = Arg("path in /workspace (relative paths start there)", positional=True)
+WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
+PATH = Arg(
+    "path in /workspace (relative paths start there)", surfaces=EVERY, positional=True, path=True
+)
+ENV = Arg("KEY=VALUE environment variable (repeatable)", surfaces=EVERY)
+CWD = Arg("working directory (default /workspace)", surfaces=EVERY, path=True)
+FORCE = Arg("replace an existing output", surfaces=EVERY)
+RECURSIVE = Arg("descend into subdirectories", surfaces=EVERY)
+READ_BYTES = Arg("read at most this many bytes", surfaces=EVERY, minimum=1, maximum=64 << 20)
+CHECKPOINT = Arg("checkpoint name", surfaces=EVERY, positional=True)
 
 
 @operation(
@@ -25,14 +34,15 @@ PATH = Arg("path in /workspace (relative paths start there)", positional=True)
 def workspace_exec(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    command: Annotated[list[str], Arg("the command and its arguments (after --)", positional=True)],
-    cwd: Annotated[str | None, Arg("working directory (default /workspace)")] = None,
-    env: Annotated[list[str] | None, Arg("KEY=VALUE environment variable (repeatable)")] = None,
-    timeout_seconds: Annotated[float, Arg("kill the command after this many seconds")] = 300.0,
-    output_cap_bytes: Annotated[int, Arg("keep at most this many bytes per stream")] = 1 << 20,
+    command: Annotated[str | list[str], COMMAND],
+    cwd: Annotated[str | None, CWD] = None,
+    env: Annotated[list[str] | None, ENV] = None,
+    timeout_seconds: Annotated[float, TIMEOUT] = 300.0,
+    output_cap_bytes: Annotated[int, OUTPUT_CAP] = 1 << 20,
 ) -> dict[str, Any]:
     """Run a command in a running workspace; output streams, the exit code is data.
 
+    ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
     Errors: InvalidState when the workspace is not running (names its state),
     NotFound for an unknown workspace, AgentUnavailable if its VM died mid-call.
     """
@@ -40,7 +50,7 @@ def workspace_exec(
         return content.exec_command(
             workspaces,
             workspace,
-            list(command),
+            command,
             cwd=cwd,
             env=parse_pairs(env, "env") or None,
             timeout_seconds=timeout_seconds,
@@ -53,8 +63,10 @@ def workspace_exec(
 def workspace_file_list(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    path: Annotated[str, Arg("directory in /workspace", positional=True)] = ".",
-    recursive: Annotated[bool, Arg("descend into subdirectories")] = False,
+    path: Annotated[
+        str, Arg("directory in /workspace", surfaces=EVERY, positional=True, path=True)
+    ] = ".",
+    recursive: Annotated[bool, RECURSIVE] = False,
 ) -> dict[str, Any]:
     """List files under a directory of /workspace (type, mode, size, mtime)."""
     with open_workspaces(ctx) as workspaces:
@@ -66,8 +78,8 @@ def workspace_file_read(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[str, PATH],
-    max_bytes: Annotated[int, Arg("read at most this many bytes")] = content.DEFAULT_READ_BYTES,
-    content_only: Annotated[bool, Arg("print only the content (CLI)")] = False,
+    max_bytes: Annotated[int, READ_BYTES] = content.DEFAULT_READ_BYTES,
+    content_only: Annotated[bool, Arg("print only the content", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
     """Read a file from /workspace: UTF-8 text as is, anything else base64-encoded."""
     with open_workspaces(ctx) as workspaces:
@@ -82,15 +94,29 @@ def workspace_file_write(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[str, PATH],
-    text: Annotated[str | None, Arg("the new content")] = None,
-    text_file: Annotated[str | None, Arg("take the content from this host file")] = None,
-    stdin: Annotated[bool, Arg("take the content from standard input (CLI)")] = False,
-    mode: Annotated[int, Arg("permission bits, e.g. 420 (0o644)")] = 0o644,
+    text: Annotated[str | None, Arg("the new content", surfaces=EVERY)] = None,
+    text_file: Annotated[
+        str | None, Arg("take the content from this host file", surfaces=EVERY, path=True)
+    ] = None,
+    stdin: Annotated[bool, Arg("take the content from standard input", surfaces=CLI_ONLY)] = False,
+    mode: Annotated[
+        int,
+        Arg(
+            "permission bits: octal digits as chmod takes them (644, 0o644), or an integer",
+            surfaces=EVERY,
+            minimum=0,
+            maximum=0o7777,
+            octal=True,
+        ),
+    ] = 0o644,
 ) -> dict[str, Any]:
-    """Write a file in /workspace atomically (parent directories are created)."""
+    """Write a file in /workspace atomically (parent directories are created).
+
+    The content is ``text`` or the host file ``text_file`` (at the CLI also ``--stdin``).
+    """
     sources = [text is not None, text_file is not None, stdin]
     if sum(sources) != 1:
-        raise InvalidArgument("give exactly one of text, text_file or stdin")
+        raise InvalidArgument("give exactly one of text or text_file (or --stdin at the CLI)")
     if text is not None:
         data = text.encode()
     elif text_file is not None:
@@ -106,7 +132,9 @@ def workspace_file_delete(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[str, PATH],
-    recursive: Annotated[bool, Arg("delete a directory and everything in it")] = False,
+    recursive: Annotated[
+        bool, Arg("delete a directory and everything in it", surfaces=EVERY)
+    ] = False,
 ) -> dict[str, Any]:
     """Delete a file, symlink or (with recursive) directory in /workspace."""
     with open_workspaces(ctx) as workspaces:
@@ -117,8 +145,10 @@ def workspace_file_delete(
 def workspace_patch_apply(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    patch: Annotated[str | None, Arg("the unified diff text")] = None,
-    patch_file: Annotated[str | None, Arg("read the unified diff from this host file")] = None,
+    patch: Annotated[str | None, Arg("the unified diff text", surfaces=EVERY)] = None,
+    patch_file: Annotated[
+        str | None, Arg("read the unified diff from this host file", surfaces=EVERY, path=True)
+    ] = None,
 ) -> dict[str, Any]:
     """Apply a unified diff to /workspace: all hunks or none (the error names the hunk)."""
     if (patch is None) == (patch_file is None):
@@ -132,8 +162,12 @@ def workspace_patch_apply(
 def workspace_sync_push(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    source: Annotated[str, Arg("host directory or tar archive", positional=True)],
-    dest: Annotated[str, Arg("destination directory in /workspace")] = ".",
+    source: Annotated[
+        str, Arg("host directory or tar archive", surfaces=EVERY, positional=True, path=True)
+    ],
+    dest: Annotated[
+        str, Arg("destination directory in /workspace", surfaces=EVERY, path=True)
+    ] = ".",
 ) -> dict[str, Any]:
     """Copy a host directory or archive into /workspace (safely: no escapes, capped)."""
     path = ctx.host_paths.check(source, "sync source")
@@ -145,7 +179,9 @@ def workspace_sync_push(
 def workspace_diff(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    against: Annotated[str, Arg("checkpoint to compare with")] = checkpoints.BASELINE,
+    against: Annotated[
+        str, Arg("checkpoint to compare with", surfaces=EVERY)
+    ] = checkpoints.BASELINE,
 ) -> dict[str, Any]:
     """What changed in /workspace since the baseline: counts and unified patches."""
     with open_workspaces(ctx) as workspaces:
@@ -157,10 +193,16 @@ def workspace_export(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[str, PATH],
-    output: Annotated[str, Arg("host path to write (file or directory)")],
-    force: Annotated[bool, Arg("replace an existing output")] = False,
+    output: Annotated[
+        str, Arg("host path to write (file or directory)", surfaces=EVERY, path=True)
+    ],
+    force: Annotated[bool, FORCE] = False,
 ) -> dict[str, Any]:
-    """Copy a file or directory out of /workspace to the host."""
+    """Copy a file or directory out of /workspace to the host.
+
+    An empty directory exports as an empty directory. Device nodes, fifos and sockets
+    are left out: ``skipped`` counts them and ``skipped_paths`` names the first 100.
+    """
     target = ctx.host_paths.check(output, "export output")
     with open_workspaces(ctx) as workspaces:
         # content.export hands ``output`` to exporting.extract_export, which takes a
@@ -172,7 +214,7 @@ def workspace_export(
 def snapshot_create(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    name: Annotated[str, Arg("checkpoint name", positional=True)],
+    name: Annotated[str, CHECKPOINT],
 ) -> dict[str, Any]:
     """Checkpoint /workspace under a name (only changed files are copied out)."""
     with open_workspaces(ctx) as workspaces:
@@ -190,7 +232,7 @@ def snapshot_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[st
 def snapshot_delete(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    name: Annotated[str, Arg("checkpoint name", positional=True)],
+    name: Annotated[str, CHECKPOINT],
 ) -> dict[str, Any]:
     """Delete a checkpoint; the file contents no other checkpoint needs are freed."""
     with open_workspaces(ctx) as workspaces:
@@ -203,7 +245,7 @@ def snapshot_delete(
 def workspace_reset(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    snapshot: Annotated[str, Arg("checkpoint to restore")] = checkpoints.BASELINE,
+    snapshot: Annotated[str, Arg("checkpoint to restore", surfaces=EVERY)] = checkpoints.BASELINE,
 ) -> dict[str, Any]:
     """Restore /workspace exactly to a checkpoint (default: the baseline) and say what changed."""
     with open_workspaces(ctx) as workspaces:
@@ -226,8 +268,10 @@ def _stopped_disk(ctx: Context, workspace: str, action: str) -> Any:
 def workspace_disk_list(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    path: Annotated[str, Arg("directory on the /workspace disk", positional=True)] = "/",
-    recursive: Annotated[bool, Arg("descend into subdirectories")] = False,
+    path: Annotated[
+        str, Arg("directory on the /workspace disk", surfaces=EVERY, positional=True, path=True)
+    ] = "/",
+    recursive: Annotated[bool, RECURSIVE] = False,
 ) -> dict[str, Any]:
     """List a stopped workspace's /workspace disk offline (never mounted on the host)."""
     image = _stopped_disk(ctx, workspace, "disk list")
@@ -239,8 +283,10 @@ def workspace_disk_list(
 def workspace_disk_read(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    path: Annotated[str, Arg("file on the /workspace disk", positional=True)],
-    max_bytes: Annotated[int, Arg("read at most this many bytes")] = 1 << 20,
+    path: Annotated[
+        str, Arg("file on the /workspace disk", surfaces=EVERY, positional=True, path=True)
+    ],
+    max_bytes: Annotated[int, READ_BYTES] = 1 << 20,
 ) -> dict[str, Any]:
     """Read a file from a stopped workspace's /workspace disk offline."""
     image = _stopped_disk(ctx, workspace, "disk read")
@@ -252,12 +298,12 @@ def workspace_disk_read(
 def workspace_disk_export(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    output: Annotated[str, Arg("host path of the ext4 image to write")],
-    force: Annotated[bool, Arg("replace an existing output")] = False,
+    output: Annotated[str, Arg("host path of the ext4 image to write", surfaces=EVERY, path=True)],
+    force: Annotated[bool, FORCE] = False,
 ) -> dict[str, Any]:
     """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
-    image = _stopped_disk(ctx, workspace, "disk export")
     target = ctx.host_paths.check(output, "disk export output")
+    image = _stopped_disk(ctx, workspace, "disk export")
     written = disk_export.disk_export(image, target, force=force)
     return {"output": str(written), "size": image.stat().st_size}
 

@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
-from pyro_mcp.api.registry import Arg, operation
+from pyro_mcp.api.operations.vm import MEMORY, VCPUS
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.workspace.expiry import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
@@ -15,6 +16,12 @@ from pyro_mcp.workspace.store import UNSET
 
 CORE = ("workspace-core", "workspace-full")
 FULL = ("workspace-full",)
+MAX_TTL_S = 365 * 24 * 3600
+WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
+
+
+def _ttl(help: str) -> Arg:
+    return Arg(help, surfaces=EVERY, minimum=0, exclusive_minimum=True, maximum=MAX_TTL_S)
 
 
 @contextmanager
@@ -42,18 +49,30 @@ def parse_pairs(values: list[str] | None, what: str) -> dict[str, str]:
 @operation(cli=("workspace", "create"), sdk="create_workspace", profiles=CORE, progress=True)
 def workspace_create(
     ctx: Context,
-    environment: Annotated[str, Arg("environment to base it on, e.g. debian:12", positional=True)],
+    environment: Annotated[
+        str, Arg("environment to base it on, e.g. debian:12", surfaces=EVERY, positional=True)
+    ],
     seed_path: Annotated[
-        str | None, Arg("host directory or tar archive copied into /workspace as the baseline")
+        str | None,
+        Arg(
+            "host directory or tar archive copied into /workspace as the baseline",
+            surfaces=EVERY,
+            path=True,
+        ),
     ] = None,
-    name: Annotated[str | None, Arg("a unique name to refer to it by")] = None,
-    label: Annotated[list[str] | None, Arg("KEY=VALUE label (repeatable)")] = None,
-    vcpu_count: Annotated[int, Arg("virtual CPUs (1-32)")] = 1,
-    mem_mib: Annotated[int, Arg("guest memory in MiB")] = 512,
-    disk_mib: Annotated[int, Arg("size of the /workspace disk in MiB")] = 1024,
-    ttl_seconds: Annotated[float | None, Arg("delete it automatically after this long")] = None,
-    backend: Annotated[str | None, Arg("VMM backend (default: the boot probe's pick)")] = None,
-    id_only: Annotated[bool, Arg("print only the new workspace's id (CLI)")] = False,
+    name: Annotated[str | None, Arg("a unique name to refer to it by", surfaces=EVERY)] = None,
+    label: Annotated[list[str] | None, Arg("KEY=VALUE label (repeatable)", surfaces=EVERY)] = None,
+    vcpu_count: Annotated[int, VCPUS] = 1,
+    mem_mib: Annotated[int, MEMORY] = 512,
+    disk_mib: Annotated[
+        int,
+        Arg("size of the /workspace disk in MiB", surfaces=EVERY, minimum=16, maximum=1 << 20),
+    ] = 1024,
+    ttl_seconds: Annotated[float | None, _ttl("delete it automatically after this long")] = None,
+    backend: Annotated[
+        str | None, Arg("VMM backend (default: the boot probe's pick)", surfaces=EVERY)
+    ] = None,
+    id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
@@ -83,7 +102,9 @@ def workspace_create(
 @operation(cli=("workspace", "list"), sdk="list_workspaces", profiles=CORE)
 def workspace_list(
     ctx: Context,
-    label: Annotated[list[str] | None, Arg("only those with this KEY=VALUE label")] = None,
+    label: Annotated[
+        list[str] | None, Arg("only those with this KEY=VALUE label", surfaces=EVERY)
+    ] = None,
 ) -> dict[str, Any]:
     """List workspaces with their state, environment, sizes and labels."""
     with open_workspaces(ctx) as workspaces:
@@ -95,20 +116,22 @@ def workspace_list(
 @operation(cli=("workspace", "update"), sdk="update_workspace", profiles=FULL)
 def workspace_update(
     ctx: Context,
-    workspace: Annotated[str, Arg("workspace id or name", positional=True)],
-    name: Annotated[str | None, Arg("new name")] = None,
-    clear_name: Annotated[bool, Arg("remove the name")] = False,
-    label: Annotated[list[str] | None, Arg("set KEY=VALUE label (repeatable)")] = None,
-    clear_label: Annotated[list[str] | None, Arg("remove label KEY (repeatable)")] = None,
-    ttl_seconds: Annotated[float | None, Arg("expire this many seconds from now")] = None,
+    workspace: Annotated[str, WORKSPACE],
+    name: Annotated[str | None, Arg("new name", surfaces=EVERY)] = None,
+    clear_name: Annotated[bool, Arg("remove the name", surfaces=EVERY)] = False,
+    label: Annotated[
+        list[str] | None, Arg("set KEY=VALUE label (repeatable)", surfaces=EVERY)
+    ] = None,
+    clear_label: Annotated[
+        list[str] | None, Arg("remove label KEY (repeatable)", surfaces=EVERY)
+    ] = None,
+    ttl_seconds: Annotated[float | None, _ttl("expire this many seconds from now")] = None,
 ) -> dict[str, Any]:
     """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
     import time
 
     if name is not None and clear_name:
         raise InvalidArgument("give either name or clear_name, not both")
-    if ttl_seconds is not None and ttl_seconds <= 0:
-        raise InvalidArgument("ttl_seconds must be positive")
     with open_workspaces(ctx) as workspaces:
         record = workspaces.store.get(workspace)
         labels = dict(record.labels)
@@ -125,9 +148,7 @@ def workspace_update(
 
 
 @operation(cli=("workspace", "status"), sdk="workspace_status", profiles=CORE)
-def workspace_status(
-    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
-) -> dict[str, Any]:
+def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile_one(workspace)
@@ -148,8 +169,10 @@ def workspace_status(
 @operation(cli=("workspace", "logs"), sdk="workspace_logs", profiles=FULL)
 def workspace_logs(
     ctx: Context,
-    workspace: Annotated[str, Arg("workspace id or name", positional=True)],
-    limit: Annotated[int, Arg("at most this many recent commands")] = 50,
+    workspace: Annotated[str, WORKSPACE],
+    limit: Annotated[
+        int, Arg("at most this many recent commands", surfaces=EVERY, minimum=1, maximum=10_000)
+    ] = 50,
 ) -> dict[str, Any]:
     """The commands journal: what ran, where, how it ended, and the tail of its output."""
     with open_workspaces(ctx) as workspaces:
@@ -158,27 +181,21 @@ def workspace_logs(
 
 
 @operation(cli=("workspace", "stop"), sdk="stop_workspace", profiles=FULL, progress=True)
-def workspace_stop(
-    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
-) -> dict[str, Any]:
+def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Power a workspace off; its root and /workspace disks are kept."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.stop(workspace, progress=ctx.progress).to_dict()
 
 
 @operation(cli=("workspace", "start"), sdk="start_workspace", profiles=FULL, progress=True)
-def workspace_start(
-    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
-) -> dict[str, Any]:
+def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Boot a stopped workspace again from its disks."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.start(workspace, progress=ctx.progress).to_dict()
 
 
 @operation(cli=("workspace", "delete"), sdk="delete_workspace", profiles=CORE)
-def workspace_delete(
-    ctx: Context, workspace: Annotated[str, Arg("workspace id or name", positional=True)]
-) -> dict[str, Any]:
+def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Delete a workspace: its VM, disks, checkpoints and journal."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.delete(workspace)
