@@ -51,7 +51,9 @@ def served_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     served = InProcessAgent()
 
     @contextmanager
-    def agent(self: Workspaces, ref: str, action: str) -> Iterator[AgentClient]:
+    def agent(
+        self: Workspaces, ref: str, action: str, *, changes: bool = False
+    ) -> Iterator[AgentClient]:
         self.running(ref, action)  # unknown or not running: the real errors
         yield served.client
 

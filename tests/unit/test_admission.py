@@ -41,8 +41,18 @@ def test_admission_counts_each_vmms_overhead_not_only_guest_ram(workspaces: Work
     _live(workspaces, "stopping", 512)  # still holds its memory until it has exited
     # Guest RAM alone would be 1536 of 2048 MiB; with each QEMU's overhead it is not.
     with pytest.raises(TooLarge, match=r"512 MiB workspace \(\d+ MiB with its VMM\)"):
-        workspaces._admit(512, TCG)
-    workspaces._admit(128, TCG)  # what still fits is admitted
+        _create(workspaces, 512)
+    _create(workspaces, 128)  # what still fits is admitted
+
+
+def _create(workspaces: Workspaces, mem_mib: int) -> None:
+    workspaces.store.create(
+        environment="debian:12",
+        vcpu_count=1,
+        mem_mib=mem_mib,
+        disk_mib=64,
+        admit=workspaces._admission(mem_mib, TCG),
+    )
 
 
 def test_a_shared_blob_store_of_an_earlier_version_is_split_per_workspace(

@@ -264,3 +264,54 @@ def test_deleting_a_checkpoint_frees_the_contents_only_it_held(
         wc.workspace_diff(fake_ctx, workspace, against="v1")
     wc.workspace_reset(fake_ctx, workspace)  # the baseline's contents are all still there
     assert _read(fake_ctx, workspace, "README.md") == "# app\n"
+
+
+# --- changes never interleave -------------------------------------------------------------
+
+
+def test_a_patch_waits_for_another_change_to_the_workspace_to_finish(
+    fake_ctx: Context, workspace: str
+) -> None:
+    import threading
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def another_change() -> None:  # as a reset running in another process would
+        with open_workspaces(fake_ctx) as workspaces, workspaces.changing(workspace, "reset"):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=another_change)
+    holder.start()
+    held.wait(10)
+    applied: list[object] = []
+    patcher = threading.Thread(
+        target=lambda: applied.append(wc.workspace_patch_apply(fake_ctx, workspace, patch=PATCH))
+    )
+    patcher.start()
+    patcher.join(timeout=1.5)
+    waited = patcher.is_alive() and applied == []  # it did not cut into the other change
+    release.set()
+    patcher.join(timeout=30)
+    holder.join()
+    assert waited and len(applied) == 1
+    assert _read(fake_ctx, workspace, "src/app.py") == "def greet():\n    return 'hi'\n"
+
+
+def test_a_stop_is_not_taken_for_a_crash_by_a_reconcile_while_it_runs(
+    fake_ctx: Context, workspace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp.workspace.lifecycle import Workspaces
+
+    real_end = Workspaces._end_vm
+    repairs: list[dict[str, list[str]]] = []
+
+    def end_then_reconcile(self: Workspaces, record: object) -> None:
+        real_end(self, record)  # type: ignore[arg-type]
+        if not repairs:  # another process reconciles right after the VMM exited
+            repairs.append(ws.reconcile(fake_ctx))
+
+    monkeypatch.setattr(Workspaces, "_end_vm", end_then_reconcile)
+    stopped = ws.workspace_stop(fake_ctx, workspace)
+    assert stopped["state"] == "stopped" and repairs[0]["stopped"] == []

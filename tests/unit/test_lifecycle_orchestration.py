@@ -279,12 +279,6 @@ def _together(count: int, call: Any) -> list[Any]:
     return results
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle: a create's record exists before its owner file, so a reconcile by "
-    "another call (any create or list) in that window discards the create in progress; "
-    "four concurrent creates of one name then also fail with mke2fs errors, not Conflict",
-)
 def test_a_reconcile_while_a_create_prepares_its_files_leaves_the_create_alone(
     fake_ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -316,3 +310,53 @@ def test_concurrent_execs_on_one_workspace_each_get_their_own_answer(fake_ctx: C
     results = _together(6, lambda index: [compute(index * 10 + n) for n in range(3)])
     assert results == [[f"{(i * 10 + n) * 7 + 1000}\n" for n in range(3)] for i in range(6)]
     assert len(ws.workspace_logs(fake_ctx, wid, limit=100)["commands"]) == 18
+
+
+def test_concurrent_creates_never_pass_a_limit_only_one_fits_under(
+    fake_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MAX_WORKSPACES_ENV, "1")
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def create(index: int) -> None:
+        try:
+            ws.workspace_create(fake_ctx, "debian:12", name=f"w{index}")
+            result = "created"
+        except TooLarge:
+            result = "refused"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["created", "refused", "refused", "refused"]
+    assert len(ws.workspace_list(fake_ctx)["workspaces"]) == 1
+
+
+def test_a_start_is_judged_by_its_process_never_by_the_clock(fake_ctx: Context) -> None:
+    from pyro_mcp.workspace import lifecycle
+
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    ws.workspace_stop(fake_ctx, wid)
+    with open_workspaces(fake_ctx) as workspaces:
+        # A start under way in this (live) process, whose boot has taken ten minutes so far.
+        workspaces.store.transition(wid, "starting", owner=lifecycle._me())
+    _age(fake_ctx, wid, 600)
+    assert ws.reconcile(fake_ctx)["failed"] == []
+    assert ws.workspace_status(fake_ctx, wid)["state"] == "starting"
+    with open_workspaces(fake_ctx) as workspaces:  # its process is gone now
+        workspaces.store.set_fields(wid, owner="1:1")
+    assert ws.reconcile(fake_ctx)["failed"] == [wid]
+
+
+def _age(ctx: Context, wid: str, seconds: float) -> None:
+    import sqlite3
+
+    with sqlite3.connect(ctx.state_dir / "store.sqlite3") as conn:
+        conn.execute(
+            "UPDATE workspaces SET updated_at = updated_at - ? WHERE id = ?", (seconds, wid)
+        )

@@ -216,7 +216,7 @@ def create_checkpoint(workspaces: Workspaces, ref: str, name: str) -> dict[str, 
     vanished = fetched = 0
     with (
         store.writing(may_leave_garbage=True),  # an interrupted checkpoint is collected later
-        workspaces.agent(ref, "snapshot create") as agent,
+        workspaces.agent(ref, "snapshot create", changes=True) as agent,
         spool_current(store, agent) as current,
         store.manifest_writer() as manifest,
     ):
@@ -404,7 +404,7 @@ def reset(workspaces: Workspaces, ref: str, name: str = BASELINE) -> dict[str, A
     deletions). Nothing changes if the checkpoint's contents are not all in the store."""
     sha = checkpoint_manifest(workspaces, ref, name)
     store = workspaces.blobs(workspaces.store.get(ref).id)
-    with workspaces.agent(ref, "reset") as agent:
+    with workspaces.agent(ref, "reset", changes=True) as agent:
         with spool_current(store, agent) as current:
             _check_blobs(store, compare_streams(store.iter_manifest(sha), current), name)
             restorer = _Restorer(agent, store)

@@ -130,7 +130,7 @@ def write_file(
     target = guest_path(path)
     if target == WORKSPACE_ROOT:
         raise InvalidArgument("cannot write to /workspace itself: name a file in it")
-    with workspaces.agent(ref, "file write") as agent:
+    with workspaces.agent(ref, "file write", changes=True) as agent:
         info = agent.put_file(target, data, mode=mode, mkdirs=True, root=WORKSPACE_ROOT)
     return {"path": target, "size": info.get("size"), "mode": info.get("mode")}
 
@@ -139,7 +139,7 @@ def delete_file(workspaces: Workspaces, ref: str, path: str, recursive: bool) ->
     target = guest_path(path)
     if target == WORKSPACE_ROOT:
         raise InvalidArgument("cannot delete /workspace itself")
-    with workspaces.agent(ref, "file delete") as agent:
+    with workspaces.agent(ref, "file delete", changes=True) as agent:
         info = agent.remove_paths(WORKSPACE_ROOT, [target], recursive=recursive)
     return {"path": target, **info}
 
@@ -150,7 +150,7 @@ def delete_file(workspaces: Workspaces, ref: str, path: str, recursive: bool) ->
 def apply_patch(workspaces: Workspaces, ref: str, patch_text: str) -> dict[str, Any]:
     """Apply a unified diff to /workspace: every hunk or none."""
     modes: dict[str, int] = {}
-    with workspaces.agent(ref, "patch apply") as agent:
+    with workspaces.agent(ref, "patch apply", changes=True) as agent:
 
         def read(relative: str) -> bytes | None:
             try:
@@ -219,7 +219,7 @@ def sync_push(
 ) -> dict[str, Any]:
     """Copy a host directory or archive into /workspace (at ``dest``)."""
     target = guest_path(dest)
-    with workspaces.agent(ref, "sync push") as agent:
+    with workspaces.agent(ref, "sync push", changes=True) as agent:
         return agent.archive_put(
             WORKSPACE_ROOT,
             target,

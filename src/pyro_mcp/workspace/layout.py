@@ -63,10 +63,6 @@ class WorkspaceFiles:
         """This workspace's own blob store (contents of its baseline and checkpoints)."""
         return self.directory / "blobs"
 
-    @property
-    def owner_file(self) -> Path:
-        return self.directory / "creating.owner"
-
     def link_base(self, image: Path) -> Path:
         """Hard-link (or, across filesystems, copy) the environment image into place."""
         self.directory.mkdir(parents=True, exist_ok=True)

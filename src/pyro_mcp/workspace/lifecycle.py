@@ -11,18 +11,26 @@ half done, :meth:`Workspaces.reconcile` repairs.
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pyro_mcp.errors import InvalidArgument, InvalidState, PyroError, TooLarge, VMError
+from pyro_mcp.errors import (
+    InvalidArgument,
+    InvalidState,
+    OperationTimeout,
+    PyroError,
+    TooLarge,
+    VMError,
+)
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.runtime import environments
 from pyro_mcp.runtime.host_probe import probe_platform
@@ -47,6 +55,8 @@ Progress = Callable[[str], None]
 WORKSPACE_DEVICE = "/dev/vdb"
 AGENT_PORTS = 8
 BOOT_TIMEOUT_S = 90.0
+CHANGE_LOCK = "change.lock"  # in the workspace's directory (see Workspaces.changing)
+CHANGE_WAIT_S = 600.0  # how long a change waits for another to finish
 STOP_GRACE_S = 10.0  # services get this long after TERM before KILL
 SHUTDOWN_CALL_S = 30.0  # the agent answers shutdown at once; a slow guest gets room
 POWEROFF_S = 60.0  # init stops everything (3 s), syncs the disks and powers off
@@ -137,7 +147,6 @@ class Workspaces:
         image = environments.image_for(self.paths, environment)
         self.reconcile()
         choice = choose_backend(self.paths, backend, progress=progress)
-        self._admit(mem_mib, choice)
         record = self.store.create(
             environment=environment,
             vcpu_count=vcpu_count,
@@ -147,11 +156,12 @@ class Workspaces:
             labels=labels,
             ttl_seconds=ttl_seconds,
             seed=str(seed_path) if seed_path else None,
+            owner=_me(),  # from the first moment: a reconcile sees the create is live
+            admit=self._admission(mem_mib, choice),
         )
         files = self.layout.workspace(record.id)
         try:
             files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            files.owner_file.write_text(json.dumps(_me()))
             files.link_base(image)
             progress("preparing the workspace disk" + (f" from {seed_path}" if seed_path else ""))
             staging = files.directory / "seed-staging"
@@ -176,30 +186,17 @@ class Workspaces:
         except BaseException:
             self._discard(record.id)  # a create that failed leaves nothing, its name is free
             raise
-        finally:
-            files.owner_file.unlink(missing_ok=True)
         return self.store.get(record.id)
 
-    def _admit(self, mem_mib: int, choice: BackendChoice) -> None:
-        """Refuse a VM that would take the host past its limits: the number of live
-        workspaces, and memory counted as each VMM really costs (guest RAM plus the
-        VMM's own overhead, for every workspace that holds or is about to hold a VM)."""
+    def _admission(
+        self, mem_mib: int, choice: BackendChoice
+    ) -> Callable[[list[WorkspaceRecord]], None]:
+        """The check that refuses a VM that would take the host past its limits: the
+        number of live workspaces, and memory counted as each VMM really costs (guest RAM
+        plus the VMM's own overhead, for every workspace that holds or is about to hold a
+        VM). The store runs it in the transaction that records the new VM's claim."""
         limits = Limits.for_host()
-        live = self.store.list(states=RESERVING_STATES)
-        if len(live) >= limits.max_workspaces:
-            raise TooLarge(
-                f"{len(live)} workspaces are live, the limit is {limits.max_workspaces}",
-                hint=f"stop or delete one, or raise {MAX_WORKSPACES_ENV}",
-            )
-        reserved = sum(r.mem_mib + overhead_mib(r.backend) for r in live)
-        wanted = mem_mib + overhead_mib(choice.label)
-        if reserved + wanted > limits.max_reserved_mem_mib:
-            raise TooLarge(
-                f"starting another {mem_mib} MiB workspace ({wanted} MiB with its VMM) would "
-                f"reserve {reserved + wanted} MiB of the {limits.max_reserved_mem_mib} MiB "
-                "this host allows",
-                hint="stop a workspace or ask for less memory with --mem-mib",
-            )
+        return partial(_admit, limits, mem_mib, choice)
 
     # -- boot and attach ---------------------------------------------------------------
     def _boot(
@@ -247,17 +244,51 @@ class Workspaces:
             boot_id=secrets.token_hex(8),
             agent_endpoint=endpoint.to_str(),
             error=None,
+            owner=None,
         )
 
     @contextmanager
-    def agent(self, ref: str, action: str) -> Iterator[AgentClient]:
-        """An attached agent of a running workspace (InvalidState naming its state)."""
+    def agent(self, ref: str, action: str, *, changes: bool = False) -> Iterator[AgentClient]:
+        """An attached agent of a running workspace (InvalidState naming its state).
+
+        ``changes``: the action changes ``/workspace`` in several steps (patch, reset,
+        checkpoint, writes): it holds the workspace's change lock, so two such actions
+        (or a stop) never interleave and "all or nothing" holds across processes. Reads
+        and commands take no lock.
+        """
         record = self.running(ref, action)
-        attached = self._attach(record)
+        with self.changing(record.id, action) if changes else nullcontext():
+            if changes:
+                record = self.running(record.id, action)  # it may have stopped meanwhile
+            attached = self._attach(record)
+            try:
+                yield attached.client
+            finally:
+                attached.close()
+
+    @contextmanager
+    def changing(self, workspace_id: str, action: str) -> Iterator[None]:
+        """Hold the change lock of ``workspace_id`` (waiting up to CHANGE_WAIT_S)."""
+        directory = self.layout.workspace(workspace_id).directory
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(directory / CHANGE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            yield attached.client
+            deadline = time.monotonic() + CHANGE_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OperationTimeout(
+                            f"{action}: another change to workspace {workspace_id} (a patch, "
+                            f"reset, checkpoint, write or stop) has run for {CHANGE_WAIT_S:g} s",
+                            hint="retry when it has finished",
+                        ) from None
+                    time.sleep(0.02)
+            yield
         finally:
-            attached.close()
+            os.close(fd)  # releases the lock
 
     def running(self, ref: str, action: str) -> WorkspaceRecord:
         self.reconcile_one(ref)
@@ -280,14 +311,17 @@ class Workspaces:
         self.reconcile_one(ref)
         record = self.store.get(ref)
         require_state(record, {"running"}, "stop")
-        self.store.transition(record.id, "stopping", expect={"running"})
+        with self.changing(record.id, "stop"):  # never in the middle of a patch or reset
+            self.store.transition(
+                record.id, "stopping", expect={"running"}, action="stop", owner=_me()
+            )
         progress("stopping services and shutting the guest down")
         self._shut_down(record)
         self._mark_services_stopped(record.id)
         self._vmm(record).wait_exit(POWEROFF_S)
         self._end_vm(record)
         return self.store.transition(
-            record.id, "stopped", expect={"stopping"}, note="stopped", vmm_pid=None
+            record.id, "stopped", expect={"stopping"}, note="stopped", vmm_pid=None, owner=None
         )
 
     def _shut_down(self, record: WorkspaceRecord) -> None:
@@ -311,8 +345,13 @@ class Workspaces:
         record = self.store.get(ref)
         require_state(record, {"stopped", "failed"}, "start")
         choice = choose_backend(self.paths, _family(record.backend), progress=progress)
-        self._admit(record.mem_mib, choice)
-        record = self.store.transition(record.id, "starting", expect={"stopped", "failed"})
+        record = self.store.transition(
+            record.id,
+            "starting",
+            expect={"stopped", "failed"},
+            admit=self._admission(record.mem_mib, choice),
+            owner=_me(),
+        )
         files = self.layout.workspace(record.id)
         try:
             self._boot(record, files, choice=choice, progress=progress, first=False)
@@ -398,7 +437,9 @@ class Workspaces:
         except PyroError as exc:
             note = f"{note}; cleaning up after its VM failed: {exc}"
         with suppress(PyroError):
-            self.store.transition(workspace_id, "failed", note=note, error=note, vmm_pid=None)
+            self.store.transition(
+                workspace_id, "failed", note=note, error=note, vmm_pid=None, owner=None
+            )
 
     # -- reconcile ---------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
@@ -429,6 +470,8 @@ class Workspaces:
         self._reconcile_record(self.store.get(ref))
 
     def _reconcile_record(self, record: WorkspaceRecord) -> str | None:
+        if record.state == "stopping" and _owner_alive(record.owner):
+            return None  # the stop under way finishes it (a repair here would race it)
         live_states = ("running", "stopping", "starting")
         if record.state in live_states and self._vmm(record).alive():
             return None
@@ -446,17 +489,16 @@ class Workspaces:
             self.store.transition(record.id, "stopped", note=note, vmm_pid=None)
             return "stopped"
         if record.state in ("creating", "starting"):
-            owner = self.layout.workspace(record.id).owner_file
-            if record.state == "creating" and _owner_alive(owner):
-                return None
-            if record.state == "starting" and time.time() - record.updated_at < BOOT_TIMEOUT_S:
-                return None
+            if _owner_alive(record.owner):
+                return None  # still under way, however long its boot takes
             if record.state == "creating":
                 self._discard(record.id)  # it never came to be: nothing of it is kept
                 return "discarded"
             self._end_vm(record)
             note = "the process starting it went away before it finished"
-            self.store.transition(record.id, "failed", note=note, error=note, vmm_pid=None)
+            self.store.transition(
+                record.id, "failed", note=note, error=note, vmm_pid=None, owner=None
+            )
             return "failed"
         return None
 
@@ -544,14 +586,33 @@ def _endpoint(vm: VM) -> AgentEndpoint:
     return AgentEndpoint(VIRTIO_SERIAL, vm.spec.run_dir, vm.spec.agent_ports)
 
 
-def _me() -> dict[str, object]:
-    return {"pid": os.getpid(), "start": start_time(os.getpid())}
+def _admit(
+    limits: Limits, mem_mib: int, choice: BackendChoice, live: list[WorkspaceRecord]
+) -> None:
+    if len(live) >= limits.max_workspaces:
+        raise TooLarge(
+            f"{len(live)} workspaces are live, the limit is {limits.max_workspaces}",
+            hint=f"stop or delete one, or raise {MAX_WORKSPACES_ENV}",
+        )
+    reserved = sum(r.mem_mib + overhead_mib(r.backend) for r in live)
+    wanted = mem_mib + overhead_mib(choice.label)
+    if reserved + wanted > limits.max_reserved_mem_mib:
+        raise TooLarge(
+            f"starting another {mem_mib} MiB workspace ({wanted} MiB with its VMM) would "
+            f"reserve {reserved + wanted} MiB of the {limits.max_reserved_mem_mib} MiB "
+            "this host allows",
+            hint="stop a workspace or ask for less memory with --mem-mib",
+        )
 
 
-def _owner_alive(owner_file: Path) -> bool:
-    try:
-        owner = json.loads(owner_file.read_text())
-    except (OSError, ValueError):
+def _me() -> str:
+    """This process, as a workspace's ``owner`` while it creates or starts it."""
+    return f"{os.getpid()}:{start_time(os.getpid())}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether the process ``owner`` names still runs (the same process: its start time)."""
+    pid, _, started = (owner or "").partition(":")
+    if not pid.isdigit() or not started.isdigit():
         return False
-    pid = owner.get("pid")
-    return isinstance(pid, int) and start_time(pid) == owner.get("start") is not None
+    return start_time(int(pid)) == int(started)

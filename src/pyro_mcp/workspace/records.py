@@ -80,6 +80,10 @@ class WorkspaceRecord:
     """What ``/workspace`` was seeded from (a human description), if anything."""
     services: dict[str, Any] = field(default_factory=dict)
     """The guest's services as last seen (name -> status), mirrored from the agent."""
+    owner: str | None = None
+    """While it is ``creating``, ``starting`` or ``stopping``: the process doing it, as
+    ``pid:start`` (its start time, /proc/PID/stat field 22). Whether that process still
+    runs decides whether the change is under way, never a clock."""
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-able data (state as its string value)."""
@@ -308,6 +312,7 @@ _SETTABLE: Final[dict[str, Callable[[object, str], object]]] = {
     "baseline_manifest": _validate_baseline,
     "seed": validate_optional_str,
     "services": _validate_services,
+    "owner": validate_optional_str,
 }
 
 

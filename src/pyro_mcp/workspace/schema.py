@@ -99,8 +99,15 @@ _V2_SERVICES = sql_migration(
     "ALTER TABLE workspaces ADD COLUMN services TEXT NOT NULL DEFAULT '{}'"
 )
 
+# The process creating or starting a workspace ("pid:start time"), while it does.
+_V3_OWNER = sql_migration("ALTER TABLE workspaces ADD COLUMN owner TEXT")
+
 # Append only. Version n of a store file means MIGRATIONS[:n] have run on it.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_V1_WORKSPACES_COMMANDS_CHECKPOINTS, _V2_SERVICES)
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    _V1_WORKSPACES_COMMANDS_CHECKPOINTS,
+    _V2_SERVICES,
+    _V3_OWNER,
+)
 
 # ---------------------------------------------------------------------------------------
 # Running them

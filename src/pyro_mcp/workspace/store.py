@@ -55,6 +55,7 @@ from pyro_mcp.workspace.schema import (
     sql_migration,
 )
 from pyro_mcp.workspace.states import (
+    RESERVING_STATES,
     TRANSITIONS,
     WorkspaceState,
     describe,
@@ -271,11 +272,17 @@ class WorkspaceStore:
         ttl_seconds: float | None = None,
         seed: str | None = None,
         backend: str | None = None,
+        owner: str | None = None,
+        admit: Callable[[builtins.list[WorkspaceRecord]], None] | None = None,
     ) -> WorkspaceRecord:
         """Record a new workspace in state ``creating``, with a fresh id.
 
-        ``ttl_seconds`` sets ``expires_at`` that long from now. Raises ``InvalidArgument``
-        naming a bad field, ``Conflict`` if a live workspace already has ``name``.
+        ``ttl_seconds`` sets ``expires_at`` that long from now; ``owner`` is the process
+        creating it. ``admit`` is called with the workspaces that hold (or are about to
+        hold) a VM, in the same transaction as the insert, and refuses by raising: two
+        concurrent creates cannot both pass a limit only one fits under. Raises
+        ``InvalidArgument`` naming a bad field, ``Conflict`` if a live workspace already
+        has ``name``.
         """
         if not isinstance(environment, str) or not environment:
             raise InvalidArgument("environment: expected an environment name")
@@ -310,10 +317,13 @@ class WorkspaceStore:
             error=None,
             baseline_manifest=None,
             seed=validate_optional_str(seed, "seed"),
+            owner=validate_optional_str(owner, "owner"),
         )
         with self._db.write() as conn:
             if name is not None:
                 self._check_name_free(conn, name)
+            if admit is not None:
+                admit(self._reserving(conn))
             while True:
                 new_id = secrets.token_hex(6)
                 taken = conn.execute("SELECT 1 FROM workspaces WHERE id = ?", (new_id,))
@@ -322,6 +332,17 @@ class WorkspaceStore:
             record = replace(record, id=new_id)
             insert_record(conn, "workspaces", record)
         return record
+
+    @staticmethod
+    def _reserving(conn: sqlite3.Connection) -> builtins.list[WorkspaceRecord]:
+        """The workspaces that hold, or are about to hold, a VM (what admission counts)."""
+        wanted = sorted(state.value for state in RESERVING_STATES)
+        rows = conn.execute(
+            f"{select_sql(WorkspaceRecord, 'workspaces')} "
+            f"WHERE state IN ({', '.join('?' * len(wanted))})",
+            wanted,
+        ).fetchall()
+        return [from_row(WorkspaceRecord, r) for r in rows]
 
     @staticmethod
     def _check_name_free(conn: sqlite3.Connection, name: str, *, other_than: str = "") -> None:
@@ -390,6 +411,7 @@ class WorkspaceStore:
         expect: Collection[str] | None = None,
         note: str | None = None,
         action: str | None = None,
+        admit: Callable[[builtins.list[WorkspaceRecord]], None] | None = None,
         **fields: object,
     ) -> WorkspaceRecord:
         """Move a workspace to state ``to``, atomically, if it may go there now.
@@ -398,7 +420,8 @@ class WorkspaceStore:
         reach ``to`` by ``TRANSITIONS``; otherwise ``InvalidState`` names the workspace, its
         current state and the wanted ones (``action`` names the operation in that message).
         ``note`` becomes ``state_note`` (cleared when not given); ``fields`` (``vmm_pid``,
-        ``run_dir``, ``boot_id``, ``error``, ...) change in the same transaction.
+        ``run_dir``, ``boot_id``, ``error``, ...) change in the same transaction, and so is
+        ``admit`` called with the other workspaces holding a VM (see ``create``).
         """
         target = parse_state(to, field="to")
         allowed = {s for s, nexts in TRANSITIONS.items() if target in nexts}
@@ -411,6 +434,8 @@ class WorkspaceStore:
             record = self._find(conn, ref)
             if record.state not in allowed:
                 raise state_error(record, allowed, action or f"moving to {target.value}")
+            if admit is not None:
+                admit([r for r in self._reserving(conn) if r.id != record.id])
             return self._update_row(conn, record.id, changes)
 
     def set_fields(self, ref: str, **fields: object) -> WorkspaceRecord:
