@@ -360,3 +360,51 @@ def _age(ctx: Context, wid: str, seconds: float) -> None:
         conn.execute(
             "UPDATE workspaces SET updated_at = updated_at - ? WHERE id = ?", (seconds, wid)
         )
+
+
+def test_a_process_holds_one_agent_channel_however_many_calls_it_makes(
+    fake_ctx: Context,
+) -> None:
+    from pyro_mcp.vmm.qemu.vm import lock_port
+
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    run_dir = Path(ws.workspace_status(fake_ctx, wid)["run_dir"])
+    started = threading.Barrier(13)
+    results: list[int] = []
+
+    def long_exec() -> None:
+        started.wait()
+        results.append(wc.workspace_exec(fake_ctx, wid, ["sleep", "3"])["exit_code"])
+
+    threads = [threading.Thread(target=long_exec) for _ in range(12)]  # more than 8 ports
+    for thread in threads:
+        thread.start()
+    started.wait()
+    time.sleep(1.5)  # all twelve are running their command now
+    free = [fd for fd in (lock_port(run_dir, port) for port in range(8)) if fd is not None]
+    for fd in free:
+        os.close(fd)
+    for thread in threads:
+        thread.join()
+    assert results == [0] * 12 and len(free) == 7  # one channel carried all twelve calls
+
+
+def test_when_other_processes_hold_every_channel_the_error_says_so(fake_ctx: Context) -> None:
+    from pyro_mcp.errors import AgentUnavailable
+    from pyro_mcp.vmm.qemu.vm import lock_port
+
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    run_dir = Path(ws.workspace_status(fake_ctx, wid)["run_dir"])
+    held = [lock_port(run_dir, port) for port in range(8)]  # as eight other processes
+    try:
+        with pytest.raises(AgentUnavailable) as refused:
+            wc.workspace_exec(fake_ctx, wid, ["true"])
+    finally:
+        for fd in held:
+            if fd is not None:
+                os.close(fd)
+    assert refused.value.message == (
+        "all 8 agent channels of the VM are held by other processes "
+        "(each process working on a VM holds one, however many calls it makes)"
+    )
+    assert wc.workspace_exec(fake_ctx, wid, ["true"])["exit_code"] == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pyro_mcp.guest.protocol import AGENT_VSOCK_PORT
 from pyro_mcp.vmm.firecracker.vsock import VsockRefused, connect_vsock
 from pyro_mcp.vmm.qemu.vm import agent_socket, lock_port
 
+BUSY_WAIT_S = 2.0  # for a channel to come free before "all are held" (a short call ends)
 VIRTIO_SERIAL = "virtio-serial"
 VSOCK = "vsock"
 
@@ -67,6 +69,7 @@ class AttachedAgent:
 def attach(endpoint: AgentEndpoint, *, timeout_s: float = 30.0) -> AttachedAgent:
     """Connect to the agent and say hello; AgentUnavailable when it cannot be reached."""
     deadline = time.monotonic() + timeout_s
+    busy_until = time.monotonic() + BUSY_WAIT_S
     if endpoint.kind == VSOCK:
         return _attach_vsock(endpoint, deadline)
     if endpoint.kind != VIRTIO_SERIAL:
@@ -81,12 +84,81 @@ def attach(endpoint: AgentEndpoint, *, timeout_s: float = 30.0) -> AttachedAgent
             except BaseException:
                 os.close(fd)
                 raise
-        if time.monotonic() > deadline:
+        if time.monotonic() > min(deadline, busy_until):
             raise AgentUnavailable(
-                f"all {endpoint.ports} agent channels of the VM are busy",
-                hint="other processes are attached; retry when one finishes",
+                f"all {endpoint.ports} agent channels of the VM are held by other processes "
+                f"(each process working on a VM holds one, however many calls it makes)",
+                hint="retry when one of them finishes (a `service logs --follow` holds one "
+                "until it ends)",
             )
         time.sleep(0.05)
+
+
+@dataclass
+class _Shared:
+    attached: AttachedAgent
+    users: int
+
+
+_SHARED: dict[tuple[int, str], _Shared] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+class SharedAgent:
+    """One user's hold on the attachment a process shares between its threads."""
+
+    def __init__(self, key: tuple[int, str], shared: _Shared) -> None:
+        self._key = key
+        self._shared: _Shared | None = shared
+
+    @property
+    def client(self) -> AgentClient:
+        assert self._shared is not None, "used after close"
+        return self._shared.attached.client
+
+    def __enter__(self) -> AgentClient:
+        return self.client
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        with _SHARED_LOCK:
+            shared.users -= 1
+            last = shared.users == 0
+            if last and _SHARED.get(self._key) is shared:
+                del _SHARED[self._key]
+        if last:
+            shared.attached.close()
+
+
+def attach_shared(endpoint: AgentEndpoint, *, timeout_s: float = 30.0) -> SharedAgent:
+    """An attachment to the agent shared by every thread of this process: concurrent calls
+    go over one connection (the agent serves many calls at once on it), so a process
+    holds one of the VM's channels however many calls it makes. Closed with its last user.
+    """
+    key = (os.getpid(), endpoint.to_str())  # a forked child never uses its parent's link
+    with _SHARED_LOCK:
+        shared = _SHARED.get(key)
+        if shared is not None and not shared.attached.client.closed:
+            shared.users += 1
+            return SharedAgent(key, shared)
+    attached = attach(endpoint, timeout_s=timeout_s)  # slow: outside the lock
+    spare: AttachedAgent | None = None
+    with _SHARED_LOCK:
+        shared = _SHARED.get(key)
+        if shared is not None and not shared.attached.client.closed:
+            shared.users += 1  # another thread attached meanwhile: share its link
+            spare = attached
+        else:
+            shared = _Shared(attached, 1)
+            _SHARED[key] = shared
+    if spare is not None:
+        spare.close()
+    return SharedAgent(key, shared)
 
 
 def _connect_unix(run_dir: Path, port: int) -> socket.socket:

@@ -37,7 +37,7 @@ from pyro_mcp.runtime.host_probe import probe_platform
 from pyro_mcp.runtime.paths import RuntimePaths, state_dir
 from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
-from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, AttachedAgent, attach
+from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, SharedAgent, attach_shared
 from pyro_mcp.vmm.base import VM, Disk
 from pyro_mcp.vmm.identity import is_run_dir, start_time
 from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, overhead_mib
@@ -296,11 +296,11 @@ class Workspaces:
         require_state(record, {"running"}, action)
         return record
 
-    def _attach(self, record: WorkspaceRecord) -> AttachedAgent:
+    def _attach(self, record: WorkspaceRecord) -> SharedAgent:
         if not record.agent_endpoint:
             raise InvalidState(f"workspace {record.id} has no agent endpoint recorded")
         try:
-            return attach(AgentEndpoint.from_str(record.agent_endpoint))
+            return attach_shared(AgentEndpoint.from_str(record.agent_endpoint))
         except PyroError:
             self.reconcile_one(record.id)  # the VMM may have died: say so in the state
             raise
