@@ -92,18 +92,12 @@ def build_spec(
     vm_id = vm_id or new_vm_id()
     image = base_image or environments.image_for(paths, environment)
     kernel = kernel_for(paths, kernel_flavor)
-    run_dir = mark_run_dir(paths.run_root / vm_id)
+    run_dir = paths.run_root / vm_id
     reads: tuple[Path, ...] = ()
     if choice.backend == "firecracker":
-        root = root_overlay or run_dir / "root.ext4"
-        if not root.exists():
-            copy_sparse(image, root)
-        root_disk = Disk(root, "raw")
+        root_disk = Disk(root_overlay or run_dir / "root.ext4", "raw")
     else:
-        root = root_overlay or run_dir / "root.qcow2"
-        if not root.exists():
-            create_overlay(image, root)
-        root_disk = Disk(root, "qcow2")
+        root_disk = Disk(root_overlay or run_dir / "root.qcow2", "qcow2")
         reads = (image,)  # the overlay's backing file
     if choice.backend == "firecracker":
         boot_image, initrd = kernel.vmlinux, kernel.initramfs
@@ -125,7 +119,17 @@ def build_spec(
         agent_ports=agent_ports,
         read_files=reads,
     )
-    spec.validate()
+    spec.validate()  # before anything is made: a refused spec leaves nothing behind
+    mark_run_dir(run_dir)
+    try:
+        if not root_disk.path.exists():
+            if choice.backend == "firecracker":
+                copy_sparse(image, root_disk.path)
+            else:
+                create_overlay(image, root_disk.path)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return spec
 
 
