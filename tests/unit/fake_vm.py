@@ -209,7 +209,8 @@ def vmm_processes(run_root: Path) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            if needle in (entry / "cmdline").read_bytes():
+            cmdline = (entry / "cmdline").read_bytes()
+            if needle in cmdline and Path(__file__).name.encode() in cmdline:
                 found.append(int(entry.name))
         except OSError:
             continue

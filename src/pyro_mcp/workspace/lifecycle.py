@@ -46,6 +46,7 @@ from pyro_mcp.vmm.recorded import RecordedVMM
 from pyro_mcp.vmm.selection import choose_backend
 from pyro_mcp.workspace import seeds
 from pyro_mcp.workspace.blobs import BlobStore
+from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.layout import StateLayout, WorkspaceFiles
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
 from pyro_mcp.workspace.states import RESERVING_STATES
@@ -159,6 +160,7 @@ class Workspaces:
             owner=_me(),  # from the first moment: a reconcile sees the create is live
             admit=self._admission(mem_mib, choice),
         )
+        self._watch()  # if this process dies mid-create, its VM goes at once anyway
         files = self.layout.workspace(record.id)
         try:
             files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -187,6 +189,10 @@ class Workspaces:
             self._discard(record.id)  # a create that failed leaves nothing, its name is free
             raise
         return self.store.get(record.id)
+
+    def _watch(self) -> None:
+        """A change is under way: the keeper repairs it if this process dies first."""
+        ensure_keeper(self.paths, self.layout.state_dir, needed=True)
 
     def _admission(
         self, mem_mib: int, choice: BackendChoice
@@ -315,6 +321,7 @@ class Workspaces:
             self.store.transition(
                 record.id, "stopping", expect={"running"}, action="stop", owner=_me()
             )
+        self._watch()
         progress("stopping services and shutting the guest down")
         self._shut_down(record)
         self._mark_services_stopped(record.id)
@@ -352,6 +359,7 @@ class Workspaces:
             admit=self._admission(record.mem_mib, choice),
             owner=_me(),
         )
+        self._watch()
         files = self.layout.workspace(record.id)
         try:
             self._boot(record, files, choice=choice, progress=progress, first=False)
@@ -470,37 +478,43 @@ class Workspaces:
         self._reconcile_record(self.store.get(ref))
 
     def _reconcile_record(self, record: WorkspaceRecord) -> str | None:
-        if record.state == "stopping" and _owner_alive(record.owner):
-            return None  # the stop under way finishes it (a repair here would race it)
-        live_states = ("running", "stopping", "starting")
-        if record.state in live_states and self._vmm(record).alive():
-            return None
-        if record.state in ("running", "stopping"):
-            try:
-                self._end_vm(record)
-            except PyroError as exc:
-                self._mark_services_stopped(record.id)
-                self._fail(record.id, f"the VMM exited unexpectedly: {exc}")
-                return "failed"
-            note = "the VMM exited unexpectedly; disks kept: `pyro workspace start` boots it again"
-            self._mark_services_stopped(record.id)
-            if record.state == "running":
-                self.store.transition(record.id, "stopping", expect={"running"}, note=note)
-            self.store.transition(record.id, "stopped", note=note, vmm_pid=None)
-            return "stopped"
-        if record.state in ("creating", "starting"):
-            if _owner_alive(record.owner):
-                return None  # still under way, however long its boot takes
-            if record.state == "creating":
-                self._discard(record.id)  # it never came to be: nothing of it is kept
-                return "discarded"
+        """Repair ``record`` if what it says no longer holds: a change (create, start,
+        stop) whose process is gone, or a VMM that died. What change is under way is
+        decided by whether the process doing it runs, never by a clock."""
+        changing = record.state in ("creating", "starting", "stopping")
+        if changing and _owner_alive(record.owner):
+            return None  # the change under way finishes it (a repair here would race it)
+        if record.state == "creating":
+            self._discard(record.id)  # it never came to be: nothing of it is kept
+            return "discarded"
+        if record.state == "starting":
             self._end_vm(record)
             note = "the process starting it went away before it finished"
             self.store.transition(
                 record.id, "failed", note=note, error=note, vmm_pid=None, owner=None
             )
             return "failed"
-        return None
+        if record.state not in ("running", "stopping"):
+            return None
+        stop_died = record.state == "stopping" and record.owner is not None
+        if not stop_died and self._vmm(record).alive():
+            return None
+        try:
+            self._end_vm(record)
+        except PyroError as exc:
+            self._mark_services_stopped(record.id)
+            self._fail(record.id, f"the VMM exited unexpectedly: {exc}")
+            return "failed"
+        note = (
+            "the process stopping it went away; its VM was ended, disks kept"
+            if stop_died
+            else "the VMM exited unexpectedly; disks kept: `pyro workspace start` boots it again"
+        )
+        self._mark_services_stopped(record.id)
+        if record.state == "running":
+            self.store.transition(record.id, "stopping", expect={"running"}, note=note)
+        self.store.transition(record.id, "stopped", note=note, vmm_pid=None, owner=None)
+        return "stopped"
 
     def _sweep_orphans(self) -> list[str]:
         """End the VMs in our run root that no active workspace owns; drop stale run dirs.

@@ -10,7 +10,7 @@ from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.workspace.expiry import ensure_keeper
+from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.store import UNSET
 
@@ -30,7 +30,8 @@ def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
     try:
         yield workspaces
         # A TTL set now, or found after a host reboot, is kept from now on.
-        ensure_keeper(ctx.paths, workspaces.layout.state_dir, workspaces.store.next_expiry())
+        needed = workspaces.store.next_expiry() is not None
+        ensure_keeper(ctx.paths, workspaces.layout.state_dir, needed)
     finally:
         workspaces.close()
 

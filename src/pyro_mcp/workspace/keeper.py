@@ -1,13 +1,17 @@
-"""Workspaces expire on time, whether or not any pyro command runs.
+"""The keeper: what must happen to workspaces on time, whether or not a pyro command runs.
 
-A workspace given a TTL is deleted (its VM killed, its disks and records removed) when the
-TTL runs out. The deleting is done by the *keeper*: one small background process per
-state directory, started by the first pyro process that sees a workspace with a TTL and
-none running (``ensure_keeper``). It holds ``<state dir>/expiry.lock`` for as long as it
-runs (a second one started in a race sees the lock and leaves), looks at the store every
-``RECHECK_S`` (or sooner when a TTL ends sooner), deletes what expired, and exits once no
-workspace has a TTL. After a host reboot the next pyro command starts it again; what
-expired meanwhile is deleted at once.
+- A workspace given a TTL is deleted (its VM killed, its disks and records removed) when
+  the TTL runs out.
+- A create, start or stop whose process died (``kill -9`` of the CLI mid-create) is
+  repaired as reconcile would: a create that never finished is removed with its VM, a
+  start or stop becomes ``failed`` or ``stopped``. Nothing waits for the next command.
+
+One small background process per state directory does it. The first pyro process that
+sees a TTL, or begins a create, start or stop, starts it if none runs
+(``ensure_keeper``). It holds ``<state dir>/keeper.lock`` while it runs (a second one
+started in a race sees the lock and leaves), looks at the store every ``RECHECK_S`` (or
+sooner when a TTL ends sooner), and exits once there is nothing left to watch. After a
+host reboot the next pyro command starts it again; what expired meanwhile goes at once.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from pyro_mcp.runtime.paths import RuntimePaths
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "expiry.lock"
-LOG_FILE = "expiry.log"
+LOCK_FILE = "keeper.lock"
+LOG_FILE = "keeper.log"
 LOG_MAX_BYTES = 1 << 20  # the keeper's log is started afresh past this
-RECHECK_S = 1.0  # how late a shortened TTL may be noticed
+RECHECK_S = 1.0  # how late a shortened TTL or a dead create's process may be noticed
+CHANGING = ("creating", "starting", "stopping")  # a process is doing these: watched
 
 
 def _lock(state_dir: Path) -> int | None:
@@ -51,15 +56,15 @@ def keeper_running(state_dir: Path) -> bool:
     return False
 
 
-def ensure_keeper(paths: RuntimePaths, state_dir: Path, next_expiry: float | None) -> None:
-    """Start the keeper of ``state_dir`` if a workspace has a TTL and none runs."""
-    if next_expiry is None or keeper_running(state_dir):
+def ensure_keeper(paths: RuntimePaths, state_dir: Path, needed: bool) -> None:
+    """Start the keeper of ``state_dir`` if it is ``needed`` and none runs."""
+    if not needed or keeper_running(state_dir):
         return
     log_path = state_dir / LOG_FILE
     with contextlib.suppress(OSError):
         if log_path.stat().st_size > LOG_MAX_BYTES:
             log_path.unlink()
-    argv = [sys.executable, "-m", "pyro_mcp.workspace.expiry"]
+    argv = [sys.executable, "-m", "pyro_mcp.workspace.keeper"]
     argv += [str(state_dir), str(paths.cache_dir), str(paths.run_root)]
     with open(log_path, "ab") as output:
         subprocess.Popen(
@@ -73,7 +78,8 @@ def ensure_keeper(paths: RuntimePaths, state_dir: Path, next_expiry: float | Non
 
 
 def keep(paths: RuntimePaths, state_dir: Path) -> None:
-    """Delete workspaces as their TTLs run out, until none has one (see the module doc)."""
+    """Delete what expired and repair changes whose process died, until nothing is left
+    to watch (see the module doc)."""
     from pyro_mcp.workspace.lifecycle import Workspaces
 
     fd = _lock(state_dir)
@@ -82,25 +88,31 @@ def keep(paths: RuntimePaths, state_dir: Path) -> None:
     workspaces = Workspaces(paths, state_dir)
     try:
         while True:
+            for record in workspaces.store.list(states=CHANGING):
+                try:  # repaired only if its process is gone (see Workspaces.reconcile_one)
+                    workspaces.reconcile_one(record.id)
+                except PyroError as exc:
+                    log.warning("workspace %s: repairing it failed: %s", record.id, exc)
             for record in workspaces.store.expired(time.time()):
                 if record.state == "creating":
-                    continue  # its create finishes (or reconcile removes it) first
+                    continue  # its create finishes (or is repaired above) first
                 try:
                     workspaces.delete(record.id)
                     log.warning("workspace %s expired and was deleted", record.id)
                 except PyroError as exc:
                     log.warning("workspace %s expired; deleting it failed: %s", record.id, exc)
             upcoming = workspaces.store.next_expiry()
-            if upcoming is None:
+            if upcoming is None and not workspaces.store.list(states=CHANGING):
                 return
-            time.sleep(min(max(upcoming - time.time(), 0.05), RECHECK_S))
+            wait = RECHECK_S if upcoming is None else upcoming - time.time()
+            time.sleep(min(max(wait, 0.05), RECHECK_S))
     finally:
         workspaces.close()
         os.close(fd)
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(format="%(asctime)s pyro-expiry: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s pyro-keeper: %(message)s", level=logging.INFO)
     state_dir, cache_dir, run_root = (Path(a) for a in argv)
     try:
         keep(RuntimePaths(cache_dir, run_root), state_dir)
