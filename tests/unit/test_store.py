@@ -671,3 +671,53 @@ def test_referenced_manifests_covers_baselines_and_checkpoints(store: WorkspaceS
     store.transition(two.id, "deleting")
     store.delete_record(two.id)
     assert store.referenced_manifests() == {SHA_A}
+
+
+def test_processes_and_threads_opening_the_store_at_once_never_see_an_io_error(
+    tmp_path: Path,
+) -> None:
+    """A CLI and an MCP server (each with several threads) open and close the store all
+    the time; opening it must never drop the locks other threads' connections hold."""
+    import subprocess
+    import sys
+    import time as clock
+
+    path = tmp_path / "store.sqlite3"
+    store = WorkspaceStore(path)
+    record = store.create(environment="debian:12", vcpu_count=1, mem_mib=256, disk_mib=64)
+    store.close()
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from pyro_mcp.workspace.store import WorkspaceStore\n"
+            "end = time.monotonic() + 2\n"
+            "while time.monotonic() < end:\n"
+            "    s = WorkspaceStore(Path(sys.argv[1])); s.list(); s.close()\n",
+            str(path),
+        ]
+    )
+    errors: list[str] = []
+
+    def journal() -> None:
+        end = clock.monotonic() + 2
+        while clock.monotonic() < end:
+            opened = WorkspaceStore(path)
+            try:
+                opened.journal_command(
+                    CommandRecord(workspace_id=record.id, started_at=clock.time(), argv=["x"])
+                )
+            except sqlite3.Error as exc:
+                errors.append(str(exc))
+            finally:
+                opened.close()
+
+    threads = [threading.Thread(target=journal) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert other.wait(timeout=30) == 0
+    assert errors == []

@@ -15,6 +15,7 @@ use are re-exported from here.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import re
@@ -136,8 +137,12 @@ class WorkspaceStore:
         self._clock = clock
         self._db = StoreConnection(path, busy_timeout_s=busy_timeout_s)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Command output tails may hold secrets: the file is private from the start.
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        # Command output tails may hold secrets: the file is private from the start. Never
+        # open and close a descriptor of a store that exists: closing any descriptor of a
+        # file drops every POSIX lock this process holds on it, those of SQLite connections
+        # in other threads too, and another process then reads a half-checkpointed WAL.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
         try:
             self._db.open()
             self._migrate()
