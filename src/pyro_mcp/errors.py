@@ -148,3 +148,10 @@ class GuestError(PyroError):
 
 class OperationTimeout(PyroError):
     code = "timeout"
+
+
+class Cancelled(PyroError):
+    """The caller gave up (an MCP cancellation, a closed session, a signal): what the
+    operation ran was stopped (the guest command killed, a one-shot VM discarded)."""
+
+    code = "cancelled"

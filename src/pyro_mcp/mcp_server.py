@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import types
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -57,6 +58,7 @@ from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 
 ContextFactory = Callable[[], Context]
+CANCEL_GRACE_S = 30.0  # for a cancelled operation to stop what it started
 log = logging.getLogger(__name__)
 
 
@@ -88,8 +90,24 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
                 anyio.from_thread.run(mcp_ctx.report_progress, steps, None, message)
 
         ctx.progress = progress
+        ctx.heartbeat = progress
+        finished = threading.Event()
+
+        def work() -> Any:
+            try:
+                return op.call(ctx, Surface.MCP, **kwargs)
+            finally:
+                finished.set()
+
         try:
-            result = await anyio.to_thread.run_sync(lambda: op.call(ctx, Surface.MCP, **kwargs))
+            result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            # The client cancelled the request or its session ended: the operation stops
+            # what it runs (the guest command, a one-shot VM) before this gives up.
+            ctx.cancelled.set()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
+            raise
         except PyroError as exc:
             raise ToolError(printable_text(f"{exc.code}: {exc}")) from exc
         return dict(printable(result))

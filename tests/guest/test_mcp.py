@@ -197,3 +197,72 @@ def test_a_stdio_client_leaving_mid_call_leaves_no_vm_behind(
         time.sleep(0.2)
     assert _vmm_processes(runtime) == []
     assert list(runtime.run_root.glob("*")) == []
+
+
+@pytest.mark.parametrize("phase", ["booting", "running command"])
+def test_a_cancelled_vm_run_leaves_no_vmm_within_2_s(
+    runtime: RuntimePaths, tmp_path: Path, phase: str
+) -> None:
+    """The client gives up (notifications/cancelled) while the VM boots or while its
+    command runs: the server discards the VM at once, and goes on serving."""
+    reached = anyio.Event()
+
+    async def on_progress(_progress: float, _total: float | None, message: str | None) -> None:
+        if message == phase:
+            reached.set()
+
+    async def body() -> tuple[list[str], bool]:
+        with (tmp_path / "stderr.log").open("w") as errlog:
+            async with _stdio_client(runtime, errlog) as client:
+                scope = anyio.CancelScope()
+
+                async def call() -> None:
+                    with scope:
+                        await client.call_tool(
+                            "vm_run",
+                            {"environment": "debian:12", "command": ["sleep", "60"]},
+                            progress_callback=on_progress,
+                        )
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(call)
+                    await reached.wait()
+                    if phase == "running command":
+                        await anyio.sleep(1.0)  # the command is running in the guest
+                    assert _vmm_processes(runtime) != []
+                    scope.cancel()
+                cancelled = time.monotonic()
+                while _vmm_processes(runtime) and time.monotonic() - cancelled < 2:
+                    await anyio.sleep(0.05)
+                left = _vmm_processes(runtime)
+                envs = await client.call_tool("env_list", {})
+                return left, envs.is_error
+
+    left, env_list_failed = _run(body)
+    assert left == [] and not env_list_failed
+
+
+def test_a_long_vm_run_sends_progress_while_its_command_runs(
+    runtime: RuntimePaths, tmp_path: Path
+) -> None:
+    messages: list[str] = []
+
+    async def on_progress(_progress: float, _total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async def body() -> CallToolResult:
+        with (tmp_path / "stderr.log").open("w") as errlog:
+            async with _stdio_client(runtime, errlog) as client:
+                return await client.call_tool(
+                    "vm_run",
+                    {"environment": "debian:12", "command": "echo abc; sleep 11"},
+                    progress_callback=on_progress,
+                )
+
+    result = _run(body)
+    assert not result.is_error
+    beats = [m for m in messages if m.startswith("command running:")]
+    assert beats[:2] == [
+        "command running: 5 s, 4 bytes of output",
+        "command running: 10 s, 4 bytes of output",
+    ]

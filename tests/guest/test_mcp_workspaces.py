@@ -292,3 +292,41 @@ def test_host_paths_outside_the_root_and_bad_arguments_are_tool_errors(
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["workspaces"] == []
     assert server.vmm_processes() == []
+
+
+def test_a_cancelled_workspace_exec_kills_its_command_in_the_guest(server: Server) -> None:
+    async def body() -> tuple[str, str]:
+        async with server.client() as client:
+            wid = _data(await client.call_tool("workspace_create", {"environment": "debian:12"}))[
+                "id"
+            ]
+            scope = anyio.CancelScope()
+
+            async def call() -> None:
+                with scope:
+                    await client.call_tool(
+                        "workspace_exec", {"workspace": wid, "command": ["sleep", "600"]}
+                    )
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(call)
+                listing = ""
+                for _ in range(100):  # until the command runs in the guest
+                    await anyio.sleep(0.2)
+                    found = await client.call_tool(
+                        "workspace_exec", {"workspace": wid, "command": "pgrep -x sleep || true"}
+                    )
+                    listing = _data(found)["stdout"]
+                    if listing:
+                        break
+                assert listing, "the command never started"
+                scope.cancel()
+            await anyio.sleep(2)
+            after = await client.call_tool(
+                "workspace_exec", {"workspace": wid, "command": "pgrep -x sleep || true"}
+            )
+            await client.call_tool("workspace_delete", {"workspace": wid})
+            return listing, _data(after)["stdout"]
+
+    listing, after = _run(body)
+    assert listing.strip() and after == ""

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyro_mcp.errors import InvalidArgument, OutsideRoot
+from pyro_mcp.errors import Cancelled, InvalidArgument, OutsideRoot, PyroError
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths, state_dir
 from pyro_mcp.storage.host_files import HostPath, locate
 
 ProgressFn = Callable[[str], None]
+HEARTBEAT_S = 5.0  # how often a running command's progress is reported
+CANCEL_POLL_S = 0.05  # how soon a cancellation reaches what the operation waits for
 OutputFn = Callable[[str, bytes], None]  # (stream name, bytes) as a command produces them
 
 
@@ -78,3 +83,69 @@ class Context:
     output: OutputFn | None = None
     state_dir: Path = field(default_factory=state_dir)
     host_paths: HostPathPolicy = field(default_factory=HostPathPolicy)
+    # Set when the caller gives up: operations stop what they run (see check_cancelled).
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Told every HEARTBEAT_S how a running command is doing (MCP progress notifications,
+    # so a client waiting on a long build knows it is alive); None: nobody asks.
+    heartbeat: ProgressFn | None = None
+
+    def check_cancelled(self) -> None:
+        """Raise Cancelled if the caller has given up."""
+        if self.cancelled.is_set():
+            raise Cancelled("the call was cancelled")
+
+    @contextmanager
+    def running_command(self) -> Iterator[OutputFn | None]:
+        """While a command runs: the output function to give it (``output``, counting
+        bytes), and a heartbeat every HEARTBEAT_S with the time and output so far."""
+        if self.heartbeat is None:
+            yield self.output
+            return
+        beat, passed_on = self.heartbeat, self.output
+        produced = [0]
+        started = time.monotonic()
+        done = threading.Event()
+
+        def output(stream: str, data: bytes) -> None:
+            produced[0] += len(data)
+            if passed_on is not None:
+                passed_on(stream, data)
+
+        def tick() -> None:
+            while not done.wait(HEARTBEAT_S):
+                elapsed = time.monotonic() - started
+                beat(f"command running: {elapsed:.0f} s, {produced[0]} bytes of output")
+
+        ticker = threading.Thread(target=tick, daemon=True, name="pyro-heartbeat")
+        ticker.start()
+        try:
+            yield output
+        finally:
+            done.set()
+            ticker.join()
+
+    @contextmanager
+    def on_cancel(self, action: Callable[[], None]) -> Iterator[None]:
+        """Run ``action`` (from another thread) if the caller gives up while the block
+        runs, e.g. kill the VM a blocking boot waits for; after the block, Cancelled if
+        the caller gave up (whatever the block raised because of the action)."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                if self.cancelled.wait(CANCEL_POLL_S):
+                    if not done.is_set():
+                        action()
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True, name="pyro-cancel-watch")
+        watcher.start()
+        try:
+            yield
+        except PyroError:
+            self.check_cancelled()
+            raise
+        finally:
+            done.set()
+            watcher.join()
+        self.check_cancelled()

@@ -142,6 +142,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwound like Ctrl-C, so what the command started (a
+    one-shot VM) is stopped on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt_on(*signums: int) -> None:
+    def interrupt(signum: int, _frame: object) -> None:
+        for each in (signal.SIGINT, *signums):  # the way out itself is not interrupted
+            signal.signal(each, signal.SIG_IGN)
+        raise Signalled(signum)
+
+    for signum in signums:
+        signal.signal(signum, interrupt)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
@@ -152,6 +171,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     op: Operation = namespace.operation
     as_json: bool = namespace.json
+    _interrupt_on(signal.SIGTERM, signal.SIGHUP)
     ctx = Context(progress=_ProgressPrinter())
     if not as_json:
         ctx.output = _write_live
@@ -168,9 +188,11 @@ def _main(argv: Sequence[str] | None) -> int:
             if tail:
                 print("  --- output (tail) ---\n" + printable_text(tail), file=sys.stderr)
         return 2 if isinstance(exc, InvalidArgument) else 1
-    except KeyboardInterrupt:
-        print("pyro: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # What the operation ran was stopped on the way out (a one-shot VM discarded).
+        signum = exc.signum if isinstance(exc, Signalled) else signal.SIGINT
+        print(f"pyro: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     else:

@@ -40,6 +40,7 @@ from typing import Any
 
 from pyro_mcp.errors import (
     AgentUnavailable,
+    Cancelled,
     GuestError,
     InvalidArgument,
     OperationTimeout,
@@ -58,6 +59,7 @@ CALL_TIMEOUT_S = 60.0  # the deadline of a call that names none
 # guest clock up to 10 % slow, and the time to send the result) before its own guard fires.
 HOST_GUARD_FACTOR = 1.1
 HOST_GUARD_MARGIN_S = 10.0
+CANCEL_POLL_S = 0.1  # how soon a call notices that its caller gave up
 RESYNC_S = 30.0  # for a restarted agent to say which calls reached it
 IDLE_S = 30.0  # silence (no frame, not even a keepalive) after which a call has stalled
 IDLE_ENV = "PYRO_AGENT_IDLE_S"  # overrides IDLE_S (a slow host may want more)
@@ -223,6 +225,7 @@ class CallStream:
         pending: _Pending,
         timeout_s: float,
         idle_s: float | None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self._client = client
         self.id = ident
@@ -231,6 +234,8 @@ class CallStream:
         self._timeout_s = timeout_s
         self._deadline = time.monotonic() + timeout_s
         self._idle_s = idle_s
+        self._heard = time.monotonic()  # when the agent last sent anything for this call
+        self._cancel = cancel  # set by the caller to give up: the call is cancelled
         self.value: dict[str, Any] | None = None
         self.payload = b""
         self.done = False
@@ -271,6 +276,9 @@ class CallStream:
     def _next(self) -> p.Frame:
         while True:
             now = time.monotonic()
+            if self._cancel is not None and self._cancel.is_set():
+                self.close()
+                raise Cancelled(f"guest operation {self.op} was cancelled")
             left = self._deadline - now
             if left <= 0:
                 self.expired = True
@@ -278,16 +286,22 @@ class CallStream:
                 raise OperationTimeout(
                     f"guest operation {self.op} took longer than {self._timeout_s:g} s"
                 )
-            wait = left if self._idle_s is None else min(left, self._idle_s)
-            item = self._pending.get(wait)
-            if item is None:
-                if self._idle_s is not None and time.monotonic() - now >= self._idle_s:
+            wait = left
+            if self._idle_s is not None:
+                quiet = now - self._heard
+                if quiet >= self._idle_s:
                     self.close()
                     raise OperationTimeout(
                         f"guest operation {self.op}: the agent sent nothing for "
                         f"{self._idle_s:g} s (it has stalled)"
                     )
+                wait = min(wait, self._idle_s - quiet)
+            if self._cancel is not None:
+                wait = min(wait, CANCEL_POLL_S)
+            item = self._pending.get(wait)
+            if item is None:
                 continue
+            self._heard = time.monotonic()
             if isinstance(item, str):
                 self._finish()
                 raise AgentUnavailable(
@@ -481,6 +495,7 @@ class AgentClient:
         input_chunks: Iterable[Upload] | None = None,
         timeout_s: float = CALL_TIMEOUT_S,
         idle_s: float | _Default | None = DEFAULT,
+        cancel: threading.Event | None = None,
     ) -> CallStream:
         """Start ``op`` and return its stream of data frames (see :class:`CallStream`).
 
@@ -493,7 +508,7 @@ class AgentClient:
         frame = _call_frame(ident, self._call_header(op, args or {}), payload)
         pending = _Pending()
         idle = self.idle_s if isinstance(idle_s, _Default) else idle_s
-        stream = CallStream(self, ident, op, pending, timeout_s, idle)
+        stream = CallStream(self, ident, op, pending, timeout_s, idle, cancel)
         try:
             with self._send_lock:  # registered and sent together (see _resync)
                 with self._lock:
@@ -590,8 +605,10 @@ class AgentClient:
         timeout_s: float | None = None,
         output_cap: int = 16 << 20,
         on_output: DataFn | None = None,
+        cancel: threading.Event | None = None,
     ) -> ExecResult:
         """Run a command; output streams to ``on_output`` and is captured up to the cap.
+        Setting ``cancel`` kills the command in the guest and raises Cancelled.
 
         The cap is enforced here too: the agent stops sending at ``output_cap`` per stream
         and flags the rest truncated, so an agent that sends more is refused at once
@@ -607,7 +624,7 @@ class AgentClient:
         # the guest command is cancelled and what it printed is still the result. A
         # command without a timeout is bounded by the agent's keepalives (idle_s).
         wait = host_guard_s(timeout_s) if timeout_s is not None else 7 * 24 * 3600.0
-        with self.stream("exec", args, stdin, timeout_s=wait) as call:
+        with self.stream("exec", args, stdin, timeout_s=wait, cancel=cancel) as call:
             try:
                 for stream, _offset, data in call:
                     if stream not in captured:

@@ -122,6 +122,9 @@ class VM(ABC):
         self.agent: AgentClient | None = None
         self.timings: dict[str, float] = {}
         self.record = VMMRecord(self.backend, spec.vm_id)
+        # A one-shot VM ends with the process that started it, however that ends (kill -9
+        # included) where the backend can arrange it; a workspace VM outlives it.
+        self.ends_with_owner = False
 
     @property
     def pid(self) -> int | None:

@@ -160,6 +160,7 @@ def start_owned(vm: VM) -> None:
     """Start a one-shot VM owned by this process (see :mod:`pyro_mcp.vmm.ownership`)."""
     sweep_orphans(vm.spec.run_dir.parent)
     register(vm)
+    vm.ends_with_owner = True
     vm.start()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,8 +50,10 @@ def exec_command(
     timeout_seconds: float = 300.0,
     output_cap_bytes: int = 1 << 20,
     output: OutputFn | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run a command in the workspace; its exit code is data, and it is journaled.
+    Setting ``cancel`` kills the command in the guest (Cancelled; nothing is journaled).
 
     ``command`` is a shell command line (``/bin/sh -lc``) or an argv list."""
     how = command_fields(command)
@@ -67,6 +70,7 @@ def exec_command(
             timeout_s=timeout_seconds,
             output_cap=output_cap_bytes,
             on_output=output,
+            cancel=cancel,
         )
     workspaces.store.journal_command(
         CommandRecord(

@@ -86,18 +86,20 @@ def vm_run(
     spec = vm.spec
     phase = mark("create_ms", started)
     try:
-        start_owned(vm)
-        ctx.progress("booting")
-        agent = vm.wait_ready(BOOT_TIMEOUT_S)
-        phase = mark("boot_ms", phase)
-        ctx.progress("running command")
-        result = agent.exec(
-            **how,
-            timeout_s=timeout_seconds,
-            output_cap=output_cap_bytes,
-            on_output=ctx.output,
-        )
-        phase = mark("exec_ms", phase)
+        with ctx.on_cancel(vm.kill):  # a caller that gives up ends the VM at once
+            start_owned(vm)
+            ctx.progress("booting")
+            agent = vm.wait_ready(BOOT_TIMEOUT_S)
+            phase = mark("boot_ms", phase)
+            ctx.progress("running command")
+            with ctx.running_command() as output:
+                result = agent.exec(
+                    **how,
+                    timeout_s=timeout_seconds,
+                    output_cap=output_cap_bytes,
+                    on_output=output,
+                )
+            phase = mark("exec_ms", phase)
     finally:
         cleanup = time.monotonic()
         discard_vm(vm)

@@ -46,7 +46,7 @@ def workspace_exec(
     Errors: InvalidState when the workspace is not running (names its state),
     NotFound for an unknown workspace, AgentUnavailable if its VM died mid-call.
     """
-    with open_workspaces(ctx) as workspaces:
+    with open_workspaces(ctx) as workspaces, ctx.running_command() as output:
         return content.exec_command(
             workspaces,
             workspace,
@@ -55,7 +55,8 @@ def workspace_exec(
             env=parse_pairs(env, "env") or None,
             timeout_seconds=timeout_seconds,
             output_cap_bytes=output_cap_bytes,
-            output=ctx.output,
+            output=output,
+            cancel=ctx.cancelled,
         )
 
 

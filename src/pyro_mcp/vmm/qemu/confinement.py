@@ -156,12 +156,19 @@ def _chown(path: Path, uid: int) -> None:
 
 
 def confine(
-    spec: VMSpec, argv: list[str], *, accel: str, overhead_mib: int, read_files: list[Path]
+    spec: VMSpec,
+    argv: list[str],
+    *,
+    accel: str,
+    overhead_mib: int,
+    read_files: list[Path],
+    ends_with_owner: bool = False,
 ) -> Confinement:
     """How to launch ``argv`` (QEMU) confined, or as it is when not root.
 
     ``read_files`` are what QEMU only reads (kernel, initrd, backing images); the disks in
-    ``spec`` that are not read-only are handed to the VM's uid.
+    ``spec`` that are not read-only are handed to the VM's uid. With ``ends_with_owner``
+    the VMM is killed when this process (the thread launching it) ends.
     """
     directory = vmm_dir(spec.run_dir)
     directory.mkdir(mode=0o700, exist_ok=True)
@@ -195,6 +202,7 @@ def confine(
             "cgroup_procs": [str(c / "cgroup.procs") for c in cgroups],
             "binds": binds,
             "devices": devices,
+            "parent": os.getpid() if ends_with_owner else None,
         }
     except BaseException:
         os.close(lock)

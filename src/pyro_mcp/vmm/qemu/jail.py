@@ -15,8 +15,10 @@ anything else in the VMM process, whose pid it keeps), it
 
 CONFIG is JSON: ``uid``, ``gid``, ``root`` (an empty directory to build the root on),
 ``cgroup_procs`` (files to write this pid to), ``binds`` ([path, "ro"|"rw"]), ``devices``
-([path, major, minor]). Any failure ends the process with status 126 and a line on stderr
-(the VMM log): QEMU never starts half-confined.
+([path, major, minor]), ``parent`` (the pid of a one-shot VM's owner, whose end kills the
+VMM: ``PR_SET_PDEATHSIG``; null for a workspace VM, which outlives its starter). Any
+failure ends the process with status 126 and a line on stderr (the VMM log): QEMU never
+starts half-confined.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import stat
 import sys
 from typing import Any
@@ -38,6 +41,7 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin")
 SYSTEM_FILES = ("/etc/ld.so.cache",)
 
@@ -124,6 +128,12 @@ def confine(config: dict[str, Any]) -> None:
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+    parent = config.get("parent")
+    if parent is not None:  # a one-shot VM: it dies with its owner (set after the uid
+        # change, which would clear it; kept across the exec of QEMU)
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(pdeathsig)")
+        if os.getppid() != int(parent):
+            raise RuntimeError("the process that started this VM is gone")
     os.umask(umask)  # what QEMU creates (its sockets) stays private
 
 

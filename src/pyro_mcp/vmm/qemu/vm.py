@@ -141,6 +141,7 @@ class QemuVM(VM):
             accel=self.accel,
             overhead_mib=OVERHEAD_MIB[self.accel],
             read_files=[*reads, *self.spec.read_files],
+            ends_with_owner=self.ends_with_owner,
         )
         self.confinement = jailed.summary
         console = start_pump(self.spec.console_log)
