@@ -266,3 +266,59 @@ def test_a_long_vm_run_sends_progress_while_its_command_runs(
         "command running: 5 s, 4 bytes of output",
         "command running: 10 s, 4 bytes of output",
     ]
+
+
+def test_an_http_client_that_leaves_mid_call_leaves_no_vm_within_2_s(
+    runtime: RuntimePaths, tmp_path: Path
+) -> None:
+    """Over HTTP the server outlives its clients: one that goes away (its request aborted,
+    its session closed) while `vm_run`'s command runs must not leave the VM running."""
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*SERVE, "--http", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(runtime),
+        )
+    try:
+        _wait_until_listening(proc, port, log)
+        running = anyio.Event()
+
+        async def on_progress(_p: float, _t: float | None, message: str | None) -> None:
+            if message == "running command":
+                running.set()
+
+        async def body() -> list[str]:
+            with anyio.CancelScope() as scope:
+                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                    async with anyio.create_task_group() as group:
+
+                        async def call() -> None:
+                            await client.call_tool(
+                                "vm_run",
+                                {"environment": "debian:12", "command": ["sleep", "60"]},
+                                progress_callback=on_progress,
+                            )
+
+                        group.start_soon(call)
+                        await running.wait()
+                        await anyio.sleep(1.0)
+                        scope.cancel()  # the client goes away mid-call
+            left_at = time.monotonic()
+            while _vmm_processes(runtime) and time.monotonic() - left_at < 2:
+                await anyio.sleep(0.05)
+            return _vmm_processes(runtime)
+
+        assert _run(body) == []
+        assert proc.poll() is None, log.read_text()  # the server serves on
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert _vmm_processes(runtime) == []
