@@ -293,20 +293,22 @@ def test_an_http_client_that_leaves_mid_call_leaves_no_vm_within_2_s(
 
         async def body() -> list[str]:
             with anyio.CancelScope() as scope:
-                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-                    async with anyio.create_task_group() as group:
+                async with (
+                    Client(f"http://127.0.0.1:{port}/mcp") as client,
+                    anyio.create_task_group() as group,
+                ):
 
-                        async def call() -> None:
-                            await client.call_tool(
-                                "vm_run",
-                                {"environment": "debian:12", "command": ["sleep", "60"]},
-                                progress_callback=on_progress,
-                            )
+                    async def call() -> None:
+                        await client.call_tool(
+                            "vm_run",
+                            {"environment": "debian:12", "command": ["sleep", "60"]},
+                            progress_callback=on_progress,
+                        )
 
-                        group.start_soon(call)
-                        await running.wait()
-                        await anyio.sleep(1.0)
-                        scope.cancel()  # the client goes away mid-call
+                    group.start_soon(call)
+                    await running.wait()
+                    await anyio.sleep(1.0)
+                    scope.cancel()  # the client goes away mid-call
             left_at = time.monotonic()
             while _vmm_processes(runtime) and time.monotonic() - left_at < 2:
                 await anyio.sleep(0.05)
