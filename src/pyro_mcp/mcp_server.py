@@ -29,6 +29,7 @@ from typing import Annotated, Any, BinaryIO
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.server.mcpserver import Context as MCPContext
@@ -81,13 +82,14 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
         mcp_ctx: MCPContext = kwargs.pop("mcp_ctx")
         ctx = make_context()
         steps = 0
+        loop = anyio.lowlevel.current_token()  # progress may come from any thread
 
         def progress(message: str) -> None:
             nonlocal steps
             steps += 1
             log.info("%s: %s", op.name, message)
             with contextlib.suppress(Exception):
-                anyio.from_thread.run(mcp_ctx.report_progress, steps, None, message)
+                anyio.from_thread.run(mcp_ctx.report_progress, steps, None, message, token=loop)
 
         ctx.progress = progress
         ctx.heartbeat = progress

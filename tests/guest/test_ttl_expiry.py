@@ -26,7 +26,8 @@ def _alive(pid: int) -> bool:
 def test_a_workspace_is_deleted_when_its_ttl_ends_though_no_pyro_command_runs(
     ws_ctx: Context,
 ) -> None:
-    created = ws.workspace_create(ws_ctx, "debian:12", ttl_seconds=4)
+    created = ws.workspace_create(ws_ctx, "debian:12")
+    ws.workspace_update(ws_ctx, created["id"], ttl_seconds=3)  # counts from now
     status = ws.workspace_status(ws_ctx, created["id"])
     pid, run_dir = status["vmm_pid"], Path(status["run_dir"])
     files = ws_ctx.state_dir / "workspaces" / created["id"]
