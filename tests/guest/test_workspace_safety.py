@@ -116,7 +116,9 @@ def test_checkpoints_of_a_file_being_rewritten_always_reset(ws_ctx: Context) -> 
     _sh(ws_ctx, wid, f"setsid sh -c '{churn}' >/dev/null 2>&1 & echo $! > /tmp/churn; sleep 0.2")
     for round_ in range(3):
         wc.snapshot_create(ws_ctx, wid, f"churn-{round_}")
-    _sh(ws_ctx, wid, "kill $(cat /tmp/churn)")
+    # Killed, and gone: a write still in flight after `kill` returns lands after a reset.
+    gone = "p=$(cat /tmp/churn); kill $p; while kill -0 $p 2>/dev/null; do sleep 0.05; done"
+    _sh(ws_ctx, wid, gone)
     for round_ in range(3):
         wc.workspace_reset(ws_ctx, wid, snapshot=f"churn-{round_}")
         summary = wc.workspace_diff(ws_ctx, wid, against=f"churn-{round_}")["summary"]
