@@ -18,7 +18,8 @@
     ├── ProtocolViolation          the guest agent broke the protocol (damaged or
     │                              unasked-for data, a bad answer): its call fails
     ├── GuestError                 the guest agent refused a call (carries its code)
-    └── OperationTimeout           an operation ran past its deadline
+    ├── OperationTimeout           an operation ran past its deadline
+    └── Cancelled                  the caller gave up; what the call ran was stopped
 
 Lower-level errors (OSError, subprocess failures) are translated at the boundary with
 ``raise ... from exc`` so the message a user sees says what to do next.

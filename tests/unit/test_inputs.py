@@ -127,7 +127,9 @@ def test_start_service_runs_a_string_command_with_the_shell(ws: ServedWorkspace)
 @pytest.fixture
 def fake_vm(agent_client: AgentClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """vm_run's VM layer replaced: its "guest" is the in-process agent."""
-    vm = SimpleNamespace(spec=SimpleNamespace(vm_id="fake"), wait_ready=lambda _s: agent_client)
+    vm = SimpleNamespace(
+        spec=SimpleNamespace(vm_id="fake"), wait_ready=lambda _s: agent_client, kill=lambda: None
+    )
     monkeypatch.setattr(environments, "image_for", lambda paths, name: Path("/dev/null"))
     monkeypatch.setattr(
         vm_operations, "choose_backend", lambda *a, **k: SimpleNamespace(label="fake")
