@@ -138,19 +138,24 @@ def _wait_until_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -
             time.sleep(0.1)
 
 
-def test_http_server_runs_on_the_guest_kernel_and_stops_cleanly(
-    runtime: RuntimePaths, tmp_path: Path
-) -> None:
-    port = _free_port()
-    log = tmp_path / "server.log"
+def _start_http_server(runtime: RuntimePaths, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`pyro mcp serve --http` on loopback ``port``, its output in ``log``."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [*SERVE, "--http", f"127.0.0.1:{port}"],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=_env(runtime),
         )
+
+
+def test_http_server_runs_on_the_guest_kernel_and_stops_cleanly(
+    runtime: RuntimePaths, tmp_path: Path
+) -> None:
+    port = _free_port()
+    log = tmp_path / "server.log"
+    proc = _start_http_server(runtime, port, log)
     try:
         _wait_until_listening(proc, port, log)
 
@@ -277,14 +282,7 @@ def test_an_http_client_that_leaves_mid_call_leaves_no_vm_within_2_s(
     its session closed) while `vm_run`'s command runs must not leave the VM running."""
     port = _free_port()
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*SERVE, "--http", f"127.0.0.1:{port}"],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(runtime),
-        )
+    proc = _start_http_server(runtime, port, log)
     try:
         _wait_until_listening(proc, port, log)
         running = anyio.Event()

@@ -87,7 +87,7 @@ def keep(paths: RuntimePaths, state_dir: Path) -> None:
         return  # another keeper has it
     workspaces = Workspaces(paths, state_dir)
     try:
-        while True:
+        while workspaces.layout.store_path.exists():  # gone: nothing is left to keep
             for record in workspaces.store.list(states=CHANGING):
                 try:  # repaired only if its process is gone (see Workspaces.reconcile_one)
                     workspaces.reconcile_one(record.id)
