@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from pyro_mcp.runtime.rootfs_image import SHARED_WITH_THE_GUEST
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "pyro_mcp"
 
 # Every package and top-level module of src/pyro_mcp, and nothing else. Lower number =
@@ -25,8 +27,10 @@ LAYERS: dict[str, int] = {
     "mcp_server": 6,
 }
 
-# guest_agent runs inside the VM: stdlib plus guest.protocol only.
-GUEST_AGENT_ALLOWED = {"pyro_mcp.guest.protocol", "pyro_mcp.guest_agent"}
+# guest_agent runs inside the VM: stdlib plus the guest modules copied beside it, which
+# import nothing of pyro_mcp themselves.
+SHARED = {f"pyro_mcp.guest.{name.removesuffix('.py')}" for name in SHARED_WITH_THE_GUEST}
+GUEST_AGENT_ALLOWED = SHARED | {"pyro_mcp.guest_agent"}
 # Surfaces reach the machine only through api/.
 SURFACES_MUST_NOT_IMPORT = ("vmm",)
 
@@ -63,6 +67,8 @@ def _violations() -> list[str]:
             continue
         for imported in _imports(path):
             target = _layer_of(imported)
+            if module in SHARED:
+                problems.append(f"{module} imports {imported}: it runs in the guest too")
             if own == "guest_agent" and not any(
                 imported == allowed or imported.startswith(allowed + ".")
                 for allowed in GUEST_AGENT_ALLOWED

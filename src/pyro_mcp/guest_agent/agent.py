@@ -71,6 +71,7 @@ CAPABILITIES = (
 Handler = Callable[[Call], tuple[dict[str, Any], bytes]]
 
 BEAT_S = 5.0  # every call in flight gets a keepalive frame this often
+HOST_GRACE_S = 2.0  # a port's host gone this long has left: its calls are cancelled
 STALL_S = 0.5  # a partial frame idle this long is checked for a torn frame
 READ_SIZE = 1 << 20
 PAGE = 4096  # a virtio-serial port hands out one page-sized buffer per read
@@ -132,8 +133,14 @@ class Agent:
         message = "the guest agent restarted; calls in flight were lost"
         self.send(p.Frame(p.ERROR, 0, {"code": p.AGENT_RESTARTED, "message": message}))
 
-    def serve(self) -> None:
-        """Read frames until the channel closes."""
+    def serve(self, wait_for_host: Callable[[float | None], bool] | None = None) -> None:
+        """Read frames until the channel closes.
+
+        A virtio-serial port never closes: it reads as end of file while no host is
+        connected, and ``wait_for_host(timeout)`` blocks until one is (True) or the
+        timeout passes (False). Its Agent serves every host that comes, each one's
+        stream starting with its hello (see ``_between_hosts``).
+        """
         decoder = p.FrameDecoder()
         waiter = select.poll()
         waiter.register(self.read_fd, select.POLLIN)
@@ -152,17 +159,20 @@ class Agent:
                     items = decoder.stalled()
                     if not items:
                         continue
-                elif decoder.filling:
-                    size, items = decoder.fill(reader)  # straight into place
-                    if not size:
-                        return
-                    whole = size % PAGE == 0
                 else:
-                    size = reader(view)
-                    if not size:
-                        return
+                    if decoder.filling:
+                        size, items = decoder.fill(reader)  # straight into place
+                    else:
+                        size = reader(view)
+                        items = decoder.feed(view[:size]) if size else []
+                    if not size:  # the end of the channel, or of one host's stay
+                        if wait_for_host is None:
+                            return
+                        self._between_hosts(wait_for_host)
+                        decoder = p.FrameDecoder()  # drops what the host that left tore
+                        whole = False
+                        continue
                     whole = size % PAGE == 0
-                    items = decoder.feed(view[:size])
                 for item in items:
                     if isinstance(item, p.Damaged):
                         self._damaged(item)
@@ -174,6 +184,20 @@ class Agent:
             self._done.set()
             for call in self._running():
                 call.cancel()
+
+    def _between_hosts(self, wait_for_host: Callable[[float | None], bool]) -> None:
+        """The host left: its calls are cancelled, unless a host is back within
+        HOST_GRACE_S. The port's bytes and the news of hosts coming and going reach the
+        guest on separate queues, so the next host's hello can be read before the end
+        of file of the host before it; the calls of that new session must live on (a
+        new session's hello cancels the calls of the one before anyway)."""
+        if wait_for_host(HOST_GRACE_S):
+            return
+        session = self.session
+        for call in self._running():
+            if call.session == session:
+                call.cancel()
+        wait_for_host(None)
 
     def _running(self) -> list[Call]:
         with self._calls_lock:
@@ -398,43 +422,48 @@ def serve_virtio_serial() -> None:
 
 
 def _serve_port(path: str, restarted: bool) -> None:
-    """Serve one port forever: a fresh Agent each time a host connects.
+    """Serve one port for the life of the VM: one Agent for every host that connects.
 
     The port stays open between hosts: closing a virtio-serial port discards what the
-    next host may already have sent (its hello), so a reconnect would hang. While no host
-    is connected the port reads as end-of-file and polls as readable *and* hung up, so a
-    level-triggered wait would spin: an edge-triggered epoll sleeps until the port's state
-    changes (a host connects and writes).
+    next host may already have sent (its hello), so a reconnect would hang.
     """
     try:
         fd = os.open(path, os.O_RDWR)
-        waiter = select.epoll()
-        waiter.register(fd, select.EPOLLIN | select.EPOLLET)
-        while True:
-            agent = Agent(fd)
-            if restarted:  # every port's host may have had calls in flight
-                agent.announce_restart()
-                restarted = False
-            agent.serve()
-            _wait_for_host(fd, waiter)
+        agent = Agent(fd)
+        if restarted:  # the port's host may have had calls in flight
+            agent.announce_restart()
+        agent.serve(wait_for_host=functools.partial(_wait_for_host, fd, _edges(fd)))
     except BaseException:
         import traceback
 
         traceback.print_exc()
-        os._exit(1)  # as when the single port failed: init restarts the whole agent
+    os._exit(1)  # as when the single port failed: init restarts the whole agent
 
 
-def _wait_for_host(fd: int, waiter: select.epoll) -> None:
-    """Block until a host is connected and has sent something."""
+def _edges(fd: int) -> select.epoll:
+    """An edge-triggered wait on the port. While no host is connected the port reads as
+    end of file and polls as readable *and* hung up, so a level-triggered wait would
+    spin: this one sleeps until the port's state changes (a host connects or writes)."""
+    waiter = select.epoll()
+    waiter.register(fd, select.EPOLLIN | select.EPOLLET)
+    return waiter
+
+
+def _wait_for_host(fd: int, edges: select.epoll, timeout_s: float | None) -> bool:
+    """Block until a host is connected to the port (True) or ``timeout_s`` passes."""
     level = select.poll()
     level.register(fd, select.POLLIN)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        waiter.poll(5.0)  # wakes on state changes; the timeout is only a safety net
         mask = 0
         for _, event in level.poll(0):
             mask |= event
-        if mask & select.POLLIN and not mask & select.POLLHUP:
-            return
+        if not mask & select.POLLHUP:
+            return True
+        left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        edges.poll(left)  # wakes on state changes; the timeout is only a safety net
 
 
 VSOCK_BACKLOG = 64

@@ -43,7 +43,8 @@ class Call:
         self.session = session
         self.started = time.monotonic()
         self.cancelled = threading.Event()
-        self.on_cancel: Callable[[], None] | None = None
+        self._on_cancel: Callable[[], None] | None = None
+        self._cancel_lock = threading.Lock()
         self.send_signal: Callable[[int], None] | None = None  # set while a process runs
         self._input: list[tuple[int | None, p.Bytes]] = []
         self._input_done = threading.Event()
@@ -106,9 +107,20 @@ class Call:
         for start in range(0, len(data), p.CHUNK):
             self.send(p.Frame(p.DATA, self.id, {"stream": stream}, data[start : start + p.CHUNK]))
 
+    def upon_cancel(self, action: Callable[[], None]) -> None:
+        """Run ``action`` when the call is cancelled, or now if it already was (a cancel
+        can come before the operation is ready for it, e.g. before its process starts)."""
+        with self._cancel_lock:
+            self._on_cancel = action
+            already = self.cancelled.is_set()
+        if already:
+            action()
+
     def cancel(self) -> None:
-        self.cancelled.set()
-        if self.on_cancel is not None:
-            self.on_cancel()
+        with self._cancel_lock:
+            self.cancelled.set()
+            action = self._on_cancel
+        if action is not None:
+            action()
         with self._input_ready:
             self._input_ready.notify_all()

@@ -100,6 +100,8 @@ def run_exec(call: Call) -> tuple[dict[str, Any], bytes]:
     if not os.path.isdir(cwd):
         raise CallError("not_found", f"working directory {cwd!r} does not exist in the guest")
 
+    if call.cancelled.is_set():  # a cancel that came after this point kills the process
+        raise CallError("cancelled", "the call was cancelled before its command started")
     started = time.monotonic()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -130,7 +132,7 @@ def run_exec(call: Call) -> tuple[dict[str, Any], bytes]:
             os.killpg(proc.pid, signum)
 
     call.send_signal = signal_group
-    call.on_cancel = lambda: signal_group(signal.SIGKILL)
+    call.upon_cancel(lambda: signal_group(signal.SIGKILL))
     if call.payload and proc.stdin is not None:
         threading.Thread(target=_feed_stdin, args=(proc, call.payload), daemon=True).start()
     streams = [_Stream(call, "stdout", out_r, cap), _Stream(call, "stderr", err_r, cap)]

@@ -25,13 +25,13 @@ of unsynced writes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import time
 from typing import Any
 
 from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest.extents import data_extents
 from pyro_mcp.guest_agent import boot_state
 from pyro_mcp.guest_agent.calls import Call, CallError
 
@@ -240,18 +240,9 @@ def _send_all(call: Call, fd: int, limit: int) -> int:
 
 def _send_sparse(call: Call, fd: int, end: int) -> int:
     """Send the data extents of the first ``end`` bytes, each chunk with its offset;
-    holes are never read. Returns ``end`` (the logical bytes covered)."""
-    position = 0
-    while position < end:
-        try:
-            data_at = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        if data_at >= end:
-            break
-        hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), end)
+    holes are never read. Returns ``end`` (the logical bytes covered), or where the file
+    now ends if it shrank while it was read."""
+    for data_at, hole_at in data_extents(fd, end):
         position = data_at
         while position < hole_at:
             if call.cancelled.is_set():
@@ -261,4 +252,4 @@ def _send_sparse(call: Call, fd: int, end: int) -> int:
                 return position  # shrank while we read
             call.send(p.Frame(p.DATA, call.id, {"stream": "file", "offset": position}, chunk))
             position += len(chunk)
-    return end
+    return min(end, os.fstat(fd).st_size)  # a walk cut short by a shrink covered less

@@ -388,7 +388,7 @@ class Registry(ServiceRecords):
         if probe is None:
             with self.lock:
                 return dict(svc.status(), ready_ms=0.0)
-        call.on_cancel = self._wake
+        call.upon_cancel(self._wake)
         outcome, waited = self._await_ready(svc, run, call)
         if outcome == "ready":
             with self.lock:
@@ -499,7 +499,7 @@ class Registry(ServiceRecords):
                 data = ("\n".join(lines) + "\n").encode()
                 call.send_data(name, data)
                 sent += len(data)
-        call.on_cancel = self._wake
+        call.upon_cancel(self._wake)
         ended = "cancelled"
         while not call.cancelled.is_set():
             with self.lock:

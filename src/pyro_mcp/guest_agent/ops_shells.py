@@ -394,7 +394,7 @@ def shell_read(call: Call) -> tuple[dict[str, Any], bytes]:
         with shell.cond:
             shell.cond.notify_all()
 
-    call.on_cancel = wake
+    call.upon_cancel(wake)
     return shell.read(cursor, limit, bool(args.get("plain")), idle_s, call), b""
 
 

@@ -70,6 +70,7 @@ from json.encoder import encode_basestring_ascii as _quote  # C: quotes, escapes
 from typing import Any
 
 from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest.extents import data_extents
 from pyro_mcp.guest_agent import boot_state
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.ops_files import sync_filesystem
@@ -365,30 +366,27 @@ class _Hasher:
 
     def _hash_extents(self, fd: int, size: int, sha: Any) -> None:
         """Hash ``size`` bytes of the file: data extents are read, holes hashed as the
-        zeros they hold without reading them (a sparse file costs no disk reads)."""
+        zeros they hold without reading them (a sparse file costs no disk reads). A file
+        that shrinks meanwhile is hashed short: the stat check after notices."""
         position = 0
-        while position < size:
-            try:
-                data_at = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                data_at = size  # a hole to the end
-            data_at = min(data_at, size)
-            while position < data_at:
-                step = min(READ_CHUNK, data_at - position)
-                sha.update(_zeros(step))
-                position += step
-            if position >= size:
-                break
-            hole_at = min(os.lseek(fd, position, os.SEEK_HOLE), size)
+        for data_at, hole_at in data_extents(fd, size):
+            self._hash_zeros(data_at - position, sha)
+            position = data_at
             while position < hole_at:
                 chunk = os.pread(fd, min(READ_CHUNK, hole_at - position), position)
                 if not chunk:
-                    return  # shrank while we read: the stat check notices
+                    return
                 sha.update(chunk)
                 self.hashed_bytes += len(chunk)
                 position += len(chunk)
+        self._hash_zeros(size - position, sha)
+
+    @staticmethod
+    def _hash_zeros(count: int, sha: Any) -> None:
+        while count > 0:
+            step = min(READ_CHUNK, count)
+            sha.update(_zeros(step))
+            count -= step
 
 
 _ZEROS = bytes(READ_CHUNK)

@@ -43,6 +43,8 @@ sys.path.insert(0, "/opt/pyro")
 from pyro_mcp.guest_agent.init import main
 main()
 """
+# The modules of pyro_mcp.guest the host and the agent both use (standard library only).
+SHARED_WITH_THE_GUEST = ("protocol.py", "extents.py")
 _PACKAGE_INIT = '"""pyro guest code (copied into the image by pyro_mcp.runtime.rootfs)."""\n'
 
 
@@ -72,10 +74,10 @@ def guest_files() -> list[GuestFile]:
             continue
         dest = f"{GUEST_ROOT}/pyro_mcp/guest_agent/{relative.as_posix()}"
         files.append(GuestFile(dest, source.read_bytes()))
-    protocol = package_root / "guest" / "protocol.py"
-    if protocol.is_file():
-        files.append(GuestFile(f"{GUEST_ROOT}/pyro_mcp/guest/__init__.py", _PACKAGE_INIT.encode()))
-        files.append(GuestFile(f"{GUEST_ROOT}/pyro_mcp/guest/protocol.py", protocol.read_bytes()))
+    files.append(GuestFile(f"{GUEST_ROOT}/pyro_mcp/guest/__init__.py", _PACKAGE_INIT.encode()))
+    for name in SHARED_WITH_THE_GUEST:
+        source = package_root / "guest" / name
+        files.append(GuestFile(f"{GUEST_ROOT}/pyro_mcp/guest/{name}", source.read_bytes()))
     return files
 
 

@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Literal
 
 from pyro_mcp.errors import Conflict, InvalidArgument, NotFound, OutsideRoot, PyroError, TooLarge
+from pyro_mcp.guest.extents import data_extents
 from pyro_mcp.storage.renameat2 import RENAME_EXCHANGE, RENAME_NOREPLACE, rename
 
 Kind = Literal["file", "dir"]
@@ -514,19 +515,8 @@ def copy_sparse(src_fd: int, dst_fd: int) -> int:
     (``SEEK_DATA``/``SEEK_HOLE``; ``copy_file_range``, which may share blocks, where the
     filesystem has it). Returns the size copied."""
     size = os.fstat(src_fd).st_size
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src_fd, offset, os.SEEK_DATA)
-            end = os.lseek(src_fd, start, os.SEEK_HOLE)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break  # only a hole is left
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            start, end = offset, size  # no hole detection here: copy, skipping zeros
-        _copy_range(src_fd, dst_fd, start, min(end, size))
-        offset = end
+    for start, end in data_extents(src_fd, size):
+        _copy_range(src_fd, dst_fd, start, end)
     os.ftruncate(dst_fd, size)
     return size
 

@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from pyro_mcp.errors import InvalidArgument, NotFound, TooLarge
+from pyro_mcp.guest.extents import data_extents
 from pyro_mcp.workspace.manifest import (
     STORED_MAX_ENTRIES,
     Entry,
@@ -310,13 +311,7 @@ class BlobStore:
         def chunks() -> Iterator[tuple[int, bytes]]:
             with handle:
                 fd = handle.fileno()
-                position = 0
-                while position < size:
-                    try:
-                        data_at = os.lseek(fd, position, os.SEEK_DATA)
-                    except OSError:
-                        return  # only a hole is left
-                    hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), size)
+                for data_at, hole_at in data_extents(fd, size):
                     position = data_at
                     while position < hole_at:
                         chunk = os.pread(fd, min(CHUNK, hole_at - position), position)
