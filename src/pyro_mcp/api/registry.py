@@ -59,6 +59,7 @@ class Arg:
     exclusive_minimum: bool = False
     path: bool = False
     octal: bool = False
+    mcp_profiles: tuple[str, ...] | None = None  # MCP profiles offering it (None: all)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class Param:
 
     def on(self, surface: Surface) -> bool:
         return bool(self.arg.surfaces & surface)
+
+    def in_profile(self, profile: str) -> bool:
+        """Offered by the tool in MCP profile ``profile`` (elsewhere it keeps its default)."""
+        return self.arg.mcp_profiles is None or profile in self.arg.mcp_profiles
 
 
 @dataclass(frozen=True)
