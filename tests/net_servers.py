@@ -19,7 +19,7 @@ def serve_http(address: str, port: int, name: str) -> None:
     body = f"hello from {name}\n".encode()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -43,7 +43,7 @@ def _name(data: bytes, at: int) -> tuple[str, int]:
 
 
 def answer(query: bytes, zone: dict[str, str]) -> bytes:
-    ident, _flags, qdcount = struct.unpack("!HHH", query[:6])
+    ident, _flags, _count = struct.unpack("!HHH", query[:6])
     name, end = _name(query, 12)
     qtype, _qclass = struct.unpack("!HH", query[end : end + 4])
     question = query[12 : end + 4]

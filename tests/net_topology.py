@@ -57,7 +57,9 @@ def _link(topo: Topology, role: str, host_addr: str, far_addrs: list[str]) -> No
     far = topo.ns(role)
     _ip("netns", "add", far)
     here, there = f"v{role[:3]}{os.getpid() % 10000}h", f"v{role[:3]}{os.getpid() % 10000}f"
-    _ip("link", "add", here, "netns", topo.host, "type", "veth", "peer", "name", there, "netns", far)
+    _ip(
+        "link", "add", here, "netns", topo.host, "type", "veth", "peer", "name", there, "netns", far
+    )
     _in(topo.host, "ip", "addr", "add", host_addr, "dev", here)
     _in(topo.host, "ip", "link", "set", here, "up")
     for address in far_addrs:

@@ -83,8 +83,14 @@ class Link:
 
     @property
     def allow_set(self) -> str:
-        """The nftables set of addresses this VM may reach beyond the default policy."""
+        """The nftables set of the CIDRs its allowlist opens (private ranges included)."""
         return f"allow{self.slot}"
+
+    @property
+    def names_set(self) -> str:
+        """The nftables set of the addresses its resolver answered for allowed names:
+        public addresses only (a name cannot open what is blocked)."""
+        return f"names{self.slot}"
 
     def kernel_arg(self) -> str:
         """How the guest learns its link: ``pyro.net=GUEST/PREFIX,GATEWAY,MAC``."""

@@ -68,6 +68,7 @@ def attach_network(
     nft.ensure_table()
     lease = leases.acquire(vm_id, run_dir, reclaim=_release_lease, root=root)
     link = lease.link
+    tap = None
     try:
         _release_lease(lease)  # whatever an earlier holder of the slot may have left
         tap = create_tap(link, persistent_owner=persistent_owner)
@@ -75,6 +76,8 @@ def attach_network(
         resolver = resolver_process.start(link, policy, run_dir)
         leases.record_resolver(vm_id, resolver, root=root)
     except BaseException:
+        if tap is not None:
+            tap.close()
         with contextlib.suppress(Exception):
             release_network(vm_id, root=root)
         raise

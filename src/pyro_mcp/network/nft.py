@@ -1,8 +1,9 @@
 """pyro's nftables table (``inet pyro``): NAT, the guests' egress policy, published ports.
 
 One table holds everything, made once per network namespace. Per VM (by its link slot)
-it holds a chain with its egress policy, a set of addresses its allowlist opens (CIDRs,
-and the answers its DNS resolver gave for allowed names, which expire with their TTL),
+it holds a chain with its egress policy, the set of CIDRs its allowlist opens, the set of
+addresses its DNS resolver answered for allowed names (public ones only; they expire with
+their TTL),
 an element in the ``guests`` map sending its TAP's traffic to that chain, the address of
 its DNS resolver, and its published ports (elements of the DNAT maps). Removing a VM's
 link removes exactly those, found by the slot alone.
@@ -195,12 +196,14 @@ def add_vm(link: Link, egress: Egress) -> None:
     rules = [
         f"ip saddr != {link.guest} drop",  # only its own address
         "meta nfproto != ipv4 drop",
-        f"ip daddr @{link.allow_set} accept",
+        f"ip daddr @{link.allow_set} accept",  # CIDRs the user opened, private ones too
         "ip daddr @blocked4 drop",
+        f"ip daddr @{link.names_set} accept",  # after: an allowed name cannot open them
         "drop" if egress.restricted else "accept",
     ]
     script = [
-        f"add set {FAMILY} {TABLE} {link.allow_set} {{ type ipv4_addr; flags interval, timeout; }}",
+        f"add set {FAMILY} {TABLE} {link.allow_set} {{ type ipv4_addr; flags interval; }}",
+        f"add set {FAMILY} {TABLE} {link.names_set} {{ type ipv4_addr; flags timeout; }}",
         f"add chain {FAMILY} {TABLE} {link.chain}",
         f"flush chain {FAMILY} {TABLE} {link.chain}",
         *(f"add rule {FAMILY} {TABLE} {link.chain} {rule}" for rule in rules),
@@ -223,6 +226,7 @@ def remove_vm(link: Link) -> None:
         f'delete element {FAMILY} {TABLE} dns_ends {{ "{link.tap}" . {link.gateway} }}',
         f"delete chain {FAMILY} {TABLE} {link.chain}",
         f"delete set {FAMILY} {TABLE} {link.allow_set}",
+        f"delete set {FAMILY} {TABLE} {link.names_set}",
     ):
         with contextlib.suppress(NetworkUnavailable):  # each on its own: some may be gone
             nft(command + "\n", f"remove the network policy of {link.tap}")

@@ -10,18 +10,17 @@ a CIDR may also open a private range.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.network.dns_policy import parse_allow_host
 
 OFF = "off"
 EGRESS = "egress"
 EGRESS_PUBLISHED = "egress+published-ports"
 POLICIES = (OFF, EGRESS, EGRESS_PUBLISHED)
 MAX_ALLOW = 64
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
 @dataclass(frozen=True)
@@ -103,20 +102,7 @@ def _cidr(value: object) -> ipaddress.IPv4Network:
 
 
 def _host(value: object) -> str:
-    """A domain name, lower case, no trailing dot; ``*.`` in front matches subdomains."""
+    """A domain name as the resolver matches it (:func:`dns_policy.parse_allow_host`)."""
     if not isinstance(value, str):
         raise InvalidArgument(f"allow_host entries are strings, got {type(value).__name__}")
-    name = value.strip().lower().rstrip(".")
-    bare = name[2:] if name.startswith("*.") else name
-    labels = bare.split(".")
-    if (
-        len(bare) > 253
-        or len(labels) < 2
-        or not all(_LABEL.fullmatch(label) for label in labels)
-        or labels[-1].isdigit()
-    ):
-        raise InvalidArgument(
-            f"allow_host {value!r} is not a domain name (e.g. pypi.org or *.example.com)",
-            hint="an address belongs in allow_cidr",
-        )
-    return name
+    return parse_allow_host(value)

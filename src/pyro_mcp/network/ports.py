@@ -91,6 +91,13 @@ def _free_port(host_ip: ipaddress.IPv4Address, port: int) -> int:
     return run_in_namespace(probe)
 
 
+def check_free(entries: list[tuple[ipaddress.IPv4Address, int, int]]) -> None:
+    """Refuse, before anything is made, host ports something on the host already uses."""
+    for host_ip, host_port, _ in entries:
+        if host_port:
+            _free_port(host_ip, host_port)
+
+
 def publish_ports(
     link: Link, entries: list[tuple[ipaddress.IPv4Address, int, int]], owner: str
 ) -> list[Published]:

@@ -42,7 +42,7 @@ def start(link: Link, policy: NetworkPolicy, run_dir: Path) -> dict[str, int]:
         "listen": [str(link.gateway), DNS_PORT],
         "upstreams": upstreams(),
         "allow_hosts": list(policy.allow_hosts) if policy.restricted else None,
-        "nft_set": ["inet", "pyro", link.allow_set] if policy.restricted else None,
+        "nft_set": ["inet", "pyro", link.names_set] if policy.restricted else None,
     }
     config_path = run_dir / "resolver.json"
     config_path.write_text(json.dumps(config))

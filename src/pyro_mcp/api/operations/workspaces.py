@@ -20,7 +20,7 @@ from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.network.policy import NetworkPolicy
-from pyro_mcp.network.ports import check_publish_list
+from pyro_mcp.network.ports import check_free, check_publish_list
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.records import WorkspaceRecord
@@ -102,7 +102,7 @@ def workspace_create(
     """
     policy = workspace_policy(network_policy, allow_cidr, allow_host)
     require_publishing(policy, publish)
-    check_publish_list(publish)
+    check_free(check_publish_list(publish))
     seed = ctx.host_paths.check(seed_path, "seed") if seed_path else None
     with open_workspaces(ctx) as workspaces:
         record = workspaces.create(
