@@ -23,7 +23,7 @@ from pyro_mcp.api.operations.workspaces import open_workspaces
 from pyro_mcp.errors import InvalidState, NotFound, TooLarge, VMError
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.base import Disk, VMSpec
-from pyro_mcp.vmm.identity import mark_run_dir
+from pyro_mcp.vmm.identity import VMMRecord, mark_run_dir
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.workspace.lifecycle import MAX_WORKSPACES_ENV
 from pyro_mcp.workspace.store import WorkspaceStore
@@ -173,7 +173,7 @@ def test_a_create_whose_process_died_is_discarded_with_its_vmm_at_once_by_the_ke
             os._exit(1)
     try:
         deadline = time.monotonic() + 30
-        while not fake_vm.vmm_processes(fake_ctx.paths.run_root):
+        while not _recorded_vmms(fake_ctx.paths.run_root):  # it waits for the guest now
             assert time.monotonic() < deadline, "the create never started its VMM"
             time.sleep(0.05)
     finally:
@@ -414,3 +414,9 @@ def test_when_other_processes_hold_every_channel_the_error_says_so(fake_ctx: Con
         "(each process working on a VM holds one, however many calls it makes)"
     )
     assert wc.workspace_exec(fake_ctx, wid, ["true"])["exit_code"] == 0
+
+
+def _recorded_vmms(run_root: Path) -> list[int]:
+    """Pids of the VMMs recorded in the run directories under ``run_root``."""
+    records = (VMMRecord.load(run_dir) for run_dir in run_root.iterdir())
+    return [r.process.pid for r in records if r is not None and r.process is not None]

@@ -199,7 +199,11 @@ def fetch_blob(
         size, total = value.get("sent"), value.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < blob.size:
             raise InvalidArgument(f"the guest's account of {path!r} does not match its data")
-        if size > MAX_BLOB_BYTES or (isinstance(total, int) and total > size):
+        # Sent less than its size: cut at the limit, or shrunk while it was read (a file
+        # being rewritten), whose bytes as read are what the checkpoint keeps.
+        if size > MAX_BLOB_BYTES or (
+            isinstance(total, int) and total > size and size >= MAX_BLOB_BYTES
+        ):
             raise TooLarge(f"{path!r} is larger than {MAX_BLOB_BYTES} bytes")
         budget.take(size, path)
         return blob.commit(size), size
