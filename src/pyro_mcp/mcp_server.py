@@ -121,8 +121,7 @@ def _tool(op: Operation, make_context: ContextFactory, profile: str) -> Callable
             default=inspect.Parameter.empty if param.required else param.default,
             annotation=_annotation(param),
         )
-        for param in op.params_on(Surface.MCP)
-        if param.in_profile(profile)
+        for param in op.mcp_params(profile)
     ]
     parameters.append(
         inspect.Parameter("mcp_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=MCPContext)

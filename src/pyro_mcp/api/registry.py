@@ -123,6 +123,10 @@ class Operation:
         """The parameters ``surface`` offers (the others keep their defaults there)."""
         return tuple(param for param in self.params if param.on(surface))
 
+    def mcp_params(self, profile: str) -> tuple[Param, ...]:
+        """The parameters its tool offers in MCP profile ``profile``."""
+        return tuple(param for param in self.params_on(Surface.MCP) if param.in_profile(profile))
+
     def call(self, ctx: Context, via: Surface, /, **arguments: Any) -> Any:
         """Run the operation with ``arguments`` from ``via``, each checked first
         (InvalidArgument naming the parameter: its type, bounds, text)."""

@@ -14,6 +14,8 @@ from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pair
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.guest.client import command_fields
+from pyro_mcp.network import nft
+from pyro_mcp.network.link import link_of
 from pyro_mcp.network.ports import check_publish_list
 from pyro_mcp.workspace.paths import guest_path
 
@@ -153,10 +155,14 @@ def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str
 def service_status(
     ctx: Context, workspace: Annotated[str, WORKSPACE], name: Annotated[str, NAME]
 ) -> dict[str, Any]:
-    """One service's state, pid, exit code, start time, restarts and probe."""
+    """One service's state, pid, exit code, start time, restarts, probe and the ports it
+    published."""
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service status") as agent:
         value, _ = agent.call("service_status", {"name": name}, timeout_s=30)
-        return value
+        link = link_of(workspaces.store.get(workspace).id)
+        mine = nft.published(link) if link is not None else []
+        ports = [port.to_dict() for port in mine if port.owner == f"service:{name}"]
+        return {**value, "published_ports": ports}
 
 
 @operation(cli=("workspace", "service", "logs"), sdk="service_logs", profiles=FULL)

@@ -75,13 +75,14 @@ def vm_run(
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
     as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
     when the program does not exist; the exit code is data, not an error), timed_out,
-    truncation flags, duration_ms, the backend used and phase timings in milliseconds.
-    Errors: NotFound for an unknown environment, InvalidArgument for bad sizes,
-    RuntimeMissing when the environment or kernel is not installed, BootTimeout (with the
-    serial console tail) when the guest never becomes ready. Without ``network`` the
-    guest has no network device; with it (or ``network_policy="egress"``) it reaches the
-    internet and nothing else (not the host, private ranges or other guests), and an
-    allowlist narrows that to what it names. NetworkUnavailable when the host cannot.
+    truncation flags, duration_ms, the backend used, phase timings in milliseconds and
+    the network. Without ``network`` the guest has no network device; with it (or
+    ``network_policy="egress"``) it reaches the internet and nothing else (not the host,
+    private ranges or other guests), and an allowlist narrows that to what it names.
+    Errors: NotFound for an unknown environment, InvalidArgument for bad sizes, policies
+    or allowlists, RuntimeMissing when the environment or kernel is not installed,
+    BootTimeout (with the serial console tail) when the guest never becomes ready,
+    NetworkUnavailable when the host cannot give it the network asked for.
     """
     how = command_fields(command)
     policy = run_policy(network, network_policy, allow_cidr, allow_host)
