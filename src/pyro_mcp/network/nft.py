@@ -216,27 +216,47 @@ def add_vm(link: Link, egress: Egress) -> None:
 
 
 def remove_vm(link: Link) -> None:
-    """Remove everything of the VM from the table; quiet about what is already gone."""
-    if not table_exists():
+    """Remove everything of the VM from the table, in one transaction; quiet about what
+    is already gone (one listing says what is there)."""
+    table = _table_items()
+    if table is None:
         return
+    chains = {item["chain"]["name"] for item in table if "chain" in item}
+    sets = {item["set"]["name"]: item["set"].get("elem") or [] for item in table if "set" in item}
+    maps = {item["map"]["name"]: item["map"].get("elem") or [] for item in table if "map" in item}
+    script = []
+    if any(_first(key) == link.tap for key, _ in maps.get("guests", [])):
+        script.append(f'delete element {FAMILY} {TABLE} guests {{ "{link.tap}" }}')
+    if {"concat": [link.tap, str(link.gateway)]} in sets.get("dns_ends", []):
+        script.append(
+            f'delete element {FAMILY} {TABLE} dns_ends {{ "{link.tap}" . {link.gateway} }}'
+        )
     for port in published(link):
-        unpublish(port)
-    for command in (
-        f'delete element {FAMILY} {TABLE} guests {{ "{link.tap}" }}',
-        f'delete element {FAMILY} {TABLE} dns_ends {{ "{link.tap}" . {link.gateway} }}',
-        f"delete chain {FAMILY} {TABLE} {link.chain}",
-        f"delete set {FAMILY} {TABLE} {link.allow_set}",
-        f"delete set {FAMILY} {TABLE} {link.names_set}",
-    ):
-        with contextlib.suppress(NetworkUnavailable):  # each on its own: some may be gone
-            nft(command + "\n", f"remove the network policy of {link.tap}")
+        name, key = _key(port.host_ip, port.host_port)
+        script.append(f"delete element {FAMILY} {TABLE} {name} {{ {key} }}")
+    if link.chain in chains:
+        script.append(f"delete chain {FAMILY} {TABLE} {link.chain}")
+    script += [f"delete set {FAMILY} {TABLE} {name}" for name in (link.allow_set, link.names_set)
+               if name in sets]  # fmt: skip
+    if script:
+        nft("\n".join(script) + "\n", f"remove the network policy of {link.tap}")
+
+
+def _first(key: Any) -> Any:
+    return key.get("elem", {}).get("val") if isinstance(key, dict) else key
+
+
+def _table_items() -> list[dict[str, Any]] | None:
+    data = _nft_json("list", "table", FAMILY, TABLE)
+    items = data.get("nftables") if data else None
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else None
 
 
 def vm_present(link: Link) -> bool:
     """Anything of the VM is still in the table (tests, leftovers checks)."""
-    return _nft_json("list", "chain", FAMILY, TABLE, link.chain) is not None or bool(
-        published(link)
-    )
+    table = _table_items() or []
+    names = {item[kind]["name"] for item in table for kind in ("chain", "set") if kind in item}
+    return bool({link.chain, link.allow_set, link.names_set} & names) or bool(published(link))
 
 
 # --- published ports -------------------------------------------------------------------
