@@ -236,8 +236,9 @@ def remove_vm(link: Link) -> None:
         script.append(f"delete element {FAMILY} {TABLE} {name} {{ {key} }}")
     if link.chain in chains:
         script.append(f"delete chain {FAMILY} {TABLE} {link.chain}")
-    script += [f"delete set {FAMILY} {TABLE} {name}" for name in (link.allow_set, link.names_set)
-               if name in sets]  # fmt: skip
+    for name in (link.allow_set, link.names_set):
+        if name in sets:
+            script.append(f"delete set {FAMILY} {TABLE} {name}")
     if script:
         nft("\n".join(script) + "\n", f"remove the network policy of {link.tap}")
 
