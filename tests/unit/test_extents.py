@@ -83,3 +83,29 @@ def test_a_sparse_get_of_a_file_that_shrinks_meanwhile_sends_what_is_left(
     value, _ = get_file(call)
     assert value["size"] == 2 * MIB and value["truncated"] is True
     assert [(f.header["offset"], len(f.payload)) for f in sent] == [(0, 4096)]
+
+
+def test_a_sparse_get_of_a_file_emptied_after_it_was_read_covers_what_was_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewrite truncates the file just after its data was read: what was sent still
+    stands (the host refuses an account shorter than the data it got)."""
+    from pyro_mcp.guest import protocol as p
+    from pyro_mcp.guest_agent import ops_files
+    from pyro_mcp.guest_agent.calls import Call
+
+    path = tmp_path / "f"
+    path.write_bytes(b"1234\n")
+    real_pread = os.pread
+
+    def pread_then_truncate(fd: int, size: int, offset: int) -> bytes:
+        data = real_pread(fd, size, offset)
+        os.truncate(path, 0)
+        return data
+
+    monkeypatch.setattr(ops_files.os, "pread", pread_then_truncate)
+    sent: list[p.Frame] = []
+    call = Call(sent.append, 1, "get_file", {"path": str(path), "sparse": True}, b"")
+    value, _ = ops_files.get_file(call)
+    assert [f.payload for f in sent] == [b"1234\n"]
+    assert value["sent"] == 5

@@ -240,8 +240,9 @@ def _send_all(call: Call, fd: int, limit: int) -> int:
 
 def _send_sparse(call: Call, fd: int, end: int) -> int:
     """Send the data extents of the first ``end`` bytes, each chunk with its offset;
-    holes are never read. Returns ``end`` (the logical bytes covered), or where the file
-    now ends if it shrank while it was read."""
+    holes are never read. Returns the logical bytes covered: ``end``, or less if the file
+    shrank while it was read (never less than the data sent)."""
+    sent_to = 0  # the end of the data sent
     for data_at, hole_at in data_extents(fd, end):
         position = data_at
         while position < hole_at:
@@ -252,4 +253,6 @@ def _send_sparse(call: Call, fd: int, end: int) -> int:
                 return position  # shrank while we read
             call.send(p.Frame(p.DATA, call.id, {"stream": "file", "offset": position}, chunk))
             position += len(chunk)
-    return min(end, os.fstat(fd).st_size)  # a walk cut short by a shrink covered less
+            sent_to = position
+    # A walk cut short by a shrink covers what was sent, and the holes up to the new end.
+    return max(sent_to, min(end, os.fstat(fd).st_size))
