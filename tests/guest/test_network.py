@@ -8,6 +8,7 @@ leave the machine. Each probe runs in the guest and says what became of one conn
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -209,7 +210,7 @@ def test_bad_network_input_gets_a_clear_error_and_leaves_nothing(
         ({"network_policy": "egress+published-ports", "publish": ["70000:80"]}, "not a number"),
     ]
     for options, message in cases:
-        with pytest.raises(InvalidArgument, match=message):
+        with pytest.raises(InvalidArgument, match=re.escape(message)):
             ws.workspace_create(ws_ctx, "debian:12", **options)
     assert ws.workspace_list(ws_ctx)["workspaces"] == []
     assert leases.held() == []

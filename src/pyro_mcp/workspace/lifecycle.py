@@ -420,7 +420,7 @@ class Workspaces:
         link = link_of(workspace_id)
         if link is not None:
             for name, service in services.items():
-                if service.get("state") not in ("running", "starting"):
+                if service.get("state") in SERVICE_ENDED:
                     unpublish_owner(link, f"service:{name}")
         return self.store.set_fields(workspace_id, services=services)
 
@@ -581,6 +581,9 @@ class Workspaces:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+SERVICE_ENDED = ("stopped", "exited", "failed")  # its ports go (starting/running/ready stay)
 
 
 def _as_stopped(services: dict[str, Any]) -> dict[str, Any]:
