@@ -31,6 +31,7 @@ from typing import Any
 from bench.firecracker_tiny import bench_tiny_guest
 from bench.guest import Counts, measure_boots, measure_cold_run
 from bench.host import HostCounts, measure_host_side
+from bench.network import NetworkCounts, measure_network
 from bench.services import ServiceCounts, measure_services_and_shells
 from bench.stats import Row, Table
 from bench.workspace import WorkspaceCounts, measure_workspaces
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ws_counts = choose_workspace_counts(args)
     svc_counts = choose_service_counts(args)
     host_counts = choose_host_counts(args)
+    net_counts = NetworkCounts.quick() if args.quick else NetworkCounts()
     started = time.monotonic()
     run_root = Path(tempfile.mkdtemp(prefix="pyro-bench-", dir="/tmp"))
     os.environ["PYRO_RUN_DIR"] = str(run_root)
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     def host_side() -> None:
         measure_host_side(table, host_counts)
 
+    def network() -> None:
+        extra["network"] = measure_network(table, paths, args.environment, net_counts, args.mem_mib)
+
     def firecracker() -> None:
         info = measure_firecracker_tiny(table, counts.fc_tiny)
         if info is not None:
@@ -316,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
             services,
         )
         section(
+            f"guest networking (create x{net_counts.creates} per policy, "
+            f"{net_counts.round_trips} round trips), in a private network",
+            ("workspace create, network off (no NIC)", "ms"),
+            network,
+        )
+        section(
             f"host side, no VM (manifest x{host_counts.host_manifest}, "
             f"archive bombs x{host_counts.host_bomb})",
             ("agent manifest (in process)", "ms"),
@@ -332,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_root, ignore_errors=True)
 
     elapsed = time.monotonic() - started
-    all_counts = asdict(counts) | asdict(ws_counts) | asdict(svc_counts) | asdict(host_counts)
+    all_counts = (
+        asdict(counts)
+        | asdict(ws_counts)
+        | asdict(svc_counts)
+        | asdict(host_counts)
+        | asdict(net_counts)
+    )
     counts_line = "samples: " + ", ".join(f"{k}={v}" for k, v in all_counts.items())
     if args.quick and args.repeat is None:
         counts_line += " (--quick)"

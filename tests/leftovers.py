@@ -15,7 +15,9 @@ A VM, whichever its VMM, may leave
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -160,4 +162,33 @@ def leftovers(
     groups = vm_cgroups(ids)
     if groups:
         problems.append(f"VMM cgroups left behind: {[str(g) for g in groups]}")
+    problems.extend(network_leftovers())
+    return problems
+
+
+def network_leftovers() -> list[str]:
+    """Network links left: leases in any namespace's table, the network check's
+    namespaces, TAPs of pyro's in the host's namespace."""
+    from pyro_mcp.network.leases import LEASES_ROOT
+
+    problems = []
+    held = []
+    for database in sorted(LEASES_ROOT.glob("*/leases.sqlite")):
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            try:
+                held += [f"{database.parent.name}:{row[0]}" for row in db.execute(
+                    "SELECT vm_id FROM leases")]  # fmt: skip
+            except sqlite3.OperationalError:
+                continue
+    if held:
+        problems.append(f"network leases left behind: {held}")
+    try:
+        spaces = [n for n in os.listdir("/run/netns") if n.startswith("pyro-check-")]
+    except OSError:
+        spaces = []
+    if spaces:
+        problems.append(f"network check namespaces left behind: {spaces}")
+    taps = [n for n in os.listdir("/sys/class/net") if n.startswith("pyro-t")]
+    if taps:
+        problems.append(f"TAP devices left behind: {taps}")
     return problems

@@ -19,6 +19,8 @@
     │                              unasked-for data, a bad answer): its call fails
     ├── GuestError                 the guest agent refused a call (carries its code)
     ├── OperationTimeout           an operation ran past its deadline
+    ├── NetworkUnavailable         the host cannot give a guest the network asked for
+    │                              (no TUN device, no nftables, no rights; names the fix)
     └── Cancelled                  the caller gave up; what the call ran was stopped
 
 Lower-level errors (OSError, subprocess failures) are translated at the boundary with
@@ -156,3 +158,10 @@ class Cancelled(PyroError):
     operation ran was stopped (the guest command killed, a one-shot VM discarded)."""
 
     code = "cancelled"
+
+
+class NetworkUnavailable(PyroError):
+    """The host cannot give a guest the network asked for (no TUN device, nftables
+    missing, no rights to configure them): nothing of the VM's link is left behind."""
+
+    code = "network_unavailable"

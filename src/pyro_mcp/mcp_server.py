@@ -77,7 +77,7 @@ def _annotation(param: Param) -> Any:
     return Annotated[Any, WithJsonSchema(json_schema(param)), Field(description=param.arg.help)]
 
 
-def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
+def _tool(op: Operation, make_context: ContextFactory, profile: str) -> Callable[..., Any]:
     async def tool(**kwargs: Any) -> dict[str, Any]:
         mcp_ctx: MCPContext = kwargs.pop("mcp_ctx")
         ctx = make_context()
@@ -121,7 +121,7 @@ def _tool(op: Operation, make_context: ContextFactory) -> Callable[..., Any]:
             default=inspect.Parameter.empty if param.required else param.default,
             annotation=_annotation(param),
         )
-        for param in op.params_on(Surface.MCP)
+        for param in op.mcp_params(profile)
     ]
     parameters.append(
         inspect.Parameter("mcp_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=MCPContext)
@@ -142,7 +142,7 @@ def build_server(
     ops = operations_for(profile)
     tools = [
         _refuse_unknown_arguments(
-            Tool.from_function(_tool(op, make_context), name=op.name, description=op.doc)
+            Tool.from_function(_tool(op, make_context, profile), name=op.name, description=op.doc)
         )
         for op in ops
     ]

@@ -56,8 +56,8 @@ def test_bundle_proves_boot_and_exec_with_a_real_guest(
     lock = runtime_bundle(Context(paths=paths))
     assert lock["capabilities"]["vm_boot"] is True, lock["capability_reasons"]
     assert lock["capabilities"]["guest_exec"] is True, lock["capability_reasons"]
-    assert lock["capabilities"]["guest_network"] is False
-    assert "no check has proven it" in lock["capability_reasons"]["guest_network"]
+    assert lock["capabilities"]["guest_network"] is True, lock["capability_reasons"]
+    assert "fetched a page from 203.0.113.1" in lock["capability_reasons"]["guest_network"]
     components = lock["components"]
     assert {"firecracker", "jailer", "qemu", "kernel-source", "env:debian:12"} <= set(components)
     assert components["firecracker"]["version"] == "v1.12.1"

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "runtime": 2,
     "vmm": 3,
     "storage": 3,
+    "network": 3,
     "workspace": 4,
     "api": 5,
     "sdk": 6,

@@ -103,7 +103,7 @@ def test_tool_descriptions_and_schemas_come_from_the_operation(profile: str) -> 
         schema = tool.input_schema
         assert schema["type"] == "object"
         assert schema.get("additionalProperties") is False, name
-        offered = op.params_on(Surface.MCP)
+        offered = op.mcp_params(profile)
         assert list(schema["properties"]) == [p.name for p in offered], name
         assert schema.get("required", []) == [p.name for p in offered if p.required], name
         for param in offered:
@@ -387,3 +387,13 @@ def test_a_host_path_from_mcp_outside_the_roots_is_refused_before_anything_runs(
     assert "outside_root: " in _text(result)
     assert f"{outside} is outside the allowed host roots ({root})" in _text(result)
     assert not (tmp_path / "state" / "workspaces").exists()  # nothing was created
+
+
+def test_network_parameters_are_offered_only_where_vms_may_have_a_network() -> None:
+    core, full, run = (_list_tools(p) for p in ("workspace-core", "workspace-full", "vm-run"))
+    network = {"network_policy", "allow_cidr", "allow_host", "publish"}
+    assert network <= set(full["workspace_create"].input_schema["properties"])
+    assert not network & set(core["workspace_create"].input_schema["properties"])
+    assert {"network", "network_policy"} <= set(run["vm_run"].input_schema["properties"])
+    assert "network" not in core["vm_run"].input_schema["properties"]
+    assert "publish" in full["service_start"].input_schema["properties"]

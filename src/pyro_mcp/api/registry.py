@@ -59,6 +59,7 @@ class Arg:
     exclusive_minimum: bool = False
     path: bool = False
     octal: bool = False
+    mcp_profiles: tuple[str, ...] | None = None  # MCP profiles offering it (None: all)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ class Param:
     def on(self, surface: Surface) -> bool:
         return bool(self.arg.surfaces & surface)
 
+    def in_profile(self, profile: str) -> bool:
+        """Offered by the tool in MCP profile ``profile`` (elsewhere it keeps its default)."""
+        return self.arg.mcp_profiles is None or profile in self.arg.mcp_profiles
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -117,6 +122,10 @@ class Operation:
     def params_on(self, surface: Surface) -> tuple[Param, ...]:
         """The parameters ``surface`` offers (the others keep their defaults there)."""
         return tuple(param for param in self.params if param.on(surface))
+
+    def mcp_params(self, profile: str) -> tuple[Param, ...]:
+        """The parameters its tool offers in MCP profile ``profile``."""
+        return tuple(param for param in self.params_on(Surface.MCP) if param.in_profile(profile))
 
     def call(self, ctx: Context, via: Surface, /, **arguments: Any) -> Any:
         """Run the operation with ``arguments`` from ``via``, each checked first

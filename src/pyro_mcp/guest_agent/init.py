@@ -4,8 +4,8 @@
 The kernel starts it as ``init=/sbin/pyro-init``. It
 
 1. mounts proc, sysfs, devtmpfs, devpts, and tmpfs on /dev/shm, /run and /tmp;
-2. sets the hostname (``pyro.hostname=`` on the kernel command line, else "pyro")
-   and brings up ``lo``;
+2. sets the hostname (``pyro.hostname=`` on the kernel command line, else "pyro"),
+   brings up ``lo`` and, with ``pyro.net=``, the network link (:mod:`netconfig`);
 3. prints ``pyro-init: ready <uptime seconds>`` on the console;
 4. runs the agent (``python3 -m pyro_mcp.guest_agent.agent`` with
    ``PYTHONPATH=/opt/pyro``, output on the console; forked from this interpreter rather
@@ -252,6 +252,17 @@ def loopback_up() -> None:
         sock.close()
 
 
+def network_up(option: str) -> None:
+    """The guest's network link (``pyro.net=``, see :mod:`netconfig`); a failure is a
+    boot error: the host asked for a network and must not get a guest without one."""
+    from pyro_mcp.guest_agent import netconfig
+
+    try:
+        netconfig.configure(option)
+    except (netconfig.NetConfigError, OSError) as exc:
+        boot_error(f"cannot bring up the network: {exc}")  # vmm.base.NETWORK_BOOT_ERROR
+
+
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "linux"}
     env.update(extra)
@@ -412,6 +423,8 @@ class Init:
             say(f"pyro-init: start {uptime()}")
         set_hostname(self.options.get("hostname") or "pyro")
         loopback_up()
+        if self.options.get("net"):
+            network_up(self.options["net"])
         workspace = self.options.get("workspace")
         if workspace:
             mount_workspace(self.libc, workspace)

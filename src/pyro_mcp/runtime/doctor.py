@@ -63,6 +63,28 @@ __all__ = [
 PROBES_FILE = "probes.json"
 
 
+def network_findings(network: dict[str, Any]) -> list[str]:
+    """What guest networking lacks on this host, each with its fix."""
+    if not network or "error" in network:
+        return [f"Guest networking: check failed ({network.get('error')})"] if network else []
+    found = []
+    if not network.get("nft"):
+        found.append(
+            "nft is missing: guest networking (any policy but off) needs nftables "
+            "(run `make host-packages` or `apt-get install nftables`)"
+        )
+    if not network.get("ip"):
+        found.append("ip is missing: guest networking needs iproute2 (run `make host-packages`)")
+    if not network.get("tun"):
+        found.append("/dev/net/tun is missing: guest networking needs it (run `modprobe tun`)")
+    if network.get("ip_forward") == "0":
+        found.append(
+            "IPv4 forwarding is off: the first VM with a network turns it on and lets only "
+            "pyro's guests be forwarded (nftables chain forward_guard)"
+        )
+    return found
+
+
 def diagnose(paths: RuntimePaths, *, root: Path = Path("/")) -> Report:
     """The doctor's report on this host, as a JSON-able dict.
 
@@ -394,9 +416,7 @@ def summarize(report: Report) -> list[str]:
     missing = report.get("host_tools", {}).get("missing_packages", [])
     if missing:
         found.append(f"Missing host packages: {' '.join(missing)} (run `make host-packages`)")
-    network = report.get("network", {})
-    if network and not (network.get("nft") or network.get("iptables")):
-        found.append("Neither nft nor iptables is installed: guest network policies need one")
+    found.extend(network_findings(report.get("network", {})))
 
     lock = report.get("lock", {})
     if lock.get("status") == "missing":

@@ -42,6 +42,7 @@ HOST_TOOLS: tuple[HostTool, ...] = (
     HostTool("lz4", "lz4", "decompress Debian's cloud kernel"),
     HostTool("cpio", "cpio", "pack the fallback kernel's initramfs"),
     HostTool("ip", "iproute2", "guest networking"),
+    HostTool("nft", "nftables", "guest network policy (NAT and filtering)"),
     HostTool("as", "binutils", "assemble the Firecracker test guest"),
 )
 

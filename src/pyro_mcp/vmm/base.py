@@ -34,6 +34,7 @@ from pyro_mcp.vmm import console
 from pyro_mcp.vmm.identity import ProcessIdentity, VMMRecord, mark_run_dir
 
 MIN_MEM_MIB = 128
+NETWORK_BOOT_ERROR = "cannot bring up the network"  # how pyro-init reports it
 MAX_VCPUS = 32
 
 
@@ -42,6 +43,18 @@ class Disk:
     path: Path
     format: str = "raw"  # raw | qcow2
     read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Nic:
+    """The guest's network device (:mod:`pyro_mcp.network.link` makes its TAP). ``fd``:
+    an open TAP the VMM is handed and the VM owns from its start (QEMU); None when the
+    VMM opens ``tap`` by name (Firecracker)."""
+
+    tap: str
+    mac: str
+    kernel_arg: str  # how the guest learns its address, gateway and MAC
+    fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class VMSpec:
     mem_mib: int = 256
     hostname: str = "pyro"
     agent_ports: int = 1  # channels to the agent: one per host process talking at once
+    nic: Nic | None = None  # None: no network device at all
     read_files: tuple[Path, ...] = ()  # what the VMM only reads besides the kernel (backing
     # images of copy-on-write disks): a confined VMM sees these and nothing else of the host
     extra: dict[str, str] = field(default_factory=dict)
@@ -94,6 +108,7 @@ def guest_kernel_args(spec: VMSpec, channel: str) -> list[str]:
         "init=/sbin/pyro-init",
         f"pyro.hostname={spec.hostname}",
         f"pyro.channel={channel}",
+        *([spec.nic.kernel_arg] if spec.nic else []),
     ]
 
 
@@ -192,8 +207,26 @@ class VM(ABC):
             raise VMError(
                 f"guest agent link failed during boot: {exc}", console_tail=self.console_tail()
             ) from exc
+        self._require_network(client)
         self.agent = client
         return client
+
+    def _require_network(self, client: AgentClient) -> None:
+        """A guest asked to have a network link that could not bring it up is refused."""
+        if self.spec.nic is None:
+            return
+        errors = client.hello_info.get("boot_errors")
+        failed = [
+            str(error)
+            for error in (errors if isinstance(errors, list) else [])
+            if str(error).startswith(NETWORK_BOOT_ERROR)
+        ]
+        if failed:
+            client.close()
+            raise VMError(
+                f"the guest could not bring up its network link: {'; '.join(failed)}",
+                console_tail=self.console_tail(),
+            )
 
     def console_tail(self, lines: int = 30) -> str:
         data = console.read_tail(self.spec.console_log, 16384)

@@ -6,6 +6,9 @@ process. Callers pick the backend with :mod:`pyro_mcp.vmm.selection`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -13,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import InvalidArgument, RuntimeMissing
+from pyro_mcp.network.link import attach_network, release_network
+from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.runtime import binaries, environments, kernels
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.storage.overlay import copy_sparse, create_overlay
-from pyro_mcp.vmm.base import VM, Disk, VMSpec
+from pyro_mcp.vmm.base import VM, Disk, Nic, VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
+from pyro_mcp.vmm.firecracker.jailer import JailerConfig
 from pyro_mcp.vmm.firecracker.vm import OVERHEAD_MIB as FIRECRACKER_OVERHEAD_MIB
 from pyro_mcp.vmm.identity import mark_run_dir
 from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
@@ -82,12 +88,14 @@ def build_spec(
     extra_disks: tuple[Disk, ...] = (),
     kernel_args: tuple[str, ...] = (),
     agent_ports: int = 1,
+    network: NetworkPolicy | None = None,
 ) -> VMSpec:
     """A VMSpec for ``environment``; creates its root disk if it does not exist yet.
 
     The root disk is a copy-on-write overlay of the environment image (``base_image``
     overrides which file), in the run directory unless ``root_overlay`` names a place
-    that outlives the VM (workspaces).
+    that outlives the VM (workspaces). A ``network`` policy other than off gives the VM
+    its link (:func:`~pyro_mcp.network.link.attach_network`), released with the VM.
     """
     vm_id = vm_id or new_vm_id()
     image = base_image or environments.image_for(paths, environment)
@@ -127,10 +135,20 @@ def build_spec(
                 copy_sparse(image, root_disk.path)
             else:
                 create_overlay(image, root_disk.path)
+        if network is not None and network.enabled:
+            spec = dataclasses.replace(spec, nic=_attach(spec, choice, network))
     except BaseException:
+        release_network(vm_id)
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return spec
+
+
+def _attach(spec: VMSpec, choice: BackendChoice, policy: NetworkPolicy) -> Nic:
+    owner = None
+    if choice.backend == "firecracker":  # it opens its TAP by name, as the jail's uid
+        owner = JailerConfig.for_vm(spec.vm_id).uid if os.geteuid() == 0 else os.geteuid()
+    return attach_network(spec.vm_id, spec.run_dir, policy, persistent_owner=owner).nic
 
 
 def create_vm(paths: RuntimePaths, spec: VMSpec, choice: BackendChoice) -> VM:
@@ -152,8 +170,18 @@ def prepare_vm(
     try:
         return create_vm(paths, spec, choice)
     except BaseException:
-        shutil.rmtree(spec.run_dir, ignore_errors=True)
+        discard_spec(spec)
         raise
+
+
+def discard_spec(spec: VMSpec) -> None:
+    """Remove what build_spec made for a VM that never started: its link, its run dir."""
+    if spec.nic is not None:
+        if spec.nic.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(spec.nic.fd)
+        release_network(spec.vm_id)
+    shutil.rmtree(spec.run_dir, ignore_errors=True)
 
 
 def start_owned(vm: VM) -> None:

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from pyro_mcp.errors import VMError
+from pyro_mcp.network.link import release_network
 from pyro_mcp.vmm.firecracker.jail_release import release_jail
 from pyro_mcp.vmm.firecracker.jailer import default_chroot_base
 from pyro_mcp.vmm.identity import KILL_TIMEOUT_S, VMMRecord, is_run_dir
@@ -71,6 +72,7 @@ class RecordedVMM:
             self._cleanup_firecracker()
         if backend in ("qemu", None):
             release_confinement(self.vm_id)
+        release_network(self.vm_id)  # its TAP, policy, resolver, ports and address
 
     def _cleanup_firecracker(self) -> None:
         record = self.record

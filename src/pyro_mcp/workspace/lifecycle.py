@@ -32,6 +32,9 @@ from pyro_mcp.errors import (
     VMError,
 )
 from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.network.link import link_of
+from pyro_mcp.network.policy import NetworkPolicy
+from pyro_mcp.network.ports import check_publish_list, publish_ports, unpublish_owner
 from pyro_mcp.runtime import environments
 from pyro_mcp.runtime.host_probe import probe_platform
 from pyro_mcp.runtime.paths import RuntimePaths, state_dir
@@ -40,7 +43,13 @@ from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, SharedAgent, attach_shared
 from pyro_mcp.vmm.base import VM, Disk
 from pyro_mcp.vmm.identity import is_run_dir, start_time
-from pyro_mcp.vmm.launch import BackendChoice, build_spec, create_vm, overhead_mib
+from pyro_mcp.vmm.launch import (
+    BackendChoice,
+    build_spec,
+    create_vm,
+    discard_spec,
+    overhead_mib,
+)
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.vmm.recorded import RecordedVMM
 from pyro_mcp.vmm.selection import choose_backend
@@ -141,9 +150,12 @@ class Workspaces:
         disk_mib: int = 1024,
         ttl_seconds: float | None = None,
         backend: str | None = None,
+        network: NetworkPolicy | None = None,
+        publish: list[str] | None = None,
         progress: Progress = _quiet,
     ) -> WorkspaceRecord:
-        """Create a workspace and boot it; its seed becomes the baseline for diff/reset."""
+        """Create a workspace and boot it; its seed becomes the baseline for diff/reset.
+        ``network``: its policy (default off), kept for every later start."""
         _check_sizes(vcpu_count, mem_mib, disk_mib, ttl_seconds)
         image = environments.image_for(self.paths, environment)
         self.reconcile()
@@ -158,6 +170,7 @@ class Workspaces:
             ttl_seconds=ttl_seconds,
             seed=str(seed_path) if seed_path else None,
             owner=_me(),  # from the first moment: a reconcile sees the create is live
+            network={**(network or NetworkPolicy()).to_dict(), "publish": publish or []},
             admit=self._admission(mem_mib, choice),
         )
         self._watch()  # if this process dies mid-create, its VM goes at once anyway
@@ -226,13 +239,19 @@ class Workspaces:
             extra_disks=(Disk(files.workspace_disk, "raw"),),
             kernel_args=(f"pyro.workspace={WORKSPACE_DEVICE}",),
             agent_ports=AGENT_PORTS,
+            network=NetworkPolicy.from_dict(record.network),
         )
-        vm = create_vm(self.paths, spec, choice)
+        try:
+            vm = create_vm(self.paths, spec, choice)
+        except BaseException:
+            discard_spec(spec)
+            raise
         progress(f"booting ({choice.label})")
         try:
             vm.start()
             client = vm.wait_ready(BOOT_TIMEOUT_S)
             _require_workspace_mount(client.hello_info, vm)
+            self._publish_workspace_ports(record)
         except BaseException:
             vm.kill()
             shutil.rmtree(spec.run_dir, ignore_errors=True)
@@ -392,12 +411,26 @@ class Workspaces:
 
     def mirror_services(self, workspace_id: str, client: AgentClient) -> WorkspaceRecord:
         """Store what the guest says of its services. Services of an earlier boot that the
-        guest no longer knows stay listed, as stopped."""
+        guest no longer knows stay listed, as stopped. The ports a service published go
+        once it is no longer running."""
         value, _ = client.call("service_list", {}, timeout_s=30)
         record = self.store.get(workspace_id)
         services = _as_stopped(record.services)
         services.update({str(s["name"]): s for s in value.get("services", [])})
+        link = link_of(workspace_id)
+        if link is not None:
+            for name, service in services.items():
+                if service.get("state") in SERVICE_ENDED:
+                    unpublish_owner(link, f"service:{name}")
         return self.store.set_fields(workspace_id, services=services)
+
+    def _publish_workspace_ports(self, record: WorkspaceRecord) -> None:
+        """The ports given at create, published again at every boot (a host port of 0
+        picks a free one each time)."""
+        entries = check_publish_list(record.network.get("publish") or [])
+        link = link_of(record.id)
+        if entries and link is not None:
+            publish_ports(link, entries, "workspace")
 
     def _mark_services_stopped(self, workspace_id: str) -> None:
         """The VM is down: whatever ran in it is stopped (a start does not restart it)."""
@@ -548,6 +581,9 @@ class Workspaces:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+SERVICE_ENDED = ("stopped", "exited", "failed")  # its ports go (starting/running/ready stay)
 
 
 def _as_stopped(services: dict[str, Any]) -> dict[str, Any]:

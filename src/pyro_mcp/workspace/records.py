@@ -84,6 +84,8 @@ class WorkspaceRecord:
     """While it is ``creating``, ``starting`` or ``stopping``: the process doing it, as
     ``pid:start`` (its start time, /proc/PID/stat field 22). Whether that process still
     runs decides whether the change is under way, never a clock."""
+    network: dict[str, Any] = field(default_factory=lambda: {"mode": "off"})
+    """Its network policy (mode, allow_cidrs, allow_hosts), fixed at creation."""
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-able data (state as its string value)."""
@@ -170,7 +172,7 @@ def _plain(record: WorkspaceRecord | CommandRecord | CheckpointRecord) -> dict[s
 
 _Record = TypeVar("_Record", WorkspaceRecord, CommandRecord, CheckpointRecord)
 
-_JSON_COLUMNS: Final = frozenset({"labels", "argv", "env_keys", "services"})
+_JSON_COLUMNS: Final = frozenset({"labels", "argv", "env_keys", "services", "network"})
 _BOOL_COLUMNS: Final = frozenset({"timed_out"})
 
 

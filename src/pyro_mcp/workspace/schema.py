@@ -102,11 +102,17 @@ _V2_SERVICES = sql_migration(
 # The process creating or starting a workspace ("pid:start time"), while it does.
 _V3_OWNER = sql_migration("ALTER TABLE workspaces ADD COLUMN owner TEXT")
 
+# The network policy the workspace was created with (``NetworkPolicy.to_dict``).
+_V4_NETWORK = sql_migration(
+    """ALTER TABLE workspaces ADD COLUMN network TEXT NOT NULL DEFAULT '{"mode": "off"}'"""
+)
+
 # Append only. Version n of a store file means MIGRATIONS[:n] have run on it.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _V1_WORKSPACES_COMMANDS_CHECKPOINTS,
     _V2_SERVICES,
     _V3_OWNER,
+    _V4_NETWORK,
 )
 
 # ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pyro_mcp.errors import Conflict, InvalidArgument, InvalidState, NotFound
 from pyro_mcp.runtime.paths import state_dir
@@ -278,6 +278,7 @@ class WorkspaceStore:
         seed: str | None = None,
         backend: str | None = None,
         owner: str | None = None,
+        network: dict[str, Any] | None = None,
         admit: Callable[[builtins.list[WorkspaceRecord]], None] | None = None,
     ) -> WorkspaceRecord:
         """Record a new workspace in state ``creating``, with a fresh id.
@@ -323,6 +324,7 @@ class WorkspaceStore:
             baseline_manifest=None,
             seed=validate_optional_str(seed, "seed"),
             owner=validate_optional_str(owner, "owner"),
+            network=dict(network) if network is not None else {"mode": "off"},
         )
         with self._db.write() as conn:
             if name is not None:

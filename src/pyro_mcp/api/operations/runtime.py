@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.errors import IntegrityError, RuntimeMissing
+from pyro_mcp.errors import IntegrityError, PyroError, RuntimeMissing
 from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
 from pyro_mcp.vmm import selection
 
@@ -115,10 +115,42 @@ def runtime_bundle(
 
     The boot check boots the default environment on each candidate backend and runs
     ``uname -r`` in it: ``vm_boot`` and ``guest_exec`` are recorded only when that worked.
+    The network check (``guest_network``) has a guest with the egress policy fetch a page
+    from a private stand-in for the internet made of network namespaces: no packet
+    leaves the host.
     """
     run_boot_checks(ctx, refresh=refresh_probes)
+    run_network_check(ctx)
     ctx.progress("verifying components and writing the lock")
     return lock.write_lock(ctx.paths)
+
+
+def run_network_check(ctx: Context) -> None:
+    """Record guest_network from a real guest fetching a page through its link."""
+    from pyro_mcp.api.operations.vm import vm_run
+    from pyro_mcp.network.selfcheck import check_guest_network
+
+    try:
+        environment = selection.probe_environment(ctx.paths)
+    except RuntimeMissing as exc:
+        ctx.progress(f"network check skipped: {exc}")
+        return
+    ctx.progress("network check: a guest fetches a page through its link")
+
+    def run_in_guest(argv: list[str]) -> str:
+        quiet = Context(paths=ctx.paths)
+        result = vm_run(quiet, environment, argv, network=True, timeout_seconds=60)
+        return str(result["stdout"] if result["exit_code"] == 0 else result["stderr"])
+
+    try:
+        passed, detail = check_guest_network(run_in_guest)
+    except PyroError as exc:
+        passed, detail = False, f"the network check failed: {exc}"
+    components = lock.collect_components(ctx.paths, deep=False)
+    current = lock.artifact_digests(components)
+    used = [f"kernel-{kernels.default_flavor()}", f"env:{environment}"]
+    artifacts = {name: current[name] for name in used if name in current}
+    lock.record_check(ctx.paths, "guest_network", passed=passed, artifacts=artifacts, detail=detail)
 
 
 def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:

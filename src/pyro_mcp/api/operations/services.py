@@ -7,12 +7,16 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.network_args import PUBLISH, publish_service_ports
 from pyro_mcp.api.operations.vm import COMMAND
 from pyro_mcp.api.operations.workspace_content import CWD, ENV
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.guest.client import command_fields
+from pyro_mcp.network import nft
+from pyro_mcp.network.link import link_of
+from pyro_mcp.network.ports import check_publish_list
 from pyro_mcp.workspace.paths import guest_path
 
 WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
@@ -98,6 +102,7 @@ def service_start(
         str,
         Arg("restart policy when it exits non-zero", surfaces=EVERY, choices=("no", "on-failure")),
     ] = "no",
+    publish: Annotated[list[str] | None, PUBLISH] = None,
 ) -> dict[str, Any]:
     """Start a named long-lived process in the workspace; returns once it is ready.
 
@@ -105,7 +110,11 @@ def service_start(
     Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
     probe error (with the service's log tail); ``exited_before_ready`` with its exit
     code; ``exists`` for a name already running; InvalidArgument for a bad probe.
+    ``publish`` ports (on a workspace with the egress+published-ports policy) are
+    published before it starts and removed when it stops or exits; Conflict when a host
+    port is taken.
     """
+    entries = check_publish_list(publish)
     args: dict[str, Any] = {
         "name": name,
         **command_fields(command),
@@ -120,13 +129,14 @@ def service_start(
         args["ready"] = probe
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service start") as agent:
         record = workspaces.store.get(workspace)
+        published = publish_service_ports(record, name, entries)
         try:
             value, _ = agent.call(
                 "service_start", args, timeout_s=ready_timeout_seconds + CALL_MARGIN_S
             )
         finally:
-            workspaces.mirror_services(record.id, agent)
-        return value
+            workspaces.mirror_services(record.id, agent)  # a failed start unpublishes
+        return {**value, "published_ports": [port.to_dict() for port in published]}
 
 
 @operation(cli=("workspace", "service", "list"), sdk="list_services", profiles=FULL)
@@ -145,10 +155,14 @@ def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str
 def service_status(
     ctx: Context, workspace: Annotated[str, WORKSPACE], name: Annotated[str, NAME]
 ) -> dict[str, Any]:
-    """One service's state, pid, exit code, start time, restarts and probe."""
+    """One service's state, pid, exit code, start time, restarts, probe and the ports it
+    published."""
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service status") as agent:
         value, _ = agent.call("service_status", {"name": name}, timeout_s=30)
-        return value
+        link = link_of(workspaces.store.get(workspace).id)
+        mine = nft.published(link) if link is not None else []
+        ports = [port.to_dict() for port in mine if port.owner == f"service:{name}"]
+        return {**value, "published_ports": ports}
 
 
 @operation(cli=("workspace", "service", "logs"), sdk="service_logs", profiles=FULL)

@@ -6,8 +6,16 @@ import time
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.network_args import (
+    ALLOW_CIDR,
+    ALLOW_HOST,
+    NETWORK,
+    NETWORK_POLICY,
+    run_policy,
+)
 from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.guest.client import command_fields
+from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.runtime import environments
 from pyro_mcp.vmm.launch import discard_vm, prepare_vm, start_owned
 from pyro_mcp.vmm.selection import BACKEND_NAMES, choose_backend
@@ -57,18 +65,27 @@ def vm_run(
         Arg("VMM backend (default: the boot probe's pick)", surfaces=EVERY, choices=BACKEND_NAMES),
     ] = None,
     output_cap_bytes: Annotated[int, OUTPUT_CAP] = DEFAULT_OUTPUT_CAP,
+    network: Annotated[bool, NETWORK] = False,
+    network_policy: Annotated[str | None, NETWORK_POLICY] = None,
+    allow_cidr: Annotated[list[str] | None, ALLOW_CIDR] = None,
+    allow_host: Annotated[list[str] | None, ALLOW_HOST] = None,
 ) -> dict[str, Any]:
     """Boot a fresh microVM, run one command in it, and discard the VM.
 
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
     as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
     when the program does not exist; the exit code is data, not an error), timed_out,
-    truncation flags, duration_ms, the backend used and phase timings in milliseconds.
-    Errors: NotFound for an unknown environment, InvalidArgument for bad sizes,
-    RuntimeMissing when the environment or kernel is not installed, BootTimeout (with the
-    serial console tail) when the guest never becomes ready.
+    truncation flags, duration_ms, the backend used, phase timings in milliseconds and
+    the network. Without ``network`` the guest has no network device; with it (or
+    ``network_policy="egress"``) it reaches the internet and nothing else (not the host,
+    private ranges or other guests), and an allowlist narrows that to what it names.
+    Errors: NotFound for an unknown environment, InvalidArgument for bad sizes, policies
+    or allowlists, RuntimeMissing when the environment or kernel is not installed,
+    BootTimeout (with the serial console tail) when the guest never becomes ready,
+    NetworkUnavailable when the host cannot give it the network asked for.
     """
     how = command_fields(command)
+    policy = run_policy(network, network_policy, allow_cidr, allow_host)
     started = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -81,9 +98,15 @@ def vm_run(
     choice = choose_backend(ctx.paths, backend, progress=ctx.progress)
     ctx.progress(f"creating VM ({choice.label}, {environment})")
     vm = prepare_vm(
-        ctx.paths, environment=environment, choice=choice, vcpu_count=vcpu_count, mem_mib=mem_mib
+        ctx.paths,
+        environment=environment,
+        choice=choice,
+        vcpu_count=vcpu_count,
+        mem_mib=mem_mib,
+        network=policy,
     )
     spec = vm.spec
+    network_info = vm_network_info(policy, spec.vm_id)
     phase = mark("create_ms", started)
     try:
         with ctx.on_cancel(vm.kill):  # a caller that gives up ends the VM at once
@@ -112,4 +135,5 @@ def vm_run(
         "backend": choice.label,
         "vm_id": spec.vm_id,
         "timings_ms": timings,
+        "network": network_info,
     }

@@ -7,11 +7,23 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.network_args import (
+    ALLOW_CIDR,
+    ALLOW_HOST,
+    NETWORK_POLICY,
+    PUBLISH,
+    require_publishing,
+    workspace_policy,
+)
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.network.link import vm_network_info
+from pyro_mcp.network.policy import NetworkPolicy
+from pyro_mcp.network.ports import check_free, check_publish_list
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
+from pyro_mcp.workspace.records import WorkspaceRecord
 from pyro_mcp.workspace.store import UNSET
 
 CORE = ("workspace-core", "workspace-full")
@@ -73,14 +85,24 @@ def workspace_create(
     backend: Annotated[
         str | None, Arg("VMM backend (default: the boot probe's pick)", surfaces=EVERY)
     ] = None,
+    network_policy: Annotated[str | None, NETWORK_POLICY] = None,
+    allow_cidr: Annotated[list[str] | None, ALLOW_CIDR] = None,
+    allow_host: Annotated[list[str] | None, ALLOW_HOST] = None,
+    publish: Annotated[list[str] | None, PUBLISH] = None,
     id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
-    Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels),
-    OutsideRoot (a seed outside the allowed host roots, or links escaping the seed),
-    TooLarge (seed bigger than the disk, too many live workspaces), BootTimeout.
+    ``network_policy`` (default off: no network device) is kept for every start; status
+    and ``workspace network`` show the guest's address and published ports.
+    Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels,
+    policy or allowlist), OutsideRoot (a seed outside the allowed host roots, or links
+    escaping the seed), TooLarge (seed bigger than the disk, too many live workspaces),
+    BootTimeout, NetworkUnavailable (the host cannot give it the network asked for).
     """
+    policy = workspace_policy(network_policy, allow_cidr, allow_host)
+    require_publishing(policy, publish)
+    check_free(check_publish_list(publish))
     seed = ctx.host_paths.check(seed_path, "seed") if seed_path else None
     with open_workspaces(ctx) as workspaces:
         record = workspaces.create(
@@ -95,9 +117,12 @@ def workspace_create(
             disk_mib=disk_mib,
             ttl_seconds=ttl_seconds,
             backend=backend,
+            network=policy,
+            publish=publish or [],
             progress=ctx.progress,
         )
-        return {**record.to_dict(), "id_only": id_only} if id_only else record.to_dict()
+        shown = _with_network(record)
+        return {**shown, "id_only": id_only} if id_only else shown
 
 
 @operation(cli=("workspace", "list"), sdk="list_workspaces", profiles=CORE)
@@ -160,11 +185,28 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
         for service in record.services.values():
             counts[str(service.get("state"))] = counts.get(str(service.get("state")), 0) + 1
         return {
-            **record.to_dict(),
+            **_with_network(record),
             "checkpoints": [c.name for c in workspaces.store.checkpoints(record.id)],
             "commands": len(workspaces.store.commands(record.id, limit=1000)),
             "service_counts": counts,
         }
+
+
+@operation(cli=("workspace", "network"), sdk="network_info_workspace", profiles=FULL)
+def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+    """A workspace's network: its policy and allowlist and, while it runs, the guest's
+    IP, gateway, MAC, TAP device and published ports."""
+    with open_workspaces(ctx) as workspaces:
+        workspaces.reconcile_one(workspace)
+        record = workspaces.store.get(workspace)
+        return {"workspace_id": record.id, **_with_network(record)["network"]}
+
+
+def _with_network(record: WorkspaceRecord) -> dict[str, Any]:
+    """The record as shown, its network with what the running VM has."""
+    running = record.state.value == "running"
+    policy = NetworkPolicy.from_dict(record.network)
+    return {**record.to_dict(), "network": vm_network_info(policy, record.id if running else None)}
 
 
 @operation(cli=("workspace", "logs"), sdk="workspace_logs", profiles=FULL)

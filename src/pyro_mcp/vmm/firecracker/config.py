@@ -42,7 +42,7 @@ def vm_config(spec: VMSpec, vsock_cid: int = GUEST_CID) -> dict[str, Any]:
     }
     if spec.initrd is not None:
         boot["initrd_path"] = names.INITRD
-    return {
+    config: dict[str, Any] = {
         "machine-config": {"vcpu_count": spec.vcpu_count, "mem_size_mib": spec.mem_mib},
         "boot-source": boot,
         "drives": [
@@ -59,3 +59,8 @@ def vm_config(spec: VMSpec, vsock_cid: int = GUEST_CID) -> dict[str, Any]:
         # page reporting); it gives way when the guest runs short (deflate_on_oom).
         "balloon": {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 0},
     }
+    if spec.nic is not None:  # a persistent TAP the VM's uid may open by name
+        config["network-interfaces"] = [
+            {"iface_id": "eth0", "host_dev_name": spec.nic.tap, "guest_mac": spec.nic.mac}
+        ]
+    return config

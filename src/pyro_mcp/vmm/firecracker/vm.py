@@ -33,6 +33,7 @@ from typing import IO
 from pyro_mcp.errors import BootTimeout, VMError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_VSOCK_PORT
+from pyro_mcp.network.link import release_network
 from pyro_mcp.runtime.binaries import BinarySet
 from pyro_mcp.vmm.base import VM, VMSpec, read_tail
 from pyro_mcp.vmm.console import start_pump
@@ -488,6 +489,8 @@ class FirecrackerVM(VM):
         if self._root_ready:
             self._root_ready = False
             self.root.cleanup()
+        if self.spec.nic is not None:
+            release_network(self.spec.vm_id)
 
     def __enter__(self) -> FirecrackerVM:
         return self

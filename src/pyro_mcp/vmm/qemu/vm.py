@@ -19,6 +19,7 @@ from pathlib import Path
 from pyro_mcp.errors import VMError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_PORT_NAME
+from pyro_mcp.network.link import release_network
 from pyro_mcp.runtime.host_tools import require
 from pyro_mcp.vmm.base import VM, VMSpec, guest_kernel_args
 from pyro_mcp.vmm.console import start_pump
@@ -93,6 +94,9 @@ def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
         options.append(("-chardev", chardev))
         port_name = f"{AGENT_PORT_NAME}.{port}"
         options.append(("-device", f"virtserialport,chardev=agent{port},name={port_name}"))
+    if spec.nic is not None and spec.nic.fd is not None:
+        options.append(("-netdev", f"tap,id=net0,fd={spec.nic.fd}"))
+        options.append(("-device", f"virtio-net-device,netdev=net0,mac={spec.nic.mac}"))
     if spec.initrd is not None:
         options.append(("-initrd", str(spec.initrd)))
     for index, disk in enumerate((spec.root_disk, *spec.extra_disks)):
@@ -154,7 +158,7 @@ class QemuVM(VM):
                     stderr=log,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=jailed.pass_fds,
+                    pass_fds=[*jailed.pass_fds, *self._nic_fds()],
                     umask=0o077,
                 )
         except OSError as exc:
@@ -163,8 +167,14 @@ class QemuVM(VM):
         finally:
             os.close(console)  # QEMU holds it now; the pump ends when QEMU does
             jailed.close_parent_fds()  # and its uid lock
+            for fd in self._nic_fds():  # the TAP is QEMU's: it ends with QEMU
+                os.close(fd)
         self._save_record(self.process.pid)  # the jail execs QEMU: the pid stays the same
         self.started_at = started
+
+    def _nic_fds(self) -> list[int]:
+        nic = self.spec.nic
+        return [nic.fd] if nic is not None and nic.fd is not None else []
 
     def _connect_agent(self, deadline: float, timeout_s: float) -> socket.socket:
         while True:
@@ -221,3 +231,5 @@ class QemuVM(VM):
             self._qmp = None
         super().kill()
         release(self.spec.vm_id)
+        if self.spec.nic is not None:
+            release_network(self.spec.vm_id)

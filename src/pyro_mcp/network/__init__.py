@@ -1,0 +1,1 @@
+"""Guest networking: TAP devices, addresses, nftables policy, DNS, published ports."""

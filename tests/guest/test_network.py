@@ -1,0 +1,244 @@
+"""Guest networking on real guests, inside a private network (tests/net_topology.py).
+
+pyro's host side runs in a namespace whose only uplink is a fake internet; no packet can
+leave the machine. Each probe runs in the guest and says what became of one connection:
+``ok <body>``, ``refused``, ``timeout``, ``unreachable`` or ``no-name``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from tests import net_topology as net
+
+from pyro_mcp.api import Context
+from pyro_mcp.api.operations import services as sv
+from pyro_mcp.api.operations import vm as vm_ops
+from pyro_mcp.api.operations import workspace_content as wc
+from pyro_mcp.api.operations import workspaces as ws
+from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.network import leases, nft
+from pyro_mcp.network.addresses import Link
+
+PROBE = r"""
+import socket, sys
+def probe(host, port):
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return "no-name"
+    try:
+        conn = socket.create_connection((address, port), timeout=3)
+    except socket.timeout:
+        return "timeout"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as exc:
+        return "unreachable" if exc.errno in (101, 113) else f"error {exc.errno}"
+    with conn:
+        conn.settimeout(5)
+        conn.sendall(b"GET / HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+    return "ok " + data.split(b"\r\n\r\n", 1)[-1].decode().strip()
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    print(target, probe(host, int(port)))
+"""
+
+
+@pytest.fixture(scope="module")
+def private_network() -> Iterator[net.Topology]:
+    with net.topology() as topo, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYRO_NET_NAMESPACE", topo.host)
+        patch.setenv("PYRO_DNS_UPSTREAMS", net.WEB_IP)
+        yield topo
+    assert net.namespaces_left(topo.prefix) == []
+
+
+def _probe(ctx: Context, wid: str, *targets: str) -> dict[str, str]:
+    result = wc.workspace_exec(ctx, wid, ["python3", "-c", PROBE, *targets], timeout_seconds=60)
+    assert result["exit_code"] == 0, result
+    return dict(line.split(" ", 1) for line in result["stdout"].splitlines())
+
+
+def _in_host_ns(topo: net.Topology, *argv: str) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", topo.host, *argv], capture_output=True, text=True, check=False
+    )
+    return done.stdout + done.stderr
+
+
+def test_with_the_policy_off_a_guest_has_no_route_anywhere(
+    ctx: Context, private_network: net.Topology
+) -> None:
+    result = vm_ops.vm_run(ctx, "debian:12", ["python3", "-c", PROBE, f"{net.WEB_IP}:80"])
+    assert result["stdout"] == f"{net.WEB_IP}:80 unreachable\n"
+    assert result["network"]["policy"] == "off" and result["network"]["guest_ip"] is None
+
+
+def test_a_one_shot_run_with_network_fetches_a_page_by_name(
+    ctx: Context, private_network: net.Topology
+) -> None:
+    result = vm_ops.vm_run(ctx, "debian:12", ["python3", "-c", PROBE, "web.test:80"], network=True)
+    assert result["stdout"] == "web.test:80 ok hello from internet\n", result
+    assert result["network"]["policy"] == "egress"
+    assert leases.held() == []  # its link went with it
+
+
+def test_egress_reaches_the_internet_and_nothing_else(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    other = ws.workspace_create(ws_ctx, "debian:12", network_policy="egress")
+    wid = ws.workspace_create(ws_ctx, "debian:12", network_policy="egress")["id"]
+    gateway = wid_gateway(ws_ctx, wid)
+    other_ip = other["network"]["guest_ip"]
+    sv.service_start(
+        ws_ctx, other["id"], "web", "python3 -m http.server 8080", ready_tcp="127.0.0.1:8080"
+    )
+    seen = _probe(
+        ws_ctx,
+        wid,
+        "web.test:80",
+        f"{net.PRIVATE_IP}:80",
+        f"{net.METADATA_IP}:80",
+        f"{gateway}:{net.HOST_SERVICE_PORT}",
+        f"{net.HOST_UPLINK_IP}:{net.HOST_SERVICE_PORT}",
+        f"{other_ip}:8080",
+    )
+    assert seen == {
+        "web.test:80": "ok hello from internet",
+        f"{net.PRIVATE_IP}:80": "timeout",
+        f"{net.METADATA_IP}:80": "timeout",
+        f"{gateway}:{net.HOST_SERVICE_PORT}": "timeout",
+        f"{net.HOST_UPLINK_IP}:{net.HOST_SERVICE_PORT}": "timeout",
+        f"{other_ip}:8080": "timeout",
+    }
+    # The host itself can reach them all (the blocks are the guest's, not the network's).
+    assert "hello from private" in _in_host_ns(
+        private_network, "python3", "-c", PROBE, f"{net.PRIVATE_IP}:80"
+    )
+
+
+def wid_gateway(ctx: Context, wid: str) -> str:
+    info = ws.workspace_network(ctx, wid)
+    assert info["policy"] == "egress" and info["guest_ip"], info
+    return str(info["gateway"])
+
+
+def test_an_allowed_host_is_all_a_guest_can_reach(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    wid = ws.workspace_create(
+        ws_ctx, "debian:12", network_policy="egress", allow_host=["web.test"]
+    )["id"]
+    seen = _probe(ws_ctx, wid, "web.test:80", "other.test:80", f"{net.OTHER_IP}:80")
+    assert seen == {
+        "web.test:80": "ok hello from internet",
+        "other.test:80": "no-name",  # the resolver answers only allowed names
+        f"{net.OTHER_IP}:80": "timeout",  # and the address itself is not open
+    }
+
+
+def test_an_allowed_cidr_opens_a_private_host(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    wid = ws.workspace_create(
+        ws_ctx, "debian:12", network_policy="egress", allow_cidr=["10.77.0.0/24"]
+    )["id"]
+    seen = _probe(ws_ctx, wid, f"{net.PRIVATE_IP}:80", f"{net.WEB_IP}:80")
+    assert seen == {f"{net.PRIVATE_IP}:80": "ok hello from private", f"{net.WEB_IP}:80": "timeout"}
+
+
+def _fetch_on_host(topo: net.Topology, port: int) -> str:
+    return _in_host_ns(topo, "python3", "-c", PROBE, f"127.0.0.1:{port}").strip()
+
+
+def test_a_published_port_answers_on_the_host_until_its_service_stops(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    wid = ws.workspace_create(ws_ctx, "debian:12", network_policy="egress+published-ports")["id"]
+    wc.workspace_file_write(ws_ctx, wid, "index.html", text="hello from the guest\n")
+    started = sv.service_start(
+        ws_ctx,
+        wid,
+        "web",
+        "python3 -m http.server 8080",
+        ready_tcp="127.0.0.1:8080",
+        publish=["0:8080"],
+    )
+    port = started["published_ports"][0]["host_port"]
+    assert port > 0 and started["published_ports"][0]["host_ip"] == "127.0.0.1"
+    assert _fetch_on_host(private_network, port) == f"127.0.0.1:{port} ok hello from the guest"
+    status = ws.workspace_status(ws_ctx, wid)
+    assert [p["host_port"] for p in status["network"]["published_ports"]] == [port]
+    sv.service_stop(ws_ctx, wid, "web")
+    assert _fetch_on_host(private_network, port) == f"127.0.0.1:{port} refused"
+    assert ws.workspace_status(ws_ctx, wid)["network"]["published_ports"] == []
+
+
+def test_a_killed_vmm_leaves_no_rule_address_or_port_after_reconcile(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    record = ws.workspace_create(
+        ws_ctx, "debian:12", network_policy="egress+published-ports", publish=["0:8080"]
+    )
+    link = Link.of(next(lease.slot for lease in leases.held() if lease.vm_id == record["id"]))
+    assert nft.vm_present(link)
+    os.kill(record["vmm_pid"], 9)
+    ws.workspace_status(ws_ctx, record["id"])  # reconciles: the VM is found dead
+    assert not nft.vm_present(link)
+    assert [lease.vm_id for lease in leases.held()].count(record["id"]) == 0
+    assert "does not exist" in _in_host_ns(private_network, "ip", "link", "show", link.tap)
+
+
+def test_bad_network_input_gets_a_clear_error_and_leaves_nothing(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    cases = [
+        ({"network_policy": "sometimes"}, "network policy must be one of"),
+        ({"network_policy": "egress", "publish": ["8080:80"]}, "needs the egress+published"),
+        ({"network_policy": "egress", "allow_cidr": ["10.0.0.0/33"]}, "is not an IPv4"),
+        ({"network_policy": "egress", "allow_host": ["not a name"]}, "is not a domain"),
+        ({"allow_host": ["web.test"]}, "an allowlist needs a network"),
+        ({"network_policy": "egress+published-ports", "publish": ["70000:80"]}, "not a number"),
+    ]
+    for options, message in cases:
+        with pytest.raises(InvalidArgument, match=re.escape(message)):
+            ws.workspace_create(ws_ctx, "debian:12", **options)
+    assert ws.workspace_list(ws_ctx)["workspaces"] == []
+    assert leases.held() == []
+
+
+def test_a_host_port_in_use_is_refused_and_nothing_is_left(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    from pyro_mcp.errors import Conflict
+    from pyro_mcp.network.namespace import run_in_namespace
+
+    def hold() -> socket.socket:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        return sock
+
+    holder = run_in_namespace(hold)
+    try:
+        port = holder.getsockname()[1]
+        with pytest.raises(Conflict, match=f"127.0.0.1:{port} is in use"):
+            ws.workspace_create(
+                ws_ctx,
+                "debian:12",
+                network_policy="egress+published-ports",
+                publish=[f"{port}:80"],
+            )
+    finally:
+        holder.close()
+    assert ws.workspace_list(ws_ctx)["workspaces"] == []
+    assert leases.held() == [] and nft.published() == []

@@ -1,0 +1,97 @@
+"""A VM's link, made and released in a private network namespace (no VM needed): the
+lease, the TAP, the nftables policy and the resolver all appear, and all go, whichever
+way the VM ends; a stale lease is reclaimed with what it left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyro_mcp.errors import NetworkUnavailable
+from pyro_mcp.network import leases, nft
+from pyro_mcp.network.link import attach_network, release_network
+from pyro_mcp.network.policy import parse_policy
+from pyro_mcp.network.tap import tap_exists
+from pyro_mcp.vmm.identity import ProcessIdentity
+
+
+@pytest.fixture
+def namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    name = f"pyu{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    monkeypatch.setenv("PYRO_NET_NAMESPACE", name)
+    monkeypatch.setenv("PYRO_DNS_UPSTREAMS", "127.0.0.1:5399")
+    try:
+        yield name
+    finally:
+        for lease in leases.held():
+            release_network(lease.vm_id)
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+        shutil.rmtree(f"/run/pyro-mcp/network/{name}", ignore_errors=True)
+
+
+def _run_dir(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def test_a_link_is_made_whole_and_released_whole(namespace: str, tmp_path: Path) -> None:
+    policy = parse_policy("egress", ["10.77.0.0/24"], ["web.test"])
+    network = attach_network("vm-one", _run_dir(tmp_path, "vm-one"), policy)
+    link = network.link
+    [lease] = leases.held()
+    assert (lease.vm_id, lease.slot) == ("vm-one", link.slot)
+    assert tap_exists(link.tap) and nft.vm_present(link)
+    resolver = ProcessIdentity.from_dict(lease.resolver)
+    assert resolver is not None and resolver.alive()
+    assert network.nic.fd is not None
+    os.close(network.nic.fd)  # what a VMM's end does to its TAP
+    assert not tap_exists(link.tap)
+    release_network("vm-one")
+    assert leases.held() == [] and not nft.vm_present(link) and not resolver.alive()
+
+
+def test_two_vms_get_two_links(namespace: str, tmp_path: Path) -> None:
+    policy = parse_policy("egress")
+    one = attach_network("vm-a", _run_dir(tmp_path, "a"), policy)
+    two = attach_network("vm-b", _run_dir(tmp_path, "b"), policy)
+    assert one.link.slot != two.link.slot and one.link.guest != two.link.guest
+    for network in (one, two):
+        assert network.nic.fd is not None
+        os.close(network.nic.fd)
+
+
+def test_a_stale_lease_is_reclaimed_with_what_it_left(namespace: str, tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path, "gone")
+    stale = attach_network("vm-gone", run_dir, parse_policy("egress"))
+    shutil.rmtree(run_dir)  # its VM ended without releasing (a crash of every process)
+    resolver = ProcessIdentity.from_dict(leases.held()[0].resolver)
+    assert stale.nic.fd is not None
+    os.close(stale.nic.fd)
+    fresh = attach_network("vm-new", _run_dir(tmp_path, "new"), parse_policy("egress"))
+    assert [lease.vm_id for lease in leases.held()] == ["vm-new"]
+    assert fresh.link.slot == stale.link.slot  # the slot was free again
+    assert resolver is not None and not resolver.alive()
+    assert fresh.nic.fd is not None
+    os.close(fresh.nic.fd)
+
+
+def test_a_link_that_cannot_be_made_leaves_nothing(
+    namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp.network import resolver_process
+
+    def fail(*_args: object) -> dict[str, int]:
+        raise NetworkUnavailable("the resolver would not start")
+
+    monkeypatch.setattr(resolver_process, "start", fail)
+    with pytest.raises(NetworkUnavailable, match="would not start"):
+        attach_network("vm-x", _run_dir(tmp_path, "x"), parse_policy("egress"))
+    assert leases.held() == [] and nft.published() == []
+    assert not tap_exists("pyro-t0")
