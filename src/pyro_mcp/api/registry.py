@@ -44,7 +44,8 @@ class Arg:
     (reading our stdin, printing just an id) must not reach MCP or the SDK.
     ``minimum``/``maximum`` bound a number (every number has both: nan, infinities and
     huge values are refused alike); ``exclusive_minimum`` makes the minimum itself
-    invalid. ``path``: a file name, where bytes that are not UTF-8 may stand as
+    invalid. ``sensitive``: it may hold secrets, so no error message shows its value.
+    ``path``: a file name, where bytes that are not UTF-8 may stand as
     ``surrogateescape`` characters and an ``os.PathLike`` is taken too. ``octal``: an
     integer given as a string is read in octal, as chmod does (``"0644"``).
     """
@@ -59,6 +60,7 @@ class Arg:
     exclusive_minimum: bool = False
     path: bool = False
     octal: bool = False
+    sensitive: bool = False
 
 
 @dataclass(frozen=True)

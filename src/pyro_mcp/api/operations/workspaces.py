@@ -8,10 +8,12 @@ from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
-from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
+from pyro_mcp.errors import InvalidArgument, PyroError
+from pyro_mcp.storage import host_files
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
+from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES, collect_secrets
 from pyro_mcp.workspace.store import UNSET
 
 CORE = ("workspace-core", "workspace-full")
@@ -34,6 +36,20 @@ def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
         ensure_keeper(ctx.paths, workspaces.layout.state_dir, needed)
     finally:
         workspaces.close()
+
+
+def read_secret_file(ctx: Context, path: str) -> bytes:
+    """A secret's host file, read as the caller may (MCP clients: under their roots)."""
+    try:
+        return host_files.read_file(
+            ctx.host_paths.check(path, "secret file"), "secret file", MAX_VALUE_BYTES
+        )
+    except PyroError as exc:
+        if exc.hint:
+            raise
+        raise type(exc)(
+            exc.message, hint="name a readable regular file, e.g. --secret-file NAME=./token"
+        ) from exc
 
 
 def parse_pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -73,14 +89,43 @@ def workspace_create(
     backend: Annotated[
         str | None, Arg("VMM backend (default: the boot probe's pick)", surfaces=EVERY)
     ] = None,
+    secrets: Annotated[
+        list[dict[str, str]] | None,
+        Arg(
+            'secrets: [{"name": N, "value": V} or {"name": N, "file_path": P}]; values are '
+            "encrypted at rest, given to processes only by secret_env, shown as *** in output",
+            surfaces=Surface.SDK | Surface.MCP,
+            sensitive=True,
+        ),
+    ] = None,
+    secret: Annotated[
+        list[str] | None,
+        Arg(
+            "a secret NAME=VALUE (repeatable; see --secret-file to keep it off the command line)",
+            surfaces=CLI_ONLY,
+            metavar="NAME=VALUE",
+            sensitive=True,
+        ),
+    ] = None,
+    secret_file: Annotated[
+        list[str] | None,
+        Arg(
+            "a secret NAME=PATH, its value the content of a host file (repeatable)",
+            surfaces=CLI_ONLY,
+            metavar="NAME=PATH",
+        ),
+    ] = None,
     id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
     Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels),
     OutsideRoot (a seed outside the allowed host roots, or links escaping the seed),
-    TooLarge (seed bigger than the disk, too many live workspaces), BootTimeout.
+    TooLarge (seed bigger than the disk, too many live workspaces), BootTimeout;
+    InvalidArgument or NotFound for a bad secret (its name, never its value), before
+    anything is created.
     """
+    given = collect_secrets(secrets, secret, secret_file, lambda p: read_secret_file(ctx, p))
     seed = ctx.host_paths.check(seed_path, "seed") if seed_path else None
     with open_workspaces(ctx) as workspaces:
         record = workspaces.create(
@@ -95,9 +140,16 @@ def workspace_create(
             disk_mib=disk_mib,
             ttl_seconds=ttl_seconds,
             backend=backend,
+            secrets=given,
             progress=ctx.progress,
         )
-        return {**record.to_dict(), "id_only": id_only} if id_only else record.to_dict()
+        result = {**record.to_dict(), "secrets": secret_names(workspaces, record.id)}
+        return {**result, "id_only": id_only} if id_only else result
+
+
+def secret_names(workspaces: Workspaces, workspace_id: str) -> list[dict[str, str]]:
+    """A workspace's secrets as status shows them: names and sources, never values."""
+    return [s.to_dict() for s in workspaces.store.secrets(workspace_id)]
 
 
 @operation(cli=("workspace", "list"), sdk="list_workspaces", profiles=CORE)
@@ -161,6 +213,7 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
             counts[str(service.get("state"))] = counts.get(str(service.get("state")), 0) + 1
         return {
             **record.to_dict(),
+            "secrets": secret_names(workspaces, record.id),
             "checkpoints": [c.name for c in workspaces.store.checkpoints(record.id)],
             "commands": len(workspaces.store.commands(record.id, limit=1000)),
             "service_counts": counts,
