@@ -59,6 +59,7 @@ def read_redacted(
         output=text,
         cursor=start + lead,
         next_cursor=next_cursor,
+        truncated=start > cursor,  # output before the cursor asked for was dropped
         # Held-back bytes are not "more": they show once what follows them comes.
         more=bool(value.get("more")),
     )
