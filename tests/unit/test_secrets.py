@@ -48,7 +48,7 @@ def test_output_that_only_looks_like_a_start_is_shown_at_once_or_at_the_end() ->
 
 
 def test_results_errors_and_log_lines_are_redacted_the_same_way() -> None:
-    redactor = Redactor([SECRET, "line1\nline2"])
+    redactor = Redactor([SECRET, "line1\nline2\n"])
     value = {"note": f"x{SECRET}", SECRET: [SECRET, 3]}
     assert redactor.value(value) == {"note": "x***", "***": ["***", 3]}
     lines = [

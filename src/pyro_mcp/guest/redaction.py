@@ -152,11 +152,13 @@ def redact_lines(redactor: Redactor, lines: list[Any]) -> list[Any]:
             by_stream.setdefault(str(line.get("stream")), []).append(index)
     result = [redactor.value(line) for line in lines]
     for indexes in by_stream.values():
-        joined = "\n".join(lines[i]["text"] for i in indexes)
+        # Each line ended with a newline (the log was cut at them): a value that ends
+        # with one, as a key file does, is found with it.
+        joined = "".join(lines[i]["text"] + "\n" for i in indexes)
         redacted = redactor.text(joined)
         if redacted == joined:
             continue
-        parts = redacted.split("\n")
+        parts = redacted.removesuffix("\n").split("\n")
         # A value with newlines collapses to one *** line: the lines it spanned go empty.
         parts += [""] * (len(indexes) - len(parts))
         for i, text in zip(indexes, parts, strict=False):
