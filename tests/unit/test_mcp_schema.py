@@ -26,7 +26,7 @@ from pyro_mcp.mcp_server import build_server, confined_context, serve
 from pyro_mcp.runtime.paths import RuntimePaths
 
 T = TypeVar("T")
-JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object"}
 CLIENT_MODES = ("auto", "legacy")  # direct dispatch, and JSON-RPC over in-memory streams
 
 
@@ -130,7 +130,11 @@ def _assert_property(tool: str, param: Param, prop: dict[str, Any]) -> None:
     for arm, schema in zip(param.arms, typed, strict=True):
         if get_origin(arm) is list:
             assert schema["type"] == "array", where
-            assert schema["items"]["type"] == JSON_TYPES[get_args(arm)[0]], where
+            item = get_args(arm)[0]
+            assert schema["items"]["type"] == JSON_TYPES[get_origin(item) or item], where
+            continue
+        if get_origin(arm) is dict:  # an object of strings (secret_env's 3.x form)
+            assert schema == {"type": "object", "additionalProperties": {"type": "string"}}
             continue
         assert schema["type"] == JSON_TYPES[arm], where
         if arm in (int, float):  # every number states its range

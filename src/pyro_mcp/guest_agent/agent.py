@@ -24,6 +24,7 @@ from pyro_mcp.guest_agent import (
     ops_archive,
     ops_exec,
     ops_files,
+    ops_secrets,
     ops_services,
     ops_shells,
     ops_system,
@@ -112,6 +113,7 @@ class Agent:
             "apply_tree": ops_tree.apply_tree,
             "archive_get": ops_archive.archive_get,
             "archive_put": ops_archive.archive_put,
+            "secrets_put": ops_secrets.secrets_put,
             **ops_services.handlers(),  # also adopts services an earlier agent left running
             **ops_shells.handlers(),
         }

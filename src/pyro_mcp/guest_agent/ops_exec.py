@@ -4,6 +4,7 @@ Arguments (``args`` of the call):
 
 - ``argv`` (list of str) or ``shell`` (str, run as ``/bin/sh -lc``): exactly one.
 - ``cwd`` (str), ``env`` (dict of str: merged over the agent's environment).
+- ``secret_env`` ({ENVVAR: secret name}): those secrets' values, from the guest's tmpfs.
 - ``timeout_s`` (float, > 0): then the whole process group is killed.
 - ``output_cap`` (int bytes, per stream): output beyond it is dropped and flagged.
 - the call's payload is the command's stdin (closed after it).
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pyro_mcp.guest_agent import ops_secrets
 from pyro_mcp.guest_agent.calls import Call, CallError
 
 DEFAULT_OUTPUT_CAP = 16 << 20
@@ -90,6 +92,7 @@ def run_exec(call: Call) -> tuple[dict[str, Any], bytes]:
     args = call.args
     argv = _command(args)
     env = _environment(args.get("env"))
+    env.update(ops_secrets.resolve(args.get("secret_env")))
     cwd = args.get("cwd") or "/"
     timeout = args.get("timeout_s")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):

@@ -5,7 +5,7 @@ default ``/run/pyro``, a tmpfs in the guest), never in the workspace.
 
 Operations
 ----------
-``service_start`` {name, argv | shell, cwd?, env?, ready?, ready_timeout_s=30,
+``service_start`` {name, argv | shell, cwd?, env?, secret_env?, ready?, ready_timeout_s=30,
 ready_interval_ms=200, restart="no"|"on-failure"}
     Starts the service in its own session (process group) and returns once it is ready:
     the status below plus ``ready_ms``. ``ready`` is a probe (see :mod:`probes`); without
@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyro_mcp.guest_agent import probes
+from pyro_mcp.guest_agent import ops_secrets, probes
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.processes import alive, group_alive, killpg, wait_foreign, wait_readable
 from pyro_mcp.guest_agent.service_args import (
@@ -166,7 +166,7 @@ class Registry(ServiceRecords):
             proc = subprocess.Popen(
                 svc.command,
                 cwd=svc.cwd,
-                env=base_environment(svc.env),
+                env=svc.environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
@@ -292,7 +292,7 @@ class Registry(ServiceRecords):
         """Probe until ready: ("ready" | "exited" | "timeout" | "cancelled", seconds)."""
         probe = svc.probe
         assert probe is not None
-        env = base_environment(svc.env)
+        env = svc.environment()
         began = run.began
         deadline = began + svc.ready_timeout_s
         interval = svc.ready_interval_ms / 1000
@@ -357,6 +357,8 @@ class Registry(ServiceRecords):
         name = name_arg(args)
         command = command_arg(args)
         env = env_arg(args.get("env"))
+        secret_env = args.get("secret_env") or {}
+        ops_secrets.resolve(secret_env)  # names a secret this guest lacks before it starts
         probe = probes.parse(args.get("ready"))
         timeout = number_arg(args, "ready_timeout_s", 30.0, 0.1, 86400.0)
         interval = number_arg(args, "ready_interval_ms", 200.0, 10.0, 60000.0)
@@ -373,6 +375,7 @@ class Registry(ServiceRecords):
             svc = Service(name, os.path.join(self.root, name))
             svc.starts = (old.starts if old is not None else 0) + 1
             svc.command, svc.cwd, svc.env, svc.probe = command, cwd, env, probe
+            svc.secret_env = dict(secret_env)
             svc.ready_timeout_s, svc.ready_interval_ms, svc.restart = timeout, interval, restart
             self.services[name] = svc
             failed = self._launch(svc)

@@ -6,7 +6,8 @@ terminal. A reader thread keeps the last ``BUFFER_CAP`` bytes of its output; pos
 in that output (cursors) are absolute byte offsets, so a client reads only what is new.
 Shells live in the agent's memory: they end with the agent.
 
-``shell_open`` {cwd?, cols=120, rows=30, env?} -> {shell_id, pid, ...} (as in shell_list)
+``shell_open`` {cwd?, cols=120, rows=30, env?, secret_env?} -> {shell_id, pid, ...}
+    (as in shell_list)
     cwd defaults to /workspace if it exists, else /. At most ``MAX_SHELLS`` at once
     (``too_many``).
 ``shell_read`` {shell_id, cursor=0, max_chars=65536, plain=false, wait_for_idle_ms?}
@@ -49,6 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pyro_mcp.guest_agent import ops_secrets
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.ops_services import base_environment, default_cwd
 
@@ -369,6 +371,7 @@ def shell_open(call: Call) -> tuple[dict[str, Any], bytes]:
     ):
         raise CallError("invalid_argument", "env must map variable names to strings")
     env = base_environment({"TERM": "xterm-256color", **extra})
+    env.update(ops_secrets.resolve(args.get("secret_env")))
     with _lock:
         if len(_shells) >= MAX_SHELLS:
             raise CallError("too_many", f"{MAX_SHELLS} shells are open: close one first")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import json
 import os
 import re
@@ -24,7 +25,9 @@ import threading
 import time
 from typing import Any
 
-from pyro_mcp.guest_agent.service_args import NAME_PATTERN
+from pyro_mcp.guest_agent import ops_secrets
+from pyro_mcp.guest_agent.calls import CallError
+from pyro_mcp.guest_agent.service_args import NAME_PATTERN, base_environment
 from pyro_mcp.guest_agent.service_logs import STREAMS, LogMarks
 
 ACTIVE = ("starting", "ready", "running")
@@ -75,6 +78,7 @@ class Service:
         self.command: list[str] = []
         self.cwd = "/"
         self.env: dict[str, str] = {}
+        self.secret_env: dict[str, str] = {}  # ENVVAR -> secret name (never a value)
         self.probe: dict[str, Any] | None = None
         self.ready_timeout_s = 30.0
         self.ready_interval_ms = 200.0
@@ -99,6 +103,16 @@ class Service:
     @property
     def busy(self) -> bool:
         return self.state in ACTIVE or self.restart_pending
+
+    def environment(self) -> dict[str, str]:
+        """What the service's processes (and its probe) run with: its env and its
+        secrets, read from the guest's tmpfs at each start. OSError when a secret is
+        gone (it fails the start as a missing program does)."""
+        try:
+            secrets = ops_secrets.resolve(self.secret_env)
+        except CallError as exc:
+            raise OSError(errno.ENOENT, exc.message) from None
+        return base_environment({**self.env, **secrets})
 
     def status(self) -> dict[str, Any]:
         return {
@@ -125,6 +139,7 @@ class Service:
         return dict(
             self.status(),
             env=self.env,
+            secret_env=self.secret_env,
             ready_timeout_s=self.ready_timeout_s,
             ready_interval_ms=self.ready_interval_ms,
             proc_start=self.proc_start,
@@ -134,7 +149,7 @@ class Service:
 
     def load(self, data: dict[str, Any]) -> None:
         for key in (
-            "command", "cwd", "env", "probe", "ready_timeout_s", "ready_interval_ms",
+            "command", "cwd", "env", "secret_env", "probe", "ready_timeout_s", "ready_interval_ms",
             "restart", "state", "pid", "proc_start", "exit_code", "signal", "started_at",
             "restarts", "starts", "last_probe_error", "ready_ms", "note",
             "restart_pending", "failures", "armed",

@@ -9,6 +9,9 @@ One environment variable moves each base directory:
 - ``PYRO_RUN_DIR``: live VMs' sockets and logs (short paths: Unix sockets allow ~100
   bytes). Default: ``/run/pyro-mcp`` as root, else ``$XDG_RUNTIME_DIR/pyro-mcp`` or
   ``/tmp/pyro-mcp-<uid>``.
+- ``PYRO_KEY_DIR``: the key that encrypts workspace secrets at rest, kept apart from the
+  state directory (a copy of the store alone reveals no secret).
+  Default: ``$XDG_CONFIG_HOME/pyro-mcp/keys`` or ``~/.config/pyro-mcp/keys``.
 """
 
 from __future__ import annotations
@@ -102,6 +105,13 @@ def state_dir() -> Path:
     if value:
         return Path(value).expanduser().resolve()
     return _xdg("XDG_STATE_HOME", ".local/state") / "pyro-mcp"
+
+
+def key_dir() -> Path:
+    value = os.environ.get("PYRO_KEY_DIR")
+    if value:
+        return Path(value).expanduser().resolve()
+    return _xdg("XDG_CONFIG_HOME", ".config") / "pyro-mcp" / "keys"
 
 
 def runtime_paths() -> RuntimePaths:

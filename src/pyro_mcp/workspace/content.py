@@ -21,7 +21,7 @@ from pyro_mcp.errors import GuestError, InvalidArgument, NotFound, TooLarge
 from pyro_mcp.guest.client import Answer, command_fields, data_deadline
 from pyro_mcp.storage import host_files
 from pyro_mcp.storage.host_files import HostPath
-from pyro_mcp.workspace import exporting, seeds, tar_output
+from pyro_mcp.workspace import exporting, secret_delivery, seeds, tar_output
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.patching import plan_patch
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT, guest_path
@@ -47,6 +47,7 @@ def exec_command(
     *,
     cwd: str | None = None,
     env: dict[str, str] | None = None,
+    secret_env: list[str] | dict[str, str] | None = None,
     timeout_seconds: float = 300.0,
     output_cap_bytes: int = 1 << 20,
     output: OutputFn | None = None,
@@ -55,18 +56,24 @@ def exec_command(
     """Run a command in the workspace; its exit code is data, and it is journaled.
     Setting ``cancel`` kills the command in the guest (Cancelled; nothing is journaled).
 
-    ``command`` is a shell command line (``/bin/sh -lc``) or an argv list."""
+    ``command`` is a shell command line (``/bin/sh -lc``) or an argv list; ``secret_env``
+    maps workspace secrets into its environment (InvalidArgument, before it runs, for a
+    secret the workspace does not have). Its output, its journal entry and the result
+    show the secrets' values as ``***``."""
     how = command_fields(command)
     if timeout_seconds <= 0:
         raise InvalidArgument("timeout_seconds must be positive")
     directory = guest_path(cwd) if cwd else WORKSPACE_ROOT
+    mapping = secret_delivery.env_mapping(workspaces.store, ref, secret_env, env_keys=env or {})
     started = time.time()
     with workspaces.agent(ref, "exec") as agent:
         record = workspaces.store.get(ref)
+        hide = agent.redactor.value if agent.redactor else _as_is
         result = agent.exec(
             **how,
             cwd=directory,
             env=env,
+            secret_env=mapping,
             timeout_s=timeout_seconds,
             output_cap=output_cap_bytes,
             on_output=output,
@@ -76,10 +83,10 @@ def exec_command(
         CommandRecord(
             id=None,
             workspace_id=record.id,
-            argv=how.get("argv"),
-            shell=how.get("shell"),
-            cwd=directory,
-            env_keys=sorted(env or {}),
+            argv=hide(how.get("argv")),
+            shell=hide(how.get("shell")),
+            cwd=hide(directory),
+            env_keys=sorted({*(env or {}), *(mapping or {})}),
             started_at=started,
             duration_ms=result.duration_ms,
             exit_code=result.exit_code,
@@ -93,10 +100,14 @@ def exec_command(
     )
     return {
         "workspace_id": record.id,
-        "command": command,
-        "cwd": directory,
+        "command": hide(command),
+        "cwd": hide(directory),
         **result.to_dict(),
     }
+
+
+def _as_is(value: Any) -> Any:
+    return value
 
 
 # --- files ------------------------------------------------------------------------------

@@ -32,12 +32,13 @@ from pyro_mcp.errors import (
     VMError,
 )
 from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.guest.redaction import Redactor
 from pyro_mcp.network.link import link_of
 from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.network.ports import check_publish_list, publish_ports, unpublish_owner
 from pyro_mcp.runtime import environments
 from pyro_mcp.runtime.host_probe import probe_platform
-from pyro_mcp.runtime.paths import RuntimePaths, state_dir
+from pyro_mcp.runtime.paths import RuntimePaths, key_dir, state_dir
 from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, SharedAgent, attach_shared
@@ -53,13 +54,15 @@ from pyro_mcp.vmm.launch import (
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.vmm.recorded import RecordedVMM
 from pyro_mcp.vmm.selection import choose_backend
-from pyro_mcp.workspace import seeds
+from pyro_mcp.workspace import secret_delivery, seeds
 from pyro_mcp.workspace.blobs import BlobStore
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.layout import StateLayout, WorkspaceFiles
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
+from pyro_mcp.workspace.secret_input import SecretInput
 from pyro_mcp.workspace.states import RESERVING_STATES
 from pyro_mcp.workspace.store import WorkspaceRecord, WorkspaceStore, require_state
+from pyro_mcp.workspace.vault import Vault
 
 Progress = Callable[[str], None]
 WORKSPACE_DEVICE = "/dev/vdb"
@@ -106,6 +109,7 @@ class Workspaces:
         self.layout = StateLayout(state or state_dir())
         self.layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = WorkspaceStore(self.layout.store_path)
+        self.vault = Vault(key_dir(), self.layout.state_dir)
         if self.layout.blobs_dir.is_dir():
             self._adopt_shared_blobs()
 
@@ -152,10 +156,12 @@ class Workspaces:
         backend: str | None = None,
         network: NetworkPolicy | None = None,
         publish: list[str] | None = None,
+        secrets: list[SecretInput] | None = None,
         progress: Progress = _quiet,
     ) -> WorkspaceRecord:
         """Create a workspace and boot it; its seed becomes the baseline for diff/reset.
-        ``network``: its policy (default off), kept for every later start."""
+        ``network``: its policy (default off), kept for every later start. ``secrets`` are
+        sealed into the store and handed to the guest at every boot."""
         _check_sizes(vcpu_count, mem_mib, disk_mib, ttl_seconds)
         image = environments.image_for(self.paths, environment)
         self.reconcile()
@@ -176,6 +182,7 @@ class Workspaces:
         self._watch()  # if this process dies mid-create, its VM goes at once anyway
         files = self.layout.workspace(record.id)
         try:
+            secret_delivery.store_secrets(self.store, self.vault, record.id, secrets or [])
             files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             files.link_base(image)
             progress("preparing the workspace disk" + (f" from {seed_path}" if seed_path else ""))
@@ -251,6 +258,7 @@ class Workspaces:
             vm.start()
             client = vm.wait_ready(BOOT_TIMEOUT_S)
             _require_workspace_mount(client.hello_info, vm)
+            secret_delivery.deliver(self.store, self.vault, record.id, client)
             self._publish_workspace_ports(record)
         except BaseException:
             vm.kill()
@@ -287,6 +295,7 @@ class Workspaces:
                 record = self.running(record.id, action)  # it may have stopped meanwhile
             attached = self._attach(record)
             try:
+                attached.client.redactor = self.redactor(record.id)
                 yield attached.client
             finally:
                 attached.close()
@@ -314,6 +323,10 @@ class Workspaces:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def redactor(self, workspace_id: str) -> Redactor | None:
+        """What shows the workspace's secrets as ``***`` (None: it has none)."""
+        return secret_delivery.redactor(self.store, self.vault, workspace_id)
 
     def running(self, ref: str, action: str) -> WorkspaceRecord:
         self.reconcile_one(ref)

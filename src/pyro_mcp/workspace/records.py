@@ -162,6 +162,27 @@ class CheckpointRecord:
         return _plain(self)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SecretRecord:
+    """One secret of a workspace: its name in the clear, its value only sealed (see
+    :mod:`pyro_mcp.workspace.vault`)."""
+
+    workspace_id: str
+    """The workspace it belongs to."""
+    name: str
+    """Its name, a valid environment variable name, unique within the workspace."""
+    source_kind: str
+    """Where the value came from: ``literal`` or ``file``."""
+    sealed: bytes
+    """The value, encrypted: nonce + AES-GCM ciphertext."""
+    created_at: float
+    """When it was stored, epoch seconds."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its name and where it came from: never the value, sealed or not."""
+        return {"name": self.name, "source_kind": self.source_kind}
+
+
 def _plain(record: WorkspaceRecord | CommandRecord | CheckpointRecord) -> dict[str, Any]:
     # Copies: editing the returned labels or argv must not change the frozen record.
     return {f.name: copy.copy(getattr(record, f.name)) for f in fields(record)}
@@ -170,7 +191,7 @@ def _plain(record: WorkspaceRecord | CommandRecord | CheckpointRecord) -> dict[s
 # ---------------------------------------------------------------------------------------
 # Rows <-> records: the only place that knows how a field is stored.
 
-_Record = TypeVar("_Record", WorkspaceRecord, CommandRecord, CheckpointRecord)
+_Record = TypeVar("_Record", WorkspaceRecord, CommandRecord, CheckpointRecord, SecretRecord)
 
 _JSON_COLUMNS: Final = frozenset({"labels", "argv", "env_keys", "services", "network"})
 _BOOL_COLUMNS: Final = frozenset({"timed_out"})

@@ -107,12 +107,27 @@ _V4_NETWORK = sql_migration(
     """ALTER TABLE workspaces ADD COLUMN network TEXT NOT NULL DEFAULT '{"mode": "off"}'"""
 )
 
+# Secret values only sealed (nonce + AES-GCM ciphertext); the key lives outside the store.
+_V5_SECRETS = sql_migration(
+    """
+    CREATE TABLE secrets (
+        workspace_id TEXT NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        source_kind TEXT NOT NULL,
+        sealed BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (workspace_id, name)
+    )
+    """
+)
+
 # Append only. Version n of a store file means MIGRATIONS[:n] have run on it.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _V1_WORKSPACES_COMMANDS_CHECKPOINTS,
     _V2_SERVICES,
     _V3_OWNER,
     _V4_NETWORK,
+    _V5_SECRETS,
 )
 
 # ---------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pyro_mcp.workspace.records import (
     TAIL_BYTES,
     CheckpointRecord,
     CommandRecord,
+    SecretRecord,
     WorkspaceRecord,
     from_row,
     insert_record,
@@ -73,6 +74,7 @@ __all__ = [
     "CheckpointRecord",
     "CommandRecord",
     "Migration",
+    "SecretRecord",
     "WorkspaceRecord",
     "WorkspaceState",
     "WorkspaceStore",
@@ -494,6 +496,39 @@ class WorkspaceStore:
                 (record.id, limit),
             ).fetchall()
         return [from_row(CommandRecord, r) for r in rows]
+
+    # -- secrets (names in the clear, values sealed) -----------------------------------
+
+    def add_secrets(self, ref: str, sealed: dict[str, tuple[str, bytes]]) -> None:
+        """Record a workspace's secrets, ``name -> (source_kind, sealed value)``, in one
+        transaction; ``Conflict`` if it already has one of those names."""
+        with self._db.write() as conn:
+            workspace = self._find(conn, ref)
+            for name, (kind, blob) in sorted(sealed.items()):
+                taken = conn.execute(
+                    "SELECT 1 FROM secrets WHERE workspace_id = ? AND name = ?",
+                    (workspace.id, name),
+                ).fetchone()
+                if taken is not None:
+                    raise Conflict(f"workspace {describe(workspace)} already has secret {name!r}")
+                record = SecretRecord(
+                    workspace_id=workspace.id,
+                    name=name,
+                    source_kind=kind,
+                    sealed=blob,
+                    created_at=self._clock(),
+                )
+                insert_record(conn, "secrets", record)
+
+    def secrets(self, ref: str) -> builtins.list[SecretRecord]:
+        """A workspace's secrets (sealed), by name."""
+        with self._db.read() as conn:
+            workspace = self._find(conn, ref)
+            rows = conn.execute(
+                f"{select_sql(SecretRecord, 'secrets')} WHERE workspace_id = ? ORDER BY name",
+                (workspace.id,),
+            ).fetchall()
+        return [from_row(SecretRecord, r) for r in rows]
 
     # -- checkpoints -----------------------------------------------------------------
 

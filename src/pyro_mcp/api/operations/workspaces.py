@@ -16,14 +16,16 @@ from pyro_mcp.api.operations.network_args import (
     workspace_policy,
 )
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
-from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
+from pyro_mcp.errors import InvalidArgument, PyroError
 from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.network.ports import check_free, check_publish_list
+from pyro_mcp.storage import host_files
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.records import WorkspaceRecord
+from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES, collect_secrets
 from pyro_mcp.workspace.store import UNSET
 
 CORE = ("workspace-core", "workspace-full")
@@ -46,6 +48,20 @@ def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
         ensure_keeper(ctx.paths, workspaces.layout.state_dir, needed)
     finally:
         workspaces.close()
+
+
+def read_secret_file(ctx: Context, path: str) -> bytes:
+    """A secret's host file, read as the caller may (MCP clients: under their roots)."""
+    try:
+        return host_files.read_file(
+            ctx.host_paths.check(path, "secret file"), "secret file", MAX_VALUE_BYTES
+        )
+    except PyroError as exc:
+        if exc.hint:
+            raise
+        raise type(exc)(
+            exc.message, hint="name a readable regular file, e.g. --secret-file NAME=./token"
+        ) from exc
 
 
 def parse_pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -89,6 +105,32 @@ def workspace_create(
     allow_cidr: Annotated[list[str] | None, ALLOW_CIDR] = None,
     allow_host: Annotated[list[str] | None, ALLOW_HOST] = None,
     publish: Annotated[list[str] | None, PUBLISH] = None,
+    secrets: Annotated[
+        list[dict[str, str]] | None,
+        Arg(
+            'secrets: [{"name": N, "value": V} or {"name": N, "file_path": P}]; values are '
+            "encrypted at rest, given to processes only by secret_env, shown as *** in output",
+            surfaces=Surface.SDK | Surface.MCP,
+            sensitive=True,
+        ),
+    ] = None,
+    secret: Annotated[
+        list[str] | None,
+        Arg(
+            "a secret NAME=VALUE (repeatable; see --secret-file to keep it off the command line)",
+            surfaces=CLI_ONLY,
+            metavar="NAME=VALUE",
+            sensitive=True,
+        ),
+    ] = None,
+    secret_file: Annotated[
+        list[str] | None,
+        Arg(
+            "a secret NAME=PATH, its value the content of a host file (repeatable)",
+            surfaces=CLI_ONLY,
+            metavar="NAME=PATH",
+        ),
+    ] = None,
     id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
@@ -98,11 +140,14 @@ def workspace_create(
     Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels,
     policy or allowlist), OutsideRoot (a seed outside the allowed host roots, or links
     escaping the seed), TooLarge (seed bigger than the disk, too many live workspaces),
-    BootTimeout, NetworkUnavailable (the host cannot give it the network asked for).
+    BootTimeout, NetworkUnavailable (the host cannot give it the network asked for);
+    InvalidArgument or NotFound for a bad secret (its name, never its value), before
+    anything is created.
     """
     policy = workspace_policy(network_policy, allow_cidr, allow_host)
     require_publishing(policy, publish)
     check_free(check_publish_list(publish))
+    given = collect_secrets(secrets, secret, secret_file, lambda p: read_secret_file(ctx, p))
     seed = ctx.host_paths.check(seed_path, "seed") if seed_path else None
     with open_workspaces(ctx) as workspaces:
         record = workspaces.create(
@@ -119,10 +164,16 @@ def workspace_create(
             backend=backend,
             network=policy,
             publish=publish or [],
+            secrets=given,
             progress=ctx.progress,
         )
-        shown = _with_network(record)
-        return {**shown, "id_only": id_only} if id_only else shown
+        result = {**_with_network(record), "secrets": secret_names(workspaces, record.id)}
+        return {**result, "id_only": id_only} if id_only else result
+
+
+def secret_names(workspaces: Workspaces, workspace_id: str) -> list[dict[str, str]]:
+    """A workspace's secrets as status shows them: names and sources, never values."""
+    return [s.to_dict() for s in workspaces.store.secrets(workspace_id)]
 
 
 @operation(cli=("workspace", "list"), sdk="list_workspaces", profiles=CORE)
@@ -186,6 +237,7 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
             counts[str(service.get("state"))] = counts.get(str(service.get("state")), 0) + 1
         return {
             **_with_network(record),
+            "secrets": secret_names(workspaces, record.id),
             "checkpoints": [c.name for c in workspaces.store.checkpoints(record.id)],
             "commands": len(workspaces.store.commands(record.id, limit=1000)),
             "service_counts": counts,
