@@ -162,33 +162,40 @@ def leftovers(
     groups = vm_cgroups(ids)
     if groups:
         problems.append(f"VMM cgroups left behind: {[str(g) for g in groups]}")
-    problems.extend(network_leftovers())
+    problems.extend(network_leftovers(run_root))
     return problems
 
 
-def network_leftovers() -> list[str]:
-    """Network links left: leases in any namespace's table, the network check's
-    namespaces, TAPs of pyro's in the host's namespace."""
+def network_leftovers(run_root: Path) -> list[str]:
+    """Network links VMs under ``run_root`` left: leases (in any namespace's table) of
+    run directories there, this process's network check namespaces, and, when no other
+    pyro process holds a lease, TAPs of pyro's in the host's namespace."""
     from pyro_mcp.network.leases import LEASES_ROOT
 
     problems = []
-    held = []
+    held: list[str] = []
+    others = 0
     for database in sorted(LEASES_ROOT.glob("*/leases.sqlite")):
         with contextlib.closing(sqlite3.connect(database)) as db:
             try:
-                held += [f"{database.parent.name}:{row[0]}" for row in db.execute(
-                    "SELECT vm_id FROM leases")]  # fmt: skip
+                rows = db.execute("SELECT vm_id, run_dir FROM leases").fetchall()
             except sqlite3.OperationalError:
                 continue
+        for vm_id, run_dir in rows:
+            if Path(run_dir).is_relative_to(run_root):
+                held.append(f"{database.parent.name}:{vm_id}")
+            else:
+                others += 1
     if held:
         problems.append(f"network leases left behind: {held}")
     try:
-        spaces = [n for n in os.listdir("/run/netns") if n.startswith("pyro-check-")]
+        mine = f"pyro-check-{os.getpid()}-"
+        spaces = [n for n in os.listdir("/run/netns") if n.startswith(mine)]
     except OSError:
         spaces = []
     if spaces:
         problems.append(f"network check namespaces left behind: {spaces}")
     taps = [n for n in os.listdir("/sys/class/net") if n.startswith("pyro-t")]
-    if taps:
+    if taps and not others:
         problems.append(f"TAP devices left behind: {taps}")
     return problems

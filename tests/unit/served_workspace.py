@@ -64,3 +64,9 @@ def served_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     finally:
         ops_services.registry().stop_all(signal.SIGKILL, "KILL", 0.0)
         served.close()
+        # A TTL a test gave the record started a keeper for this state dir: with the
+        # record gone it has nothing to watch and leaves (within a second).
+        with WorkspaceStore(StateLayout(state).store_path) as store:
+            if store.list():  # a test may have deleted it already
+                store.transition(record.id, "deleting")
+                store.delete_record(record.id)

@@ -11,8 +11,9 @@ import pytest
 from pyro_mcp.errors import TooLarge
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.vmm.launch import BackendChoice, overhead_mib
+from pyro_mcp.workspace.admission import Limits
 from pyro_mcp.workspace.blobs import BlobStore
-from pyro_mcp.workspace.lifecycle import Limits, Workspaces
+from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.manifest import Entry
 
 TCG = BackendChoice("qemu", "tcg", "test")

@@ -18,7 +18,8 @@ from tests.unit.conftest import InProcessAgent
 
 from pyro_mcp.errors import OperationTimeout, ProtocolViolation
 from pyro_mcp.guest import protocol as p
-from pyro_mcp.guest.client import QUEUE_BYTES, AgentClient
+from pyro_mcp.guest.client import AgentClient
+from pyro_mcp.guest.link import QUEUE_BYTES
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.base import Disk, VMSpec
 from pyro_mcp.vmm.identity import VMMRecord, mark_run_dir
 from pyro_mcp.vmm.ownership import OWNER_FILE
-from pyro_mcp.workspace.lifecycle import MAX_WORKSPACES_ENV
+from pyro_mcp.workspace import admission
+from pyro_mcp.workspace.admission import MAX_WORKSPACES_ENV
 from pyro_mcp.workspace.store import WorkspaceStore
 
 
@@ -344,13 +345,12 @@ def test_concurrent_creates_never_pass_a_limit_only_one_fits_under(
 
 
 def test_a_start_is_judged_by_its_process_never_by_the_clock(fake_ctx: Context) -> None:
-    from pyro_mcp.workspace import lifecycle
 
     wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
     ws.workspace_stop(fake_ctx, wid)
     with open_workspaces(fake_ctx) as workspaces:
         # A start under way in this (live) process, whose boot has taken ten minutes so far.
-        workspaces.store.transition(wid, "starting", owner=lifecycle._me())
+        workspaces.store.transition(wid, "starting", owner=admission.this_owner())
     _age(fake_ctx, wid, 600)
     assert ws.reconcile(fake_ctx)["failed"] == []
     assert ws.workspace_status(fake_ctx, wid)["state"] == "starting"

@@ -29,6 +29,7 @@ from pyro_mcp.guest_agent import (
     ops_shells,
     ops_system,
     ops_tree,
+    ops_tree_changes,
 )
 from pyro_mcp.guest_agent.calls import Call, CallError
 from pyro_mcp.guest_agent.workers import Workers
@@ -109,8 +110,8 @@ class Agent:
             "shutdown": ops_system.make_shutdown(poweroff),
             "tree_manifest": ops_tree.tree_manifest,
             "list_dir": ops_tree.list_dir,
-            "remove_paths": ops_tree.remove_paths,
-            "apply_tree": ops_tree.apply_tree,
+            "remove_paths": ops_tree_changes.remove_paths,
+            "apply_tree": ops_tree_changes.apply_tree,
             "archive_get": ops_archive.archive_get,
             "archive_put": ops_archive.archive_put,
             "secrets_put": ops_secrets.secrets_put,

@@ -18,17 +18,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import (
-    InvalidArgument,
     InvalidState,
     OperationTimeout,
     PyroError,
-    TooLarge,
     VMError,
 )
 from pyro_mcp.guest.client import AgentClient
@@ -37,24 +34,23 @@ from pyro_mcp.network.link import link_of
 from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.network.ports import check_publish_list, publish_ports, unpublish_owner
 from pyro_mcp.runtime import environments
-from pyro_mcp.runtime.host_probe import probe_platform
 from pyro_mcp.runtime.paths import RuntimePaths, key_dir, state_dir
 from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, SharedAgent, attach_shared
 from pyro_mcp.vmm.base import VM, Disk
-from pyro_mcp.vmm.identity import is_run_dir, start_time
+from pyro_mcp.vmm.identity import is_run_dir
 from pyro_mcp.vmm.launch import (
     BackendChoice,
     build_spec,
     create_vm,
     discard_spec,
-    overhead_mib,
 )
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.vmm.recorded import RecordedVMM
 from pyro_mcp.vmm.selection import choose_backend
 from pyro_mcp.workspace import secret_delivery, seeds
+from pyro_mcp.workspace.admission import Limits, admit, check_sizes, owner_alive, this_owner
 from pyro_mcp.workspace.blobs import BlobStore
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.layout import StateLayout, WorkspaceFiles
@@ -73,32 +69,11 @@ CHANGE_WAIT_S = 600.0  # how long a change waits for another to finish
 STOP_GRACE_S = 10.0  # services get this long after TERM before KILL
 SHUTDOWN_CALL_S = 30.0  # the agent answers shutdown at once; a slow guest gets room
 POWEROFF_S = 60.0  # init stops everything (3 s), syncs the disks and powers off
-MAX_WORKSPACES_ENV = "PYRO_MAX_WORKSPACES"
-MEMORY_SHARE = 0.9  # of host memory that workspace VMs may reserve together
 ORPHAN_GRACE_S = 60.0
 
 
 def _quiet(_message: str) -> None:
     return None
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How many workspaces may live at once, and how much memory they may reserve."""
-
-    max_workspaces: int
-    max_reserved_mem_mib: int
-
-    @classmethod
-    def for_host(cls) -> Limits:
-        total = int(probe_platform().get("memory_bytes") or 0) // (1 << 20)
-        budget = int(total * MEMORY_SHARE) if total else 1 << 20
-        configured = os.environ.get(MAX_WORKSPACES_ENV)
-        if configured is not None and not configured.isdigit():
-            raise InvalidArgument(f"{MAX_WORKSPACES_ENV} must be a whole number")
-        # Without a configured limit, memory is the bound (at 128 MiB per workspace).
-        count = int(configured) if configured else max(1, budget // 128)
-        return cls(count, budget)
 
 
 class Workspaces:
@@ -162,7 +137,7 @@ class Workspaces:
         """Create a workspace and boot it; its seed becomes the baseline for diff/reset.
         ``network``: its policy (default off), kept for every later start. ``secrets`` are
         sealed into the store and handed to the guest at every boot."""
-        _check_sizes(vcpu_count, mem_mib, disk_mib, ttl_seconds)
+        check_sizes(vcpu_count, mem_mib, disk_mib, ttl_seconds)
         image = environments.image_for(self.paths, environment)
         self.reconcile()
         choice = choose_backend(self.paths, backend, progress=progress)
@@ -175,7 +150,7 @@ class Workspaces:
             labels=labels,
             ttl_seconds=ttl_seconds,
             seed=str(seed_path) if seed_path else None,
-            owner=_me(),  # from the first moment: a reconcile sees the create is live
+            owner=this_owner(),  # from the first moment: a reconcile sees the create is live
             network={**(network or NetworkPolicy()).to_dict(), "publish": publish or []},
             admit=self._admission(mem_mib, choice),
         )
@@ -222,7 +197,7 @@ class Workspaces:
         plus the VMM's own overhead, for every workspace that holds or is about to hold a
         VM). The store runs it in the transaction that records the new VM's claim."""
         limits = Limits.for_host()
-        return partial(_admit, limits, mem_mib, choice)
+        return partial(admit, limits, mem_mib, choice)
 
     # -- boot and attach ---------------------------------------------------------------
     def _boot(
@@ -351,7 +326,7 @@ class Workspaces:
         require_state(record, {"running"}, "stop")
         with self.changing(record.id, "stop"):  # never in the middle of a patch or reset
             self.store.transition(
-                record.id, "stopping", expect={"running"}, action="stop", owner=_me()
+                record.id, "stopping", expect={"running"}, action="stop", owner=this_owner()
             )
         self._watch()
         progress("stopping services and shutting the guest down")
@@ -389,7 +364,7 @@ class Workspaces:
             "starting",
             expect={"stopped", "failed"},
             admit=self._admission(record.mem_mib, choice),
-            owner=_me(),
+            owner=this_owner(),
         )
         self._watch()
         files = self.layout.workspace(record.id)
@@ -528,7 +503,7 @@ class Workspaces:
         stop) whose process is gone, or a VMM that died. What change is under way is
         decided by whether the process doing it runs, never by a clock."""
         changing = record.state in ("creating", "starting", "stopping")
-        if changing and _owner_alive(record.owner):
+        if changing and owner_alive(record.owner):
             return None  # the change under way finishes it (a repair here would race it)
         if record.state == "creating":
             self._discard(record.id)  # it never came to be: nothing of it is kept
@@ -626,17 +601,6 @@ def _require_workspace_mount(hello: dict[str, Any], vm: VM) -> None:
     )
 
 
-def _check_sizes(vcpu: int, mem: int, disk: int, ttl: float | None) -> None:
-    if not 1 <= vcpu <= 32:
-        raise InvalidArgument(f"vcpu_count must be between 1 and 32, got {vcpu}")
-    if not 128 <= mem <= 65536:
-        raise InvalidArgument(f"mem_mib must be between 128 and 65536, got {mem}")
-    if not 16 <= disk <= 1 << 20:
-        raise InvalidArgument(f"disk_mib must be between 16 and 1048576, got {disk}")
-    if ttl is not None and ttl <= 0:
-        raise InvalidArgument(f"ttl_seconds must be positive, got {ttl}")
-
-
 def _family(label: str | None) -> str | None:
     """``qemu-tcg`` -> ``qemu``: a restarted workspace keeps its VMM, re-probing the accel."""
     return label.split("-")[0] if label else None
@@ -647,35 +611,3 @@ def _endpoint(vm: VM) -> AgentEndpoint:
     if isinstance(vsock, Path):
         return AgentEndpoint(VSOCK, vsock)
     return AgentEndpoint(VIRTIO_SERIAL, vm.spec.run_dir, vm.spec.agent_ports)
-
-
-def _admit(
-    limits: Limits, mem_mib: int, choice: BackendChoice, live: list[WorkspaceRecord]
-) -> None:
-    if len(live) >= limits.max_workspaces:
-        raise TooLarge(
-            f"{len(live)} workspaces are live, the limit is {limits.max_workspaces}",
-            hint=f"stop or delete one, or raise {MAX_WORKSPACES_ENV}",
-        )
-    reserved = sum(r.mem_mib + overhead_mib(r.backend) for r in live)
-    wanted = mem_mib + overhead_mib(choice.label)
-    if reserved + wanted > limits.max_reserved_mem_mib:
-        raise TooLarge(
-            f"starting another {mem_mib} MiB workspace ({wanted} MiB with its VMM) would "
-            f"reserve {reserved + wanted} MiB of the {limits.max_reserved_mem_mib} MiB "
-            "this host allows",
-            hint="stop a workspace or ask for less memory with --mem-mib",
-        )
-
-
-def _me() -> str:
-    """This process, as a workspace's ``owner`` while it creates or starts it."""
-    return f"{os.getpid()}:{start_time(os.getpid())}"
-
-
-def _owner_alive(owner: str | None) -> bool:
-    """Whether the process ``owner`` names still runs (the same process: its start time)."""
-    pid, _, started = (owner or "").partition(":")
-    if not pid.isdigit() or not started.isdigit():
-        return False
-    return start_time(int(pid)) == int(started)
