@@ -42,6 +42,13 @@ def namespace_name() -> str | None:
     return name
 
 
+def namespace_path() -> Path | None:
+    """The namespace's file (what ``setns`` and the jailer's ``--netns`` take); None for
+    the process's own."""
+    name = namespace_name()
+    return None if name is None else NETNS_DIR / name
+
+
 def in_namespace_argv(argv: list[str]) -> list[str]:
     """``argv`` run inside the namespace (``ip netns exec``), or as is."""
     name = namespace_name()

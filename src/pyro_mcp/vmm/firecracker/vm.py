@@ -20,6 +20,7 @@ stdin, a pipe when ``serial_input`` is set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ from pyro_mcp.errors import BootTimeout, VMError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_VSOCK_PORT
 from pyro_mcp.network.link import release_network
+from pyro_mcp.network.namespace import namespace_path
 from pyro_mcp.runtime.binaries import BinarySet
 from pyro_mcp.vmm.base import VM, VMSpec, read_tail
 from pyro_mcp.vmm.console import start_pump
@@ -82,6 +84,9 @@ class FirecrackerVM(VM):
         self.binaries = binaries
         if isinstance(jailer, _Auto):
             jailer = JailerConfig.for_vm(spec.vm_id) if os.geteuid() == 0 else None
+        if jailer is not None and spec.nic is not None and jailer.netns is None:
+            # Firecracker opens its TAP by name: it must live where the TAP was made.
+            jailer = dataclasses.replace(jailer, netns=namespace_path())
         self.jailer = jailer
         self.serial_input = serial_input
         self.vsock_cid = vsock_cid
