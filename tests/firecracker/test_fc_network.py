@@ -76,9 +76,10 @@ def test_a_jailed_firecracker_opens_its_tap_in_pyros_namespace_and_gives_it_back
         vm.start()
         vm.wait_for_console(TINY_MARKER, timeout_s=10)
         assert vm.pid is not None
-        assert os.stat(f"/proc/{vm.pid}/ns/net").st_ino == os.stat(
-            f"/run/netns/{pyro_namespace}"
-        ).st_ino
+        assert (
+            os.stat(f"/proc/{vm.pid}/ns/net").st_ino
+            == os.stat(f"/run/netns/{pyro_namespace}").st_ino
+        )
         assert not tap_exists_in_host_namespace(link.tap)
     finally:
         vm.kill()

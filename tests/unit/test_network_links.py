@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pyro_mcp.errors import NetworkUnavailable
+from pyro_mcp.errors import HostToolMissing, NetworkUnavailable
 from pyro_mcp.network import leases, nft
 from pyro_mcp.network.link import attach_network, release_network
 from pyro_mcp.network.policy import parse_policy
@@ -95,3 +95,21 @@ def test_a_link_that_cannot_be_made_leaves_nothing(
         attach_network("vm-x", _run_dir(tmp_path, "x"), parse_policy("egress"))
     assert leases.held() == [] and nft.published() == []
     assert not tap_exists("pyro-t0")
+
+
+def test_without_nftables_a_link_is_refused_naming_the_package_and_leaves_nothing(
+    namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp.runtime import host_tools
+
+    found = host_tools.find_program
+    monkeypatch.setattr(
+        host_tools, "find_program", lambda name: None if name == "nft" else found(name)
+    )
+    with pytest.raises(HostToolMissing) as caught:
+        attach_network("vm-n", _run_dir(tmp_path, "n"), parse_policy("egress"))
+    assert str(caught.value) == (
+        "host program 'nft' is not installed"
+        " (run `make host-packages` or `apt-get install nftables`)"
+    )
+    assert leases.held() == [] and not tap_exists("pyro-t0")

@@ -51,10 +51,13 @@ def test_firecracker_opens_its_tap_by_name(tmp_path: Path) -> None:
 
 
 def test_the_doctor_names_what_networking_lacks_and_the_fix() -> None:
-    found = network_findings({"ip": None, "nft": None, "tun": False, "ip_forward": "0"})
+    lacking = {"ip": None, "nft": None, "tun": False, "net_admin": False, "ip_forward": "0"}
+    found = network_findings(lacking)
     assert any("nft is missing" in f and "make host-packages" in f for f in found)
     assert any("ip is missing" in f for f in found)
     assert any("/dev/net/tun is missing" in f and "modprobe tun" in f for f in found)
     assert any("IPv4 forwarding is off" in f for f in found)
-    ready = {"ip": "/usr/bin/ip", "nft": "/usr/sbin/nft", "tun": True, "ip_forward": "1"}
+    assert any("lacks CAP_NET_ADMIN" in f and "run pyro as root" in f for f in found)
+    ready = {"ip": "/usr/bin/ip", "nft": "/usr/sbin/nft", "tun": True, "net_admin": True}
+    ready["ip_forward"] = "1"
     assert network_findings(ready) == []

@@ -17,6 +17,7 @@ from pyro_mcp.network import leases, nft, resolver_process
 from pyro_mcp.network.addresses import Link
 from pyro_mcp.network.leases import LEASES_ROOT, Lease
 from pyro_mcp.network.policy import NetworkPolicy
+from pyro_mcp.network.rights import require_net_admin
 from pyro_mcp.network.tap import create_tap, remove_tap, tap_exists
 from pyro_mcp.vmm.base import Nic
 
@@ -65,6 +66,7 @@ def attach_network(
 ) -> GuestNetwork:
     """Make the VM's link (see the module's docstring). ``persistent_owner``: the uid of
     a VMM that opens its TAP by name (Firecracker); None hands QEMU an open TAP."""
+    require_net_admin()
     nft.ensure_table()
     lease = leases.acquire(vm_id, run_dir, reclaim=_release_lease, root=root)
     link = lease.link

@@ -50,13 +50,15 @@ def namespace_path() -> Path | None:
 
 
 def in_namespace_argv(argv: list[str]) -> list[str]:
-    """``argv`` run inside the namespace (``ip netns exec``), or as is."""
-    name = namespace_name()
-    if name is None:
-        return argv
+    """``argv`` run inside the namespace (``ip netns exec``), or as is. A program that is
+    not installed raises HostToolMissing naming its package, either way."""
     from pyro_mcp.runtime.host_tools import require
 
-    return [require("ip"), "netns", "exec", name, *argv]
+    program = argv[0] if "/" in argv[0] else require(argv[0])
+    name = namespace_name()
+    if name is None:
+        return [program, *argv[1:]]
+    return [require("ip"), "netns", "exec", name, program, *argv[1:]]
 
 
 def run_in_namespace(action: Callable[[], T]) -> T:

@@ -4,7 +4,7 @@ A published port is an element of the DNAT maps of pyro's nftables table (no pro
 process): TCP to the host address and port goes to the guest's port. The host address is
 127.0.0.1 unless one is given (0.0.0.0: every address of the host). Host port 0 picks a
 free port. A port is refused when something on the host listens on it already, when
-pyro publishes it for another VM, or when it is privileged and pyro is not root. Each
+pyro publishes it for another VM, or when it is privileged and pyro may not bind it. Each
 port carries its owner (``workspace`` for ports given at create, ``service:NAME`` for a
 service's), so a service's ports go when it stops and all go with the VM.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import re
 import socket
 
@@ -80,7 +79,7 @@ def _free_port(host_ip: ipaddress.IPv4Address, port: int) -> int:
                     ) from exc
                 if exc.errno == errno.EACCES:
                     raise InvalidArgument(
-                        f"host port {port} is privileged (below 1024) and pyro is not root",
+                        f"host port {port} is privileged (below 1024) and pyro may not bind it",
                         hint="choose a port of 1024 or above, or 0 to pick a free one",
                     ) from exc
                 if exc.errno == errno.EADDRNOTAVAIL:
@@ -111,8 +110,6 @@ def publish_ports(
         for host_ip, host_port, guest_port in entries:
             if (host_ip, host_port) in taken or (ANY_HOST_IP, host_port) in taken:
                 raise Conflict(f"host port {host_ip}:{host_port} is published already")
-            if host_port and host_port < 1024 and os.geteuid() != 0:
-                raise InvalidArgument(f"host port {host_port} is privileged and pyro is not root")
             port = Published(host_ip, _free_port(host_ip, host_port), guest_port, owner)
             nft.publish(link, port)
             taken.add((port.host_ip, port.host_port))

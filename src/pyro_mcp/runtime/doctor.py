@@ -77,6 +77,11 @@ def network_findings(network: dict[str, Any]) -> list[str]:
         found.append("ip is missing: guest networking needs iproute2 (run `make host-packages`)")
     if not network.get("tun"):
         found.append("/dev/net/tun is missing: guest networking needs it (run `modprobe tun`)")
+    if network.get("net_admin") is False:
+        found.append(
+            "this user lacks CAP_NET_ADMIN: guest networking (any policy but off) "
+            "needs root for TAP devices and nftables (run pyro as root)"
+        )
     if network.get("ip_forward") == "0":
         found.append(
             "IPv4 forwarding is off: the first VM with a network turns it on and lets only "

@@ -113,12 +113,16 @@ def _tool_rows(data: Report) -> list[Row]:
 
 
 def _network_rows(data: Report) -> list[Row]:
-    packages = {"ip": "iproute2", "nft": "nftables", "iptables": "iptables"}
+    packages = {"ip": "iproute2", "nft": "nftables"}
     rows: list[Row] = [
         (OK, name, data[name]) if data.get(name) else (MISSING, name, f"apt-get install {pkg}")
         for name, pkg in packages.items()
     ]
     rows.append((OK if data.get("tun") else MISSING, "/dev/net/tun", _yes(data.get("tun"))))
+    rights = data.get("net_admin")
+    rows.append(
+        (OK if rights else MISSING, "CAP_NET_ADMIN", "yes" if rights else "no: run as root")
+    )
     forward = data.get("ip_forward")
     note = "" if forward == "1" else " (guest egress needs forwarding enabled)"
     rows.append((OK if forward == "1" else "", "ip_forward", f"{forward}{note}"))

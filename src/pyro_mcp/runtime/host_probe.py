@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import PyroError
+from pyro_mcp.network.rights import has_net_admin
 from pyro_mcp.runtime.host_tools import find_program, run
 
 KVM_KINDS = ("hardware", "nested-paravirtual", "absent", "unknown")
@@ -234,13 +235,14 @@ def probe_cgroups(root: Path = _ROOT) -> dict[str, Any]:
 
 
 def probe_network(root: Path = _ROOT) -> dict[str, Any]:
-    """What guest networking can build on: tun, ip, a firewall tool, IP forwarding."""
+    """What guest networking builds on: tun, ip, nftables, IP forwarding, and whether
+    this process has the right to use them (CAP_NET_ADMIN)."""
     forward = read_text(root, "proc/sys/net/ipv4/ip_forward")
     return {
         "ip": find_program("ip"),
         "nft": find_program("nft"),
-        "iptables": find_program("iptables"),
         "tun": (root / "dev/net/tun").exists(),
+        "net_admin": has_net_admin(),
         "ip_forward": forward.strip() if forward is not None else None,
     }
 
