@@ -7,11 +7,15 @@ leave the machine. Each probe runs in the guest and says what became of one conn
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tests import net_topology as net
@@ -24,6 +28,7 @@ from pyro_mcp.api.operations import workspaces as ws
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.network import leases, nft
 from pyro_mcp.network.addresses import Link
+from pyro_mcp.vmm.identity import ProcessIdentity
 
 PROBE = r"""
 import socket, sys
@@ -242,3 +247,126 @@ def test_a_host_port_in_use_is_refused_and_nothing_is_left(
         holder.close()
     assert ws.workspace_list(ws_ctx)["workspaces"] == []
     assert leases.held() == [] and nft.published() == []
+
+
+SEND_RAW = r"""
+import socket, struct, sys
+dst = socket.inet_aton(sys.argv[1])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
+for item in sys.argv[2:]:
+    source, port = item.split(":")
+    payload = b"pyro"
+    udp = struct.pack("!HHHH", 40000, int(port), 8 + len(payload), 0) + payload
+    # The kernel fills in the total length and checksum; the source is ours to choose.
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 17, 0,
+                         socket.inet_aton(source), dst)
+    for _ in range(3):
+        raw.sendto(header + udp, (sys.argv[1], 0))
+print("sent")
+"""
+
+COUNTERS = """
+table ip pyrotest {
+  chain seen {
+    type filter hook prerouting priority -300; policy accept;
+    udp dport 9998 counter
+    udp dport 9999 counter
+  }
+}
+"""
+
+
+def _udp_counts(topo: net.Topology) -> dict[int, int]:
+    listing = _in_host_ns_of(topo.ns("inet"), "nft", "-j", "list", "table", "ip", "pyrotest")
+    counts = {}
+    for item in json.loads(listing)["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            port = next(e["match"]["right"] for e in rule["expr"] if "match" in e)
+            counts[port] = next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    return counts
+
+
+def _in_host_ns_of(namespace: str, *argv: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", namespace, *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        input=stdin,
+    )
+    return done.stdout
+
+
+def test_a_guest_root_cannot_send_from_an_address_not_its_own(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    """Root in the guest crafts packets with any source: only its own address leaves."""
+    inet = private_network.ns("inet")
+    _in_host_ns_of(inet, "nft", "-f", "-", stdin=COUNTERS)
+    try:
+        record = ws.workspace_create(ws_ctx, "debian:12", network_policy="egress")
+        own = record["network"]["guest_ip"]
+        gateway = record["network"]["gateway"]
+        another_guest = str(ipaddress.IPv4Address(own) + 4)  # the next slot's guest
+        result = wc.workspace_exec(
+            ws_ctx,
+            record["id"],
+            ["python3", "-c", SEND_RAW, net.WEB_IP, f"{own}:9998"]
+            + [f"{source}:9999" for source in ("198.51.100.7", another_guest, gateway)],
+        )
+        assert result["stdout"] == "sent\n", result
+        deadline = time.monotonic() + 5
+        while _udp_counts(private_network).get(9998, 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _udp_counts(private_network) == {9998: 3, 9999: 0}
+    finally:
+        _in_host_ns_of(inet, "nft", "delete", "table", "ip", "pyrotest")
+
+
+FLOOD = r"""
+import os, socket, struct, sys, time
+gateway = sys.argv[1]
+flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+flood.setblocking(False)
+sent = 0
+for n in range(20000):
+    name = b"".join(bytes([len(p)]) + p for p in (os.urandom(6).hex().encode(), b"test"))
+    query = struct.pack("!HHHHHH", n & 0xFFFF, 0x0100, 1, 0, 0, 0) + name + b"\0\0\1\0\1"
+    for packet in (query, os.urandom(n % 600)):  # a query, then junk of any size
+        try:
+            flood.sendto(packet, (gateway, 53))
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.001)
+time.sleep(2)  # the rate limit's bucket refills
+try:
+    print(sent > 10000, socket.gethostbyname("web.test"))
+except OSError as exc:
+    print(sent > 10000, "no answer", exc)
+"""
+
+
+def test_a_guest_flooding_its_resolver_with_queries_and_junk_still_gets_answers(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    record = ws.workspace_create(ws_ctx, "debian:12", network_policy="egress")
+    lease = next(lease for lease in leases.held() if lease.vm_id == record["id"])
+    resolver = ProcessIdentity.from_dict(lease.resolver)
+    assert resolver is not None
+    result = wc.workspace_exec(
+        ws_ctx,
+        record["id"],
+        ["python3", "-c", FLOOD, record["network"]["gateway"]],
+        timeout_seconds=120,
+    )
+    assert result["stdout"] == f"True {net.WEB_IP}\n", result
+    assert resolver.alive()
+    rss_kib = int(
+        next(
+            line.split()[1]
+            for line in Path(f"/proc/{resolver.pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+    )
+    assert rss_kib < 200 * 1024  # bounded: the flood queued nothing without limit

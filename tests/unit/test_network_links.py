@@ -113,3 +113,26 @@ def test_without_nftables_a_link_is_refused_naming_the_package_and_leaves_nothin
         " (run `make host-packages` or `apt-get install nftables`)"
     )
     assert leases.held() == [] and not tap_exists("pyro-t0")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root pyro drops the resolver's rights")
+def test_the_resolver_runs_as_its_own_uid_with_only_the_two_capabilities_it_needs(
+    namespace: str, tmp_path: Path
+) -> None:
+    from pyro_mcp.network.resolver_process import resolver_uid
+
+    network = attach_network("vm-r", _run_dir(tmp_path, "r"), parse_policy("egress"))
+    assert network.nic.fd is not None
+    os.close(network.nic.fd)
+    resolver = ProcessIdentity.from_dict(leases.held()[0].resolver)
+    assert resolver is not None
+    status = dict(
+        line.split(":\t", 1)
+        for line in Path(f"/proc/{resolver.pid}/status").read_text().splitlines()
+    )
+    uid = str(resolver_uid(network.link))
+    assert status["Uid"].split() == [uid] * 4 and status["Gid"].split() == [uid] * 4
+    assert status["Groups"].strip() == ""
+    net_admin_and_bind = (1 << 12) | (1 << 10)
+    assert int(status["CapEff"], 16) == net_admin_and_bind
+    assert int(status["CapBnd"], 16) == net_admin_and_bind

@@ -1,4 +1,5 @@
-"""The guest's DNS resolver: ``python -m pyro_mcp.network.resolver CONFIG_PATH``.
+"""The guest's DNS resolver: ``python -m pyro_mcp.network.resolver CONFIG_PATH|-``
+(``-``: the config on stdin).
 
 One process per VM link, started and ended by the host. It listens on UDP and TCP at the
 link's gateway address (the guest's ``/etc/resolv.conf`` names it), answers what the
@@ -421,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="pyro-dns: %(message)s", stream=sys.stderr)
     if len(args) != 1:
-        log.error("usage: python -m pyro_mcp.network.resolver CONFIG_PATH")
+        log.error("usage: python -m pyro_mcp.network.resolver CONFIG_PATH|-")
         return 2
     try:
-        config = ResolverConfig.from_json(json.loads(Path(args[0]).read_text()))
+        text = sys.stdin.read() if args[0] == "-" else Path(args[0]).read_text()
+        config = ResolverConfig.from_json(json.loads(text))
     except (OSError, ValueError, PyroError) as exc:
         log.error("cannot read the config %s: %s", args[0], exc)
         return 2

@@ -43,6 +43,7 @@ HOST_TOOLS: tuple[HostTool, ...] = (
     HostTool("cpio", "cpio", "pack the fallback kernel's initramfs"),
     HostTool("ip", "iproute2", "guest networking"),
     HostTool("nft", "nftables", "guest network policy (NAT and filtering)"),
+    HostTool("setpriv", "util-linux", "run the guests' DNS resolvers unprivileged"),
     HostTool("as", "binutils", "assemble the Firecracker test guest"),
 )
 
