@@ -3,20 +3,7 @@
 from __future__ import annotations
 
 from pyro_mcp.errors import NetworkUnavailable
-
-CAP_NET_ADMIN = 12
-
-
-def has_net_admin() -> bool:
-    """This process may make TAP devices and change nftables (its effective set)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except (OSError, ValueError):
-        pass
-    return False
+from pyro_mcp.runtime.host_probe import has_net_admin
 
 
 def require_net_admin() -> None:

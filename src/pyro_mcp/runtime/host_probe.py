@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import PyroError
-from pyro_mcp.network.rights import has_net_admin
 from pyro_mcp.runtime.host_tools import find_program, run
 
 KVM_KINDS = ("hardware", "nested-paravirtual", "absent", "unknown")
@@ -232,6 +231,21 @@ def probe_cgroups(root: Path = _ROOT) -> dict[str, Any]:
         "v2_mount": v2_mount,
         "v2_controllers": v2_controllers,
     }
+
+
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin() -> bool:
+    """This process may make TAP devices and change nftables (its effective set)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def probe_network(root: Path = _ROOT) -> dict[str, Any]:
