@@ -84,7 +84,7 @@ def say(line: str) -> None:
         return
 
 
-class _Libc:
+class Libc:
     """mount(2) and reboot(2) through ``_ctypes`` (``ctypes`` itself costs ~2 ms more)."""
 
     def __init__(self) -> None:
@@ -157,7 +157,7 @@ def parse_cmdline(text: str) -> dict[str, str]:
     return options
 
 
-def mount_all(libc: _Libc) -> None:
+def mount_all(libc: Libc) -> None:
     for source, target, fstype, flags, data in MOUNTS:
         try:
             if not isdir(target):
@@ -193,7 +193,7 @@ def boot_error(message: str) -> None:
         return
 
 
-def mount_workspace(libc: _Libc, device: str) -> None:
+def mount_workspace(libc: Libc, device: str) -> None:
     """Mount the workspace disk (``pyro.workspace=/dev/vdb``) at /workspace.
 
     A failure is a boot error: the agent then refuses to work in /workspace (it would be
@@ -410,12 +410,12 @@ class Program:
 
 class Init:
     def __init__(self) -> None:
-        self.libc: _Libc | None = None
+        self.libc: Libc | None = None
         self.options: dict[str, str] = {}
         self.programs: list[Program] = []
 
     def boot(self) -> None:
-        self.libc = _Libc()
+        self.libc = Libc()
         mount_all(self.libc)
         open_console()
         self.options = parse_cmdline(read_text("/proc/cmdline"))

@@ -6,7 +6,14 @@ hostname. ``reidentify`` sets all three from the host's values:
 - ``time_ns`` (int): the host's CLOCK_REALTIME, set in the guest;
 - ``seed`` (hex str): fresh entropy, mixed into the kernel pool with credit and followed
   by a forced reseed of the CRNG, so two clones never share random output;
-- ``hostname`` (str).
+- ``hostname`` (str);
+- ``machine_id`` (32 hex digits): written to ``/etc/machine-id``;
+- ``workspace_device`` (str, e.g. ``/dev/vdb``): the workspace disk, mounted at
+  /workspace now (a template boots without it: its slot held a placeholder). The block
+  device's cached pages are dropped first, since they are the placeholder's.
+
+``quiesce`` readies a guest to be saved as a template: every file system synced and the
+page cache dropped, so the saved state is small and holds no cached disk block.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pyro_mcp.guest_agent import boot_state
 from pyro_mcp.guest_agent.calls import Call, CallError
 
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
+BLKFLSBUF = 0x1261
 
 
 def reidentify(call: Call) -> tuple[dict[str, Any], bytes]:
@@ -50,7 +59,51 @@ def reidentify(call: Call) -> tuple[dict[str, Any], bytes]:
             raise CallError("invalid_argument", "hostname must be 1-63 characters")
         socket.sethostname(hostname)
         done.append("hostname")
-    return {"reidentified": done}, b""
+    machine_id = args.get("machine_id")
+    if machine_id is not None:
+        _write_machine_id(machine_id)
+        done.append("machine_id")
+    reply: dict[str, Any] = {"reidentified": done}
+    device = args.get("workspace_device")
+    if device is not None:
+        if not isinstance(device, str) or not device.startswith("/dev/vd"):
+            raise CallError("invalid_argument", "workspace_device must be a /dev/vdX path")
+        _mount_workspace(device)
+        done.append("workspace")
+        reply["mounts"] = boot_state.mounts(boot_state.REPORTED_MOUNTS)
+        reply["boot_errors"] = boot_state.boot_errors()
+    return reply, b""
+
+
+def _write_machine_id(machine_id: object) -> None:
+    if not isinstance(machine_id, str) or len(machine_id) != 32:
+        raise CallError("invalid_argument", "machine_id must be 32 hex digits")
+    try:
+        int(machine_id, 16)
+    except ValueError as exc:
+        raise CallError("invalid_argument", "machine_id must be 32 hex digits") from exc
+    temp = "/etc/.machine-id.pyro"
+    with open(temp, "w") as handle:
+        handle.write(machine_id + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(temp, 0o444)
+    os.replace(temp, "/etc/machine-id")
+
+
+def _mount_workspace(device: str) -> None:
+    from pyro_mcp.guest_agent import init
+
+    with open(device, "rb") as disk:  # the placeholder's blocks must not be read as ours
+        fcntl.ioctl(disk.fileno(), BLKFLSBUF)
+    init.mount_workspace(init.Libc(), device)
+
+
+def quiesce(call: Call) -> tuple[dict[str, Any], bytes]:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as handle:
+        handle.write("3")
+    return {"quiesced": True}, b""
 
 
 def _reseed(entropy: bytes) -> None:

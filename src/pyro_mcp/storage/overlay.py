@@ -32,3 +32,24 @@ def copy_sparse(base: Path, dest: Path) -> Path:
     )
     dest.chmod(0o600)
     return dest
+
+
+def rebase_overlay(overlay: Path, base: Path) -> None:
+    """Point the qcow2 ``overlay`` at ``base`` (a file with the same contents as its old
+    base: only the header changes)."""
+    run(
+        [
+            "qemu-img",
+            "rebase",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            str(base),
+            str(overlay),
+        ],
+        what="point the root disk at its image",
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -58,6 +59,19 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class Restore:
+    """Start from a saved state instead of booting (the spec must have the device layout
+    the state was saved with). ``identity``: a guest's new name (a clone of a template or
+    of another workspace gets a hostname of its own, a fresh machine-id and random state);
+    None for a resume (only the clock is set). ``workspace_device``: the disk to mount at
+    /workspace once restored (a template's slot for it held a placeholder)."""
+
+    state: Path
+    identity: str | None = None
+    workspace_device: str | None = None
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """What to boot."""
 
@@ -76,6 +90,7 @@ class VMSpec:
     read_files: tuple[Path, ...] = ()  # what the VMM only reads besides the kernel (backing
     # images of copy-on-write disks): a confined VMM sees these and nothing else of the host
     extra: dict[str, str] = field(default_factory=dict)
+    restore: Restore | None = None  # None: boot the kernel
 
     def validate(self) -> None:
         if not 1 <= self.vcpu_count <= MAX_VCPUS:
@@ -195,9 +210,7 @@ class VM(ABC):
         client = AgentClient(sock)
         try:
             client.hello(timeout_s=max(0.1, deadline - time.monotonic()))
-            # A guest has no battery-backed clock: give it the host's time right away
-            # (builds compare mtimes; TLS checks dates).
-            client.call("reidentify", {"time_ns": time.time_ns()}, timeout_s=10)
+            self._reidentify(client)
         except OperationTimeout as exc:
             client.close()
             raise self._boot_timeout("the guest agent did not answer hello", timeout_s) from exc
@@ -210,6 +223,25 @@ class VM(ABC):
         self._require_network(client)
         self.agent = client
         return client
+
+    def _reidentify(self, client: AgentClient) -> None:
+        """A guest has no battery-backed clock: give it the host's time right away (builds
+        compare mtimes; TLS checks dates). A restored clone also gets a name, machine-id and
+        random state of its own, and its workspace disk."""
+        args: dict[str, object] = {"time_ns": time.time_ns()}
+        restore = self.spec.restore
+        if restore is not None and restore.identity is not None:
+            args.update(
+                seed=secrets.token_hex(32),
+                hostname=restore.identity,
+                machine_id=secrets.token_hex(16),
+            )
+        if restore is not None and restore.workspace_device is not None:
+            args["workspace_device"] = restore.workspace_device
+        reply, _ = client.call("reidentify", args, timeout_s=10)
+        for key in ("mounts", "boot_errors"):  # hello's view was from before the mount
+            if key in reply:
+                client.hello_info[key] = reply[key]
 
     def _require_network(self, client: AgentClient) -> None:
         """A guest asked to have a network link that could not bring it up is refused."""

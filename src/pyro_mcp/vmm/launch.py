@@ -20,8 +20,8 @@ from pyro_mcp.network.link import attach_network, release_network
 from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.runtime import binaries, environments, kernels
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.storage.overlay import copy_sparse, create_overlay
-from pyro_mcp.vmm.base import VM, Disk, Nic, VMSpec
+from pyro_mcp.storage.overlay import copy_sparse, create_overlay, rebase_overlay
+from pyro_mcp.vmm.base import VM, Disk, Nic, Restore, VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.firecracker.jailer import JailerConfig
 from pyro_mcp.vmm.firecracker.vm import OVERHEAD_MIB as FIRECRACKER_OVERHEAD_MIB
@@ -29,6 +29,9 @@ from pyro_mcp.vmm.identity import mark_run_dir
 from pyro_mcp.vmm.ownership import register, sweep_orphans, unregister
 from pyro_mcp.vmm.qemu import QemuVM
 from pyro_mcp.vmm.qemu.vm import OVERHEAD_MIB as QEMU_OVERHEAD_MIB
+from pyro_mcp.vmm.templates import TEMPLATE_HOSTNAME, Template
+
+WORKSPACE_DEVICE = "/dev/vdb"  # the disk after the root disk: a workspace's /workspace
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def kernel_for(paths: RuntimePaths, flavor: str | None = None) -> kernels.Kernel
     return kernel
 
 
-def build_spec(
+def describe_spec(
     paths: RuntimePaths,
     *,
     environment: str,
@@ -88,19 +91,23 @@ def build_spec(
     extra_disks: tuple[Disk, ...] = (),
     kernel_args: tuple[str, ...] = (),
     agent_ports: int = 1,
-    network: NetworkPolicy | None = None,
+    hostname: str | None = None,
+    template: Template | None = None,
 ) -> VMSpec:
-    """A VMSpec for ``environment``; creates its root disk if it does not exist yet.
-
-    The root disk is a copy-on-write overlay of the environment image (``base_image``
-    overrides which file), in the run directory unless ``root_overlay`` names a place
-    that outlives the VM (workspaces). A ``network`` policy other than off gives the VM
-    its link (:func:`~pyro_mcp.network.link.attach_network`), released with the VM.
-    """
+    """The VMSpec :func:`build_spec` makes, without making anything (no files, no link)."""
     vm_id = vm_id or new_vm_id()
     image = base_image or environments.image_for(paths, environment)
     kernel = kernel_for(paths, kernel_flavor)
     run_dir = paths.run_root / vm_id
+    identity = f"pyro-{vm_id[:8]}"
+    restore = None
+    if template is not None:
+        restore = Restore(
+            template.state,
+            identity=identity,
+            workspace_device=WORKSPACE_DEVICE if extra_disks else None,
+        )
+        hostname = TEMPLATE_HOSTNAME
     reads: tuple[Path, ...] = ()
     if choice.backend == "firecracker":
         root_disk = Disk(root_overlay or run_dir / "root.ext4", "raw")
@@ -123,14 +130,67 @@ def build_spec(
         extra_disks=extra_disks,
         vcpu_count=vcpu_count,
         mem_mib=mem_mib,
-        hostname=f"pyro-{vm_id[:8]}",
+        hostname=hostname or identity,
         agent_ports=agent_ports,
         read_files=reads,
+        restore=restore,
     )
-    spec.validate()  # before anything is made: a refused spec leaves nothing behind
+    spec.validate()
+    return spec
+
+
+def build_spec(
+    paths: RuntimePaths,
+    *,
+    environment: str,
+    choice: BackendChoice,
+    vcpu_count: int = 1,
+    mem_mib: int = 256,
+    vm_id: str | None = None,
+    kernel_flavor: str | None = None,
+    root_overlay: Path | None = None,
+    base_image: Path | None = None,
+    extra_disks: tuple[Disk, ...] = (),
+    kernel_args: tuple[str, ...] = (),
+    agent_ports: int = 1,
+    network: NetworkPolicy | None = None,
+    hostname: str | None = None,
+    template: Template | None = None,
+) -> VMSpec:
+    """A VMSpec for ``environment``; creates its root disk if it does not exist yet.
+
+    The root disk is a copy-on-write overlay of the environment image (``base_image``
+    overrides which file), in the run directory unless ``root_overlay`` names a place
+    that outlives the VM (workspaces). A ``network`` policy other than off gives the VM
+    its link (:func:`~pyro_mcp.network.link.attach_network`), released with the VM.
+    With a ``template`` (QEMU) the VM restores from it: its root disk starts as a copy of
+    the template's, its kernel command line is the template's, and it is given a name of
+    its own once restored (the workspace disk, if any, is mounted then).
+    """
+    vm_id = vm_id or new_vm_id()
+    image = base_image or environments.image_for(paths, environment)
+    spec = describe_spec(
+        paths,
+        environment=environment,
+        choice=choice,
+        vcpu_count=vcpu_count,
+        mem_mib=mem_mib,
+        vm_id=vm_id,
+        kernel_flavor=kernel_flavor,
+        root_overlay=root_overlay,
+        base_image=base_image,
+        extra_disks=extra_disks,
+        kernel_args=kernel_args,
+        agent_ports=agent_ports,
+        hostname=hostname,
+        template=template,
+    )
+    root_disk, run_dir = spec.root_disk, spec.run_dir
     mark_run_dir(run_dir)
     try:
-        if not root_disk.path.exists():
+        if template is not None:
+            _copy_template_root(template, root_disk.path, base_image)
+        elif not root_disk.path.exists():
             if choice.backend == "firecracker":
                 copy_sparse(image, root_disk.path)
             else:
@@ -142,6 +202,15 @@ def build_spec(
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return spec
+
+
+def _copy_template_root(template: Template, dest: Path, base_image: Path | None) -> None:
+    """The VM's own copy of the template's root disk, layered on ``base_image`` when it has
+    one of its own (a workspace's link to the image) rather than on the cache's image."""
+    dest.unlink(missing_ok=True)
+    copy_sparse(template.root_disk, dest)
+    if base_image is not None:
+        rebase_overlay(dest, base_image)
 
 
 def _attach(spec: VMSpec, choice: BackendChoice, policy: NetworkPolicy) -> Nic:

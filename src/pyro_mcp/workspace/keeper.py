@@ -34,7 +34,13 @@ LOCK_FILE = "keeper.lock"
 LOG_FILE = "keeper.log"
 LOG_MAX_BYTES = 1 << 20  # the keeper's log is started afresh past this
 RECHECK_S = 1.0  # how late a shortened TTL or a dead create's process may be noticed
-CHANGING = ("creating", "starting", "stopping")  # a process is doing these: watched
+CHANGING = (
+    "creating",
+    "starting",
+    "stopping",
+    "pausing",
+    "resuming",
+)  # a process is doing these: watched
 
 
 def _lock(state_dir: Path) -> int | None:

@@ -11,6 +11,7 @@ half done, :meth:`Workspaces.reconcile` repairs.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import secrets
@@ -38,9 +39,10 @@ from pyro_mcp.runtime.paths import RuntimePaths, key_dir, state_dir
 from pyro_mcp.storage.host_files import HostPath
 from pyro_mcp.storage.workspace_disk import create_workspace_disk
 from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, SharedAgent, attach_shared
-from pyro_mcp.vmm.base import VM, Disk
+from pyro_mcp.vmm.base import VM, Disk, Restore
 from pyro_mcp.vmm.identity import is_run_dir
 from pyro_mcp.vmm.launch import (
+    WORKSPACE_DEVICE,
     BackendChoice,
     build_spec,
     create_vm,
@@ -49,10 +51,11 @@ from pyro_mcp.vmm.launch import (
 from pyro_mcp.vmm.ownership import OWNER_FILE
 from pyro_mcp.vmm.recorded import RecordedVMM
 from pyro_mcp.vmm.selection import choose_backend
-from pyro_mcp.workspace import secret_delivery, seeds
+from pyro_mcp.vmm.warm import BootPlan, Shape, cold, plan_boot
+from pyro_mcp.workspace import memory, secret_delivery, seeds
 from pyro_mcp.workspace.admission import Limits, admit, check_sizes, owner_alive, this_owner
 from pyro_mcp.workspace.blobs import BlobStore
-from pyro_mcp.workspace.keeper import ensure_keeper
+from pyro_mcp.workspace.keeper import CHANGING, ensure_keeper
 from pyro_mcp.workspace.layout import StateLayout, WorkspaceFiles
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
 from pyro_mcp.workspace.secret_input import SecretInput
@@ -61,7 +64,6 @@ from pyro_mcp.workspace.store import WorkspaceRecord, WorkspaceStore, require_st
 from pyro_mcp.workspace.vault import Vault
 
 Progress = Callable[[str], None]
-WORKSPACE_DEVICE = "/dev/vdb"
 AGENT_PORTS = 8
 BOOT_TIMEOUT_S = 90.0
 CHANGE_LOCK = "change.lock"  # in the workspace's directory (see Workspaces.changing)
@@ -85,6 +87,7 @@ class Workspaces:
         self.layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = WorkspaceStore(self.layout.store_path)
         self.vault = Vault(key_dir(), self.layout.state_dir)
+        self.boot_plans: dict[str, BootPlan] = {}  # how this process brought each VM up
         if self.layout.blobs_dir.is_dir():
             self._adopt_shared_blobs()
 
@@ -208,7 +211,46 @@ class Workspaces:
         choice: BackendChoice,
         progress: Progress,
         first: bool,
+        restore: Restore | None = None,
     ) -> None:
+        """Bring the workspace's VM up: restored from a template on a create when one fits
+        (warm), restored from ``restore`` (a resume or a fork), else booted from its disks."""
+        policy = NetworkPolicy.from_dict(record.network)
+        plan = cold("a stopped workspace boots from its own disks")
+        if restore is not None:
+            plan = BootPlan("warm", "restored from its own saved state")
+        elif first:
+            shape = Shape(
+                record.environment,
+                choice,
+                record.vcpu_count,
+                record.mem_mib,
+                AGENT_PORTS,
+                workspace_disk=True,
+                network=policy.enabled,
+            )
+            plan = plan_boot(self.paths, shape, progress=progress)
+        try:
+            self._boot_vm(record, files, choice, progress, first, plan, restore)
+        except VMError as exc:
+            if plan.template is None:
+                raise
+            plan = cold(f"restoring failed ({exc.message}); booted instead")
+            progress(f"warning: {plan.reason}")
+            self._boot_vm(record, files, choice, progress, first, plan, None)
+        self.boot_plans[record.id] = plan
+
+    def _boot_vm(
+        self,
+        record: WorkspaceRecord,
+        files: WorkspaceFiles,
+        choice: BackendChoice,
+        progress: Progress,
+        first: bool,
+        plan: BootPlan,
+        restore: Restore | None,
+    ) -> None:
+        warm = plan.template is not None
         spec = build_spec(
             self.paths,
             environment=record.environment,
@@ -219,21 +261,25 @@ class Workspaces:
             root_overlay=files.root_disk(choice.backend),
             base_image=files.base_image,
             extra_disks=(Disk(files.workspace_disk, "raw"),),
-            kernel_args=(f"pyro.workspace={WORKSPACE_DEVICE}",),
+            kernel_args=() if warm else (f"pyro.workspace={WORKSPACE_DEVICE}",),
             agent_ports=AGENT_PORTS,
             network=NetworkPolicy.from_dict(record.network),
+            template=plan.template,
         )
+        if restore is not None:
+            spec = dataclasses.replace(spec, restore=restore)
         try:
             vm = create_vm(self.paths, spec, choice)
         except BaseException:
             discard_spec(spec)
             raise
-        progress(f"booting ({choice.label})")
+        progress(f"{'restoring' if spec.restore else 'booting'} ({choice.label})")
         try:
             vm.start()
             client = vm.wait_ready(BOOT_TIMEOUT_S)
             _require_workspace_mount(client.hello_info, vm)
-            secret_delivery.deliver(self.store, self.vault, record.id, client)
+            if restore is None:  # a restored guest holds what it was given before
+                secret_delivery.deliver(self.store, self.vault, record.id, client)
             self._publish_workspace_ports(record)
         except BaseException:
             vm.kill()
@@ -244,8 +290,8 @@ class Workspaces:
         self.store.transition(
             record.id,
             "running",
-            expect={"creating"} if first else {"starting"},
-            note="booted",
+            expect={"creating"} if first else {"starting", "resuming"},
+            note=f"booted {plan.mode}: {plan.reason}",
             vmm_pid=vm.pid,
             run_dir=str(spec.run_dir),
             backend=choice.label,
@@ -375,6 +421,20 @@ class Workspaces:
             raise
         return self.store.get(record.id)
 
+    def pause(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
+        """Save the running workspace's memory to its directory and end its VMM."""
+        return memory.pause(self, ref, progress=progress)
+
+    def resume(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
+        """Run a paused workspace again from its saved memory, as it was."""
+        return memory.resume(self, ref, progress=progress)
+
+    def fork(
+        self, ref: str, *, name: str | None = None, progress: Progress = _quiet
+    ) -> WorkspaceRecord:
+        """A new running workspace from a running one's memory and disks."""
+        return memory.fork(self, ref, name=name, progress=progress)
+
     def delete(self, ref: str) -> dict[str, object]:
         """Kill the workspace's VM and remove its disks and records."""
         self.reconcile_one(ref)
@@ -502,9 +562,11 @@ class Workspaces:
         """Repair ``record`` if what it says no longer holds: a change (create, start,
         stop) whose process is gone, or a VMM that died. What change is under way is
         decided by whether the process doing it runs, never by a clock."""
-        changing = record.state in ("creating", "starting", "stopping")
+        changing = record.state in CHANGING
         if changing and owner_alive(record.owner):
             return None  # the change under way finishes it (a repair here would race it)
+        if record.state in ("pausing", "resuming"):
+            return self._reconcile_memory_change(record)
         if record.state == "creating":
             self._discard(record.id)  # it never came to be: nothing of it is kept
             return "discarded"
@@ -534,6 +596,27 @@ class Workspaces:
         self._mark_services_stopped(record.id)
         if record.state == "running":
             self.store.transition(record.id, "stopping", expect={"running"}, note=note)
+        self.store.transition(record.id, "stopped", note=note, vmm_pid=None, owner=None)
+        return "stopped"
+
+    def _reconcile_memory_change(self, record: WorkspaceRecord) -> str:
+        """A pause or resume whose process died: a whole saved state means paused (its VM,
+        stopped for the save or half resumed, is ended), none means a pause never got to
+        save: its VM is let go on, or if it is gone the workspace is stopped."""
+        saved = (self.layout.workspace(record.id).directory / memory.STATE_FILE).is_file()
+        note = f"the process {record.state[:-3]}ing it went away"
+        if saved:
+            self._end_vm(record)
+            self.store.transition(record.id, "paused", note=note, vmm_pid=None, owner=None)
+            return "stopped"
+        if self._vmm(record).alive():
+            with suppress(PyroError):
+                client = memory._qmp(record)
+                client.execute("cont")
+                client.close()
+            self.store.transition(record.id, "running", note=note, owner=None)
+            return "stopped"
+        self._end_vm(record)
         self.store.transition(record.id, "stopped", note=note, vmm_pid=None, owner=None)
         return "stopped"
 

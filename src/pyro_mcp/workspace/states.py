@@ -2,7 +2,10 @@
 
     from        to
     creating    running, failed, deleting
-    running     stopping, failed, deleting
+    running     stopping, pausing, failed, deleting
+    pausing     paused, running, failed, stopped
+    paused      resuming, deleting
+    resuming    running, paused, failed
     stopping    stopped, failed
     stopped     starting, deleting
     starting    running, failed, stopped
@@ -31,6 +34,9 @@ class WorkspaceState(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     STARTING = "starting"
+    PAUSING = "pausing"
+    PAUSED = "paused"  # memory and devices saved in its directory; no VMM runs
+    RESUMING = "resuming"
     FAILED = "failed"
     DELETING = "deleting"
 
@@ -39,7 +45,10 @@ _S = WorkspaceState
 
 TRANSITIONS: Mapping[WorkspaceState, frozenset[WorkspaceState]] = {
     _S.CREATING: frozenset({_S.RUNNING, _S.FAILED, _S.DELETING}),
-    _S.RUNNING: frozenset({_S.STOPPING, _S.FAILED, _S.DELETING}),
+    _S.RUNNING: frozenset({_S.STOPPING, _S.PAUSING, _S.FAILED, _S.DELETING}),
+    _S.PAUSING: frozenset({_S.PAUSED, _S.RUNNING, _S.FAILED, _S.STOPPED}),
+    _S.PAUSED: frozenset({_S.RESUMING, _S.DELETING}),
+    _S.RESUMING: frozenset({_S.RUNNING, _S.PAUSED, _S.FAILED}),
     _S.STOPPING: frozenset({_S.STOPPED, _S.FAILED}),
     _S.STOPPED: frozenset({_S.STARTING, _S.DELETING}),
     _S.STARTING: frozenset({_S.RUNNING, _S.FAILED, _S.STOPPED}),
@@ -51,7 +60,7 @@ TRANSITIONS: Mapping[WorkspaceState, frozenset[WorkspaceState]] = {
 # States whose VM holds (or is about to hold) host memory: what admission counts. A
 # stopping VM holds its memory until it has exited.
 RESERVING_STATES: frozenset[WorkspaceState] = frozenset(
-    {_S.CREATING, _S.STARTING, _S.RUNNING, _S.STOPPING}
+    {_S.CREATING, _S.STARTING, _S.RUNNING, _S.STOPPING, _S.PAUSING, _S.RESUMING}
 )
 
 # How a user moves a workspace out of a state towards another, if a command does it.
@@ -59,6 +68,10 @@ _REMEDIES: Mapping[tuple[WorkspaceState, WorkspaceState], str] = {
     (_S.STOPPED, _S.RUNNING): "run `pyro workspace start {id}`",
     (_S.FAILED, _S.RUNNING): "run `pyro workspace start {id}` (see `pyro workspace logs {id}`)",
     (_S.RUNNING, _S.STOPPED): "run `pyro workspace stop {id}`",
+    (_S.PAUSED, _S.RUNNING): "run `pyro workspace resume {id}`",
+    (_S.RUNNING, _S.PAUSED): "run `pyro workspace pause {id}`",
+    (_S.PAUSING, _S.PAUSED): "wait for it to finish pausing",
+    (_S.RESUMING, _S.RUNNING): "wait for it to finish resuming",
     (_S.FAILED, _S.STOPPED): "run `pyro workspace stop {id}`",
     (_S.CREATING, _S.RUNNING): "wait for it to finish creating",
     (_S.STARTING, _S.RUNNING): "wait for it to finish starting",

@@ -14,11 +14,14 @@ from pyro_mcp.api.operations.network_args import (
     run_policy,
 )
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.guest.client import command_fields
+from pyro_mcp.errors import VMError
+from pyro_mcp.guest.client import AgentClient, command_fields
 from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.runtime import environments
+from pyro_mcp.vmm.base import VM
 from pyro_mcp.vmm.launch import discard_vm, prepare_vm, start_owned
 from pyro_mcp.vmm.selection import BACKEND_NAMES, choose_backend
+from pyro_mcp.vmm.warm import Shape, cold, plan_boot
 
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
 BOOT_TIMEOUT_S = 60.0
@@ -96,7 +99,9 @@ def vm_run(
 
     environments.image_for(ctx.paths, environment)  # unknown or missing: fail before booting
     choice = choose_backend(ctx.paths, backend, progress=ctx.progress)
-    ctx.progress(f"creating VM ({choice.label}, {environment})")
+    shape = Shape(environment, choice, vcpu_count, mem_mib, network=policy.enabled)
+    plan = plan_boot(ctx.paths, shape, progress=ctx.progress)
+    ctx.progress(f"creating VM ({choice.label}, {environment}, {plan.mode})")
     vm = prepare_vm(
         ctx.paths,
         environment=environment,
@@ -104,15 +109,30 @@ def vm_run(
         vcpu_count=vcpu_count,
         mem_mib=mem_mib,
         network=policy,
+        template=plan.template,
     )
-    spec = vm.spec
-    network_info = vm_network_info(policy, spec.vm_id)
+    network_info = vm_network_info(policy, vm.spec.vm_id)
     phase = mark("create_ms", started)
     try:
-        with ctx.on_cancel(vm.kill):  # a caller that gives up ends the VM at once
-            start_owned(vm)
-            ctx.progress("booting")
-            agent = vm.wait_ready(BOOT_TIMEOUT_S)
+        with ctx.on_cancel(lambda: vm.kill()):  # a caller that gives up ends the VM at once
+            try:
+                agent = _start(ctx, vm)
+            except VMError as exc:
+                if plan.mode != "warm":
+                    raise
+                discard_vm(vm)  # a restore that failed: boot the same VM from scratch
+                plan = cold(f"restoring failed ({exc.message}); booted instead")
+                ctx.progress(f"warning: {plan.reason}")
+                vm = prepare_vm(
+                    ctx.paths,
+                    environment=environment,
+                    choice=choice,
+                    vcpu_count=vcpu_count,
+                    mem_mib=mem_mib,
+                    network=policy,
+                )
+                network_info = vm_network_info(policy, vm.spec.vm_id)
+                agent = _start(ctx, vm)
             phase = mark("boot_ms", phase)
             ctx.progress("running command")
             with ctx.running_command() as output:
@@ -127,6 +147,7 @@ def vm_run(
         cleanup = time.monotonic()
         discard_vm(vm)
         mark("cleanup_ms", cleanup)
+    spec = vm.spec
     return {
         "environment": environment,
         "command": command,
@@ -135,5 +156,12 @@ def vm_run(
         "backend": choice.label,
         "vm_id": spec.vm_id,
         "timings_ms": timings,
+        "boot": plan.to_dict(),
         "network": network_info,
     }
+
+
+def _start(ctx: Context, vm: VM) -> AgentClient:
+    start_owned(vm)
+    ctx.progress("restoring" if vm.spec.restore else "booting")
+    return vm.wait_ready(BOOT_TIMEOUT_S)

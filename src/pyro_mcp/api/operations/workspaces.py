@@ -167,8 +167,18 @@ def workspace_create(
             secrets=given,
             progress=ctx.progress,
         )
-        result = {**_with_network(record), "secrets": secret_names(workspaces, record.id)}
+        result = {
+            **_with_network(record),
+            "secrets": secret_names(workspaces, record.id),
+            **_boot(workspaces, record.id),
+        }
         return {**result, "id_only": id_only} if id_only else result
+
+
+def _boot(workspaces: Workspaces, workspace_id: str) -> dict[str, Any]:
+    """How this call brought the workspace's VM up: warm (restored) or cold, and why."""
+    plan = workspaces.boot_plans.get(workspace_id)
+    return {"boot": plan.to_dict()} if plan else {}
 
 
 def secret_names(workspaces: Workspaces, workspace_id: str) -> list[dict[str, str]]:
@@ -284,9 +294,46 @@ def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[s
 
 @operation(cli=("workspace", "start"), sdk="start_workspace", profiles=FULL, progress=True)
 def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
-    """Boot a stopped workspace again from its disks."""
+    """Boot a stopped workspace again from its disks (always a cold boot: its root disk
+    no longer matches any template)."""
     with open_workspaces(ctx) as workspaces:
-        return workspaces.start(workspace, progress=ctx.progress).to_dict()
+        record = workspaces.start(workspace, progress=ctx.progress)
+        return {**record.to_dict(), **_boot(workspaces, record.id)}
+
+
+@operation(cli=("workspace", "pause"), sdk="pause_workspace", profiles=FULL, progress=True)
+def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+    """Save a running workspace's memory and device state to disk and end its VM: a
+    paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
+    not with a network link. Errors: InvalidState when it is not running; VMError when
+    the state cannot be saved (a full disk), and then it keeps running."""
+    with open_workspaces(ctx) as workspaces:
+        return workspaces.pause(workspace, progress=ctx.progress).to_dict()
+
+
+@operation(cli=("workspace", "resume"), sdk="resume_workspace", profiles=FULL, progress=True)
+def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+    """Run a paused workspace again from its saved memory: processes, services, shells
+    and page cache as they were; the guest clock is set to now. Errors: InvalidState when
+    it is not paused; on a failure it stays paused."""
+    with open_workspaces(ctx) as workspaces:
+        record = workspaces.resume(workspace, progress=ctx.progress)
+        return {**record.to_dict(), **_boot(workspaces, record.id)}
+
+
+@operation(cli=("workspace", "fork"), sdk="fork_workspace", profiles=FULL, progress=True)
+def workspace_fork(
+    ctx: Context,
+    workspace: Annotated[str, WORKSPACE],
+    name: Annotated[str | None, Arg("a unique name for the fork", surfaces=EVERY)] = None,
+) -> dict[str, Any]:
+    """A new running workspace from a running one's memory and disks at this instant,
+    with a hostname, machine-id and random state of its own; the source keeps running.
+    The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
+    with a network link. Errors: InvalidState when the source is not running."""
+    with open_workspaces(ctx) as workspaces:
+        record = workspaces.fork(workspace, name=name, progress=ctx.progress)
+        return {**_with_network(record), **_boot(workspaces, record.id), "source": workspace}
 
 
 @operation(cli=("workspace", "delete"), sdk="delete_workspace", profiles=CORE)

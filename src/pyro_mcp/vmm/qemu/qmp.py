@@ -39,12 +39,18 @@ class QMPClient:
             raise VMError(f"unexpected QMP message: {message!r}")
         return message
 
-    def execute(self, command: str, **arguments: Any) -> Any:
+    def execute(self, command: str, *, fd: int | None = None, **arguments: Any) -> Any:
+        """Run ``command``; ``fd`` is handed to QEMU with it (``getfd`` takes one)."""
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
         try:
-            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            data = json.dumps(request).encode() + b"\n"
+            if fd is None:
+                self._sock.sendall(data)
+            else:
+                sent = socket.send_fds(self._sock, [data], [fd])
+                self._sock.sendall(data[sent:])
             while True:
                 reply = self._read()
                 if "event" in reply:

@@ -23,6 +23,7 @@ from pyro_mcp.network.link import release_network
 from pyro_mcp.runtime.host_tools import require
 from pyro_mcp.vmm.base import VM, VMSpec, guest_kernel_args
 from pyro_mcp.vmm.console import start_pump
+from pyro_mcp.vmm.qemu import snapshot
 from pyro_mcp.vmm.qemu.confinement import confine, release, vmm_dir
 from pyro_mcp.vmm.qemu.qmp import QMPClient
 from pyro_mcp.vmm.qemu.tsc import tcg_clock_args
@@ -138,6 +139,9 @@ class QemuVM(VM):
         self._save_record()  # before its cgroups exist: whoever ends the VM removes them
         argv = qemu_argv(self.spec, self.accel)
         started = time.monotonic()
+        state_fds = self._open_state()
+        if state_fds:
+            argv += snapshot.incoming_args(state_fds[0])
         reads = [self.spec.kernel, *([self.spec.initrd] if self.spec.initrd else [])]
         jailed = confine(
             self.spec,
@@ -158,7 +162,7 @@ class QemuVM(VM):
                     stderr=log,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=[*jailed.pass_fds, *self._nic_fds()],
+                    pass_fds=[*jailed.pass_fds, *self._nic_fds(), *state_fds],
                     umask=0o077,
                 )
         except OSError as exc:
@@ -167,10 +171,20 @@ class QemuVM(VM):
         finally:
             os.close(console)  # QEMU holds it now; the pump ends when QEMU does
             jailed.close_parent_fds()  # and its uid lock
-            for fd in self._nic_fds():  # the TAP is QEMU's: it ends with QEMU
+            for fd in [*self._nic_fds(), *state_fds]:  # QEMU's now: they end with QEMU
                 os.close(fd)
         self._save_record(self.process.pid)  # the jail execs QEMU: the pid stays the same
         self.started_at = started
+
+    def _open_state(self) -> list[int]:
+        """The saved state to start from, open read-only for QEMU ([] for a boot)."""
+        if self.spec.restore is None:
+            return []
+        try:
+            return [os.open(self.spec.restore.state, os.O_RDONLY | os.O_CLOEXEC)]
+        except OSError as exc:
+            release(self.spec.vm_id)
+            raise VMError(f"cannot open the saved state {self.spec.restore.state}: {exc}") from exc
 
     def _nic_fds(self) -> list[int]:
         nic = self.spec.nic
@@ -193,11 +207,28 @@ class QemuVM(VM):
         deadline = time.monotonic() + timeout_s
         if self._port_lock is None:  # port 0 is ours while this process holds the client
             self._port_lock = lock_port(self.spec.run_dir, 0, wait=True)
+        if self.spec.restore is not None:
+            self._resume_restored(deadline)
         sock = self._connect_agent(deadline, timeout_s)
         self.mark("vmm_started_ms", self.started_at)
         client = self._greet(sock, deadline, timeout_s)
         self.mark("agent_ready_ms", self.started_at)
         return client
+
+    def _resume_restored(self, deadline: float) -> None:
+        """Let a VM started from a saved state run once QEMU has loaded all of it."""
+        try:
+            snapshot.await_incoming(self.qmp(), deadline)
+            self.mark("state_loaded_ms", self.started_at)
+            self.qmp().execute("cont")
+        except VMError as exc:
+            self._check_alive("while loading its saved state")
+            raise VMError(f"{exc.message}: {self.vmm_log_tail(5)}") from exc
+
+    def save_state(self, path: Path) -> int:
+        """Stop the guest and save its memory and device state to ``path`` (fsynced);
+        the VM stays stopped (``resume`` continues it). Its size in bytes."""
+        return snapshot.save_state(self.qmp(), path)
 
     def qmp(self) -> QMPClient:
         if self._qmp is None:

@@ -1,0 +1,91 @@
+"""Warm-start templates: list, build and prune them (see :mod:`pyro_mcp.vmm.templates`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.vm import MEMORY, VCPUS
+from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.runtime import environments
+from pyro_mcp.vmm import templates, warm
+from pyro_mcp.vmm.selection import choose_backend
+
+WORKSPACE_AGENT_PORTS = 8  # as workspace VMs have (pyro_mcp.workspace.lifecycle)
+
+
+def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> list[warm.Shape]:
+    choice = choose_backend(ctx.paths, None, progress=ctx.progress)
+    return [
+        warm.Shape(environment, choice, vcpu_count, mem_mib),
+        warm.Shape(
+            environment,
+            choice,
+            vcpu_count,
+            mem_mib,
+            WORKSPACE_AGENT_PORTS,
+            workspace_disk=True,
+        ),
+    ]
+
+
+@operation(cli=("template", "list"), sdk="list_templates")
+def template_list(ctx: Context) -> dict[str, Any]:
+    """The installed templates: key, inputs, size on disk and build time."""
+    return {"templates": [t.to_dict() for t in templates.installed(ctx.paths)]}
+
+
+@operation(cli=("template", "build"), sdk="build_template", progress=True)
+def template_build(
+    ctx: Context,
+    environment: Annotated[
+        str, Arg("environment, e.g. debian:12", surfaces=EVERY, positional=True)
+    ],
+    vcpu_count: Annotated[int, VCPUS] = 1,
+    mem_mib: Annotated[int, MEMORY] = 512,
+) -> dict[str, Any]:
+    """Build (or verify) the templates for one environment and size.
+
+    One for `pyro run`, one for workspaces; each entry says warm or cold, and why."""
+    environments.image_for(ctx.paths, environment)
+    built = []
+    for shape in _shapes(ctx, environment, vcpu_count, mem_mib):
+        plan = warm.plan_boot(ctx.paths, shape, progress=ctx.progress)
+        entry = {"kind": "workspace" if shape.workspace_disk else "run", **plan.to_dict()}
+        if plan.template is not None:
+            entry.update(plan.template.to_dict())
+        built.append(entry)
+    return {"templates": built}
+
+
+@operation(cli=("template", "prune"), sdk="prune_templates")
+def template_prune(
+    ctx: Context,
+    all_templates: Annotated[
+        bool, Arg("remove every template, not only those nothing current fits", surfaces=EVERY)
+    ] = False,
+) -> dict[str, Any]:
+    """Remove templates nothing current fits.
+
+    Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
+    with ``all_templates`` every template."""
+    keep: set[str] = set()
+    for template in templates.installed(ctx.paths):
+        inputs = template.manifest.get("inputs", {})
+        try:
+            current = warm.inputs_for(
+                ctx.paths,
+                warm.Shape(
+                    str(inputs.get("environment")),
+                    choose_backend(ctx.paths, None),
+                    int(inputs.get("vcpu_count", 1)),
+                    int(inputs.get("mem_mib", 512)),
+                    int(inputs.get("agent_ports", 1)),
+                    workspace_disk=len(inputs.get("disks", [])) > 1,
+                ),
+            )
+        except Exception:
+            continue
+        if templates.key_of(current) == template.key:
+            keep.add(template.key)
+    return {"removed": templates.prune(ctx.paths, keep=keep, everything=all_templates)}

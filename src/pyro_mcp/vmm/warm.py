@@ -1,0 +1,198 @@
+"""Warm starts: choose between restoring a VM from its template and booting it, and build
+the template the first time one is needed (see :mod:`pyro_mcp.vmm.templates`).
+
+Every run and workspace create asks :func:`plan_boot` first. It answers ``warm`` with a
+verified template, or ``cold`` with the reason (another backend, a network link, the
+caller asked for it with ``PYRO_BOOT_MODE=cold``, the template failed verification or
+could not be built). A template that fails verification is removed with a warning, so the
+next VM of that shape rebuilds it.
+
+Building a template boots a VM of the shape (the workspace disk slot holds an empty
+sparse placeholder, never mounted), waits for its agent, has it sync and drop its caches,
+lets go of the agent channel and saves the VM's state and root disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyro_mcp.errors import IntegrityError, PyroError
+from pyro_mcp.runtime import environments, lock
+from pyro_mcp.runtime.paths import RuntimePaths
+from pyro_mcp.vmm import templates
+from pyro_mcp.vmm.base import Disk, VMSpec
+from pyro_mcp.vmm.launch import (
+    BackendChoice,
+    build_spec,
+    create_vm,
+    describe_spec,
+    discard_vm,
+    kernel_for,
+    start_owned,
+)
+from pyro_mcp.vmm.qemu.vm import QemuVM, kernel_command_line
+from pyro_mcp.vmm.templates import TEMPLATE_HOSTNAME, Template
+
+BOOT_MODE_ENV = "PYRO_BOOT_MODE"  # "cold" turns warm starts off
+PLACEHOLDER_BYTES = 1 << 40  # the template's workspace disk: sparse, never mounted
+BUILD_TIMEOUT_S = 120.0
+Progress = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a VM is, as far as restoring it from a template goes."""
+
+    environment: str
+    choice: BackendChoice
+    vcpu_count: int
+    mem_mib: int
+    agent_ports: int = 1
+    workspace_disk: bool = False  # a workspace: a second disk, mounted at /workspace
+    network: bool = False
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    mode: str  # "warm" | "cold"
+    reason: str
+    template: Template | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "reason": self.reason,
+            "template": self.template.key if self.template else None,
+        }
+
+
+def cold(reason: str) -> BootPlan:
+    return BootPlan("cold", reason)
+
+
+def inputs_for(paths: RuntimePaths, shape: Shape) -> dict[str, Any]:
+    """The template inputs a VM of ``shape`` needs (see :mod:`templates`)."""
+    image = environments.image_for(paths, shape.environment)
+    kernel = kernel_for(paths)
+    placeholder = (Disk(Path("placeholder"), "raw"),) if shape.workspace_disk else ()
+    spec = describe_spec(
+        paths,
+        environment=shape.environment,
+        choice=shape.choice,
+        vcpu_count=shape.vcpu_count,
+        mem_mib=shape.mem_mib,
+        vm_id="0" * 12,
+        extra_disks=placeholder,
+        agent_ports=shape.agent_ports,
+        hostname=TEMPLATE_HOSTNAME,
+    )
+    return {
+        "environment": shape.environment,
+        "image_sha256": image.name.split(".")[0],
+        "kernel_key": kernel.key,
+        "kernel_file": spec.kernel.name,
+        "initrd": spec.initrd.name if spec.initrd else None,
+        "backend": shape.choice.label,
+        "vmm_version": lock.qemu_version(),
+        "vcpu_count": shape.vcpu_count,
+        "mem_mib": shape.mem_mib,
+        "agent_ports": shape.agent_ports,
+        "disks": [[d.format, d.read_only] for d in (spec.root_disk, *spec.extra_disks)],
+        "nic": None,
+        "command_line": kernel_command_line(spec, shape.choice.accel),
+    }
+
+
+def plan_boot(paths: RuntimePaths, shape: Shape, *, progress: Progress = _quiet) -> BootPlan:
+    """Warm (with a verified template, built now if there is none yet) or cold, and why."""
+    if os.environ.get(BOOT_MODE_ENV, "").strip().lower() == "cold":
+        return cold(f"{BOOT_MODE_ENV}=cold")
+    if shape.choice.backend != "qemu":
+        return cold(f"warm starts are made with QEMU only so far ({shape.choice.label})")
+    if shape.network:
+        return cold("a VM with a network link boots (templates have no network device yet)")
+    try:
+        inputs = inputs_for(paths, shape)
+    except PyroError as exc:
+        return cold(f"no template can be made: {exc.message}")
+    template = templates.find(paths, inputs)
+    built = ""
+    if template is None:
+        key = templates.key_of(inputs)
+        with templates.build_lock(paths, key):
+            template = templates.find(paths, inputs)  # another process may have built it
+            if template is None:
+                progress(f"building a template for {shape.environment} (once per shape)")
+                try:
+                    template = build_template(paths, shape, inputs)
+                except PyroError as exc:
+                    return cold(f"the template could not be built: {exc.message}")
+                built = f" (built now in {template.manifest['build_ms'] / 1000:.1f} s)"
+    try:
+        templates.verify(template)
+    except IntegrityError as exc:
+        progress(f"warning: {exc.message}: booting cold; it is rebuilt on next use")
+        templates.remove(template)
+        return cold(f"{exc.message}; removed, rebuilt on next use")
+    return BootPlan("warm", f"restored from template {template.key[:12]}{built}", template)
+
+
+def build_template(paths: RuntimePaths, shape: Shape, inputs: dict[str, Any]) -> Template:
+    """Boot a VM of ``shape``, quiesce it and save it as the template for ``inputs``."""
+    started = time.monotonic()
+    staging = templates.staging_dir(paths)
+    spec: VMSpec | None = None
+    vm: QemuVM | None = None
+    try:
+        extra: tuple[Disk, ...] = ()
+        if shape.workspace_disk:
+            placeholder = staging / "placeholder.raw"
+            with placeholder.open("wb") as handle:
+                handle.truncate(PLACEHOLDER_BYTES)
+            extra = (Disk(placeholder, "raw"),)
+        spec = build_spec(
+            paths,
+            environment=shape.environment,
+            choice=shape.choice,
+            vcpu_count=shape.vcpu_count,
+            mem_mib=shape.mem_mib,
+            extra_disks=extra,
+            agent_ports=shape.agent_ports,
+            hostname=TEMPLATE_HOSTNAME,
+        )
+        made = create_vm(paths, spec, shape.choice)
+        if not isinstance(made, QemuVM):
+            raise PyroError(f"templates are made with QEMU, not {shape.choice.label}")
+        vm = made
+        try:
+            start_owned(vm)
+            agent = vm.wait_ready(BUILD_TIMEOUT_S)
+            agent.call("quiesce", {}, timeout_s=60)
+            vm.release_agent()  # a clone's first host connects to a port no one holds
+            vm.save_state(staging / templates.STATE)
+        finally:
+            vm.kill()
+        shutil.move(str(spec.root_disk.path), staging / templates.ROOT)
+        (staging / "placeholder.raw").unlink(missing_ok=True)
+        template = templates.install(paths, inputs, staging, (time.monotonic() - started) * 1000)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if vm is not None:
+            with contextlib.suppress(Exception):
+                discard_vm(vm)
+        if spec is not None:
+            shutil.rmtree(spec.run_dir, ignore_errors=True)
+    return template
