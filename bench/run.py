@@ -34,6 +34,7 @@ from bench.host import HostCounts, measure_host_side
 from bench.network import NetworkCounts, measure_network
 from bench.services import ServiceCounts, measure_services_and_shells
 from bench.stats import Row, Table
+from bench.warm import WarmCounts, measure_warm
 from bench.workspace import WorkspaceCounts, measure_workspaces
 from pyro_mcp.runtime import kernels
 from pyro_mcp.runtime.binaries import installed_binaries
@@ -42,6 +43,7 @@ from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
 from pyro_mcp.sdk import Pyro
 from pyro_mcp.vmm.launch import BackendChoice
 from pyro_mcp.vmm.selection import choose_backend, run_probes
+from pyro_mcp.vmm.warm import BOOT_MODE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ENVIRONMENT = "debian:12"
@@ -268,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def cold() -> None:
-        measure_cold_run(table, Pyro(), args.environment, counts.cold_run)
+        os.environ[BOOT_MODE_ENV] = "cold"  # the cold path keeps its own rows
+        try:
+            measure_cold_run(table, Pyro(), args.environment, counts.cold_run)
+        finally:
+            os.environ.pop(BOOT_MODE_ENV, None)
+
+    def warm_starts() -> None:
+        warm_counts = WarmCounts.quick() if args.quick else WarmCounts()
+        extra["warm"] = measure_warm(table, paths, args.environment, warm_counts, args.mem_mib)
 
     def boots() -> None:
         if not choice_box:
@@ -304,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"cold run `{args.environment} -- true`", "ms"),
             cold,
         )
+        section("warm starts", ("warm run", "ms"), warm_starts)
         section(
             f"boots x{counts.boot} + in-guest calls",
             ("boot to agent-ready", "ms"),

@@ -33,6 +33,7 @@ from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.mcp_server import build_server
 from pyro_mcp.runtime import environments
 from pyro_mcp.sdk import Pyro
+from pyro_mcp.vmm.warm import cold
 from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.store import WorkspaceStore
 
@@ -128,8 +129,11 @@ def test_start_service_runs_a_string_command_with_the_shell(ws: ServedWorkspace)
 def fake_vm(agent_client: AgentClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """vm_run's VM layer replaced: its "guest" is the in-process agent."""
     vm = SimpleNamespace(
-        spec=SimpleNamespace(vm_id="fake"), wait_ready=lambda _s: agent_client, kill=lambda: None
+        spec=SimpleNamespace(vm_id="fake", restore=None),
+        wait_ready=lambda _s: agent_client,
+        kill=lambda: None,
     )
+    monkeypatch.setattr(vm_operations, "plan_boot", lambda *a, **k: cold("a fake VM"))
     monkeypatch.setattr(environments, "image_for", lambda paths, name: Path("/dev/null"))
     monkeypatch.setattr(
         vm_operations, "choose_backend", lambda *a, **k: SimpleNamespace(label="fake")

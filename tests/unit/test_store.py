@@ -73,6 +73,9 @@ _PATHS: dict[WorkspaceState, list[str]] = {
     WorkspaceState.STOPPING: ["running", "stopping"],
     WorkspaceState.STOPPED: ["running", "stopping", "stopped"],
     WorkspaceState.STARTING: ["running", "stopping", "stopped", "starting"],
+    WorkspaceState.PAUSING: ["running", "pausing"],
+    WorkspaceState.PAUSED: ["running", "pausing", "paused"],
+    WorkspaceState.RESUMING: ["running", "pausing", "paused", "resuming"],
     WorkspaceState.FAILED: ["failed"],
     WorkspaceState.DELETING: ["deleting"],
 }
@@ -287,8 +290,8 @@ def test_list_filters_by_all_labels_and_by_states(store: WorkspaceStore) -> None
     assert [r.id for r in store.list(states={"running", "stopped"})] == [b.id, c.id]
     assert [r.id for r in store.list(labels={"team": "a"}, states={"running"})] == [b.id]
     assert store.list(states=set()) == []
-    with pytest.raises(InvalidArgument, match="states: unknown workspace state 'paused'"):
-        store.list(states={"paused"})
+    with pytest.raises(InvalidArgument, match="states: unknown workspace state 'asleep'"):
+        store.list(states={"asleep"})
 
 
 def test_records_turn_into_json(store: WorkspaceStore) -> None:
