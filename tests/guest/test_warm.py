@@ -237,3 +237,28 @@ def test_a_pause_that_runs_out_of_disk_says_so_and_the_workspace_keeps_running(
         assert after.state == "running"
         assert not (directory / STATE_FILE).exists()
         assert _exec(workspaces, record.id, "cat /workspace/kept").strip() == "kept"
+
+
+def _template_ram_mapping(pid: int) -> tuple[int, int]:
+    """(inode, Shared_Clean KiB) of the VMM's mapping of the template's sealed RAM."""
+    inode, shared, inside = None, 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            inside = "memfd:pyro-template-ram" in line
+            if inside:
+                inode = int(fields[4])
+        elif inside and fields[0] == "Shared_Clean:":
+            shared += int(fields[1])
+    assert inode is not None, "the VMM maps no template RAM"
+    return inode, shared
+
+
+def test_idle_clones_of_one_template_share_its_ram(ws_ctx: Context) -> None:
+    with open_workspaces(ws_ctx) as workspaces:
+        records = [workspaces.create("debian:12") for _ in range(2)]
+        pids = [workspaces.store.get(r.id).vmm_pid for r in records]
+        assert all(pids)
+        (inode_a, shared_a), (inode_b, shared_b) = (_template_ram_mapping(p or 0) for p in pids)
+        assert inode_a == inode_b  # one sealed copy, mapped by both
+        assert min(shared_a, shared_b) > 16 * 1024  # tens of MiB in host memory once

@@ -64,11 +64,15 @@ class Restore:
     the state was saved with). ``identity``: a guest's new name (a clone of a template or
     of another workspace gets a hostname of its own, a fresh machine-id and random state);
     None for a resume (only the clock is set). ``workspace_device``: the disk to mount at
-    /workspace once restored (a template's slot for it held a placeholder)."""
+    /workspace once restored (a template's slot for it held a placeholder). ``ram``: the
+    template's guest RAM (its content digest ``ram_digest``), mapped privately instead of
+    loaded: the state then holds only the devices and what is not in that RAM."""
 
     state: Path
     identity: str | None = None
     workspace_device: str | None = None
+    ram: Path | None = None
+    ram_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class VMSpec:
     # images of copy-on-write disks): a confined VMM sees these and nothing else of the host
     extra: dict[str, str] = field(default_factory=dict)
     restore: Restore | None = None  # None: boot the kernel
+    ram_file: Path | None = None  # guest RAM kept in this file (a template being built)
 
     def validate(self) -> None:
         if not 1 <= self.vcpu_count <= MAX_VCPUS:

@@ -93,6 +93,7 @@ def describe_spec(
     agent_ports: int = 1,
     hostname: str | None = None,
     template: Template | None = None,
+    ram_file: Path | None = None,
 ) -> VMSpec:
     """The VMSpec :func:`build_spec` makes, without making anything (no files, no link)."""
     vm_id = vm_id or new_vm_id()
@@ -106,6 +107,8 @@ def describe_spec(
             template.state,
             identity=identity,
             workspace_device=WORKSPACE_DEVICE if extra_disks else None,
+            ram=template.ram,
+            ram_digest=template.ram_digest,
         )
         hostname = TEMPLATE_HOSTNAME
     reads: tuple[Path, ...] = ()
@@ -134,6 +137,7 @@ def describe_spec(
         agent_ports=agent_ports,
         read_files=reads,
         restore=restore,
+        ram_file=ram_file,
     )
     spec.validate()
     return spec
@@ -156,6 +160,7 @@ def build_spec(
     network: NetworkPolicy | None = None,
     hostname: str | None = None,
     template: Template | None = None,
+    ram_file: Path | None = None,
 ) -> VMSpec:
     """A VMSpec for ``environment``; creates its root disk if it does not exist yet.
 
@@ -184,6 +189,7 @@ def build_spec(
         agent_ports=agent_ports,
         hostname=hostname,
         template=template,
+        ram_file=ram_file,
     )
     root_disk, run_dir = spec.root_disk, spec.run_dir
     mark_run_dir(run_dir)

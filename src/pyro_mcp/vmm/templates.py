@@ -11,13 +11,18 @@ template; one built by another QEMU version is never used.
 
 ``<cache>/templates/<key>/`` holds:
 
-- ``state``: the VM's device and memory state (a QEMU migration stream);
+- ``ram``: the guest's RAM at that instant (a sparse file as big as its memory); clones
+  map a sealed copy of it privately (:mod:`pyro_mcp.vmm.qemu.template_ram`), so they
+  share what none of them has written;
+- ``state``: the VM's device state and what of its memory is not in ``ram`` (a QEMU
+  migration stream with ``x-ignore-shared``: tens of KiB);
 - ``root.qcow2``: the root disk as it was at that instant (an overlay of the image; each
   VM restoring from the template gets a copy of it, never the file itself);
 - ``manifest.json``: the inputs, the sha256 and size of both files, how long the build
   took; written last, so a directory without it is an unfinished build.
 
-Before use a template is verified: each file's digest against the manifest. A file's
+Before use a template is verified: each file's digest against the manifest (for ``ram``,
+the digest of its non-zero blocks, :func:`~pyro_mcp.vmm.qemu.ram_holder.ram_digest`). A file's
 verified (size, mtime, ctime, inode) is remembered in ``verified.json`` and a file whose
 stat still matches is not read again; any write changes its ctime, so a changed byte is
 always re-hashed and caught. A template that fails is removed (the next use rebuilds it).
@@ -39,14 +44,16 @@ from pyro_mcp.errors import IntegrityError, NotFound
 from pyro_mcp.runtime.digests import sha256_file, sha256_json
 from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
 from pyro_mcp.runtime.paths import RuntimePaths
+from pyro_mcp.vmm.qemu.ram_holder import ram_digest
 
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 TEMPLATE_HOSTNAME = "pyro-template"  # the hostname a template boots with (clones get theirs)
 STATE = "state"
 ROOT = "root.qcow2"
+RAM = "ram"
 MANIFEST = "manifest.json"
 VERIFIED = "verified.json"
-FILES = (STATE, ROOT)
+FILES = (STATE, ROOT, RAM)
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -71,6 +78,14 @@ class Template:
     @property
     def root_disk(self) -> Path:
         return self.directory / ROOT
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / RAM
+
+    @property
+    def ram_digest(self) -> str:
+        return str(self.manifest["files"][RAM]["sha256"])
 
     def to_dict(self) -> dict[str, Any]:
         files = self.manifest.get("files", {})
@@ -126,7 +141,7 @@ def verify(template: Template) -> None:
         if seen.get(name) == stamp:
             stamps[name] = stamp
             continue
-        if info.st_size != expected.get("size") or sha256_file(path) != expected.get("sha256"):
+        if info.st_size != expected.get("size") or digest_of(path) != expected.get("sha256"):
             raise IntegrityError(
                 f"template {template.key[:12]}: {name} does not match its manifest "
                 "(changed or damaged on disk)"
@@ -137,16 +152,28 @@ def verify(template: Template) -> None:
             write_json_atomic(template.directory / VERIFIED, stamps)
 
 
+def digest_of(path: Path) -> str:
+    """A template file's digest: sha256 of its bytes, or for ``ram`` of its content."""
+    if path.name != RAM:
+        return sha256_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return ram_digest(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def install(
     paths: RuntimePaths, inputs: dict[str, Any], staging: Path, build_ms: float
 ) -> Template:
-    """Move a finished build (``staging`` holding ``state`` and ``root.qcow2``) into place."""
+    """Move a finished build (``staging`` holding its files) into place."""
     key = key_of(inputs)
     files = {
-        name: {"sha256": sha256_file(staging / name), "size": (staging / name).stat().st_size}
+        name: {"sha256": digest_of(staging / name), "size": (staging / name).stat().st_size}
         for name in FILES
     }
-    for name in FILES:
+    for name in FILES:  # the VMM that built them no longer owns them
+        os.chown(staging / name, os.geteuid(), os.getegid())
         (staging / name).chmod(0o400)
     manifest = {
         "key": key,

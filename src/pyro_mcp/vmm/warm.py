@@ -7,9 +7,10 @@ caller asked for it with ``PYRO_BOOT_MODE=cold``, the template failed verificati
 could not be built). A template that fails verification is removed with a warning, so the
 next VM of that shape rebuilds it.
 
-Building a template boots a VM of the shape (the workspace disk slot holds an empty
-sparse placeholder, never mounted), waits for its agent, has it sync and drop its caches,
-lets go of the agent channel and saves the VM's state and root disk.
+Building a template boots a VM of the shape with its RAM in the template's ``ram`` file
+(the workspace disk slot holds an empty sparse placeholder, never mounted), waits for its
+agent, has it sync and drop its caches, lets go of the agent channel and saves the VM's
+device state (its RAM stays in the file) and root disk.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ def build_template(paths: RuntimePaths, shape: Shape, inputs: dict[str, Any]) ->
             with placeholder.open("wb") as handle:
                 handle.truncate(PLACEHOLDER_BYTES)
             extra = (Disk(placeholder, "raw"),)
+        ram = staging / templates.RAM
+        ram.touch(mode=0o600)  # QEMU sizes it; the guest's RAM lives in it
         spec = build_spec(
             paths,
             environment=shape.environment,
@@ -170,6 +173,7 @@ def build_template(paths: RuntimePaths, shape: Shape, inputs: dict[str, Any]) ->
             extra_disks=extra,
             agent_ports=shape.agent_ports,
             hostname=TEMPLATE_HOSTNAME,
+            ram_file=ram,
         )
         made = create_vm(paths, spec, shape.choice)
         if not isinstance(made, QemuVM):

@@ -163,6 +163,7 @@ def confine(
     overhead_mib: int,
     read_files: list[Path],
     ends_with_owner: bool = False,
+    proc: bool = False,
 ) -> Confinement:
     """How to launch ``argv`` (QEMU) confined, or as it is when not root.
 
@@ -185,6 +186,9 @@ def confine(
             if not disk.read_only:
                 _chown(disk.path, uid)
             binds.append([str(disk.path), "ro" if disk.read_only else "rw"])
+        if spec.ram_file is not None:  # a template being built keeps its RAM there
+            _chown(spec.ram_file, uid)
+            binds.append([str(spec.ram_file), "rw"])
         for path in read_files:
             if str(path) not in {bind[0] for bind in binds}:
                 binds.append([str(path), "ro"])
@@ -203,6 +207,7 @@ def confine(
             "binds": binds,
             "devices": devices,
             "parent": os.getpid() if ends_with_owner else None,
+            "proc": proc,
         }
     except BaseException:
         os.close(lock)
@@ -218,6 +223,7 @@ def confine(
         "cgroups": [str(c) for c in cgroups],
         "limits": limits,
         "no_new_privs": True,
+        "proc": "own process only" if proc else False,
     }
     _record(spec.run_dir, summary)
     return Confinement(launch, [lock], uid, cgroups, summary)

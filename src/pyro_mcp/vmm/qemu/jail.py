@@ -15,8 +15,10 @@ anything else in the VMM process, whose pid it keeps), it
 
 CONFIG is JSON: ``uid``, ``gid``, ``root`` (an empty directory to build the root on),
 ``cgroup_procs`` (files to write this pid to), ``binds`` ([path, "ro"|"rw"]), ``devices``
-([path, major, minor]), ``parent`` (the pid of a one-shot VM's owner, whose end kills the
-VMM: ``PR_SET_PDEATHSIG``; null for a workspace VM, which outlives its starter). Any
+([path, major, minor]), ``proc`` (mount a procfs that shows only the VMM's own process:
+it maps a template's RAM as ``/proc/self/fd/N``), ``parent`` (the pid of a one-shot VM's
+owner, whose end kills the VMM: ``PR_SET_PDEATHSIG``; null for a workspace VM, which
+outlives its starter). Any
 failure ends the process with status 126 and a line on stderr (the VMM log): QEMU never
 starts half-confined.
 """
@@ -121,6 +123,10 @@ def confine(config: dict[str, Any]) -> None:
         _bind(root, str(path), how == "rw")
     for path, major, minor in config.get("devices", []):
         _device(root, str(path), int(major), int(minor), uid, gid)
+    if config.get("proc"):  # only its own process: its uid is its own, the rest is hidden
+        os.mkdir(_inside(root, "/proc"), 0o555)
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        _mount("proc", _inside(root, "/proc"), "proc", flags, "hidepid=invisible,subset=pid")
     _mount(None, root, None, MS_REMOUNT | MS_NOSUID | MS_RDONLY, "mode=0755,size=1m")
     os.chroot(root)
     os.chdir("/")

@@ -4,8 +4,9 @@ Saving is a migration to a file descriptor QEMU is handed over QMP (``getfd``): 
 stopped first, so the stream is one consistent instant; when it completes QEMU has also
 flushed every disk. The file is fsynced and renamed into place before it counts: a state
 file that exists is whole. Restoring starts QEMU with the same device layout, ``-S`` and
-``-incoming fd:N`` (the state file open read-only): it loads the state and stays paused
-until the host resumes it, so nothing runs before the host has checked what it loaded.
+``-incoming defer``, handed the state file open read-only: the host sets the migration
+capabilities and names the descriptor; QEMU loads the state and stays paused until the
+host resumes it, so nothing runs before the host has checked what it loaded.
 
 QEMU's sandbox forbids it to spawn anything, so ``exec:`` migrations are not used.
 """
@@ -30,7 +31,16 @@ MAX_BANDWIDTH = 1 << 40
 FD_NAME = "pyro-state"
 
 
-def save_state(qmp: QMPClient, path: Path, timeout_s: float = SAVE_TIMEOUT_S) -> int:
+def _ignore_shared(qmp: QMPClient, on: bool) -> None:
+    """With ``x-ignore-shared`` a RAM block the VM shares with a file (a template's RAM)
+    stays out of the stream: the clone maps that RAM instead of loading it."""
+    capability = {"capability": "x-ignore-shared", "state": on}
+    qmp.execute("migrate-set-capabilities", capabilities=[capability])
+
+
+def save_state(
+    qmp: QMPClient, path: Path, *, ignore_shared: bool = False, timeout_s: float = SAVE_TIMEOUT_S
+) -> int:
     """Stop the VM and write its state to ``path``; its size in bytes.
 
     The VM stays stopped (the caller resumes it with ``cont`` or ends it). DiskFull when
@@ -39,6 +49,7 @@ def save_state(qmp: QMPClient, path: Path, timeout_s: float = SAVE_TIMEOUT_S) ->
     temp = path.with_name(f".{path.name}.{os.getpid()}.part")
     qmp.execute("stop")
     qmp.execute("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
+    _ignore_shared(qmp, ignore_shared)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         qmp.execute("getfd", fd=fd, fdname=FD_NAME)
@@ -76,9 +87,15 @@ def _await_migration(qmp: QMPClient, timeout_s: float) -> None:
         time.sleep(POLL_S)
 
 
-def incoming_args(fd: int) -> list[str]:
-    """What a QEMU argv gets to start from the state open on ``fd`` (paused)."""
-    return ["-S", "-incoming", f"fd:{fd}"]
+# What a QEMU argv gets to start from a saved state: it waits (paused) for the host to set
+# the migration capabilities and name the descriptor (:func:`load_state`).
+INCOMING_ARGS = ["-S", "-incoming", "defer"]
+
+
+def load_state(qmp: QMPClient, fd: int, *, ignore_shared: bool) -> None:
+    """Have a QEMU started with INCOMING_ARGS load the state on its descriptor ``fd``."""
+    _ignore_shared(qmp, ignore_shared)
+    qmp.execute("migrate-incoming", uri=f"fd:{fd}")
 
 
 def await_incoming(qmp: QMPClient, deadline: float) -> None:

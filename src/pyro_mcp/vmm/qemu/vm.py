@@ -23,7 +23,7 @@ from pyro_mcp.network.link import release_network
 from pyro_mcp.runtime.host_tools import require
 from pyro_mcp.vmm.base import VM, VMSpec, guest_kernel_args
 from pyro_mcp.vmm.console import start_pump
-from pyro_mcp.vmm.qemu import snapshot
+from pyro_mcp.vmm.qemu import snapshot, template_ram
 from pyro_mcp.vmm.qemu.confinement import confine, release, vmm_dir
 from pyro_mcp.vmm.qemu.qmp import QMPClient
 from pyro_mcp.vmm.qemu.tsc import tcg_clock_args
@@ -65,7 +65,19 @@ def agent_socket(run_dir: Path, port: int) -> Path:
     return vmm_dir(run_dir) / f"agent.{port}.sock"
 
 
-def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
+def memory_backend(spec: VMSpec, ram_fd: int | None) -> str:
+    """Guest RAM, always the backend object ``mem`` (so a saved state loads into any VM of
+    the same layout): anonymous memory; or a file it shares, every write landing in it (a
+    template being built); or a template's sealed RAM on ``ram_fd``, mapped privately."""
+    size = f"id=mem,size={spec.mem_mib}M"
+    if spec.ram_file is not None:
+        return f"memory-backend-file,{size},mem-path={spec.ram_file},share=on"
+    if ram_fd is not None:
+        return f"memory-backend-file,{size},mem-path=/proc/self/fd/{ram_fd},share=off"
+    return f"memory-backend-ram,{size}"
+
+
+def qemu_argv(spec: VMSpec, accel: str, ram_fd: int | None = None) -> list[str]:
     """The full QEMU command line for ``spec`` (an argv list, never a shell string)."""
     if accel not in ACCELS:
         raise VMError(f"unknown QEMU accelerator {accel!r}")
@@ -76,6 +88,8 @@ def qemu_argv(spec: VMSpec, accel: str) -> list[str]:
         ("-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}" if accel == "tcg" else "kvm"),
         ("-cpu", "max" if accel == "tcg" else "host"),
         ("-m", str(spec.mem_mib)),
+        ("-object", memory_backend(spec, ram_fd)),
+        ("-machine", "memory-backend=mem"),
         ("-smp", str(spec.vcpu_count)),
         ("-sandbox", SANDBOX),
         # The console goes to QEMU's stdout, a pipe to the VM's console pump (bounded).
@@ -121,6 +135,7 @@ class QemuVM(VM):
         self._qmp: QMPClient | None = None
         self.started_at = 0.0
         self._port_lock: int | None = None
+        self._state_fd: int | None = None  # the saved state's descriptor number in QEMU
         self.confinement: dict[str, object] = {}
 
     @property
@@ -137,11 +152,18 @@ class QemuVM(VM):
             raise VMError(f"run directory path too long for a Unix socket: {self.spec.run_dir}")
         self._make_run_dir()
         self._save_record()  # before its cgroups exist: whoever ends the VM removes them
-        argv = qemu_argv(self.spec, self.accel)
         started = time.monotonic()
         state_fds = self._open_state()
+        try:
+            ram_fds = self._template_ram()
+        except BaseException:
+            for fd in state_fds:
+                os.close(fd)
+            release(self.spec.vm_id)
+            raise
+        argv = qemu_argv(self.spec, self.accel, ram_fds[0] if ram_fds else None)
         if state_fds:
-            argv += snapshot.incoming_args(state_fds[0])
+            argv += snapshot.INCOMING_ARGS
         reads = [self.spec.kernel, *([self.spec.initrd] if self.spec.initrd else [])]
         jailed = confine(
             self.spec,
@@ -150,6 +172,7 @@ class QemuVM(VM):
             overhead_mib=OVERHEAD_MIB[self.accel],
             read_files=[*reads, *self.spec.read_files],
             ends_with_owner=self.ends_with_owner,
+            proc=bool(ram_fds),  # it opens the RAM as /proc/self/fd/N
         )
         self.confinement = jailed.summary
         console = start_pump(self.spec.console_log)
@@ -162,7 +185,7 @@ class QemuVM(VM):
                     stderr=log,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=[*jailed.pass_fds, *self._nic_fds(), *state_fds],
+                    pass_fds=[*jailed.pass_fds, *self._nic_fds(), *state_fds, *ram_fds],
                     umask=0o077,
                 )
         except OSError as exc:
@@ -171,10 +194,11 @@ class QemuVM(VM):
         finally:
             os.close(console)  # QEMU holds it now; the pump ends when QEMU does
             jailed.close_parent_fds()  # and its uid lock
-            for fd in [*self._nic_fds(), *state_fds]:  # QEMU's now: they end with QEMU
+            for fd in [*self._nic_fds(), *state_fds, *ram_fds]:  # QEMU's now
                 os.close(fd)
         self._save_record(self.process.pid)  # the jail execs QEMU: the pid stays the same
         self.started_at = started
+        self._state_fd = state_fds[0] if state_fds else None
 
     def _open_state(self) -> list[int]:
         """The saved state to start from, open read-only for QEMU ([] for a boot)."""
@@ -185,6 +209,13 @@ class QemuVM(VM):
         except OSError as exc:
             release(self.spec.vm_id)
             raise VMError(f"cannot open the saved state {self.spec.restore.state}: {exc}") from exc
+
+    def _template_ram(self) -> list[int]:
+        """The template's sealed guest RAM for QEMU to map ([] when it has none)."""
+        restore = self.spec.restore
+        if restore is None or restore.ram is None:
+            return []
+        return [template_ram.sealed_ram(restore.ram, restore.ram_digest or "")]
 
     def _nic_fds(self) -> list[int]:
         nic = self.spec.nic
@@ -217,7 +248,10 @@ class QemuVM(VM):
 
     def _resume_restored(self, deadline: float) -> None:
         """Let a VM started from a saved state run once QEMU has loaded all of it."""
+        restore = self.spec.restore
+        assert restore is not None and self._state_fd is not None
         try:
+            snapshot.load_state(self.qmp(), self._state_fd, ignore_shared=restore.ram is not None)
             snapshot.await_incoming(self.qmp(), deadline)
             self.mark("state_loaded_ms", self.started_at)
             self.qmp().execute("cont")
@@ -227,8 +261,9 @@ class QemuVM(VM):
 
     def save_state(self, path: Path) -> int:
         """Stop the guest and save its memory and device state to ``path`` (fsynced);
-        the VM stays stopped (``resume`` continues it). Its size in bytes."""
-        return snapshot.save_state(self.qmp(), path)
+        the VM stays stopped (``resume`` continues it). Its size in bytes. The RAM of a
+        template being built stays in its file (``ram_file``), out of the state."""
+        return snapshot.save_state(self.qmp(), path, ignore_shared=self.spec.ram_file is not None)
 
     def qmp(self) -> QMPClient:
         if self._qmp is None:
