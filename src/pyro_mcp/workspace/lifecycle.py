@@ -273,7 +273,7 @@ class Workspaces:
         except BaseException:
             discard_spec(spec)
             raise
-        progress(f"{'restoring' if spec.restore else 'booting'} ({choice.label})")
+        progress(f"booting ({choice.label}, {'restored' if spec.restore else 'cold'})")
         try:
             vm.start()
             client = vm.wait_ready(BOOT_TIMEOUT_S)

@@ -163,5 +163,5 @@ def vm_run(
 
 def _start(ctx: Context, vm: VM) -> AgentClient:
     start_owned(vm)
-    ctx.progress("restoring" if vm.spec.restore else "booting")
+    ctx.progress("booting")  # the phase boot_ms times, whether it restores or boots
     return vm.wait_ready(BOOT_TIMEOUT_S)
