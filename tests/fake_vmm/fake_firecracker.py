@@ -18,6 +18,10 @@ Neither command line names the run directory, as Firecracker's do not. It then
   configuration names and serves pyro's real guest agent on each ``CONNECT 1024``; the
   agent's clock, entropy and sync calls are no-ops, its state lives under ``agent-run/``
   in the root, and it reports ``/workspace`` mounted;
+- on ``PUT /snapshot/create`` writes a small state file (naming its vsock socket) and a
+  memory file; on ``PUT /snapshot/load`` reads the state back and, with ``resume_vm``,
+  serves the agent again, as a restored guest does (and appends ``restored <id> from
+  <id>`` to that log's ``.restored`` twin);
 - exits when the agent is asked to shut down (Firecracker exits when its guest powers
   off); jailed, it ignores SIGTERM, as Firecracker does as PID 1 of its namespace.
 
@@ -111,7 +115,31 @@ class FakeFirecracker:
             self.boot()
         elif method == "PATCH" and path == "/vm":
             self.state = "Paused" if body.get("state") == "Paused" else "Running"
+        elif method == "PUT" and path == "/snapshot/create":
+            self.snapshot_create(body)
+        elif method == "PUT" and path == "/snapshot/load":
+            self.snapshot_load(body)
         return 204, None
+
+    # -- snapshots: what the "guest" needs to come back (its vsock socket's name) -------
+    def snapshot_create(self, body: dict[str, Any]) -> None:
+        with open(body["snapshot_path"], "w") as handle:
+            json.dump({"vsock": self.vsock_path, "from": self.vm_id}, handle)
+        with open(body["mem_file_path"], "wb") as handle:
+            handle.truncate(1 << 20)
+            handle.write(b"fake guest memory")
+
+    def snapshot_load(self, body: dict[str, Any]) -> None:
+        with open(body["snapshot_path"]) as handle:
+            saved = json.load(handle)
+        self.vsock_path = saved["vsock"]
+        self.log(f"restored from a snapshot of {saved['from']}")
+        record = os.environ.get("PYRO_FAKE_VMM_LOG")
+        if record:
+            with open(record + ".restored", "a") as handle:
+                handle.write(f"restored {self.vm_id} from {saved['from']}\n")
+        if body.get("resume_vm"):
+            self.boot()
 
     # -- the "guest" -------------------------------------------------------------------
     def boot(self) -> None:
@@ -166,6 +194,7 @@ def host_safe_agent() -> Any:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.handlers["reidentify"] = lambda call: ({"done": []}, b"")
+            self.handlers["quiesce"] = lambda call: ({"quiesced": True}, b"")
             self.handlers["fs_sync"] = lambda call: ({}, b"")
             hello = self.handlers["hello"]
 

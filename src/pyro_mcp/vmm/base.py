@@ -61,7 +61,8 @@ class Nic:
 @dataclass(frozen=True)
 class Restore:
     """Start from a saved state instead of booting (the spec must have the device layout
-    the state was saved with). ``identity``: a guest's new name (a clone of a template or
+    the state was saved with): ``state`` is QEMU's state file or a Firecracker snapshot's
+    directory. ``identity``: a guest's new name (a clone of a template or
     of another workspace gets a hostname of its own, a fresh machine-id and random state);
     None for a resume (only the clock is set). ``workspace_device``: the disk to mount at
     /workspace once restored (a template's slot for it held a placeholder). ``ram``: the

@@ -215,7 +215,7 @@ def _copy_template_root(template: Template, dest: Path, base_image: Path | None)
     one of its own (a workspace's link to the image) rather than on the cache's image."""
     dest.unlink(missing_ok=True)
     copy_sparse(template.root_disk, dest)
-    if base_image is not None:
+    if base_image is not None and dest.suffix == ".qcow2":  # Firecracker's is a whole copy
         rebase_overlay(dest, base_image)
 
 

@@ -9,7 +9,7 @@ and the full kernel command line (which carries the host's pinned TSC frequency)
 template's **key** is the digest of its inputs, so a change to any of them means another
 template; one built by another QEMU version is never used.
 
-``<cache>/templates/<key>/`` holds:
+``<cache>/templates/<key>/`` holds, for QEMU:
 
 - ``ram``: the guest's RAM at that instant (a sparse file as big as its memory); clones
   map a sealed copy of it privately (:mod:`pyro_mcp.vmm.qemu.template_ram`), so they
@@ -18,8 +18,14 @@ template; one built by another QEMU version is never used.
   migration stream with ``x-ignore-shared``: tens of KiB);
 - ``root.qcow2``: the root disk as it was at that instant (an overlay of the image; each
   VM restoring from the template gets a copy of it, never the file itself);
-- ``manifest.json``: the inputs, the sha256 and size of both files, how long the build
+- ``manifest.json``: the inputs, the sha256 and size of each file, how long the build
   took; written last, so a directory without it is an unfinished build.
+
+For Firecracker: its snapshot (``vm.state``, ``vm.mem``, ``snapshot.json``: see
+:mod:`pyro_mcp.vmm.firecracker.snapshot`) and ``root.ext4``. Firecracker opens the memory
+file read-only and maps it privately, so its clones share it as they are; the files are
+readable by every uid (a jailed Firecracker reads them through a hard link) and writable
+by none.
 
 Before use a template is verified: each file's digest against the manifest (for ``ram``,
 the digest of its non-zero blocks, :func:`~pyro_mcp.vmm.qemu.ram_holder.ram_digest`). A file's
@@ -44,6 +50,7 @@ from pyro_mcp.errors import IntegrityError, NotFound
 from pyro_mcp.runtime.digests import sha256_file, sha256_json
 from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
 from pyro_mcp.runtime.paths import RuntimePaths
+from pyro_mcp.vmm.firecracker import snapshot as firecracker_snapshot
 from pyro_mcp.vmm.qemu.ram_holder import ram_digest
 
 TEMPLATE_FORMAT = 2
@@ -53,7 +60,15 @@ ROOT = "root.qcow2"
 RAM = "ram"
 MANIFEST = "manifest.json"
 VERIFIED = "verified.json"
-FILES = (STATE, ROOT, RAM)
+FILES = (STATE, ROOT, RAM)  # a QEMU template's
+FIRECRACKER_ROOT = "root.ext4"
+FIRECRACKER_FILES = (
+    firecracker_snapshot.STATE_FILE,
+    firecracker_snapshot.MEMORY_FILE,
+    firecracker_snapshot.MANIFEST_FILE,
+    FIRECRACKER_ROOT,
+)
+MEMORY_FILES = (RAM, firecracker_snapshot.MEMORY_FILE)  # digested by content (sparse)
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -65,6 +80,11 @@ def key_of(inputs: dict[str, Any]) -> str:
     return sha256_json({"format": TEMPLATE_FORMAT, **inputs})
 
 
+def files_for(backend: object) -> tuple[str, ...]:
+    """The files a template for ``backend`` (a backend label) holds."""
+    return FIRECRACKER_FILES if backend == "firecracker" else FILES
+
+
 @dataclass(frozen=True)
 class Template:
     key: str
@@ -72,20 +92,32 @@ class Template:
     manifest: dict[str, Any]
 
     @property
+    def backend(self) -> str:
+        return str(self.manifest.get("inputs", {}).get("backend"))
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return files_for(self.backend)
+
+    @property
     def state(self) -> Path:
-        return self.directory / STATE
+        """What a VM restores from: QEMU's state file, or Firecracker's snapshot (this
+        directory)."""
+        return self.directory if self.backend == "firecracker" else self.directory / STATE
 
     @property
     def root_disk(self) -> Path:
-        return self.directory / ROOT
+        name = FIRECRACKER_ROOT if self.backend == "firecracker" else ROOT
+        return self.directory / name
 
     @property
-    def ram(self) -> Path:
-        return self.directory / RAM
+    def ram(self) -> Path | None:
+        """The guest RAM a QEMU clone maps (None for Firecracker: its snapshot has it)."""
+        return None if self.backend == "firecracker" else self.directory / RAM
 
     @property
-    def ram_digest(self) -> str:
-        return str(self.manifest["files"][RAM]["sha256"])
+    def ram_digest(self) -> str | None:
+        return None if self.ram is None else str(self.manifest["files"][RAM]["sha256"])
 
     def to_dict(self) -> dict[str, Any]:
         files = self.manifest.get("files", {})
@@ -111,7 +143,9 @@ def _load(directory: Path) -> Template | None:
     if not isinstance(manifest, dict) or manifest.get("key") != directory.name:
         return None
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(FILES):
+    inputs = manifest.get("inputs")
+    backend = inputs.get("backend") if isinstance(inputs, dict) else None
+    if not isinstance(files, dict) or set(files) != set(files_for(backend)):
         return None
     return Template(directory.name, directory, manifest)
 
@@ -130,7 +164,7 @@ def verify(template: Template) -> None:
     seen = read_json(template.directory / VERIFIED)
     seen = seen if isinstance(seen, dict) else {}
     stamps: dict[str, list[int]] = {}
-    for name in FILES:
+    for name in template.files:
         expected = template.manifest["files"][name]
         path = template.directory / name
         try:
@@ -153,8 +187,8 @@ def verify(template: Template) -> None:
 
 
 def digest_of(path: Path) -> str:
-    """A template file's digest: sha256 of its bytes, or for ``ram`` of its content."""
-    if path.name != RAM:
+    """A template file's digest: sha256 of its bytes, or for guest memory of its content."""
+    if path.name not in MEMORY_FILES:
         return sha256_file(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -168,13 +202,15 @@ def install(
 ) -> Template:
     """Move a finished build (``staging`` holding its files) into place."""
     key = key_of(inputs)
+    names = files_for(inputs.get("backend"))
     files = {
         name: {"sha256": digest_of(staging / name), "size": (staging / name).stat().st_size}
-        for name in FILES
+        for name in names
     }
-    for name in FILES:  # the VMM that built them no longer owns them
+    mode = 0o444 if names == FIRECRACKER_FILES else 0o400
+    for name in names:  # the VMM that built them no longer owns them
         os.chown(staging / name, os.geteuid(), os.getegid())
-        (staging / name).chmod(0o400)
+        (staging / name).chmod(mode)
     manifest = {
         "key": key,
         "format": TEMPLATE_FORMAT,

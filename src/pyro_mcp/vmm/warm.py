@@ -2,7 +2,7 @@
 the template the first time one is needed (see :mod:`pyro_mcp.vmm.templates`).
 
 Every run and workspace create asks :func:`plan_boot` first. It answers ``warm`` with a
-verified template, or ``cold`` with the reason (another backend, a network link, the
+verified template, or ``cold`` with the reason (a network link, the
 caller asked for it with ``PYRO_BOOT_MODE=cold``, the template failed verification or
 could not be built). A template that fails verification is removed with a warning, so the
 next VM of that shape rebuilds it.
@@ -25,19 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import IntegrityError, PyroError
-from pyro_mcp.runtime import environments, lock
+from pyro_mcp.runtime import binaries, environments, lock
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.vmm import templates
-from pyro_mcp.vmm.base import Disk, VMSpec
-from pyro_mcp.vmm.launch import (
-    BackendChoice,
-    build_spec,
-    create_vm,
-    describe_spec,
-    discard_vm,
-    kernel_for,
-    start_owned,
-)
+from pyro_mcp.vmm import launch, templates
+from pyro_mcp.vmm.base import VM, Disk, VMSpec
+from pyro_mcp.vmm.firecracker import FirecrackerVM
+from pyro_mcp.vmm.firecracker.config import kernel_command_line as firecracker_command_line
+from pyro_mcp.vmm.launch import BackendChoice
 from pyro_mcp.vmm.qemu.vm import QemuVM, kernel_command_line
 from pyro_mcp.vmm.templates import TEMPLATE_HOSTNAME, Template
 
@@ -85,9 +79,9 @@ def cold(reason: str) -> BootPlan:
 def inputs_for(paths: RuntimePaths, shape: Shape) -> dict[str, Any]:
     """The template inputs a VM of ``shape`` needs (see :mod:`templates`)."""
     image = environments.image_for(paths, shape.environment)
-    kernel = kernel_for(paths)
+    kernel = launch.kernel_for(paths)
     placeholder = (Disk(Path("placeholder"), "raw"),) if shape.workspace_disk else ()
-    spec = describe_spec(
+    spec = launch.describe_spec(
         paths,
         environment=shape.environment,
         choice=shape.choice,
@@ -98,6 +92,13 @@ def inputs_for(paths: RuntimePaths, shape: Shape) -> dict[str, Any]:
         agent_ports=shape.agent_ports,
         hostname=TEMPLATE_HOSTNAME,
     )
+    if shape.choice.backend == "firecracker":
+        found = binaries.installed_binaries(paths)
+        vmm_version = found.version if found else None
+        command_line = firecracker_command_line(spec)
+    else:
+        vmm_version = lock.qemu_version()
+        command_line = kernel_command_line(spec, shape.choice.accel)
     return {
         "environment": shape.environment,
         "image_sha256": image.name.split(".")[0],
@@ -105,13 +106,13 @@ def inputs_for(paths: RuntimePaths, shape: Shape) -> dict[str, Any]:
         "kernel_file": spec.kernel.name,
         "initrd": spec.initrd.name if spec.initrd else None,
         "backend": shape.choice.label,
-        "vmm_version": lock.qemu_version(),
+        "vmm_version": vmm_version,
         "vcpu_count": shape.vcpu_count,
         "mem_mib": shape.mem_mib,
         "agent_ports": shape.agent_ports,
         "disks": [[d.format, d.read_only] for d in (spec.root_disk, *spec.extra_disks)],
         "nic": None,
-        "command_line": kernel_command_line(spec, shape.choice.accel),
+        "command_line": command_line,
     }
 
 
@@ -119,8 +120,6 @@ def plan_boot(paths: RuntimePaths, shape: Shape, *, progress: Progress = _quiet)
     """Warm (with a verified template, built now if there is none yet) or cold, and why."""
     if os.environ.get(BOOT_MODE_ENV, "").strip().lower() == "cold":
         return cold(f"{BOOT_MODE_ENV}=cold")
-    if shape.choice.backend != "qemu":
-        return cold(f"warm starts are made with QEMU only so far ({shape.choice.label})")
     if shape.network:
         return cold("a VM with a network link boots (templates have no network device yet)")
     try:
@@ -154,7 +153,7 @@ def build_template(paths: RuntimePaths, shape: Shape, inputs: dict[str, Any]) ->
     started = time.monotonic()
     staging = templates.staging_dir(paths)
     spec: VMSpec | None = None
-    vm: QemuVM | None = None
+    vm: VM | None = None
     try:
         extra: tuple[Disk, ...] = ()
         if shape.workspace_disk:
@@ -162,9 +161,11 @@ def build_template(paths: RuntimePaths, shape: Shape, inputs: dict[str, Any]) ->
             with placeholder.open("wb") as handle:
                 handle.truncate(PLACEHOLDER_BYTES)
             extra = (Disk(placeholder, "raw"),)
-        ram = staging / templates.RAM
-        ram.touch(mode=0o600)  # QEMU sizes it; the guest's RAM lives in it
-        spec = build_spec(
+        qemu = shape.choice.backend == "qemu"
+        ram = staging / templates.RAM if qemu else None
+        if ram is not None:
+            ram.touch(mode=0o600)  # QEMU sizes it; the guest's RAM lives in it
+        spec = launch.build_spec(
             paths,
             environment=shape.environment,
             choice=shape.choice,
@@ -175,19 +176,17 @@ def build_template(paths: RuntimePaths, shape: Shape, inputs: dict[str, Any]) ->
             hostname=TEMPLATE_HOSTNAME,
             ram_file=ram,
         )
-        made = create_vm(paths, spec, shape.choice)
-        if not isinstance(made, QemuVM):
-            raise PyroError(f"templates are made with QEMU, not {shape.choice.label}")
-        vm = made
+        vm = launch.create_vm(paths, spec, shape.choice)
         try:
-            start_owned(vm)
+            launch.start_owned(vm)
             agent = vm.wait_ready(BUILD_TIMEOUT_S)
             agent.call("quiesce", {}, timeout_s=60)
-            vm.release_agent()  # a clone's first host connects to a port no one holds
-            vm.save_state(staging / templates.STATE)
+            vm.release_agent()  # a clone's first host connects to a channel no one holds
+            _save(vm, staging)
         finally:
             vm.kill()
-        shutil.move(str(spec.root_disk.path), staging / templates.ROOT)
+        root_name = templates.ROOT if qemu else templates.FIRECRACKER_ROOT
+        shutil.move(str(spec.root_disk.path), staging / root_name)
         (staging / "placeholder.raw").unlink(missing_ok=True)
         template = templates.install(paths, inputs, staging, (time.monotonic() - started) * 1000)
     except BaseException:
@@ -196,7 +195,18 @@ def build_template(paths: RuntimePaths, shape: Shape, inputs: dict[str, Any]) ->
     finally:
         if vm is not None:
             with contextlib.suppress(Exception):
-                discard_vm(vm)
+                launch.discard_vm(vm)
         if spec is not None:
             shutil.rmtree(spec.run_dir, ignore_errors=True)
     return template
+
+
+def _save(vm: VM, staging: Path) -> None:
+    """The stopped VM's state into ``staging``: QEMU's device state (its RAM is in its file
+    already), or a Firecracker snapshot (``vm.state``, ``vm.mem``, ``snapshot.json``)."""
+    if isinstance(vm, QemuVM):
+        vm.save_state(staging / templates.STATE)
+    elif isinstance(vm, FirecrackerVM):
+        vm.create_snapshot(staging)
+    else:
+        raise PyroError(f"no template can be made with {vm.backend}")

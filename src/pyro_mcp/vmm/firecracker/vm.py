@@ -269,13 +269,17 @@ class FirecrackerVM(VM):
         self.mark("instance_started_ms", self.launched_at)
 
     def start(self, *, config_file: bool = False) -> None:
-        """Launch Firecracker and boot the guest; returns without waiting for the guest.
+        """Launch Firecracker and boot the guest (or, with ``spec.restore``, load that
+        snapshot and resume it); returns without waiting for the guest.
 
         ``config_file``: hand Firecracker its configuration as a JSON file (it boots as it
         starts, no API calls); else configure through the API. On any failure the process
         is killed and its root removed (the logs stay) before the VMError propagates.
         """
         config = vm_config(self.spec, self.vsock_cid)  # refuses what Firecracker cannot boot
+        if self.spec.restore is not None:  # a template or a saved VM: load, not boot
+            self.restore(Snapshot.load(self.spec.restore.state))
+            return
         if not config_file:
             self.launch()
             try:
