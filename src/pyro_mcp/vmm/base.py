@@ -97,6 +97,11 @@ class VMSpec:
     extra: dict[str, str] = field(default_factory=dict)
     restore: Restore | None = None  # None: boot the kernel
     ram_file: Path | None = None  # guest RAM kept in this file (a template being built)
+    # The balloon reports pages the guest frees, and the VMM drops them. Off for a template
+    # and its clones: QEMU 7.2 would punch the hole in the RAM file they map (the seal
+    # refuses it, so all it gives is an error per page). Part of the device layout: a
+    # saved state restores only into a VM with the same setting.
+    free_page_reporting: bool = True
 
     def validate(self) -> None:
         if not 1 <= self.vcpu_count <= MAX_VCPUS:

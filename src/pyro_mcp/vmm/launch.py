@@ -138,6 +138,7 @@ def describe_spec(
         read_files=reads,
         restore=restore,
         ram_file=ram_file,
+        free_page_reporting=template is None and ram_file is None,
     )
     spec.validate()
     return spec

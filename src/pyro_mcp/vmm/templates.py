@@ -53,7 +53,7 @@ from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.vmm.firecracker import snapshot as firecracker_snapshot
 from pyro_mcp.vmm.qemu.ram_holder import ram_digest
 
-TEMPLATE_FORMAT = 2
+TEMPLATE_FORMAT = 3
 TEMPLATE_HOSTNAME = "pyro-template"  # the hostname a template boots with (clones get theirs)
 STATE = "state"
 ROOT = "root.qcow2"

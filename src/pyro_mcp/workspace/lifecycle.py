@@ -267,7 +267,9 @@ class Workspaces:
             template=plan.template,
         )
         if restore is not None:
-            spec = dataclasses.replace(spec, restore=restore)
+            spec = memory.with_saved_devices(files, dataclasses.replace(spec, restore=restore))
+        else:
+            memory.record_devices(files, spec)
         try:
             vm = create_vm(self.paths, spec, choice)
         except BaseException:

@@ -18,6 +18,7 @@ QEMU only, and not for a workspace with a network link (a copy would share its a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING
 
 from pyro_mcp.errors import InvalidState, PyroError, VMError
 from pyro_mcp.runtime.host_tools import run
-from pyro_mcp.vmm.base import Restore
+from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
+from pyro_mcp.vmm.base import Restore, VMSpec
 from pyro_mcp.vmm.qemu import snapshot
 from pyro_mcp.vmm.qemu.confinement import vmm_dir
 from pyro_mcp.vmm.qemu.qmp import QMPClient
@@ -41,7 +43,23 @@ if TYPE_CHECKING:
     from pyro_mcp.workspace.lifecycle import Workspaces
 
 STATE_FILE = "memory.state"
+# What of a workspace VM's device layout a saved state needs back (written at each boot):
+# whether its balloon reports free pages (off for one restored from a template).
+DEVICES_FILE = "devices.json"
 Progress = Callable[[str], None]
+
+
+def record_devices(files: WorkspaceFiles, spec: VMSpec) -> None:
+    write_json_atomic(
+        files.directory / DEVICES_FILE, {"free_page_reporting": spec.free_page_reporting}
+    )
+
+
+def with_saved_devices(files: WorkspaceFiles, spec: VMSpec) -> VMSpec:
+    """``spec`` with the device settings the workspace's VM had when its state was saved."""
+    saved = read_json(files.directory / DEVICES_FILE)
+    reporting = saved.get("free_page_reporting") if isinstance(saved, dict) else None
+    return dataclasses.replace(spec, free_page_reporting=reporting is not False)
 
 
 def _require_snapshots(record: WorkspaceRecord, action: str) -> None:
@@ -178,6 +196,8 @@ def _copy_running(
     try:
         snapshot.save_state(qmp, state)
         mine.link_base(theirs.base_image)
+        if (theirs.directory / DEVICES_FILE).is_file():
+            shutil.copyfile(theirs.directory / DEVICES_FILE, mine.directory / DEVICES_FILE)
         for disk in (theirs.root_disk("qemu"), theirs.workspace_disk):
             target = mine.directory / disk.name
             run(

@@ -82,6 +82,7 @@ def qemu_argv(spec: VMSpec, accel: str, ram_fd: int | None = None) -> list[str]:
     if accel not in ACCELS:
         raise VMError(f"unknown QEMU accelerator {accel!r}")
     run = spec.run_dir
+    reporting = "on" if spec.free_page_reporting else "off"
     options: list[tuple[str, str]] = [
         ("-name", f"pyro-{spec.vm_id}"),
         ("-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=off,pic=off"),
@@ -101,7 +102,7 @@ def qemu_argv(spec: VMSpec, accel: str, ram_fd: int | None = None) -> list[str]:
         ("-object", "rng-random,id=rng0,filename=/dev/urandom"),
         ("-device", "virtio-rng-device,rng=rng0"),
         # Pages the guest frees are reported and dropped from QEMU's resident set.
-        ("-device", "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on"),
+        ("-device", f"virtio-balloon-device,free-page-reporting={reporting},deflate-on-oom=on"),
         ("-device", f"virtio-serial-device,max_ports={spec.agent_ports + 1}"),
     ]
     for port in range(spec.agent_ports):
