@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -268,3 +270,74 @@ def test_idle_clones_of_one_template_share_its_ram(ws_ctx: Context) -> None:
         _exec(workspaces, records[0].id, "python3 -c 'x = bytearray(64 << 20)'; sleep 3")
         log = Path(workspaces.store.get(records[0].id).run_dir or "", "vmm.log").read_text()
         assert "ram_block_discard_range" not in log
+
+
+def test_pyro_boot_mode_cold_boots_and_says_why(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(warm.BOOT_MODE_ENV, "cold")
+    result = _run(ctx, "true")
+    assert result["boot"] == {"mode": "cold", "reason": "PYRO_BOOT_MODE=cold", "template": None}
+
+
+def test_the_template_commands_build_list_and_keep_what_is_current(runtime: RuntimePaths) -> None:
+    env = dict(
+        os.environ, PYRO_CACHE_DIR=str(runtime.cache_dir), PYRO_RUN_DIR=str(runtime.run_root)
+    )
+
+    def pyro(*args: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pyro_mcp.cli.main", *args, "--json"],
+            capture_output=True, text=True, env=env, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    built = pyro("template", "build", "debian:12")["templates"]
+    assert [(t["kind"], t["mode"]) for t in built] == [("run", "warm"), ("workspace", "warm")]
+    keys = {t["key"] for t in built}
+    listed = {t["key"]: t for t in pyro("template", "list")["templates"]}
+    assert keys <= set(listed)
+    for key in keys:
+        assert listed[key]["size_bytes"] > 0 and listed[key]["inputs"]["environment"] == "debian:12"
+    stale = templates.templates_dir(runtime) / ("0" * 64)
+    stale.mkdir()
+    removed = pyro("template", "prune")["removed"]
+    assert stale.name in removed and not keys & set(removed)
+    assert not stale.exists()
+
+
+def test_env_pull_leaves_the_default_templates_ready(ctx: Context) -> None:
+    from pyro_mcp.api.operations.environments import env_pull
+
+    result = env_pull(ctx, "debian:12")
+    kinds = {(t["kind"], t["mode"]) for t in result["templates"]}
+    assert kinds == {("run", "warm"), ("workspace", "warm")}
+    first_run = _run(ctx, "true")["boot"]
+    assert first_run["mode"] == "warm" and "built now" not in first_run["reason"]
+
+
+def test_a_fork_has_the_sources_baseline_and_secrets_but_not_its_checkpoints(
+    ws_ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp.api.operations import workspace_content as wc
+    from pyro_mcp.api.operations import workspaces as ws
+
+    monkeypatch.setenv("PYRO_KEY_DIR", str(tmp_path / "keys"))
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "seeded.txt").write_text("from the seed\n")
+    token = "Fk" + os.urandom(12).hex()
+    source = ws.workspace_create(
+        ws_ctx, "debian:12", seed_path=str(seed), secret=[f"TOKEN={token}"]
+    )
+    wc.workspace_exec(ws_ctx, source["id"], "echo later > /workspace/added.txt")
+    wc.snapshot_create(ws_ctx, source["id"], "before-fork")
+    fork = ws.workspace_fork(ws_ctx, source["id"])
+    diff = json.dumps(wc.workspace_diff(ws_ctx, fork["id"]))
+    assert "added.txt" in diff and "seeded.txt" not in diff  # the source's baseline
+    names = [s["name"] for s in wc.snapshot_list(ws_ctx, fork["id"])["snapshots"]]
+    assert "before-fork" not in names
+    shown = wc.workspace_exec(ws_ctx, fork["id"], "echo $TOKEN", secret_env=["TOKEN"])
+    assert shown["stdout"] == "***\n"  # the fork knows the secret, and redacts it
+    assert fork["secrets"] == [{"name": "TOKEN", "source_kind": "literal"}]
