@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.templates import build_templates
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.errors import PyroError
 from pyro_mcp.runtime import environments
 
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
@@ -23,15 +25,28 @@ def env_pull(
     ctx: Context,
     name: Annotated[str, Arg("environment name, e.g. debian:12", surfaces=EVERY, positional=True)],
     force: Annotated[bool, Arg("rebuild even if it is installed", surfaces=EVERY)] = False,
+    no_templates: Annotated[
+        bool,
+        Arg("do not build its warm-start templates (runs build them on first use)", surfaces=EVERY),
+    ] = False,
 ) -> dict[str, Any]:
     """Obtain an environment image (built locally from Debian packages) and install it.
 
-    Returns at once when it is already installed. Errors: NotFound for an unknown name,
+    Returns at once when it is already installed. Then builds (or verifies) its templates
+    at the default size (1 vCPU, 512 MiB; one for runs, one for workspaces) so the first
+    run restores instead of booting; their outcome is in ``templates`` (a template that
+    cannot be made is reported there, not raised). Errors: NotFound for an unknown name,
     HostToolMissing when debootstrap or e2fsprogs are missing, BuildError on a failed build
     (nothing half-written is ever installed).
     """
     info = environments.pull_environment(ctx.paths, name, progress=ctx.progress, force=force)
-    return info.to_dict()
+    result = info.to_dict()
+    if not no_templates:
+        try:
+            result["templates"] = build_templates(ctx, name)
+        except PyroError as exc:
+            result["templates"] = [{"mode": "cold", "reason": exc.message}]
+    return result
 
 
 @operation(cli=("env", "inspect"), sdk="inspect_environment")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
+from pyro_mcp.api.operations.templates import build_templates
 from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.errors import IntegrityError, PyroError, RuntimeMissing
 from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
@@ -205,11 +206,19 @@ def runtime_materialize(
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
 ) -> dict[str, Any]:
-    """Do the whole pipeline: fetch binaries, build the kernel, build environments, bundle."""
+    """Do the whole pipeline: fetch binaries, build the kernel, build environments, bundle,
+    then each environment's warm-start templates at the default size (``templates``)."""
     runtime_fetch(ctx)
     runtime_build_kernel(ctx)
-    runtime_build_rootfs(ctx, names=names)
-    return runtime_bundle(ctx)
+    built = runtime_build_rootfs(ctx, names=names)
+    result = runtime_bundle(ctx)
+    made: list[dict[str, Any]] = []
+    for environment in built["environments"]:
+        try:
+            made += build_templates(ctx, str(environment["name"]))
+        except PyroError as exc:
+            made.append({"environment": environment["name"], "mode": "cold", "reason": exc.message})
+    return {**result, "templates": made}
 
 
 @operation(cli=("runtime", "status"), sdk="runtime_status")

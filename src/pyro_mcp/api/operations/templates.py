@@ -48,6 +48,13 @@ def template_build(
 
     One for `pyro run`, one for workspaces; each entry says warm or cold, and why."""
     environments.image_for(ctx.paths, environment)
+    return {"templates": build_templates(ctx, environment, vcpu_count, mem_mib)}
+
+
+def build_templates(
+    ctx: Context, environment: str, vcpu_count: int = 1, mem_mib: int = 512
+) -> list[dict[str, Any]]:
+    """The run and workspace templates of ``environment`` at this size, built if missing."""
     built = []
     for shape in _shapes(ctx, environment, vcpu_count, mem_mib):
         plan = warm.plan_boot(ctx.paths, shape, progress=ctx.progress)
@@ -55,7 +62,7 @@ def template_build(
         if plan.template is not None:
             entry.update(plan.template.to_dict())
         built.append(entry)
-    return {"templates": built}
+    return built
 
 
 @operation(cli=("template", "prune"), sdk="prune_templates")

@@ -23,6 +23,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import signal
 import socket
 import struct
 import sys
@@ -111,6 +112,7 @@ def main(argv: list[str]) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another holder serves this socket
+    signal.signal(signal.SIGTERM, lambda _signo, _frame: sys.exit(0))  # via the finally
     memfd = _sealed_copy(path, expected)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
