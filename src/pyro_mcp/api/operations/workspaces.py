@@ -333,7 +333,12 @@ def workspace_fork(
     with a network link. Errors: InvalidState when the source is not running."""
     with open_workspaces(ctx) as workspaces:
         record = workspaces.fork(workspace, name=name, progress=ctx.progress)
-        return {**_with_network(record), **_boot(workspaces, record.id), "source": workspace}
+        return {
+            **_with_network(record),
+            "secrets": secret_names(workspaces, record.id),
+            **_boot(workspaces, record.id),
+            "source": workspace,
+        }
 
 
 @operation(cli=("workspace", "delete"), sdk="delete_workspace", profiles=CORE)
