@@ -52,7 +52,8 @@ def measure_warm(
     fork = table.row("workspace fork -> first exec in the fork done", "ms", 0)
     rss = table.row(f"idle warm workspace host RSS ({counts.idle} at once, each)", "MiB", 1)
     pss = table.row("  idle warm workspace host PSS (each)", "MiB", 1)
-    total = table.row(f"  host RSS of all {counts.idle} idle workspaces", "MiB", 0)
+    total = table.row(f"  sum of RSS of all {counts.idle} (shared pages counted in each)", "MiB", 0)
+    total_pss = table.row(f"  host memory of all {counts.idle} (sum of PSS)", "MiB", 0)
     info: dict[str, Any] = {}
     choice = choose_backend(paths, None)
     shape = warm.Shape(environment, choice, 1, mem_mib)
@@ -105,7 +106,7 @@ def measure_warm(
             while len(ids) < counts.idle:
                 ids.append(workspaces.create(environment, mem_mib=mem_mib).id)
             time.sleep(5)  # let them settle
-            all_rss = 0.0
+            all_rss = all_pss = 0.0
             for workspace_id in ids:
                 pid = workspaces.store.get(workspace_id).vmm_pid
                 if pid:
@@ -115,7 +116,9 @@ def measure_warm(
                         all_rss += one_rss
                     if one_pss is not None:
                         pss.add(one_pss)
+                        all_pss += one_pss
             total.add(all_rss)
+            total_pss.add(all_pss)
             for workspace_id in ids:
                 workspaces.delete(workspace_id)
     finally:
