@@ -314,7 +314,8 @@ def _status(pid: int) -> dict[str, str]:
 def test_qemu_runs_as_its_own_unprivileged_user_in_its_own_root_and_cgroups(
     ws_ctx: Context,
 ) -> None:
-    wid = ws.workspace_create(ws_ctx, "debian:12", mem_mib=256)["id"]
+    created = ws.workspace_create(ws_ctx, "debian:12", mem_mib=256)
+    wid = created["id"]
     status = ws.workspace_status(ws_ctx, wid)
     pid = status["vmm_pid"]
     fields = _status(pid)
@@ -326,7 +327,18 @@ def test_qemu_runs_as_its_own_unprivileged_user_in_its_own_root_and_cgroups(
     assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     root = Path(f"/proc/{pid}/root")
     visible = {p.name for p in root.iterdir()}
-    assert "usr" in visible and "home" not in visible and "proc" not in visible
+    assert "usr" in visible and "home" not in visible
+    # Restored from a template, it maps the template's sealed RAM as /proc/self/fd/N: its
+    # procfs shows its own process and nothing else of the host.
+    assert created["boot"]["mode"] == "warm" and "proc" in visible
+    listed = subprocess.run(
+        ["nsenter", "-t", str(pid), "-m", "-S", str(uid), "-G", str(uid), "ls", "-a", "/proc"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    named = {entry for entry in listed if not entry.isdigit()}
+    assert named == {".", "..", "self", "thread-self"}, named
+    pids = {entry for entry in listed if entry.isdigit()} - {str(pid)}
+    assert len(pids) <= 1  # its own, and the `ls` run as its uid
     assert not (root / str(ws_ctx.state_dir).lstrip("/") / "store.sqlite3").exists()
     assert (root / str(_files(ws_ctx, wid) / "workspace.ext4").lstrip("/")).exists()
     cgroups = Path(f"/proc/{pid}/cgroup").read_text()
@@ -372,9 +384,13 @@ def _rss_mib(pid: int) -> float:
     return int(_status(pid)["VmRSS"].split()[0]) / 1024
 
 
-def test_memory_the_guest_frees_leaves_the_vmm(ws_ctx: Context) -> None:
-    """A guest gives freed memory back (virtio balloon, free page reporting): QEMU would
-    otherwise keep every page the guest ever touched."""
+def test_memory_the_guest_frees_leaves_the_vmm(
+    ws_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A booted guest gives freed memory back (virtio balloon, free page reporting): QEMU
+    would otherwise keep every page the guest ever touched. (A clone of a template does
+    not: see docs/warm-start.md, "The balloon".)"""
+    monkeypatch.setenv("PYRO_BOOT_MODE", "cold")
     wid = ws.workspace_create(ws_ctx, "debian:12", mem_mib=768)["id"]
     pid = ws.workspace_status(ws_ctx, wid)["vmm_pid"]
     before = _rss_mib(pid)
