@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.guest import vmm_memory_mib
-from bench.stats import Table
+from bench.stats import Row, Table
 from pyro_mcp.api import Context
 from pyro_mcp.api.operations.workspaces import open_workspaces
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.sdk import Pyro
 from pyro_mcp.vmm import templates, warm
 from pyro_mcp.vmm.selection import choose_backend
+from pyro_mcp.workspace.lifecycle import Workspaces
 
 MIB = 1 << 20
 
@@ -29,10 +30,11 @@ class WarmCounts:
     create: int = 5
     pause: int = 5
     idle: int = 50  # workspaces kept idle at once for the memory rows
+    idle_mem_mib: int = 128  # so that 50 fit this host's admission limit (90% of its RAM)
 
     @classmethod
     def quick(cls) -> WarmCounts:
-        return cls(run=2, create=2, pause=2, idle=3)
+        return cls(run=2, create=2, pause=2, idle=3, idle_mem_mib=128)
 
 
 def _ms(start: float) -> float:
@@ -43,17 +45,19 @@ def measure_warm(
     table: Table, paths: RuntimePaths, environment: str, counts: WarmCounts, mem_mib: int
 ) -> dict[str, Any]:
     build = table.row("template build (boot, quiesce, save; run shape)", "ms", 0)
-    size = table.row("  template size on disk (state + root disk)", "MiB", 1)
+    size = table.row("  template on disk (RAM file's written blocks, state, root disk)", "MiB", 1)
     run = table.row(f"warm run `{environment} -- true` (SDK, end to end)", "ms", 0)
     restore = table.row("  phase boot (restore + agent ready)", "ms", 1)
     create = table.row("warm workspace create -> first exec done", "ms", 0)
     pause = table.row(f"workspace pause ({mem_mib} MiB guest)", "ms", 0)
     resume = table.row("workspace resume -> first exec done", "ms", 0)
     fork = table.row("workspace fork -> first exec in the fork done", "ms", 0)
-    rss = table.row(f"idle warm workspace host RSS ({counts.idle} at once, each)", "MiB", 1)
+    rss = table.row(f"idle warm workspace host RSS ({mem_mib} MiB guests, each)", "MiB", 1)
     pss = table.row("  idle warm workspace host PSS (each)", "MiB", 1)
-    total = table.row(f"  sum of RSS of all {counts.idle} (shared pages counted in each)", "MiB", 0)
-    total_pss = table.row(f"  host memory of all {counts.idle} (sum of PSS)", "MiB", 0)
+    many = f"{counts.idle} idle warm workspaces ({counts.idle_mem_mib} MiB guests)"
+    total = table.row(f"{many}: sum of RSS (shared pages in each)", "MiB", 0)
+    total_pss = table.row(f"  {many}: host memory (sum of PSS)", "MiB", 0)
+    each_pss = table.row(f"  {many}: PSS each", "MiB", 1)
     info: dict[str, Any] = {}
     choice = choose_backend(paths, None)
     shape = warm.Shape(environment, choice, 1, mem_mib)
@@ -64,7 +68,7 @@ def measure_warm(
     started = time.monotonic()
     template = warm.build_template(paths, shape, inputs)
     build.add(_ms(started))
-    size.add(template.to_dict()["size_bytes"] / MIB)
+    size.add(template.disk_bytes() / MIB)
     pyro = Pyro()
     for _ in range(counts.run):
         started = time.monotonic()
@@ -103,22 +107,18 @@ def measure_warm(
                 first_exec(forked.id)
                 fork.add(_ms(started))
                 workspaces.delete(forked.id)
-            while len(ids) < counts.idle:
-                ids.append(workspaces.create(environment, mem_mib=mem_mib).id)
             time.sleep(5)  # let them settle
-            all_rss = all_pss = 0.0
+            _memory(workspaces, ids, rss, pss)
             for workspace_id in ids:
-                pid = workspaces.store.get(workspace_id).vmm_pid
-                if pid:
-                    one_rss, one_pss = vmm_memory_mib(pid)
-                    if one_rss is not None:
-                        rss.add(one_rss)
-                        all_rss += one_rss
-                    if one_pss is not None:
-                        pss.add(one_pss)
-                        all_pss += one_pss
-            total.add(all_rss)
-            total_pss.add(all_pss)
+                workspaces.delete(workspace_id)
+            ids = [
+                workspaces.create(environment, mem_mib=counts.idle_mem_mib).id
+                for _ in range(counts.idle)
+            ]
+            time.sleep(5)
+            sums = _memory(workspaces, ids, None, each_pss)
+            total.add(sums[0])
+            total_pss.add(sums[1])
             for workspace_id in ids:
                 workspaces.delete(workspace_id)
     finally:
@@ -126,3 +126,24 @@ def measure_warm(
     info["template"] = template.to_dict()
     info["pid"] = os.getpid()
     return info
+
+
+def _memory(
+    workspaces: Workspaces, ids: list[str], rss: Row | None, pss: Row | None
+) -> tuple[float, float]:
+    """Each VMM's RSS and PSS into the rows; their sums."""
+    all_rss = all_pss = 0.0
+    for workspace_id in ids:
+        pid = workspaces.store.get(workspace_id).vmm_pid
+        if not pid:
+            continue
+        one_rss, one_pss = vmm_memory_mib(pid)
+        if one_rss is not None:
+            all_rss += one_rss
+            if rss is not None:
+                rss.add(one_rss)
+        if one_pss is not None:
+            all_pss += one_pss
+            if pss is not None:
+                pss.add(one_pss)
+    return all_rss, all_pss

@@ -132,10 +132,11 @@ class Context:
         done = threading.Event()
 
         def watch() -> None:
-            while not done.is_set():
-                if self.cancelled.wait(CANCEL_POLL_S):
-                    if not done.is_set():
-                        action()
+            # Wakes at once when the block ends (no poll left to sit out), and notices a
+            # cancellation within CANCEL_POLL_S.
+            while not done.wait(CANCEL_POLL_S):
+                if self.cancelled.is_set():
+                    action()
                     return
 
         watcher = threading.Thread(target=watch, daemon=True, name="pyro-cancel-watch")

@@ -17,6 +17,7 @@ KVM kinds:
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -270,13 +271,23 @@ def probe_qemu() -> dict[str, Any]:
     version = None
     if path is not None:
         try:
-            result = run([path, "--version"], what="qemu version", timeout_s=10)
-        except PyroError:
-            pass
-        else:
-            match = _QEMU_VERSION_RE.search(result.stdout.decode("utf-8", "replace"))
-            version = match.group(1) if match else None
+            info = os.stat(path)
+        except OSError:
+            return {"path": path, "version": None}
+        version = _qemu_version(path, info.st_ino, info.st_mtime_ns, info.st_size)
     return {"path": path, "version": version}
+
+
+@functools.lru_cache(maxsize=8)
+def _qemu_version(path: str, _ino: int, _mtime_ns: int, _size: int) -> str | None:
+    """What ``path --version`` says, asked once per binary (its stat is part of the key:
+    an upgraded QEMU is asked again). Every run asks, to pick its template."""
+    try:
+        result = run([path, "--version"], what="qemu version", timeout_s=10)
+    except PyroError:
+        return None
+    match = _QEMU_VERSION_RE.search(result.stdout.decode("utf-8", "replace"))
+    return match.group(1) if match else None
 
 
 def disk_usage(path: Path) -> tuple[int, int]:

@@ -119,6 +119,14 @@ class Template:
     def ram_digest(self) -> str | None:
         return None if self.ram is None else str(self.manifest["files"][RAM]["sha256"])
 
+    def disk_bytes(self) -> int:
+        """What its files take on disk (the RAM file is sparse: far less than its size)."""
+        total = 0
+        for name in self.files:
+            with contextlib.suppress(OSError):
+                total += (self.directory / name).stat().st_blocks * 512
+        return total
+
     def to_dict(self) -> dict[str, Any]:
         files = self.manifest.get("files", {})
         return {
@@ -126,6 +134,7 @@ class Template:
             "directory": str(self.directory),
             "inputs": self.manifest.get("inputs", {}),
             "size_bytes": sum(int(f.get("size", 0)) for f in files.values()),
+            "disk_bytes": self.disk_bytes(),
             "files": files,
             "build_ms": self.manifest.get("build_ms"),
             "created": self.manifest.get("created"),
