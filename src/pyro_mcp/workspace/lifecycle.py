@@ -568,7 +568,7 @@ class Workspaces:
         if changing and owner_alive(record.owner):
             return None  # the change under way finishes it (a repair here would race it)
         if record.state in ("pausing", "resuming"):
-            return self._reconcile_memory_change(record)
+            return memory.reconcile_change(self, record)
         if record.state == "creating":
             self._discard(record.id)  # it never came to be: nothing of it is kept
             return "discarded"
@@ -598,27 +598,6 @@ class Workspaces:
         self._mark_services_stopped(record.id)
         if record.state == "running":
             self.store.transition(record.id, "stopping", expect={"running"}, note=note)
-        self.store.transition(record.id, "stopped", note=note, vmm_pid=None, owner=None)
-        return "stopped"
-
-    def _reconcile_memory_change(self, record: WorkspaceRecord) -> str:
-        """A pause or resume whose process died: a whole saved state means paused (its VM,
-        stopped for the save or half resumed, is ended), none means a pause never got to
-        save: its VM is let go on, or if it is gone the workspace is stopped."""
-        saved = (self.layout.workspace(record.id).directory / memory.STATE_FILE).is_file()
-        note = f"the process {record.state[:-3]}ing it went away"
-        if saved:
-            self._end_vm(record)
-            self.store.transition(record.id, "paused", note=note, vmm_pid=None, owner=None)
-            return "stopped"
-        if self._vmm(record).alive():
-            with suppress(PyroError):
-                client = memory._qmp(record)
-                client.execute("cont")
-                client.close()
-            self.store.transition(record.id, "running", note=note, owner=None)
-            return "stopped"
-        self._end_vm(record)
         self.store.transition(record.id, "stopped", note=note, vmm_pid=None, owner=None)
         return "stopped"
 

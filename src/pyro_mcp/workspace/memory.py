@@ -247,3 +247,26 @@ def _copy_records(ws: Workspaces, source: WorkspaceRecord, fork_record: Workspac
         fork_record.id,
         [SecretInput(name, value, kinds.get(name, "literal")) for name, value in values.items()],
     )
+
+
+def reconcile_change(ws: Workspaces, record: WorkspaceRecord) -> str:
+    """A pause or resume whose process died: a whole saved state means paused (its VM,
+    stopped for the save or half resumed, is ended); none means a pause never got to
+    save: its VM is let go on, or if it is gone the workspace is stopped. What reconcile
+    reports it as."""
+    saved = (ws.layout.workspace(record.id).directory / STATE_FILE).is_file()
+    note = f"the process {record.state.removesuffix('ing')}ing it went away"
+    if saved:
+        ws._end_vm(record)
+        ws.store.transition(record.id, "paused", note=note, vmm_pid=None, owner=None)
+        return "stopped"
+    if ws._vmm(record).alive():
+        with contextlib.suppress(PyroError):
+            client = _qmp(record)
+            client.execute("cont")
+            client.close()
+        ws.store.transition(record.id, "running", note=note, owner=None)
+        return "stopped"
+    ws._end_vm(record)
+    ws.store.transition(record.id, "stopped", note=note, vmm_pid=None, owner=None)
+    return "stopped"
