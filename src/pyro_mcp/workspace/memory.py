@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyro_mcp.errors import InvalidState, PyroError, VMError
-from pyro_mcp.runtime.host_tools import run
 from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
+from pyro_mcp.storage.overlay import copy_sparse, rebase_overlay
 from pyro_mcp.vmm.base import Restore, VMSpec
 from pyro_mcp.vmm.qemu import snapshot
 from pyro_mcp.vmm.qemu.confinement import vmm_dir
@@ -199,27 +199,8 @@ def _copy_running(
         if (theirs.directory / DEVICES_FILE).is_file():
             shutil.copyfile(theirs.directory / DEVICES_FILE, mine.directory / DEVICES_FILE)
         for disk in (theirs.root_disk("qemu"), theirs.workspace_disk):
-            target = mine.directory / disk.name
-            run(
-                ["cp", "--sparse=always", "--reflink=auto", str(disk), str(target)],
-                what="copy the workspace's disks",
-            )
-        run(
-            [
-                "qemu-img",
-                "rebase",
-                "-q",
-                "-u",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                "-b",
-                str(mine.base_image),
-                str(mine.root_disk("qemu")),
-            ],
-            what="point the copied root disk at its image",
-        )
+            copy_sparse(disk, mine.directory / disk.name)
+        rebase_overlay(mine.root_disk("qemu"), mine.base_image)
         blobs = theirs.blobs_dir
         if blobs.is_dir():
             shutil.copytree(blobs, mine.blobs_dir, dirs_exist_ok=True)

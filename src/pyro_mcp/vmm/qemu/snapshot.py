@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import VMError
+from pyro_mcp.runtime.rootfs_disk import fsync_dir
 from pyro_mcp.vmm.qemu.qmp import QMPClient
 
 SAVE_TIMEOUT_S = 120.0
@@ -64,7 +65,7 @@ def save_state(
         raise
     os.close(fd)
     os.replace(temp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path.stat().st_size
 
 
@@ -118,11 +119,3 @@ def _disk_full(directory: Path | None) -> VMError:
         f"no space left on the disk to save the VM's state{where}",
         hint="free some space and try again",
     )
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
