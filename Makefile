@@ -9,7 +9,7 @@ PYTEST := $(VENV)/bin/pytest
 
 .PHONY: help venv host-packages run test test-fast test-guest lint typecheck bench \
 	runtime-fetch-binaries runtime-build-kernel-real runtime-build-rootfs-real \
-	runtime-bundle runtime-materialize doctor clean
+	runtime-bundle runtime-materialize runtime-publish-official-environments-oci doctor clean
 
 help:
 	@echo "make run        set up everything and run a command in a real microVM"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-fast  unit tests only (no VM, no builds)"
 	@echo "make bench      benchmark table"
 	@echo "make runtime-materialize  fetch binaries, build kernel and all environments, write the lock"
+	@echo "make runtime-publish-official-environments-oci  publish them to \$$PYRO_REGISTRY"
 
 venv: $(VENV)/.installed
 
@@ -44,6 +45,13 @@ runtime-bundle: venv
 
 runtime-materialize: host-packages
 	$(PYRO) runtime materialize
+
+# Publish the catalog to $PYRO_REGISTRY (HOST[:PORT]/PREFIX) with PYRO_REGISTRY_USERNAME and
+# PYRO_REGISTRY_TOKEN; each must be materialized (built and proven) here first.
+OFFICIAL_ENVIRONMENTS := debian:12-base debian:12 debian:12-build
+runtime-publish-official-environments-oci: venv
+	@test -n "$(PYRO_REGISTRY)" || { echo "set PYRO_REGISTRY=HOST[:PORT]/PREFIX" >&2; exit 2; }
+	for env in $(OFFICIAL_ENVIRONMENTS); do $(PYRO) env publish $$env || exit 1; done
 
 doctor: venv
 	$(PYRO) doctor

@@ -21,6 +21,9 @@
     ├── OperationTimeout           an operation ran past its deadline
     ├── NetworkUnavailable         the host cannot give a guest the network asked for
     │                              (no TUN device, no nftables, no rights; names the fix)
+    ├── RegistryError              an OCI registry refused a request or sent something
+    │   │                          unusable (names the registry and the fix)
+    │   └── RegistryUnreachable    no connection to the registry at all
     └── Cancelled                  the caller gave up; what the call ran was stopped
 
 Lower-level errors (OSError, subprocess failures) are translated at the boundary with
@@ -104,6 +107,18 @@ class ToolFailed(PyroError):
 
 class BuildError(PyroError):
     code = "build_error"
+
+
+class RegistryError(PyroError):
+    """An OCI registry refused a request or answered something pyro cannot use."""
+
+    code = "registry_error"
+
+
+class RegistryUnreachable(RegistryError):
+    """No connection to the registry (refused, no route, name not resolved)."""
+
+    code = "registry_unreachable"
 
 
 class VMError(PyroError):

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import inspect
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ from pyro_mcp.api.registry import Param, Surface
 from pyro_mcp.api.validation import json_schema
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
+from pyro_mcp.runtime.loopback import is_loopback_host
 
 ContextFactory = Callable[[], Context]
 CANCEL_GRACE_S = 30.0  # for a cancelled operation to stop what it started
@@ -205,7 +205,7 @@ def serve(
         anyio.run(_serve_stdio, server)
         return
     host, port = address
-    if not _is_loopback(host):
+    if not is_loopback_host(host):
         log.warning(
             "serving MCP on %s, not a loopback address: anyone who reaches it can run "
             "commands in VMs on this host",
@@ -357,12 +357,3 @@ def _parse_address(http: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SystemExit(f"pyro: error: --http takes HOST:PORT (e.g. 127.0.0.1:8000), got {http!r}")
     return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -47,7 +47,8 @@ class Arg:
     invalid. ``sensitive``: it may hold secrets, so no error message shows its value.
     ``path``: a file name, where bytes that are not UTF-8 may stand as
     ``surrogateescape`` characters and an ``os.PathLike`` is taken too. ``octal``: an
-    integer given as a string is read in octal, as chmod does (``"0644"``).
+    integer given as a string is read in octal, as chmod does (``"0644"``). ``flag``:
+    the CLI spelling when the name cannot be it (``from`` is a Python keyword).
     """
 
     help: str
@@ -62,6 +63,7 @@ class Arg:
     octal: bool = False
     mcp_profiles: tuple[str, ...] | None = None  # MCP profiles offering it (None: all)
     sensitive: bool = False
+    flag: str | None = None  # the CLI flag's word when it is not the name (``--from``)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pyro_mcp.errors import InvalidArgument, PyroError
 
 
 def _flag(param: Param) -> str:
-    return "--" + param.name.replace("_", "-")
+    return "--" + (param.arg.flag or param.name.replace("_", "-"))
 
 
 def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:

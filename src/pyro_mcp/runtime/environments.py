@@ -6,13 +6,20 @@ Layout under the cache dir (:class:`~pyro_mcp.runtime.paths.RuntimePaths`)::
     environments/<name>.json      one manifest per installed environment (written last)
     environments/.lock            held while a build or a prune runs
     rootfs-trees/<key>/           cached debootstrap trees (see rootfs.py)
-    work/env-build-*              scratch space of a running build
+    work/env-build-*              scratch space of a running build, pull or import
+    downloads/oci/                blobs and sessions of registry transfers (oci/blobs.py)
 
 An environment is *installed* when its manifest exists and names an image that is
 present with the recorded size. A build writes the image first and the manifest last
 (temp + fsync + rename), so an interrupted build is never listed as installed; what it
 leaves behind (``env-build-*``, ``.partial-*``, ``.tmp-*``) is removed by the next build
 or by :func:`prune`.
+
+An environment comes from one of three sources, recorded as the manifest's ``source``:
+``debootstrap`` (a catalog entry, or ``pyro env build NAME --from … --packages …``),
+``registry`` (pulled as an OCI artifact, :mod:`pyro_mcp.runtime.oci.pull`) or ``import``
+(any OCI image, :mod:`pyro_mcp.runtime.oci.importer`). :func:`obtain` decides between a
+registry pull and a local build.
 """
 
 from __future__ import annotations
@@ -31,8 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyro_mcp.errors import BuildError, NotFound, RuntimeMissing, ToolFailed
-from pyro_mcp.runtime import host_tools, rootfs
+from pyro_mcp.errors import (
+    BuildError,
+    InvalidArgument,
+    NotFound,
+    RegistryUnreachable,
+    RuntimeMissing,
+    ToolFailed,
+)
+from pyro_mcp.runtime import env_image, rootfs
 from pyro_mcp.runtime.digests import sha256_file, sha256_json
 from pyro_mcp.runtime.jsonfile import write_json_atomic
 from pyro_mcp.runtime.paths import RuntimePaths
@@ -65,6 +79,7 @@ class EnvironmentInfo:
     built_at: str | None
     packages: tuple[str, ...]
     stale: bool = False
+    source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -77,6 +92,7 @@ class EnvironmentInfo:
             "built_at": self.built_at,
             "packages": list(self.packages),
             "stale": self.stale,
+            "source": self.source,
         }
 
 
@@ -116,8 +132,8 @@ def manifest_path(paths: RuntimePaths, name: str) -> Path:
     return paths.environments_dir / f"{safe_name(name)}.json"
 
 
-def image_path(paths: RuntimePaths, sha256: str) -> Path:
-    return paths.images_dir / f"{sha256}.ext4"
+image_path = env_image.image_path
+store_image = env_image.store_image
 
 
 def read_manifest(paths: RuntimePaths, name: str) -> dict[str, Any] | None:
@@ -177,6 +193,8 @@ def _info(
         )
     digest = guest_digest or rootfs.guest_files_digest(rootfs.guest_files())
     current = _current(spec, digest)
+    if _imported(manifest):  # no package set: only the agent can be stale
+        current = {k: v for k, v in current.items() if k != "tree_key"}
     stale = any(manifest.get(key) != value for key, value in current.items())
     return EnvironmentInfo(
         spec.name,
@@ -188,6 +206,36 @@ def _info(
         manifest.get("built_at"),
         spec.packages,
         stale,
+        _source(manifest),
+    )
+
+
+def _source(manifest: dict[str, Any]) -> dict[str, Any]:
+    source = manifest.get("source")
+    if isinstance(source, dict):
+        return source
+    return {"kind": "debootstrap", "suite": manifest.get("suite"), "mirror": manifest.get("mirror")}
+
+
+def _imported(manifest: dict[str, Any]) -> bool:
+    """True for an image made from an OCI image (imported here or pulled as such)."""
+    return str(manifest.get("tree_key", "")).startswith("import:")
+
+
+def spec_of(paths: RuntimePaths, name: str) -> EnvironmentSpec | None:
+    """The catalog entry of ``name``, else one made from an installed custom environment's
+    manifest (what it was built or imported from), else None."""
+    spec = get_spec_or_none(name)
+    if spec is not None:
+        return spec
+    manifest = read_manifest(paths, name)
+    if manifest is None:
+        return None
+    packages = manifest.get("packages", ())
+    return EnvironmentSpec(
+        name,
+        str(manifest.get("description", "")),
+        tuple(p for p in packages if isinstance(p, str)),
     )
 
 
@@ -202,25 +250,23 @@ def list_environments(paths: RuntimePaths) -> list[EnvironmentInfo]:
     for _path, manifest in _manifests(paths):
         if manifest is None or manifest.get("name") in names:
             continue
-        image = _image_ok(paths, manifest)
-        rows.append(
-            EnvironmentInfo(
-                str(manifest.get("name")),
-                str(manifest.get("description", "")),
-                image is not None,
-                manifest["image_sha256"] if image else None,
-                manifest.get("image_size") if image else None,
-                image,
-                manifest.get("built_at"),
-                tuple(manifest.get("packages", ())),
-            )
-        )
+        spec = spec_of(paths, str(manifest.get("name")))
+        if spec is not None:
+            rows.append(_info(paths, spec, digest))
     return rows
+
+
+def list_one(paths: RuntimePaths, name: str) -> EnvironmentInfo:
+    """The row of one environment (catalog or installed custom one)."""
+    spec = spec_of(paths, name)
+    if spec is None:
+        raise _unknown(name)
+    return _info(paths, spec)
 
 
 def inspect_environment(paths: RuntimePaths, name: str) -> dict[str, object]:
     """The full manifest plus ``installed`` (and a hint when it is not installed)."""
-    spec = _spec_or_none(name)
+    spec = spec_of(paths, name)
     manifest = read_manifest(paths, name)
     if spec is None and manifest is None:
         raise _unknown(name)
@@ -243,42 +289,162 @@ def inspect_environment(paths: RuntimePaths, name: str) -> dict[str, object]:
     result["installed"] = True
     result["image_path"] = str(image)
     if spec is not None:
-        digest = rootfs.guest_files_digest(rootfs.guest_files())
-        current = _current(spec, digest)
-        result["stale"] = any(manifest.get(key) != value for key, value in current.items())
+        result["stale"] = _info(paths, spec).stale
     return result
 
 
 def pull_environment(
     paths: RuntimePaths, name: str, *, progress: Progress = _quiet, force: bool = False
 ) -> EnvironmentInfo:
-    """Make ``name`` installed: returns at once when it is (and current), else builds it.
+    """:func:`obtain` without its report."""
+    return obtain(paths, name, progress=progress, force=force)[0]
 
-    Only the cheap check (image present with its recorded size) is done here; the full
-    digest and e2fsck are :func:`verify_environment`'s job. A stale environment (other
-    guest files or package set) is repacked from the cached tree; ``force`` rebuilds
-    everything, debootstrap included.
+
+def obtain(
+    paths: RuntimePaths,
+    name: str,
+    *,
+    progress: Progress = _quiet,
+    force: bool = False,
+    build: bool = False,
+    registry: str | None = None,
+    insecure: bool = False,
+) -> tuple[EnvironmentInfo, dict[str, Any]]:
+    """Make ``name`` installed: (its row, how it was obtained this time).
+
+    Returns at once when it is installed and current. Otherwise, when a registry is
+    configured (``registry``, the catalog entry's own source, else ``$PYRO_REGISTRY``),
+    pulls the artifact from it; when none is, when it cannot be reached, or when its
+    artifact carries another guest agent, builds locally and says why (a catalog entry or
+    a custom build only: an imported environment can only come from a registry). ``build``
+    skips the registry; ``force`` rebuilds even a current one, debootstrap included.
+    Only the cheap check (image present with its recorded size) is done for an installed
+    one; the full digest and e2fsck are :func:`verify_environment`'s job.
     """
-    spec = get_spec(name)
+    spec = spec_of(paths, name)
+    ref = _registry_ref(name, spec, registry)
+    if spec is None and ref is None:
+        raise _unknown(name)
     paths.ensure()
-    if not force:
+    if spec is not None and not force:
         info = _info(paths, spec)
         if info.installed and not info.stale:
-            return info
-    with _build_lock(paths, progress):
-        if not force:  # another process may have built it while we waited
+            return info, {"kind": "installed"}
+    with build_lock(paths, progress):
+        if spec is not None and not force:  # another process may have built it meanwhile
             info = _info(paths, spec)
             if info.installed and not info.stale:
-                return info
-        _remove_temps(paths)
-        _build(paths, spec, progress, fresh_tree=force)
+                return info, {"kind": "installed"}
+        remove_temps(paths)
+        report = _pull_or_build(paths, name, spec, ref, progress, force, build, insecure)
+    final = spec_of(paths, name)
+    assert final is not None  # installed just now
+    return _info(paths, final), report
+
+
+def _registry_ref(name: str, spec: EnvironmentSpec | None, registry: str | None) -> Any:
+    from pyro_mcp.runtime.oci import reference
+
+    if registry:
+        return reference.environment_reference(name, registry)
+    if spec is not None and spec.source:
+        return reference.parse_reference(spec.source, what=f"the catalog source of {name}")
+    base = reference.configured_registry()
+    return reference.environment_reference(name, base) if base else None
+
+
+def _pull_or_build(
+    paths: RuntimePaths,
+    name: str,
+    spec: EnvironmentSpec | None,
+    ref: Any,
+    progress: Progress,
+    force: bool,
+    build: bool,
+    insecure: bool,
+) -> dict[str, Any]:
+    from pyro_mcp.runtime.oci.pull import OtherAgent, pull_artifact
+
+    manifest = read_manifest(paths, name)
+    buildable = spec is not None and (manifest is None or not _imported(manifest))
+    why = "--build asked for a local build"
+    if not build and ref is not None:
+        try:
+            expect = rootfs.tree_key(spec.packages) if buildable and spec else None
+            return pull_artifact(
+                paths, name, ref, progress=progress, insecure=insecure, expect_tree_key=expect
+            )
+        except (RegistryUnreachable, OtherAgent) as exc:
+            if not buildable:
+                raise
+            why = exc.message
+    elif not build:
+        why = "no registry is configured (PYRO_REGISTRY)"
+    if not buildable or spec is None:
+        raise InvalidArgument(
+            f"{name} was imported from an OCI image and cannot be built locally",
+            hint=f"import it again with `pyro env import {name} --from …`",
+        )
+    progress(f"{why}; building {name} locally")
+    started = time.monotonic()
+    _build(paths, spec, progress, fresh_tree=force, source=_source(manifest) if manifest else None)
+    return {"kind": "debootstrap", "why": why, "seconds": round(time.monotonic() - started, 1)}
+
+
+def build_custom(
+    paths: RuntimePaths,
+    name: str,
+    base: str,
+    packages: list[str],
+    *,
+    progress: Progress = _quiet,
+) -> EnvironmentInfo:
+    """``pyro env build NAME --from BASE --packages …``: a Debian environment with the
+    catalog entry ``base``'s packages plus ``packages`` (debootstrap, like the catalog's)."""
+    check_name(name)
+    if get_spec_or_none(name) is not None:
+        raise InvalidArgument(f"{name} is a catalog environment; choose another name")
+    parent = get_spec(base)
+    extra = sorted({check_package(p) for p in packages})
+    if not extra:
+        raise InvalidArgument("--packages names no package", hint="e.g. --packages curl,jq")
+    spec = EnvironmentSpec(
+        name,
+        f"{parent.description}; plus {', '.join(extra)}",
+        tuple(sorted(set(parent.packages) | set(extra))),
+    )
+    paths.ensure()
+    with build_lock(paths, progress):
+        remove_temps(paths)
+        source = {"kind": "debootstrap", "from": base, "extra_packages": extra}
+        _build(paths, spec, progress, source=source)
     return _info(paths, spec)
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,99}$")
+
+
+def check_name(name: str) -> str:
+    """A name a custom environment may have (``repository[:tag]``, registry-safe)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidArgument(
+            f"{name!r} is not a valid environment name",
+            hint="lowercase letters, digits and . _ - with an optional :tag, e.g. myteam:1",
+        )
+    return name
+
+
+def check_package(package: str) -> str:
+    if not isinstance(package, str) or not _PACKAGE.match(package):
+        raise InvalidArgument(f"{package!r} is not a Debian package name")
+    return package
 
 
 def verify_environment(paths: RuntimePaths, name: str, *, deep: bool = True) -> list[str]:
     """Problems with ``name``'s image (empty when it is sound): missing image, size or
     sha256 mismatch, e2fsck errors. ``deep=False`` checks presence and size only."""
-    spec = _spec_or_none(name)
+    spec = get_spec_or_none(name)
     manifest = read_manifest(paths, name)
     if manifest is None:
         if spec is None:
@@ -311,7 +477,7 @@ def image_for(paths: RuntimePaths, name: str) -> Path:
     """The installed image of ``name`` (cheap check), or RuntimeMissing naming the fix."""
     manifest = read_manifest(paths, name)
     if manifest is None:
-        if _spec_or_none(name) is None:
+        if get_spec_or_none(name) is None:
             raise _unknown(name)
         raise RuntimeMissing(
             f"environment {name} is not installed", hint=f"run `pyro env pull {name}`"
@@ -339,8 +505,8 @@ def prune(paths: RuntimePaths) -> dict[str, object]:
     if not paths.cache_dir.exists():
         return {"removed": removed, "bytes_freed": 0}
     paths.ensure()
-    with _build_lock(paths, _quiet):
-        for path, size in _remove_temps(paths):
+    with build_lock(paths, _quiet):
+        for path, size in remove_temps(paths):
             removed.append(str(path))
             freed += size
         referenced = set()
@@ -360,6 +526,8 @@ def prune(paths: RuntimePaths) -> dict[str, object]:
                 drop(entry)
             else:
                 kept.update(meta.get("installed", {}))
+        for path in _oci_leftovers(paths, referenced):
+            drop(path)
         debs = rootfs.deb_cache_dir(paths)
         if debs.is_dir():
             wanted = {_deb_prefix(name, version) for name, version in kept.items()}
@@ -373,7 +541,12 @@ def prune(paths: RuntimePaths) -> dict[str, object]:
 
 
 def _build(
-    paths: RuntimePaths, spec: EnvironmentSpec, progress: Progress, *, fresh_tree: bool = False
+    paths: RuntimePaths,
+    spec: EnvironmentSpec,
+    progress: Progress,
+    *,
+    fresh_tree: bool = False,
+    source: dict[str, Any] | None = None,
 ) -> None:
     started = time.monotonic()
     files = rootfs.guest_files()
@@ -388,30 +561,11 @@ def _build(
             root = work / "root"
             progress("adding the guest init and agent")
             rootfs.stage_root(tree.path, root, files)
-            tree_size = rootfs.measure(root)
-            size = rootfs.image_size_for(tree_size)
-            needed = tree_size.data_bytes + 64 * rootfs.MIB
-            rootfs.check_space("pack the ext4 image", work, needed)
             seed = sha256_json(
                 {"tree": tree.key, "guest": guest_digest, "image": rootfs.IMAGE_REVISION}
             )
-            image = work / "image.ext4"
-            progress(f"packing {size // rootfs.MIB} MiB ext4 image")
-            for attempt in range(3):
-                try:
-                    options = rootfs.pack_ext4(root, image, size=size, seed=seed)
-                    break
-                except ToolFailed as exc:
-                    if attempt == 2 or not rootfs.image_too_small(exc):
-                        raise
-                    size = -(-size * 3 // 2 // (16 * rootfs.MIB)) * 16 * rootfs.MIB
-                    progress(f"image too small; packing again with {size // rootfs.MIB} MiB")
-            progress("checking the image (e2fsck -fn) and hashing it")
-            rootfs.check_ext4(image)
-            sha = rootfs.file_sha256_and_sync(image)
-            stat = image.stat()
-            fs_free = rootfs.free_bytes(image)
-            final = _store_image(paths, image, sha)
+            packed = env_image.pack_and_store(paths, root, work, seed, progress)
+            needed = None
             manifest = {
                 "schema": MANIFEST_SCHEMA,
                 "name": spec.name,
@@ -419,11 +573,7 @@ def _build(
                 "packages": list(spec.packages),
                 "guest_packages": list(rootfs.GUEST_PACKAGES),
                 "installed_packages": tree.installed,
-                "image_sha256": sha,
-                "image_size": stat.st_size,
-                "image_allocated": stat.st_blocks * 512,
-                "image_free": fs_free,
-                "image_file": final.name,
+                **packed,
                 "tree_key": tree.key,
                 "tree_reused": tree.reused,
                 "debootstrap_seconds": round(tree.seconds, 1),
@@ -431,16 +581,20 @@ def _build(
                 "guest_files": [f.path for f in files],
                 "builder_revision": rootfs.BUILDER_REVISION,
                 "image_revision": rootfs.IMAGE_REVISION,
-                "mke2fs_options": options,
                 "suite": DEBIAN_SUITE,
                 "mirror": DEBIAN_MIRROR,
                 "built_at": rootfs.utc_now(),
                 "build_seconds": round(time.monotonic() - started, 1),
+                "source": {
+                    **(source or {}),
+                    "kind": "debootstrap",
+                    "suite": DEBIAN_SUITE,
+                    "mirror": DEBIAN_MIRROR,
+                },
             }
-            write_json_atomic(manifest_path(paths, spec.name), manifest)
-            manifest_path(paths, spec.name).chmod(0o644)  # mkstemp made it 0600
-            rootfs.fsync_dir(paths.environments_dir)
-            progress(f"{spec.name} installed: {final.name} ({stat.st_size // rootfs.MIB} MiB)")
+            write_manifest(paths, spec.name, manifest)
+            size = packed["image_size"] // rootfs.MIB
+            progress(f"{spec.name} installed: {packed['image_file']} ({size} MiB)")
         finally:
             rootfs.remove_path(work)
     except OSError as exc:
@@ -450,29 +604,15 @@ def _build(
         raise BuildError(f"building {spec.name} failed: {exc}") from exc
 
 
-def _store_image(paths: RuntimePaths, image: Path, sha: str) -> Path:
-    """Move a finished image to ``images/<sha>.ext4`` (atomically) and return that path."""
-    final = image_path(paths, sha)
-    if final.is_file() and final.stat().st_size == image.stat().st_size:
-        image.unlink()  # these very bytes are stored already
-        return final
-    image.chmod(0o444)
-    try:
-        os.rename(image, final)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:  # work and images dirs on different file systems
-            raise
-        tmp = paths.images_dir / f".tmp-{sha[:16]}-{os.getpid()}.ext4"
-        host_tools.run(
-            ["cp", "--sparse=always", "--", str(image), str(tmp)], what="store the image"
-        )
-        os.replace(tmp, final)
-    rootfs.fsync_dir(paths.images_dir)
-    return final
+def write_manifest(paths: RuntimePaths, name: str, manifest: dict[str, Any]) -> None:
+    """Install an environment: its manifest, written last (atomically, synced)."""
+    write_json_atomic(manifest_path(paths, name), manifest)
+    manifest_path(paths, name).chmod(0o644)  # mkstemp made it 0600
+    rootfs.fsync_dir(paths.environments_dir)
 
 
 @contextlib.contextmanager
-def _build_lock(paths: RuntimePaths, progress: Progress) -> Iterator[None]:
+def build_lock(paths: RuntimePaths, progress: Progress) -> Iterator[None]:
     """One build or prune at a time per cache dir (flock; released if the process dies)."""
     paths.environments_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.environments_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -487,7 +627,7 @@ def _build_lock(paths: RuntimePaths, progress: Progress) -> Iterator[None]:
         os.close(fd)
 
 
-def _remove_temps(paths: RuntimePaths) -> list[tuple[Path, int]]:
+def remove_temps(paths: RuntimePaths) -> list[tuple[Path, int]]:
     """Leftovers of interrupted builds. Only called with the build lock held, so nothing
     matching is in use."""
     patterns = (
@@ -504,10 +644,32 @@ def _remove_temps(paths: RuntimePaths) -> list[tuple[Path, int]]:
     return removed
 
 
-def _spec_or_none(name: str) -> EnvironmentSpec | None:
+def get_spec_or_none(name: str) -> EnvironmentSpec | None:
     try:
         return get_spec(name)
     except NotFound:
+        return None
+
+
+def _oci_leftovers(paths: RuntimePaths, images: set[str]) -> list[Path]:
+    """Everything under downloads/oci but the zstd blobs of installed images (kept so a
+    publish needs no new compression): layer caches, partial downloads, upload sessions."""
+    oci = paths.downloads_dir / "oci"
+    if not oci.is_dir():
+        return []
+    keep: set[Path] = set()
+    for record in sorted((oci / "compressed").glob("*.json")):
+        data = _load_json(record)
+        if record.stem in images and isinstance(data, dict) and isinstance(data.get("digest"), str):
+            keep |= {record, oci / "blobs" / "sha256" / data["digest"].removeprefix("sha256:")}
+    found = [p for p in sorted(oci.rglob("*")) if p.is_file() or p.is_symlink()]
+    return [p for p in found if p not in keep and p.name != "locations.json"]
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
 
 

@@ -45,6 +45,7 @@ HOST_TOOLS: tuple[HostTool, ...] = (
     HostTool("nft", "nftables", "guest network policy (NAT and filtering)"),
     HostTool("setpriv", "util-linux", "run the guests' DNS resolvers unprivileged"),
     HostTool("as", "binutils", "assemble the Firecracker test guest"),
+    HostTool("docker-registry", "docker-registry", "the tests' loopback OCI registry"),
 )
 
 # Packages installed for their files rather than for a program on PATH.

@@ -14,6 +14,12 @@ only when
    without a problem).
 
 Anything else sets every capability to false, with the reason.
+
+The same rule, per environment, decides what an environment has proven
+(:func:`environment_capabilities`): a passed check that names that environment's image
+and the installed kernel, from the host-wide checks or from the environment's own
+(``pyro env prove``, recorded with ``environment=``). A capability an artifact pulled from
+a registry claims is never taken: only checks run here count.
 """
 
 from __future__ import annotations
@@ -79,6 +85,10 @@ def collect_components(paths: RuntimePaths, *, deep: bool) -> dict[str, Componen
             **info.to_dict(),
             "problems": environments.verify_environment(paths, info.name, deep=deep),
         }
+    for name, component in components.items():
+        if component["kind"] == "environment":
+            proven = environment_capabilities(paths, name.removeprefix("env:"), components)
+            component["proven"] = sorted(c for c, d in proven.items() if d["proven"])
 
     qemu = qemu_version()
     components["qemu"] = {
@@ -115,19 +125,66 @@ def record_check(
     passed: bool,
     artifacts: dict[str, str],
     detail: str,
+    environment: str | None = None,
 ) -> None:
-    """Record the outcome of a real capability check against the given artifact digests."""
+    """Record the outcome of a real capability check against the given artifact digests
+    (host-wide, or one environment's own when ``environment`` is given)."""
     if capability not in CAPABILITIES:
         raise ValueError(f"unknown capability {capability!r}")
     checks = read_json(checks_path(paths)) or {}
-    checks[capability] = {
+    record = {
         "passed": passed,
         "artifacts": artifacts,
         "detail": detail,
         "checked_at": _now(),
         "host": platform.node(),
     }
+    if environment is None:
+        checks[capability] = record
+    else:
+        per_env = checks.setdefault("environments", {})
+        per_env.setdefault(environment, {})[capability] = record
     write_json_atomic(checks_path(paths), checks)
+
+
+def environment_capabilities(
+    paths: RuntimePaths, name: str, components: dict[str, Component] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each capability of environment ``name``: proven here against its current image and
+    the installed kernel (``proven`` True, with the check), or not (with the reason)."""
+    components = components if components is not None else collect_components(paths, deep=False)
+    current = artifact_digests(components)
+    env_key = f"env:{name}"
+    checks = read_json(checks_path(paths)) or {}
+    own = dict(dict(checks.get("environments") or {}).get(name) or {})
+    decided: dict[str, dict[str, Any]] = {}
+    for capability in CAPABILITIES:
+        reason = "no check has proven it on this host"
+        decided[capability] = {"proven": False, "reason": reason}
+        for check in (own.get(capability), checks.get(capability)):
+            if not isinstance(check, dict):
+                continue
+            artifacts = dict(check.get("artifacts") or {})
+            if env_key not in artifacts:
+                continue
+            stale = sorted(n for n, d in artifacts.items() if current.get(n) != d)
+            problems = sorted(n for n in artifacts if components.get(n, {}).get("problems"))
+            if not check.get("passed"):
+                reason = f"its check failed: {check.get('detail', '')}"
+            elif stale or problems:
+                reason = "proven against other artifacts than those installed: " + ", ".join(
+                    stale or problems
+                )
+            else:
+                decided[capability] = {
+                    "proven": True,
+                    "artifacts": artifacts,
+                    "checked_at": check.get("checked_at"),
+                    "detail": check.get("detail", ""),
+                }
+                break
+            decided[capability] = {"proven": False, "reason": reason}
+    return decided
 
 
 def decide_capabilities(

@@ -44,11 +44,15 @@ CLOUD_KERNEL_VERSION = "6.1.192-2"
 
 @dataclass(frozen=True)
 class EnvironmentSpec:
-    """A catalog entry: what an environment is built from."""
+    """A catalog entry: what an environment is built from.
+
+    ``source``: a registry reference to pull it from, overriding ``$PYRO_REGISTRY``.
+    """
 
     name: str
     description: str
     packages: tuple[str, ...]
+    source: str | None = None
 
 
 # Every environment gets these: the agent needs python3; the rest are what a shell user

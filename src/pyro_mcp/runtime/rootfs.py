@@ -54,6 +54,7 @@ from pyro_mcp.runtime.rootfs_image import (
     LABEL,
     GuestFile,
     TreeSize,
+    add_guest_files,
     check_ext4,
     free_bytes,
     guest_files,
@@ -85,6 +86,7 @@ __all__ = [
     "Progress",
     "Tree",
     "TreeSize",
+    "add_guest_files",
     "check_ext4",
     "check_space",
     "clean_tree",
@@ -108,6 +110,7 @@ __all__ = [
     "read_dpkg_status",
     "remove_path",
     "run_debootstrap",
+    "set_guest_etc",
     "stage_root",
     "tree_key",
     "tree_packages",
@@ -314,7 +317,19 @@ def clean_tree(tree: Path, *, hostname: str = HOSTNAME) -> None:
                 file = Path(dirpath, name)
                 if file.is_file() and not file.is_symlink():
                     os.truncate(file, 0)
+    set_guest_etc(tree, hostname=hostname)
+    dpkg_cfg = tree / "etc/dpkg/dpkg.cfg.d"
+    dpkg_cfg.mkdir(parents=True, exist_ok=True)
+    (dpkg_cfg / "pyro-nodoc").write_text(_DPKG_NODOC)
+
+
+def set_guest_etc(tree: Path, *, hostname: str = HOSTNAME) -> None:
+    """The /etc files pyro owns in every guest: machine-id (empty: set at boot), hostname,
+    hosts, fstab (the root by label) and resolv.conf (written when the network is up).
+    A symlink there is replaced, never written through."""
     etc = tree / "etc"
+    if etc.is_symlink():
+        raise BuildError("the image's /etc is a symlink; refused")
     etc.mkdir(parents=True, exist_ok=True)
     for name, text in (
         ("machine-id", ""),
@@ -328,9 +343,6 @@ def clean_tree(tree: Path, *, hostname: str = HOSTNAME) -> None:
             target.unlink()
         target.write_text(text)
         target.chmod(0o444 if name == "machine-id" else 0o644)
-    dpkg_cfg = etc / "dpkg/dpkg.cfg.d"
-    dpkg_cfg.mkdir(parents=True, exist_ok=True)
-    (dpkg_cfg / "pyro-nodoc").write_text(_DPKG_NODOC)
 
 
 def read_dpkg_status(tree: Path) -> dict[str, str]:

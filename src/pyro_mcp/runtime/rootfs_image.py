@@ -98,6 +98,13 @@ def guest_python(root: Path) -> str | None:
 def stage_root(tree: Path, root: Path, files: Sequence[GuestFile]) -> None:
     """A hard-link copy of ``tree`` at ``root`` with the guest files added."""
     host_tools.run(["cp", "-al", "--", str(tree), str(root)], what="copy the rootfs tree")
+    add_guest_files(root, files)
+
+
+def add_guest_files(root: Path, files: Sequence[GuestFile]) -> None:
+    """Write the guest files into ``root`` (existing entries are replaced, never written
+    through, so a hard link into a cached tree stays untouched), precompiled when the
+    guest's Python has this Python's bytecode format."""
     touched: dict[Path, tuple[int, int]] = {}
     written: list[Path] = []
     for item in files:

@@ -95,12 +95,13 @@ def runtime_build_rootfs(
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
 ) -> dict[str, Any]:
-    """Build environment images from Debian packages (skips those already installed)."""
+    """Build environment images from Debian packages (skips those already installed; never
+    asks a registry)."""
     chosen = names or [spec.name for spec in environments.catalog()]
     built = []
     for name in chosen:
         started = time.monotonic()
-        info = environments.pull_environment(ctx.paths, name, progress=ctx.progress)
+        info, _how = environments.obtain(ctx.paths, name, progress=ctx.progress, build=True)
         built.append({**info.to_dict(), "seconds": round(time.monotonic() - started, 1)})
     return {"environments": built}
 
@@ -152,6 +153,37 @@ def run_network_check(ctx: Context) -> None:
     used = [f"kernel-{kernels.default_flavor()}", f"env:{environment}"]
     artifacts = {name: current[name] for name in used if name in current}
     lock.record_check(ctx.paths, "guest_network", passed=passed, artifacts=artifacts, detail=detail)
+
+
+def prove_environment(ctx: Context, name: str) -> list[str]:
+    """Boot ``name``, run a command, and record vm_boot and guest_exec for its image and
+    the installed kernel; the capabilities it has proven (see lock.environment_capabilities)."""
+    from pyro_mcp.api.operations.vm import vm_run
+
+    ctx.progress(f"proving {name}: boot it and run a command")
+    components = lock.collect_components(ctx.paths, deep=False)
+    current = lock.artifact_digests(components)
+    used = [f"kernel-{kernels.default_flavor()}", f"env:{name}"]
+    artifacts = {n: current[n] for n in used if n in current}
+    booted, ran, detail = False, False, ""
+    try:
+        result = vm_run(Context(paths=ctx.paths), name, ["uname", "-r"], timeout_seconds=60)
+        booted = True
+        ran = result["exit_code"] == 0 and bool(str(result["stdout"]).strip())
+        detail = f"`uname -r` in {name} printed {str(result['stdout']).strip()[:80]}"
+    except PyroError as exc:
+        detail = f"{name} did not run a command: {exc.message}"
+    for capability, passed in (("vm_boot", booted), ("guest_exec", ran)):
+        lock.record_check(
+            ctx.paths,
+            capability,
+            passed=passed,
+            artifacts=artifacts,
+            detail=detail,
+            environment=name,
+        )
+    proven = lock.environment_capabilities(ctx.paths, name)
+    return sorted(c for c, d in proven.items() if d["proven"])
 
 
 def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:
@@ -206,11 +238,15 @@ def runtime_materialize(
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
 ) -> dict[str, Any]:
-    """Do the whole pipeline: fetch binaries, build the kernel, build environments, bundle,
-    then each environment's warm-start templates at the default size (``templates``)."""
+    """Do the whole pipeline: fetch binaries, build the kernel, build environments, prove
+    each (boot, run a command), bundle, then each environment's warm-start templates at the
+    default size (``templates``). `make runtime-publish-official-environments-oci` then
+    publishes them."""
     runtime_fetch(ctx)
     runtime_build_kernel(ctx)
     built = runtime_build_rootfs(ctx, names=names)
+    for environment in built["environments"]:  # what `pyro env publish` requires
+        prove_environment(ctx, str(environment["name"]))
     result = runtime_bundle(ctx)
     made: list[dict[str, Any]] = []
     for environment in built["environments"]:

@@ -1,0 +1,241 @@
+"""Environments through a real registry, with real guests: publish debian:12 with
+credentials, pull it anonymously into a fresh cache and boot it; a pull killed halfway
+resumes to the same digests; an OCI image made here imported and booted."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.registry import Registry, ThrottledProxy, registry_pair
+
+from pyro_mcp.api import Context
+from pyro_mcp.api.operations.environments import env_import, env_prove, env_publish, env_pull
+from pyro_mcp.api.operations.templates import template_prune
+from pyro_mcp.api.operations.vm import vm_run
+from pyro_mcp.runtime import environments, rootfs
+from pyro_mcp.runtime.oci import blobs
+from pyro_mcp.runtime.paths import RuntimePaths
+from pyro_mcp.runtime.pins import ENVIRONMENTS
+
+pytestmark = pytest.mark.guest
+
+USER, TOKEN = "publisher", secrets.token_urlsafe(16)
+ENV = "debian:12"
+
+
+def log(message: str) -> None:
+    print(f"[oci] {message}", file=sys.stderr, flush=True)
+
+
+@pytest.fixture(scope="module")
+def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, Registry]]:
+    with registry_pair(tmp_path_factory.mktemp("registry"), {USER: TOKEN}) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def published(
+    runtime: RuntimePaths, registries: tuple[Registry, Registry]
+) -> Iterator[dict[str, object]]:
+    """debian:12 proven here and published with credentials (once for the module)."""
+    saved = {k: os.environ.get(k) for k in ("PYRO_REGISTRY_USERNAME", "PYRO_REGISTRY_TOKEN")}
+    os.environ["PYRO_REGISTRY_USERNAME"], os.environ["PYRO_REGISTRY_TOKEN"] = USER, TOKEN
+    try:
+        ctx = Context(paths=runtime)
+        assert env_prove(ctx, ENV)["capabilities"] == ["guest_exec", "vm_boot"]
+        result = env_publish(ctx, ENV, to=f"{registries[0].host}/pyro/debian:12")
+        log(
+            f"publish {ENV}: {result['seconds']} s, {result['bytes_uploaded']} bytes uploaded "
+            f"(image {result['image_size']} bytes, zstd {result['compressed_size']})"
+        )
+        yield result
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def fresh_cache(runtime: RuntimePaths, where: Path) -> RuntimePaths:
+    """An empty environment cache sharing the host's kernel and binaries (the artifact
+    references its kernel; each host builds it from the same pins)."""
+    where.mkdir()
+    for shared in ("kernels", "bin"):
+        (where / shared).symlink_to(runtime.cache_dir / shared)
+    return RuntimePaths(where, runtime.run_root)
+
+
+def test_publish_then_pull_anonymously_into_a_fresh_cache_and_boot(
+    runtime: RuntimePaths,
+    registries: tuple[Registry, Registry],
+    published: dict[str, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, anonymous = registries
+    source = environments.read_manifest(runtime, ENV)
+    assert source is not None
+    assert published["capabilities"] == ["guest_exec", "vm_boot"]
+    monkeypatch.setenv("PYRO_REGISTRY", f"{anonymous.host}/pyro")
+    fresh = fresh_cache(runtime, tmp_path / "cache")
+    started = time.monotonic()
+    result = env_pull(Context(paths=fresh), ENV, no_templates=True)
+    seconds = time.monotonic() - started
+    obtained = result["obtained"]
+    log(
+        f"pull {ENV} into a fresh cache: {obtained['seconds']} s to install, "
+        f"{obtained['bytes_downloaded']} bytes downloaded; {seconds:.1f} s with the proof "
+        f"(local debootstrap build: {source.get('build_seconds')} s, of which debootstrap "
+        f"{source.get('debootstrap_seconds')} s)"
+    )
+    assert obtained["kind"] == "registry"
+    assert obtained["manifest_digest"] == published["digest"]
+    assert result["image_sha256"] == source["image_sha256"]
+    assert environments.verify_environment(fresh, ENV) == []
+    assert result["proven"] == ["guest_exec", "vm_boot"]  # booted and ran here
+    ran = vm_run(Context(paths=fresh), ENV, ["cat", "/etc/debian_version"])
+    assert ran["exit_code"] == 0
+    assert ran["stdout"].split(".")[0] == "12"
+
+
+def test_a_killed_pull_resumes_and_ends_with_the_same_digests(
+    runtime: RuntimePaths,
+    registries: tuple[Registry, Registry],
+    published: dict[str, object],
+    tmp_path: Path,
+) -> None:
+    _, anonymous = registries
+    layer = published["blobs"][1]  # type: ignore[index]
+    size = int(layer["size"])
+    proxy = ThrottledProxy(anonymous.host, rate=size // 6)  # ~6 s for the whole blob
+    fresh = fresh_cache(runtime, tmp_path / "cache")
+    partial = blobs.partial_path(fresh, layer["digest"])
+    env = dict(os.environ, PYRO_CACHE_DIR=str(fresh.cache_dir), PYRO_REGISTRY=f"{proxy.host}/pyro")
+    pyro = Path(sys.executable).parent / "pyro"
+    process = subprocess.Popen(
+        [str(pyro), "env", "pull", ENV, "--no-templates", "--json"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if partial.exists() and partial.stat().st_size >= size // 3:
+                break
+            assert process.poll() is None, "the pull ended before it could be killed"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        proxy.close()
+    held = partial.stat().st_size
+    log(f"killed the pull with {held} of {size} bytes downloaded")
+    assert 0 < held < size
+    assert environments.read_manifest(fresh, ENV) is None  # nothing half-taken
+    said: list[str] = []
+    _, obtained = environments.obtain(
+        fresh, ENV, registry=f"{anonymous.host}/pyro", progress=said.append
+    )
+    assert f"{ENV} rootfs: resuming at {held / (1 << 20):.1f} of {size / (1 << 20):.1f} MiB" in said
+    assert obtained["bytes_downloaded"] == size - held
+    source = environments.read_manifest(runtime, ENV)
+    pulled = environments.read_manifest(fresh, ENV)
+    assert source is not None and pulled is not None
+    assert pulled["image_sha256"] == source["image_sha256"]
+    assert pulled["source"]["layer_digest"] == layer["digest"]
+    assert environments.verify_environment(fresh, ENV) == []
+
+
+def _layout(directory: Path, layers: list[Path]) -> None:
+    """An OCI image layout with these (uncompressed or gzip) tar layers, linux/amd64."""
+    blobs_dir = directory / "blobs" / "sha256"
+    blobs_dir.mkdir(parents=True)
+
+    def put_file(path: Path) -> tuple[str, int]:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+        os.rename(path, blobs_dir / hasher.hexdigest())
+        return "sha256:" + hasher.hexdigest(), (blobs_dir / hasher.hexdigest()).stat().st_size
+
+    def put(data: bytes) -> tuple[str, int]:
+        scratch = directory / "scratch"
+        scratch.write_bytes(data)
+        return put_file(scratch)
+
+    kinds = {True: "application/vnd.oci.image.layer.v1.tar+gzip",
+             False: "application/vnd.oci.image.layer.v1.tar"}  # fmt: skip
+    descriptors = []
+    for path in layers:
+        gz = path.suffix == ".gz"
+        digest, size = put_file(path)
+        descriptors.append({"mediaType": kinds[gz], "digest": digest, "size": size})
+    config = json.dumps({"os": "linux", "architecture": "amd64",
+                         "config": {"Env": ["PATH=/usr/bin:/bin"]}}).encode()  # fmt: skip
+    config_digest, config_size = put(config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": descriptors}).encode()  # fmt: skip
+    manifest_digest, manifest_size = put(manifest)
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "digest": manifest_digest, "size": manifest_size}]}  # fmt: skip
+    (directory / "index.json").write_text(json.dumps(index))
+    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+def test_an_oci_image_made_here_imports_and_boots_with_its_whiteout_applied(
+    runtime: RuntimePaths, tmp_path: Path
+) -> None:
+    spec = next(s for s in ENVIRONMENTS if s.name == ENV)
+    tree = runtime.rootfs_trees_dir / rootfs.tree_key(spec.packages) / "tree"
+    assert (tree / "etc/motd").is_file()  # the lower layer has it; the upper one hides it
+    lower = tmp_path / "lower.tar"
+    subprocess.run(["tar", "-C", str(tree), "-cf", str(lower), "."], check=True)
+    marker = secrets.token_hex(8)
+    upper = tmp_path / "upper.tar.gz"
+    with tarfile.open(upper, "w:gz") as tar:
+        for name, data in (("pyro-marker", f"{marker}\n".encode()), ("etc/.wh.motd", b"")):
+            entry = tarfile.TarInfo(name)
+            entry.size = len(data)
+            entry.mode = 0o644
+            tar.addfile(entry, io.BytesIO(data))
+    assert upper.read_bytes()[:2] == b"\x1f\x8b"  # a real gzip layer
+    image = tmp_path / "image"
+    _layout(image, [lower, upper])
+    ctx = Context(paths=runtime)
+    name = "imported-test:1"
+    try:
+        started = time.monotonic()
+        info = env_import(ctx, name, oci_layout=str(image))
+        log(f"import of a two-layer image: {time.monotonic() - started:.1f} s")
+        assert info["installed"] is True
+        assert info["source"]["kind"] == "import"  # type: ignore[index]
+        listed = [row.name for row in environments.list_environments(runtime) if row.installed]
+        assert name in listed
+        ran = vm_run(
+            ctx, name, ["sh", "-c", "cat /pyro-marker; ls /etc/motd 2>/dev/null || echo no-motd"]
+        )
+        assert ran["exit_code"] == 0
+        assert ran["stdout"] == f"{marker}\nno-motd\n"
+    finally:
+        environments.manifest_path(runtime, name).unlink(missing_ok=True)
+        environments.prune(runtime)
+        template_prune(ctx)
