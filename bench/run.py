@@ -32,6 +32,7 @@ from bench.firecracker_tiny import bench_tiny_guest
 from bench.guest import Counts, measure_boots, measure_cold_run
 from bench.host import HostCounts, measure_host_side
 from bench.network import NetworkCounts, measure_network
+from bench.registry import measure_registry
 from bench.services import ServiceCounts, measure_services_and_shells
 from bench.stats import Row, Table
 from bench.warm import WarmCounts, measure_warm
@@ -301,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     def network() -> None:
         extra["network"] = measure_network(table, paths, args.environment, net_counts, args.mem_mib)
 
+    def registry() -> None:
+        extra["registry"] = measure_registry(table, paths, args.environment, 2 if args.quick else 3)
+
     def firecracker() -> None:
         info = measure_firecracker_tiny(table, counts.fc_tiny)
         if info is not None:
@@ -342,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             f"archive bombs x{host_counts.host_bomb})",
             ("agent manifest (in process)", "ms"),
             host_side,
+        )
+        section(
+            "environments through a loopback registry",
+            (f"env publish {args.environment} (zstd + chunked upload, empty registry)", "ms"),
+            registry,
         )
         section(
             f"firecracker tiny guest x{counts.fc_tiny}",
