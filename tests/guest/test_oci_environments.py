@@ -4,9 +4,7 @@ resumes to the same digests; an OCI image made here imported and booted."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import secrets
 import signal
@@ -18,10 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.oci_images import push_layout, write_layout
 from tests.registry import Registry, ThrottledProxy, registry_pair
 
 from pyro_mcp.api import Context
-from pyro_mcp.api.operations.environments import env_import, env_prove, env_publish, env_pull
+from pyro_mcp.api.operations.environments import (
+    env_build,
+    env_import,
+    env_prove,
+    env_publish,
+    env_pull,
+)
 from pyro_mcp.api.operations.templates import template_prune
 from pyro_mcp.api.operations.vm import vm_run
 from pyro_mcp.runtime import environments, rootfs
@@ -160,49 +165,8 @@ def test_a_killed_pull_resumes_and_ends_with_the_same_digests(
     assert environments.verify_environment(fresh, ENV) == []
 
 
-def _layout(directory: Path, layers: list[Path]) -> None:
-    """An OCI image layout with these (uncompressed or gzip) tar layers, linux/amd64."""
-    blobs_dir = directory / "blobs" / "sha256"
-    blobs_dir.mkdir(parents=True)
-
-    def put_file(path: Path) -> tuple[str, int]:
-        hasher = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(block)
-        os.rename(path, blobs_dir / hasher.hexdigest())
-        return "sha256:" + hasher.hexdigest(), (blobs_dir / hasher.hexdigest()).stat().st_size
-
-    def put(data: bytes) -> tuple[str, int]:
-        scratch = directory / "scratch"
-        scratch.write_bytes(data)
-        return put_file(scratch)
-
-    kinds = {True: "application/vnd.oci.image.layer.v1.tar+gzip",
-             False: "application/vnd.oci.image.layer.v1.tar"}  # fmt: skip
-    descriptors = []
-    for path in layers:
-        gz = path.suffix == ".gz"
-        digest, size = put_file(path)
-        descriptors.append({"mediaType": kinds[gz], "digest": digest, "size": size})
-    config = json.dumps({"os": "linux", "architecture": "amd64",
-                         "config": {"Env": ["PATH=/usr/bin:/bin"]}}).encode()  # fmt: skip
-    config_digest, config_size = put(config)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config_digest, "size": config_size},
-        "layers": descriptors}).encode()  # fmt: skip
-    manifest_digest, manifest_size = put(manifest)
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-         "digest": manifest_digest, "size": manifest_size}]}  # fmt: skip
-    (directory / "index.json").write_text(json.dumps(index))
-    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-
-
 def test_an_oci_image_made_here_imports_and_boots_with_its_whiteout_applied(
-    runtime: RuntimePaths, tmp_path: Path
+    runtime: RuntimePaths, registries: tuple[Registry, Registry], tmp_path: Path
 ) -> None:
     spec = next(s for s in ENVIRONMENTS if s.name == ENV)
     tree = runtime.rootfs_trees_dir / rootfs.tree_key(spec.packages) / "tree"
@@ -219,9 +183,9 @@ def test_an_oci_image_made_here_imports_and_boots_with_its_whiteout_applied(
             tar.addfile(entry, io.BytesIO(data))
     assert upper.read_bytes()[:2] == b"\x1f\x8b"  # a real gzip layer
     image = tmp_path / "image"
-    _layout(image, [lower, upper])
+    write_layout(image, [lower, upper])
     ctx = Context(paths=runtime)
-    name = "imported-test:1"
+    name, from_registry = "imported-test:1", "imported-test:2"
     try:
         started = time.monotonic()
         info = env_import(ctx, name, oci_layout=str(image))
@@ -235,6 +199,34 @@ def test_an_oci_image_made_here_imports_and_boots_with_its_whiteout_applied(
         )
         assert ran["exit_code"] == 0
         assert ran["stdout"] == f"{marker}\nno-motd\n"
+        # The same image through a registry (--from, pulled anonymously) is the same
+        # environment, byte for byte: same layers, same tree, same image.
+        auth, anonymous = registries
+        push_layout(image, f"{auth.host}/images/marked:1", USER, TOKEN)
+        pulled = env_import(ctx, from_registry, source=f"{anonymous.host}/images/marked:1")
+        assert pulled["source"]["from"] == f"{anonymous.host}/images/marked:1"  # type: ignore[index]
+        assert pulled["image_sha256"] == info["image_sha256"]
+        assert environments.verify_environment(runtime, from_registry) == []
+    finally:
+        for imported in (name, from_registry):
+            environments.manifest_path(runtime, imported).unlink(missing_ok=True)
+        environments.prune(runtime)
+        template_prune(ctx)
+
+
+def test_a_debian_environment_with_an_extra_package_builds_and_boots(
+    runtime: RuntimePaths,
+) -> None:
+    ctx = Context(paths=runtime)
+    name = "with-jq:1"
+    try:
+        started = time.monotonic()
+        info = env_build(ctx, name, packages=["jq"])
+        log(f"env build debian:12 + jq: {time.monotonic() - started:.1f} s")
+        assert info["installed"] is True
+        ran = vm_run(ctx, name, ["sh", "-c", "jq --version; dpkg-query -W -f '${Status}' jq"])
+        assert ran["exit_code"] == 0, ran["stderr"]
+        assert ran["stdout"] == "jq-1.6\ninstall ok installed"
     finally:
         environments.manifest_path(runtime, name).unlink(missing_ok=True)
         environments.prune(runtime)

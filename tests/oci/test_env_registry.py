@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -145,8 +146,16 @@ def test_publish_then_pull_anonymously_into_a_fresh_cache(
     monkeypatch.setenv("PYRO_REGISTRY", f"{anonymous.host}/pyro")
     no_build(monkeypatch)
     fresh = make_cache(tmp_path / "fresh-cache")
-    info, obtained = environments.obtain(fresh, ENV)
+    said: list[str] = []
+    info, obtained = environments.obtain(fresh, ENV, progress=said.append)
     assert obtained["kind"] == "registry"
+    size_mib = f"{published['blobs'][1]['size'] / (1 << 20):.1f}"  # type: ignore[index]
+    meter = re.compile(rf"^{re.escape(ENV)} rootfs: [0-9.]+/{size_mib} MiB, [0-9.]+ MiB/s, ETA ")
+    told = [line for line in said if meter.match(line)]
+    assert told, said  # bytes, rate and ETA were shown
+    assert re.fullmatch(
+        rf"{re.escape(ENV)} rootfs: {size_mib}/{size_mib} MiB, [0-9.]+ MiB/s, ETA 0 s", told[-1]
+    )
     assert obtained["reference"] == f"{anonymous.host}/pyro/debian:12-base"
     assert obtained["manifest_digest"] == published["digest"]
     assert info.installed and not info.stale

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from tests.oci_images import write_layout
 
 from pyro_mcp.errors import IntegrityError, InvalidArgument, TooLarge
 from pyro_mcp.runtime.oci import guest_needs, layout
@@ -218,36 +219,6 @@ def test_a_truncated_layer_is_corrupt_not_half_taken(
 
 
 # --- OCI layout and docker archive ------------------------------------------------------
-
-
-def write_layout(directory: Path, layers: list[bytes], arch: str = "amd64") -> dict[str, str]:
-    blobs = directory / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return "sha256:" + digest
-
-    layer_digests = [put(gzip.compress(data)) for data in layers]
-    config = json.dumps({"os": "linux", "architecture": arch, "rootfs": {}}).encode()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": put(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d,
-                    "size": (blobs / d[7:]).stat().st_size} for d in layer_digests],
-    }  # fmt: skip
-    body = json.dumps(manifest).encode()
-    manifest_digest = put(body)
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-         "size": len(body), "platform": {"os": "linux", "architecture": arch},
-         "annotations": {"org.opencontainers.image.ref.name": "1"}}]}  # fmt: skip
-    (directory / "index.json").write_text(json.dumps(index))
-    (directory / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    return {"manifest": manifest_digest, "layer": layer_digests[0]}
 
 
 def test_an_oci_layout_is_read_and_its_blobs_verified(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Each operation's CLI words, flags, help and choices come from its declaration in
 :mod:`pyro_mcp.api`. Every command takes ``--json``: one JSON document on stdout (the same
-dict the SDK returns), errors as ``{"error": ..., "message": ...}``.
+dict the SDK returns), errors as ``{"error": ..., "message": ...}``, and the progress of a
+long operation as JSON events on stderr, one per line.
 """
 
 from __future__ import annotations
@@ -107,14 +108,21 @@ def _add_mcp_commands(root: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 class _ProgressPrinter:
-    """Phase messages of long operations, with elapsed time, on stderr."""
+    """Phase messages of long operations, with elapsed time, on stderr: text lines, or
+    with ``--json`` one event per line (``{"event": "progress", "elapsed_s", "message"}``)
+    so a program reading stderr can follow the phases."""
 
-    def __init__(self) -> None:
+    def __init__(self, as_json: bool = False) -> None:
         self.started = time.monotonic()
+        self.as_json = as_json
 
     def __call__(self, message: str) -> None:
         elapsed = time.monotonic() - self.started
-        print(f"[{elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+        if self.as_json:
+            event = {"event": "progress", "elapsed_s": round(elapsed, 1), "message": message}
+            print(json.dumps(event), file=sys.stderr, flush=True)
+        else:
+            print(f"[{elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def _arguments(op: Operation, namespace: argparse.Namespace) -> dict[str, Any]:
@@ -172,7 +180,7 @@ def _main(argv: Sequence[str] | None) -> int:
     op: Operation = namespace.operation
     as_json: bool = namespace.json
     _interrupt_on(signal.SIGTERM, signal.SIGHUP)
-    ctx = Context(progress=_ProgressPrinter())
+    ctx = Context(progress=_ProgressPrinter(as_json))
     if not as_json:
         ctx.output = _write_live
     try:

@@ -123,8 +123,10 @@ def env_prove(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
 ) -> dict[str, Any]:
-    """Boot an installed environment and run a command in it, recording vm_boot and
-    guest_exec for its image and the installed kernel (what publishing requires)."""
+    """Prove an installed environment on this host: boot it and run a command in it.
+
+    Records vm_boot and guest_exec for its image and the installed kernel in the lock's
+    checks: what publishing requires."""
     from pyro_mcp.api.operations.runtime import prove_environment
 
     environments.image_for(ctx.paths, name)
@@ -188,7 +190,9 @@ def env_build(
         str, Arg("the catalog environment it extends", surfaces=EVERY, flag="from")
     ] = "debian:12",
 ) -> dict[str, Any]:
-    """Build a Debian environment: a catalog environment's packages plus ``packages``,
+    """Build a Debian environment with extra packages.
+
+    A catalog environment's packages (``--from``, default debian:12) plus ``packages``,
     with debootstrap from Debian's mirror, installed like the catalog's."""
     names = [p.strip() for item in packages for p in item.split(",") if p.strip()]
     info = environments.build_custom(ctx.paths, name, base, names, progress=ctx.progress)
