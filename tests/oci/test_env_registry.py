@@ -5,6 +5,7 @@ guest tests boot what they pull)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from pyro_mcp.errors import (
 )
 from pyro_mcp.runtime import environments, lock, rootfs
 from pyro_mcp.runtime.oci import blobs
+from pyro_mcp.runtime.oci.registry import RegistryClient
 from pyro_mcp.runtime.paths import RuntimePaths
 
 Pair = tuple[Registry, Registry]
@@ -345,3 +347,41 @@ def test_registry_files_hold_no_stray_temp_after_a_pull(
     leftovers = [p.name for p in blobs.oci_dir(fresh).rglob("*") if ".partial" in p.name]
     assert leftovers == []
     assert os.listdir(fresh.work_dir) == []
+
+
+def test_a_catalog_entrys_own_source_wins_over_pyro_registry(
+    published: dict[str, object],
+    registries: Pair,
+    fresh: RuntimePaths,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYRO_REGISTRY", f"127.0.0.1:{free_port()}/nobody-listens")
+    pinned = f"{registries[1].host}/pyro/debian:12-base"
+    catalog = tuple(
+        dataclasses.replace(spec, source=pinned) if spec.name == ENV else spec
+        for spec in environments.ENVIRONMENTS
+    )
+    monkeypatch.setattr(environments, "ENVIRONMENTS", catalog)
+    _, obtained = environments.obtain(fresh, ENV)
+    assert obtained["kind"] == "registry"
+    assert obtained["reference"] == pinned
+
+
+@pytest.mark.parametrize(
+    ("host", "insecure", "scheme"),
+    [
+        ("registry.example.com", False, "https"),
+        ("registry.example.com:5000", False, "https"),
+        ("10.1.2.3:5000", False, "https"),
+        ("registry.example.com", True, "http"),
+        ("127.0.0.1:5000", False, "http"),
+        ("127.8.9.10:5000", False, "http"),
+        ("localhost:5000", False, "http"),
+        ("[::1]:5000", False, "http"),
+    ],
+)
+def test_plain_http_only_for_loopback_or_with_the_insecure_flag(
+    host: str, insecure: bool, scheme: str
+) -> None:
+    client = RegistryClient(host, insecure=insecure)  # no request is sent
+    assert client.url("/v2/") == f"{scheme}://{host}/v2/"
