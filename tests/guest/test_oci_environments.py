@@ -199,6 +199,7 @@ def test_an_oci_image_made_here_imports_and_boots_with_its_whiteout_applied(
         )
         assert ran["exit_code"] == 0
         assert ran["stdout"] == f"{marker}\nno-motd\n"
+        assert ran["boot"]["mode"] == "warm", ran["boot"]  # a template, like any environment
         # The same image through a registry (--from, pulled anonymously) is the same
         # environment, byte for byte: same layers, same tree, same image.
         auth, anonymous = registries
