@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYRO := $(VENV)/bin/pyro
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv host-packages run test test-fast test-guest lint typecheck bench \
+.PHONY: help venv host-packages npm-packages run test test-fast lint typecheck bench \
 	runtime-fetch-binaries runtime-build-kernel-real runtime-build-rootfs-real \
 	runtime-bundle runtime-materialize runtime-publish-official-environments-oci doctor clean
 
@@ -30,6 +30,15 @@ $(VENV)/.installed: pyproject.toml
 # Debian packages (QEMU, debootstrap, e2fsprogs, kernel build tools) via apt-get.
 host-packages: venv
 	$(PYRO) runtime install-host-packages
+
+# npm packages the tests drive (MCP clients, MCP hosts): each tests/npm/<name>/ pins its
+# own in package.json + package-lock.json; `npm ci` installs exactly the locked versions.
+NPM_DIRS := $(patsubst %/package-lock.json,%,$(wildcard tests/npm/*/package-lock.json))
+
+npm-packages: host-packages $(addsuffix /node_modules/.package-lock.json,$(NPM_DIRS))
+
+tests/npm/%/node_modules/.package-lock.json: tests/npm/%/package-lock.json
+	npm ci --prefix tests/npm/$* --no-audit --no-fund --loglevel=error
 
 runtime-fetch-binaries: venv
 	$(PYRO) runtime fetch
@@ -71,7 +80,7 @@ typecheck: venv
 test-fast: venv
 	$(PYTEST) -q tests/unit
 
-test: host-packages lint typecheck
+test: host-packages npm-packages lint typecheck
 	$(PYTEST) -q tests
 
 bench: venv

@@ -46,6 +46,8 @@ HOST_TOOLS: tuple[HostTool, ...] = (
     HostTool("setpriv", "util-linux", "run the guests' DNS resolvers unprivileged"),
     HostTool("as", "binutils", "assemble the Firecracker test guest"),
     HostTool("docker-registry", "docker-registry", "the tests' loopback OCI registry"),
+    HostTool("node", "nodejs", "the tests' npm tools (MCP clients, MCP hosts)"),
+    HostTool("npm", "npm", "install the tests' npm tools (tests/npm)"),
 )
 
 # Packages installed for their files rather than for a program on PATH.
