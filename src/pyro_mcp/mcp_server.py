@@ -57,6 +57,7 @@ from pyro_mcp.api.validation import json_schema
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 from pyro_mcp.runtime.loopback import is_loopback_host
+from pyro_mcp.runtime.paths import RuntimePaths
 
 ContextFactory = Callable[[], Context]
 CANCEL_GRACE_S = 30.0  # for a cancelled operation to stop what it started
@@ -174,12 +175,17 @@ def _refuse_unknown_arguments(tool: Tool) -> Tool:
     return tool
 
 
-def confined_context(roots: Sequence[str | Path]) -> ContextFactory:
-    """Contexts whose host paths (seed, sync, export) must lie under ``roots``."""
+def confined_context(
+    roots: Sequence[str | Path], paths: RuntimePaths | None = None
+) -> ContextFactory:
+    """Contexts whose host paths (seed, sync, export) must lie under ``roots`` (and whose
+    runtime cache is ``paths``, default the configured one)."""
     policy = HostPathPolicy.confined_to(roots)
 
     def make() -> Context:
-        return Context(host_paths=policy)
+        if paths is None:
+            return Context(host_paths=policy)
+        return Context(paths=paths, host_paths=policy)
 
     return make
 

@@ -11,6 +11,7 @@ JSON-able dicts, exactly what the CLI prints with ``--json`` and what MCP tools 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,28 @@ class Pyro:
             ctx.progress = self._progress
         return ctx
 
+    def create_server(
+        self, *, profile: str | None = None, roots: list[str | Path] | None = None
+    ) -> Any:
+        """The MCP server (pyro-mcp 3.x's ``Pyro.create_server``): an ``MCPServer`` of the
+        MCP SDK on this handle's runtime cache; ``profile`` and ``roots`` as for
+        ``pyro mcp serve`` (default ``workspace-full``, the current directory)."""
+        from pyro_mcp.server import create_server
+
+        return create_server(profile, roots=roots, paths=self._paths)
+
     def __getattr__(self, name: str) -> Any:  # only reached for names not generated
         raise AttributeError(f"Pyro has no operation {name!r}")
+
+
+# pyro-mcp 3.x's names of methods that are named after their operations here; each is
+# the same method under a second name.
+COMPAT_METHODS = {
+    "status_workspace": "workspace_status",
+    "logs_workspace": "workspace_logs",
+    "status_service": "service_status",
+    "logs_service": "service_logs",
+}
 
 
 def _method(op: Operation) -> Callable[..., Any]:
@@ -51,11 +72,15 @@ def _method(op: Operation) -> Callable[..., Any]:
         arguments.pop("self")
         return op.call(self._context(), Surface.SDK, **arguments)
 
-    offered = {param.name for param in op.params_on(Surface.SDK)}
+    hints = typing.get_type_hints(op.func)
     params = [
-        param
-        for param in list(inspect.signature(op.func).parameters.values())[1:]
-        if param.name in offered
+        inspect.Parameter(
+            param.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=param.default,
+            annotation=hints[param.python_name],
+        )
+        for param in op.params_on(Surface.SDK)
     ]
     signature = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params]
@@ -69,3 +94,5 @@ def _method(op: Operation) -> Callable[..., Any]:
 
 for _op in all_operations():
     setattr(Pyro, _op.sdk, _method(_op))
+for _old, _new in COMPAT_METHODS.items():
+    setattr(Pyro, _old, getattr(Pyro, _new))

@@ -169,7 +169,7 @@ def test_an_agent_works_a_workspace_through_its_whole_loop(server: Server, tmp_p
                     await client.call_tool(
                         "workspace_exec",
                         {
-                            "workspace": wid,
+                            "workspace_id": wid,
                             "command": ["sh", "-c", "cat README.md; ls src; exit 4"],
                         },
                     )
@@ -177,31 +177,33 @@ def test_an_agent_works_a_workspace_through_its_whole_loop(server: Server, tmp_p
                 seen["write"] = _data(
                     await client.call_tool(
                         "workspace_file_write",
-                        {"workspace": wid, "path": "notes/todo.txt", "text": "ship it\n"},
+                        {"workspace_id": wid, "path": "notes/todo.txt", "text": "ship it\n"},
                     )
                 )
                 seen["patch"] = _data(
                     await client.call_tool(
-                        "workspace_patch_apply", {"workspace": wid, "patch": PATCH}
+                        "workspace_patch_apply", {"workspace_id": wid, "patch": PATCH}
                     )
                 )
-                seen["diff"] = _data(await client.call_tool("workspace_diff", {"workspace": wid}))
+                seen["diff"] = _data(
+                    await client.call_tool("workspace_diff", {"workspace_id": wid})
+                )
                 seen["read"] = _data(
                     await client.call_tool(
-                        "workspace_file_read", {"workspace": wid, "path": "src/app.py"}
+                        "workspace_file_read", {"workspace_id": wid, "path": "src/app.py"}
                     )
                 )
                 seen["export"] = _data(
                     await client.call_tool(
                         "workspace_export",
-                        {"workspace": wid, "path": "src", "output": str(tmp_path / "out")},
+                        {"workspace_id": wid, "path": "src", "output_path": str(tmp_path / "out")},
                     )
                 )
                 seen["status"] = _data(
-                    await client.call_tool("workspace_status", {"workspace": wid})
+                    await client.call_tool("workspace_status", {"workspace_id": wid})
                 )
             finally:
-                seen["delete"] = await client.call_tool("workspace_delete", {"workspace": wid})
+                seen["delete"] = await client.call_tool("workspace_delete", {"workspace_id": wid})
             seen["listed"] = _data(await client.call_tool("workspace_list", {}))
 
     _run(body)
@@ -239,23 +241,23 @@ def test_host_paths_outside_the_root_and_bad_arguments_are_tool_errors(
                 "workspace_create", {"environment": "debian:12", "seed_path": "/etc"}
             )
             seen["exec_unknown"] = await client.call_tool(
-                "workspace_exec", {"workspace": "nosuch", "command": ["true"]}
+                "workspace_exec", {"workspace_id": "nosuch", "command": ["true"]}
             )
             created = await client.call_tool("workspace_create", {"environment": "debian:12"})
             wid = _data(created)["id"]
             try:
                 await client.call_tool(
-                    "workspace_file_write", {"workspace": wid, "path": "f.txt", "text": "x\n"}
+                    "workspace_file_write", {"workspace_id": wid, "path": "f.txt", "text": "x\n"}
                 )
                 seen["export_out"] = await client.call_tool(
                     "workspace_export",
-                    {"workspace": wid, "path": "f.txt", "output": str(elsewhere)},
+                    {"workspace_id": wid, "path": "f.txt", "output_path": str(elsewhere)},
                 )
                 seen["exec_no_command"] = await client.call_tool(
-                    "workspace_exec", {"workspace": wid}
+                    "workspace_exec", {"workspace_id": wid}
                 )
             finally:
-                seen["delete"] = await client.call_tool("workspace_delete", {"workspace": wid})
+                seen["delete"] = await client.call_tool("workspace_delete", {"workspace_id": wid})
 
     try:
         _run(body)
@@ -305,7 +307,7 @@ def test_a_cancelled_workspace_exec_kills_its_command_in_the_guest(server: Serve
             async def call() -> None:
                 with scope:
                     await client.call_tool(
-                        "workspace_exec", {"workspace": wid, "command": ["sleep", "600"]}
+                        "workspace_exec", {"workspace_id": wid, "command": ["sleep", "600"]}
                     )
 
             async with anyio.create_task_group() as group:
@@ -314,7 +316,7 @@ def test_a_cancelled_workspace_exec_kills_its_command_in_the_guest(server: Serve
                 for _ in range(100):  # until the command runs in the guest
                     await anyio.sleep(0.2)
                     found = await client.call_tool(
-                        "workspace_exec", {"workspace": wid, "command": "pgrep -x sleep || true"}
+                        "workspace_exec", {"workspace_id": wid, "command": "pgrep -x sleep || true"}
                     )
                     listing = _data(found)["stdout"]
                     if listing:
@@ -323,9 +325,9 @@ def test_a_cancelled_workspace_exec_kills_its_command_in_the_guest(server: Serve
                 scope.cancel()
             await anyio.sleep(2)
             after = await client.call_tool(
-                "workspace_exec", {"workspace": wid, "command": "pgrep -x sleep || true"}
+                "workspace_exec", {"workspace_id": wid, "command": "pgrep -x sleep || true"}
             )
-            await client.call_tool("workspace_delete", {"workspace": wid})
+            await client.call_tool("workspace_delete", {"workspace_id": wid})
             return listing, _data(after)["stdout"]
 
     listing, after = _run(body)

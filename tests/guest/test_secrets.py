@@ -149,7 +149,7 @@ def test_a_secret_reaches_exec_a_service_and_a_shell_and_shows_only_as_stars(
     over_mcp = _mcp_exec(
         ws_ctx,
         {
-            "workspace": workspace,
+            "workspace_id": workspace,
             "command": ["sh", "-c", "echo $API_TOKEN"],
             "secret_env": {"API_TOKEN": "API_TOKEN"},
         },

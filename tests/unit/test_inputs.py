@@ -85,7 +85,7 @@ def test_exec_workspace_runs_a_list_as_the_argv_without_a_shell(ws: ServedWorksp
 def test_mcp_workspace_exec_takes_a_string_or_an_array(
     ws: ServedWorkspace, command: str | list[str]
 ) -> None:
-    result = _mcp("workspace_exec", {"workspace": ws.id, "command": command})
+    result = _mcp("workspace_exec", {"workspace_id": ws.id, "command": command})
     assert not result.is_error, _mcp_text(result)
     assert result.structured_content is not None
     assert result.structured_content["stdout"] == "42\n"
@@ -168,7 +168,7 @@ def test_a_command_of_another_type_is_refused_by_name(
 
 
 def test_an_argv_too_large_for_one_call_is_refused_before_it_is_sent(ws: ServedWorkspace) -> None:
-    result = _mcp("workspace_exec", {"workspace": ws.id, "command": ["echo", "x" * (3 << 20)]})
+    result = _mcp("workspace_exec", {"workspace_id": ws.id, "command": ["echo", "x" * (3 << 20)]})
     assert result.is_error
     assert _mcp_text(result).endswith(
         "too_large: exec: its arguments take 3.0 MiB encoded; a call's arguments (argv, "
@@ -215,17 +215,17 @@ def test_an_environment_too_large_for_one_call_is_refused_before_it_is_sent(
         ),
         (
             "write_workspace_file",
-            {"workspace": "ws", "path": "f", "text": b"bytes"},
+            {"workspace_id": "ws", "path": "f", "text": b"bytes"},
             "text must be a string, got b'bytes'",
         ),
         (
             "create_workspace",
-            {"environment": "debian:12", "label": "a=b"},
-            "label must be a list of strings, got 'a=b'",
+            {"environment": "debian:12", "labels": "a=b"},
+            "labels must be an object of strings or a list of strings, got 'a=b'",
         ),
         (
             "read_shell",
-            {"workspace": "ws", "shell": "s", "plain": 1},
+            {"workspace_id": "ws", "shell_id": "s", "plain": 1},
             "plain must be true or false, got 1",
         ),
     ],
@@ -314,7 +314,7 @@ def test_cli_update_ttl_nan_is_refused_and_keeps_the_ttl(
 def test_mcp_ttl_infinity_as_a_string_is_refused_and_the_record_keeps_a_finite_ttl(
     ws: ServedWorkspace,
 ) -> None:
-    result = _mcp("workspace_update", {"workspace": ws.id, "ttl_seconds": "Infinity"})
+    result = _mcp("workspace_update", {"workspace_id": ws.id, "ttl_seconds": "Infinity"})
     assert result.is_error
     assert _mcp_text(result).endswith(
         "invalid_argument: ttl_seconds must be a number greater than 0 and at most 31536000, "
@@ -339,14 +339,14 @@ def _mode(path: Path) -> int:
 
 
 def test_mcp_mode_string_0644_is_octal(ws: ServedWorkspace) -> None:
-    arguments = {"workspace": ws.id, "path": "a.txt", "text": "a", "mode": "0640"}
+    arguments = {"workspace_id": ws.id, "path": "a.txt", "text": "a", "mode": "0640"}
     result = _mcp("workspace_file_write", arguments)
     assert not result.is_error, _mcp_text(result)
     assert _mode(ws.root / "a.txt") == 0o640
 
 
 def test_mcp_mode_integer_is_the_permission_bits(ws: ServedWorkspace) -> None:
-    arguments = {"workspace": ws.id, "path": "b.txt", "text": "b", "mode": 0o600}
+    arguments = {"workspace_id": ws.id, "path": "b.txt", "text": "b", "mode": 0o600}
     assert not _mcp("workspace_file_write", arguments).is_error
     assert _mode(ws.root / "b.txt") == 0o600
 
@@ -395,7 +395,7 @@ def test_cli_text_that_is_not_utf8_is_refused_and_nothing_is_written(
 
 
 def test_a_lone_surrogate_from_mcp_is_refused_naming_the_argument(ws: ServedWorkspace) -> None:
-    result = _mcp("workspace_file_write", {"workspace": ws.id, "path": "t", "text": "a\ud800"})
+    result = _mcp("workspace_file_write", {"workspace_id": ws.id, "path": "t", "text": "a\ud800"})
     assert result.is_error
     assert _mcp_text(result).endswith(
         "invalid_argument: text must be valid UTF-8 text; character 1 is a lone surrogate "
@@ -516,7 +516,7 @@ def test_a_parameter_the_surface_does_not_offer_is_refused_by_the_layer(
 ) -> None:
     op = OPERATIONS["workspace_file_write"]
     with pytest.raises(InvalidArgument) as caught:
-        op.call(Context(state_dir=tmp_path), Surface.MCP, workspace="w", path="p", stdin=True)
+        op.call(Context(state_dir=tmp_path), Surface.MCP, workspace_id="w", path="p", stdin=True)
     assert caught.value.message == (
         "workspace_file_write has no parameter 'stdin' on the mcp surface"
     )

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "sdk": 6,
     "cli": 6,
     "mcp_server": 6,
+    "server": 6,
 }
 
 # guest_agent runs inside the VM: stdlib plus the guest modules copied beside it, which

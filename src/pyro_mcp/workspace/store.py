@@ -497,6 +497,15 @@ class WorkspaceStore:
             ).fetchall()
         return [from_row(CommandRecord, r) for r in rows]
 
+    def command_count(self, ref: str) -> int:
+        """How many commands the workspace's journal holds, all of them."""
+        with self._db.read() as conn:
+            record = self._find(conn, ref)
+            row = conn.execute(
+                "SELECT COUNT(*) FROM commands WHERE workspace_id = ?", (record.id,)
+            ).fetchone()
+        return int(row[0])
+
     # -- secrets (names in the clear, values sealed) -----------------------------------
 
     def add_secrets(self, ref: str, sealed: dict[str, tuple[str, bytes]]) -> None:

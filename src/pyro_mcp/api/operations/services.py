@@ -9,10 +9,11 @@ from urllib.parse import urlsplit
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.network_args import PUBLISH, publish_service_ports
+from pyro_mcp.api.operations.shells import SIGNAL
 from pyro_mcp.api.operations.vm import COMMAND
 from pyro_mcp.api.operations.workspace_content import CWD, ENV, SECRET_ENV
-from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
-from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
+from pyro_mcp.api.operations.workspaces import FULL, WORKSPACE, open_workspaces, parse_pairs
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.guest.client import command_fields
 from pyro_mcp.network import nft
@@ -22,8 +23,9 @@ from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.paths import guest_path
 
-WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
-NAME = Arg("service name (unique in the workspace)", surfaces=EVERY, positional=True)
+NAME = Arg(
+    "service name (unique in the workspace)", surfaces=EVERY, positional=True, name="service_name"
+)
 CALL_MARGIN_S = 15.0
 
 
@@ -65,6 +67,34 @@ def ready_probe(
     return None
 
 
+# pyro-mcp 3.x's readiness object: its type and the one key that type takes.
+READINESS_KEYS = {"file": "path", "tcp": "address", "http": "url", "command": "command"}
+READINESS = Arg(
+    'readiness as one object: {"type": "file", "path": P}, {"type": "tcp", "address": '
+    '"HOST:PORT"}, {"type": "http", "url": U} or {"type": "command", "command": C} '
+    "(the same probes as ready_file, ready_tcp, ready_http, ready_command)",
+    surfaces=Surface.SDK | Surface.MCP,
+)
+
+
+def readiness_options(readiness: dict[str, str]) -> dict[str, str]:
+    """``readiness`` as the ``ready_*`` option it stands for (InvalidArgument naming what
+    is wrong with it)."""
+    kind = readiness.get("type")
+    if kind not in READINESS_KEYS:
+        raise InvalidArgument(
+            f"readiness type must be one of {', '.join(map(repr, READINESS_KEYS))}, got {kind!r}"
+        )
+    key = READINESS_KEYS[kind]
+    extra = sorted(set(readiness) - {"type", key})
+    if key not in readiness or extra:
+        raise InvalidArgument(
+            f'readiness of type {kind!r} takes exactly "type" and "{key}"'
+            + (f", not {', '.join(map(repr, extra))}" if extra else "")
+        )
+    return {f"ready_{kind}": readiness[key]}
+
+
 FOLLOW_MAX_S = 7 * 24 * 3600.0
 
 
@@ -89,6 +119,7 @@ def service_start(
     ready_command: Annotated[
         str | None, Arg("ready when this shell command exits 0", surfaces=EVERY)
     ] = None,
+    readiness: Annotated[dict[str, str] | None, READINESS] = None,
     ready_timeout_seconds: Annotated[
         float,
         Arg(
@@ -131,7 +162,17 @@ def service_start(
         "ready_interval_ms": ready_interval_ms,
         "restart": restart,
     }
-    probe = ready_probe(ready_file, ready_tcp, ready_http, ready_command)
+    options = {
+        "ready_file": ready_file,
+        "ready_tcp": ready_tcp,
+        "ready_http": ready_http,
+        "ready_command": ready_command,
+    }
+    if readiness is not None:
+        if any(value is not None for value in options.values()):
+            raise InvalidArgument("give readiness or a ready_* option, not both")
+        options.update(readiness_options(readiness))
+    probe = ready_probe(**options)
     if probe is not None:
         args["ready"] = probe
     with open_workspaces(ctx) as workspaces:
@@ -159,7 +200,27 @@ def _start(
             )
         finally:
             workspaces.mirror_services(record.id, agent)  # a failed start unpublishes
-        return {**value, "published_ports": [port.to_dict() for port in published]}
+        return {
+            **value,
+            "published_ports": [port.to_dict() for port in published],
+            **_keys(record.id, str(args["name"])),
+        }
+
+
+def _keys(workspace_id: str, name: str) -> dict[str, str]:
+    """pyro-mcp 3.x's keys of a service result, from what the host knows (they go last:
+    a guest's answer cannot replace them)."""
+    return {"workspace_id": workspace_id, "service_name": name}
+
+
+def _listing(workspace_id: str, services: list[dict[str, Any]]) -> dict[str, Any]:
+    running = sum(1 for service in services if service.get("state") == "running")
+    return {
+        "services": [{**s, **_keys(workspace_id, str(s.get("name")))} for s in services],
+        "workspace_id": workspace_id,
+        "count": len(services),
+        "running_count": running,
+    }
 
 
 @operation(cli=("workspace", "service", "list"), sdk="list_services", profiles=FULL)
@@ -168,10 +229,11 @@ def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str
     with open_workspaces(ctx) as workspaces:
         record = workspaces.store.get(workspace)
         if record.state.value != "running":
-            return {"services": list(record.services.values()), "as_of": "last seen running"}
+            listing = _listing(record.id, list(record.services.values()))
+            return {**listing, "as_of": "last seen running"}
         with workspaces.agent(workspace, "service list") as agent:
             record = workspaces.mirror_services(record.id, agent)
-        return {"services": list(record.services.values())}
+        return _listing(record.id, list(record.services.values()))
 
 
 @operation(cli=("workspace", "service", "status"), sdk="service_status", profiles=FULL)
@@ -182,10 +244,11 @@ def service_status(
     published."""
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service status") as agent:
         value, _ = agent.call("service_status", {"name": name}, timeout_s=30)
-        link = link_of(workspaces.store.get(workspace).id)
+        workspace_id = workspaces.store.get(workspace).id
+        link = link_of(workspace_id)
         mine = nft.published(link) if link is not None else []
         ports = [port.to_dict() for port in mine if port.owner == f"service:{name}"]
-        return {**value, "published_ports": ports}
+        return {**value, "published_ports": ports, **_keys(workspace_id, name)}
 
 
 @operation(cli=("workspace", "service", "logs"), sdk="service_logs", profiles=FULL)
@@ -216,7 +279,7 @@ def service_logs(
             )  # tell a quiet service from a stalled agent
         else:
             value, _ = agent.call("service_logs", args, timeout_s=60)
-        return value
+        return {**value, **_keys(workspaces.store.get(workspace).id, name)}
 
 
 @operation(cli=("workspace", "service", "stop"), sdk="stop_service", profiles=FULL)
@@ -224,7 +287,7 @@ def service_stop(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, NAME],
-    signal: Annotated[str, Arg("signal sent first", surfaces=EVERY)] = "TERM",
+    signal: Annotated[str, Arg("signal sent first", surfaces=EVERY, **SIGNAL)] = "TERM",
     grace_seconds: Annotated[
         float, Arg("then KILL after this long", surfaces=EVERY, minimum=0, maximum=600)
     ] = 10.0,
@@ -238,4 +301,4 @@ def service_stop(
             timeout_s=grace_seconds + CALL_MARGIN_S,
         )
         workspaces.mirror_services(record.id, agent)
-        return value
+        return {**value, **_keys(record.id, name)}

@@ -6,13 +6,13 @@ from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspace_content import SECRET_ENV
-from pyro_mcp.api.operations.workspaces import FULL, open_workspaces
+from pyro_mcp.api.operations.workspaces import FULL, WORKSPACE, open_workspaces
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import guest_path
 
-WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
-SHELL = Arg("shell id (from shell open)", surfaces=EVERY, positional=True)
+SIGNAL: dict[str, Any] = {"name": "signal_name", "flag": "signal"}  # pyro-mcp's name
+SHELL = Arg("shell id (from shell open)", surfaces=EVERY, positional=True, name="shell_id")
 MAX_WAIT_MS = 30_000
 READ_MAX = 128 << 10  # what the agent returns from one read at most (ops_shells.READ_MAX)
 
@@ -93,10 +93,17 @@ def shell_write(
     workspace: Annotated[str, WORKSPACE],
     shell: Annotated[str, SHELL],
     input: Annotated[str, Arg("text to type", surfaces=EVERY)],
-    no_newline: Annotated[bool, Arg("do not press Enter after it", surfaces=EVERY)] = False,
+    append_newline: Annotated[
+        bool,
+        Arg(
+            "press Enter after it (the CLI's --no-newline turns it off)",
+            surfaces=EVERY,
+            flag="no-newline",
+        ),
+    ] = True,
 ) -> dict[str, Any]:
-    """Type into a shell (Enter is pressed after it unless no_newline)."""
-    args = {"shell_id": shell, "input": input, "newline": not no_newline}
+    """Type into a shell (Enter is pressed after it unless append_newline is false)."""
+    args = {"shell_id": shell, "input": input, "newline": append_newline}
     return dict(_call(ctx, workspace, "shell write", "shell_write", args))
 
 
@@ -106,7 +113,7 @@ def shell_signal(
     workspace: Annotated[str, WORKSPACE],
     shell: Annotated[str, SHELL],
     signal: Annotated[
-        str, Arg("signal for the foreground process (INT is Ctrl-C)", surfaces=EVERY)
+        str, Arg("signal for the foreground process (INT is Ctrl-C)", surfaces=EVERY, **SIGNAL)
     ] = "INT",
 ) -> dict[str, Any]:
     """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""

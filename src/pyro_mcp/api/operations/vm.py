@@ -14,7 +14,7 @@ from pyro_mcp.api.operations.network_args import (
     run_policy,
 )
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.errors import VMError
+from pyro_mcp.errors import InvalidArgument, OperationTimeout, VMError
 from pyro_mcp.guest.client import AgentClient, command_fields
 from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.runtime import environments
@@ -48,6 +48,30 @@ OUTPUT_CAP = Arg(
     maximum=MAX_OUTPUT_CAP,
 )
 VCPUS = Arg("virtual CPUs", surfaces=EVERY, minimum=1, maximum=32)
+ALLOW_HOST_COMPAT = Arg(
+    "pyro-mcp 3.x's fallback to running on the host; pyro never does, so only false is accepted",
+    surfaces=EVERY,
+)
+RUN_TTL = Arg(
+    "discard the VM at the latest this long after the call starts (the command's timeout "
+    "is shortened to fit)",
+    surfaces=EVERY,
+    minimum=0,
+    exclusive_minimum=True,
+    maximum=MAX_TIMEOUT_S,
+)
+
+
+def refuse_host_compat(allow_host_compat: bool) -> None:
+    """pyro runs commands in a guest or not at all: ``allow_host_compat=True`` is refused."""
+    if allow_host_compat:
+        raise InvalidArgument(
+            "allow_host_compat=true is not supported: pyro runs commands only inside a "
+            "microVM, never on the host",
+            hint="drop allow_host_compat; when no VM can boot here, `pyro doctor` says why",
+        )
+
+
 MEMORY = Arg("guest memory in MiB", surfaces=EVERY, minimum=128, maximum=65536)
 
 
@@ -72,6 +96,8 @@ def vm_run(
     network_policy: Annotated[str | None, NETWORK_POLICY] = None,
     allow_cidr: Annotated[list[str] | None, ALLOW_CIDR] = None,
     allow_host: Annotated[list[str] | None, ALLOW_HOST] = None,
+    ttl_seconds: Annotated[float | None, RUN_TTL] = None,
+    allow_host_compat: Annotated[bool, ALLOW_HOST_COMPAT] = False,
 ) -> dict[str, Any]:
     """Boot a fresh microVM, run one command in it, and discard the VM.
 
@@ -87,9 +113,11 @@ def vm_run(
     BootTimeout (with the serial console tail) when the guest never becomes ready,
     NetworkUnavailable when the host cannot give it the network asked for.
     """
+    refuse_host_compat(allow_host_compat)
     how = command_fields(command)
     policy = run_policy(network, network_policy, allow_cidr, allow_host)
     started = time.monotonic()
+    deadline = started + ttl_seconds if ttl_seconds is not None else None
     timings: dict[str, float] = {}
 
     def mark(phase: str, since: float) -> float:
@@ -135,10 +163,19 @@ def vm_run(
                 agent = _start(ctx, vm)
             phase = mark("boot_ms", phase)
             ctx.progress("running command")
+            timeout_s = timeout_seconds
+            if deadline is not None:
+                timeout_s = min(timeout_s, deadline - time.monotonic())
+                if timeout_s <= 0:
+                    raise OperationTimeout(
+                        f"the VM's ttl_seconds ({ttl_seconds:g}) ran out while it booted; "
+                        "the command did not run",
+                        hint="give a longer ttl_seconds",
+                    )
             with ctx.running_command() as output:
                 result = agent.exec(
                     **how,
-                    timeout_s=timeout_seconds,
+                    timeout_s=timeout_s,
                     output_cap=output_cap_bytes,
                     on_output=output,
                 )

@@ -7,13 +7,12 @@ from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import COMMAND, OUTPUT_CAP, TIMEOUT
-from pyro_mcp.api.operations.workspaces import CORE, FULL, open_workspaces, parse_pairs
+from pyro_mcp.api.operations.workspaces import CORE, FULL, WORKSPACE, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument, InvalidState
 from pyro_mcp.storage import disk_export, host_files, workspace_disk
 from pyro_mcp.workspace import checkpoints, content
 
-WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
 PATH = Arg(
     "path in /workspace (relative paths start there)", surfaces=EVERY, positional=True, path=True
 )
@@ -28,7 +27,8 @@ CWD = Arg("working directory (default /workspace)", surfaces=EVERY, path=True)
 FORCE = Arg("replace an existing output", surfaces=EVERY)
 RECURSIVE = Arg("descend into subdirectories", surfaces=EVERY)
 READ_BYTES = Arg("read at most this many bytes", surfaces=EVERY, minimum=1, maximum=64 << 20)
-CHECKPOINT = Arg("checkpoint name", surfaces=EVERY, positional=True)
+CONTENT_ONLY = Arg("print only the content", surfaces=CLI_ONLY)
+CHECKPOINT = Arg("checkpoint name", surfaces=EVERY, positional=True, name="snapshot_name")
 
 
 @operation(
@@ -90,7 +90,7 @@ def workspace_file_read(
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[str, PATH],
     max_bytes: Annotated[int, READ_BYTES] = content.DEFAULT_READ_BYTES,
-    content_only: Annotated[bool, Arg("print only the content", surfaces=CLI_ONLY)] = False,
+    content_only: Annotated[bool, CONTENT_ONLY] = False,
 ) -> dict[str, Any]:
     """Read a file from /workspace: UTF-8 text as is, anything else base64-encoded."""
     with open_workspaces(ctx) as workspaces:
@@ -169,12 +169,19 @@ def workspace_patch_apply(
         return content.apply_patch(workspaces, workspace, text)
 
 
-@operation(cli=("workspace", "sync", "push"), sdk="push_workspace_sync", profiles=FULL)
+@operation(cli=("workspace", "sync", "push"), sdk="push_workspace_sync", profiles=CORE)
 def workspace_sync_push(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     source: Annotated[
-        str, Arg("host directory or tar archive", surfaces=EVERY, positional=True, path=True)
+        str,
+        Arg(
+            "host directory or tar archive",
+            surfaces=EVERY,
+            positional=True,
+            path=True,
+            name="source_path",
+        ),
     ],
     dest: Annotated[
         str, Arg("destination directory in /workspace", surfaces=EVERY, path=True)
@@ -205,7 +212,14 @@ def workspace_export(
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[str, PATH],
     output: Annotated[
-        str, Arg("host path to write (file or directory)", surfaces=EVERY, path=True)
+        str,
+        Arg(
+            "host path to write (file or directory)",
+            surfaces=EVERY,
+            path=True,
+            name="output_path",
+            flag="output",
+        ),
     ],
     force: Annotated[bool, FORCE] = False,
 ) -> dict[str, Any]:
@@ -218,7 +232,8 @@ def workspace_export(
     with open_workspaces(ctx) as workspaces:
         # content.export hands ``output`` to exporting.extract_export, which takes a
         # HostPath; the ignore goes once content.export's annotation says Path | HostPath.
-        return content.export(workspaces, workspace, path, target, force=force)
+        result = content.export(workspaces, workspace, path, target, force=force)
+        return {**result, "output_path": result["output"]}
 
 
 @operation(cli=("workspace", "snapshot", "create"), sdk="create_snapshot", profiles=FULL)
@@ -236,7 +251,12 @@ def snapshot_create(
 def snapshot_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """The checkpoints of a workspace (the seed is the implicit ``baseline``)."""
     with open_workspaces(ctx) as workspaces:
-        return {"snapshots": [c.to_dict() for c in workspaces.store.checkpoints(workspace)]}
+        found = workspaces.store.checkpoints(workspace)
+        return {
+            "snapshots": [c.to_dict() for c in found],
+            "workspace_id": workspaces.store.get(workspace).id,
+            "count": len(found),
+        }
 
 
 @operation(cli=("workspace", "snapshot", "delete"), sdk="delete_snapshot", profiles=FULL)
@@ -249,10 +269,16 @@ def snapshot_delete(
     with open_workspaces(ctx) as workspaces:
         workspaces.store.delete_checkpoint(workspace, name)
         removed, freed = workspaces.collect_blobs(workspaces.store.get(workspace).id)
-        return {"deleted": name, "blobs_removed": removed, "bytes_freed": freed}
+        return {
+            "deleted": name,
+            "snapshot_name": name,
+            "workspace_id": workspaces.store.get(workspace).id,
+            "blobs_removed": removed,
+            "bytes_freed": freed,
+        }
 
 
-@operation(cli=("workspace", "reset"), sdk="reset_workspace", profiles=FULL)
+@operation(cli=("workspace", "reset"), sdk="reset_workspace", profiles=CORE)
 def workspace_reset(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -298,25 +324,38 @@ def workspace_disk_read(
         str, Arg("file on the /workspace disk", surfaces=EVERY, positional=True, path=True)
     ],
     max_bytes: Annotated[int, READ_BYTES] = 1 << 20,
+    content_only: Annotated[bool, CONTENT_ONLY] = False,
 ) -> dict[str, Any]:
     """Read a file from a stopped workspace's /workspace disk offline."""
     image = _stopped_disk(ctx, workspace, "disk read")
     data = workspace_disk.disk_read(image, path, max_bytes)
-    return {"path": path, "size": len(data), "content": data.decode("utf-8", "replace")}
+    result = {"path": path, "size": len(data), "content": data.decode("utf-8", "replace")}
+    if content_only:
+        result["content_only"] = True
+    return result
 
 
 @operation(cli=("workspace", "disk", "export"), sdk="export_workspace_disk", profiles=FULL)
 def workspace_disk_export(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
-    output: Annotated[str, Arg("host path of the ext4 image to write", surfaces=EVERY, path=True)],
+    output: Annotated[
+        str,
+        Arg(
+            "host path of the ext4 image to write",
+            surfaces=EVERY,
+            path=True,
+            name="output_path",
+            flag="output",
+        ),
+    ],
     force: Annotated[bool, FORCE] = False,
 ) -> dict[str, Any]:
     """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
     target = ctx.host_paths.check(output, "disk export output")
     image = _stopped_disk(ctx, workspace, "disk export")
     written = disk_export.disk_export(image, target, force=force)
-    return {"output": str(written), "size": image.stat().st_size}
+    return {"output": str(written), "output_path": str(written), "size": image.stat().st_size}
 
 
 def _read_text(ctx: Context, path: str, purpose: str) -> str:

@@ -15,7 +15,7 @@ from pyro_mcp.api.operations.network_args import (
     require_publishing,
     workspace_policy,
 )
-from pyro_mcp.api.operations.vm import MEMORY, VCPUS
+from pyro_mcp.api.operations.vm import ALLOW_HOST_COMPAT, MEMORY, VCPUS, refuse_host_compat
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
 from pyro_mcp.errors import InvalidArgument, PyroError
 from pyro_mcp.network.link import vm_network_info
@@ -31,7 +31,7 @@ from pyro_mcp.workspace.store import UNSET
 CORE = ("workspace-core", "workspace-full")
 FULL = ("workspace-full",)
 MAX_TTL_S = 365 * 24 * 3600
-WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
+WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True, name="workspace_id")
 
 
 def _ttl(help: str) -> Arg:
@@ -64,8 +64,20 @@ def read_secret_file(ctx: Context, path: str) -> bytes:
         ) from exc
 
 
-def parse_pairs(values: list[str] | None, what: str) -> dict[str, str]:
-    """``["K=V", ...]`` as a dict (InvalidArgument naming the bad item)."""
+def labels_arg(help: str) -> Arg:
+    """Labels: an object of strings (SDK, MCP: pyro-mcp's ``labels``) or ``KEY=VALUE``
+    items (the CLI's repeatable ``--label``)."""
+    return Arg(help, surfaces=EVERY, name="labels", flag="label", metavar="KEY=VALUE")
+
+
+Labels = dict[str, str] | list[str] | None
+
+
+def parse_pairs(values: dict[str, str] | list[str] | None, what: str) -> dict[str, str]:
+    """``["K=V", ...]`` (or an object of strings) as a dict (InvalidArgument naming the
+    bad item)."""
+    if isinstance(values, dict):
+        return dict(values)
     pairs: dict[str, str] = {}
     for item in values or []:
         key, sep, value = item.partition("=")
@@ -90,7 +102,7 @@ def workspace_create(
         ),
     ] = None,
     name: Annotated[str | None, Arg("a unique name to refer to it by", surfaces=EVERY)] = None,
-    label: Annotated[list[str] | None, Arg("KEY=VALUE label (repeatable)", surfaces=EVERY)] = None,
+    label: Annotated[Labels, labels_arg("KEY=VALUE label (repeatable)")] = None,
     vcpu_count: Annotated[int, VCPUS] = 1,
     mem_mib: Annotated[int, MEMORY] = 512,
     disk_mib: Annotated[
@@ -131,6 +143,7 @@ def workspace_create(
             metavar="NAME=PATH",
         ),
     ] = None,
+    allow_host_compat: Annotated[bool, ALLOW_HOST_COMPAT] = False,
     id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
 ) -> dict[str, Any]:
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
@@ -144,6 +157,7 @@ def workspace_create(
     InvalidArgument or NotFound for a bad secret (its name, never its value), before
     anything is created.
     """
+    refuse_host_compat(allow_host_compat)
     policy = workspace_policy(network_policy, allow_cidr, allow_host)
     require_publishing(policy, publish)
     check_free(check_publish_list(publish))
@@ -189,28 +203,30 @@ def secret_names(workspaces: Workspaces, workspace_id: str) -> list[dict[str, st
 @operation(cli=("workspace", "list"), sdk="list_workspaces", profiles=CORE)
 def workspace_list(
     ctx: Context,
-    label: Annotated[
-        list[str] | None, Arg("only those with this KEY=VALUE label", surfaces=EVERY)
-    ] = None,
+    label: Annotated[Labels, labels_arg("only those with this KEY=VALUE label")] = None,
 ) -> dict[str, Any]:
     """List workspaces with their state, environment, sizes and labels."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile()
         records = workspaces.store.list(labels=parse_pairs(label, "label") or None)
-        return {"workspaces": [record.to_dict() for record in records]}
+        return {"workspaces": [record.to_dict() for record in records], "count": len(records)}
 
 
-@operation(cli=("workspace", "update"), sdk="update_workspace", profiles=FULL)
+@operation(cli=("workspace", "update"), sdk="update_workspace", profiles=CORE)
 def workspace_update(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str | None, Arg("new name", surfaces=EVERY)] = None,
     clear_name: Annotated[bool, Arg("remove the name", surfaces=EVERY)] = False,
-    label: Annotated[
-        list[str] | None, Arg("set KEY=VALUE label (repeatable)", surfaces=EVERY)
-    ] = None,
+    label: Annotated[Labels, labels_arg("set KEY=VALUE label (repeatable)")] = None,
     clear_label: Annotated[
-        list[str] | None, Arg("remove label KEY (repeatable)", surfaces=EVERY)
+        list[str] | None,
+        Arg(
+            "remove label KEY (repeatable)",
+            surfaces=EVERY,
+            name="clear_labels",
+            flag="clear-label",
+        ),
     ] = None,
     ttl_seconds: Annotated[float | None, _ttl("expire this many seconds from now")] = None,
 ) -> dict[str, Any]:
@@ -249,8 +265,11 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
             **_with_network(record),
             "secrets": secret_names(workspaces, record.id),
             "checkpoints": [c.name for c in workspaces.store.checkpoints(record.id)],
-            "commands": len(workspaces.store.commands(record.id, limit=1000)),
+            "commands": workspaces.store.command_count(record.id),
+            "command_count": workspaces.store.command_count(record.id),  # pyro-mcp's key
             "service_counts": counts,
+            "service_count": len(record.services),
+            "running_service_count": counts.get("running", 0),
         }
 
 
@@ -271,7 +290,7 @@ def _with_network(record: WorkspaceRecord) -> dict[str, Any]:
     return {**record.to_dict(), "network": vm_network_info(policy, record.id if running else None)}
 
 
-@operation(cli=("workspace", "logs"), sdk="workspace_logs", profiles=FULL)
+@operation(cli=("workspace", "logs"), sdk="workspace_logs", profiles=CORE)
 def workspace_logs(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -282,7 +301,11 @@ def workspace_logs(
     """The commands journal: what ran, where, how it ended, and the tail of its output."""
     with open_workspaces(ctx) as workspaces:
         commands = workspaces.store.commands(workspace, limit=limit)
-        return {"commands": [command.to_dict() for command in commands]}
+        return {
+            "commands": [command.to_dict() for command in commands],
+            "workspace_id": workspaces.store.get(workspace).id,
+            "count": len(commands),
+        }
 
 
 @operation(cli=("workspace", "stop"), sdk="stop_workspace", profiles=FULL, progress=True)
