@@ -60,6 +60,8 @@ from pyro_mcp.runtime.loopback import is_loopback_host
 from pyro_mcp.runtime.paths import RuntimePaths
 
 ContextFactory = Callable[[], Context]
+# pyro-mcp 3.x's tool names for operations named otherwise here: the same tool twice.
+COMPAT_TOOLS = {"vm_list_environments": "env_list"}
 CANCEL_GRACE_S = 30.0  # for a cancelled operation to stop what it started
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,19 @@ def build_server(
         )
         for op in ops
     ]
+    if profile == "workspace-full":  # where pyro-mcp 3.x had them
+        by_name = {op.name: op for op in ops}
+        tools += [
+            _refuse_unknown_arguments(
+                Tool.from_function(
+                    _tool(by_name[target], make_context, profile),
+                    name=alias,
+                    description=f"pyro-mcp 3.x's name for {target}. {by_name[target].doc}",
+                )
+            )
+            for alias, target in COMPAT_TOOLS.items()
+            if target in by_name
+        ]
     return MCPServer(
         name="pyro-mcp",
         version=__version__,

@@ -22,7 +22,7 @@ from pyro_mcp.api import Context, Operation, all_operations, operation, registry
 from pyro_mcp.api.registry import EVERY, Arg, Param, Surface
 from pyro_mcp.errors import NotFound
 from pyro_mcp.mcp_profiles import PROFILES
-from pyro_mcp.mcp_server import build_server, confined_context, serve
+from pyro_mcp.mcp_server import COMPAT_TOOLS, build_server, confined_context, serve
 from pyro_mcp.runtime.paths import RuntimePaths
 
 T = TypeVar("T")
@@ -91,7 +91,8 @@ def test_vm_run_profile_exposes_exactly_vm_run_and_env_list() -> None:
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_each_profile_exposes_the_operations_that_declare_it(profile: str) -> None:
-    assert set(_list_tools(profile)) == set(_ops(profile))
+    compat = set(COMPAT_TOOLS) if profile == "workspace-full" else set()
+    assert set(_list_tools(profile)) == set(_ops(profile)) | compat
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -166,7 +167,8 @@ def test_every_operation_is_a_tool_in_exactly_the_profiles_it_declares() -> None
 def test_profiles_nest_so_workspace_full_has_every_mcp_tool() -> None:
     tools = {profile: set(_list_tools(profile)) for profile in PROFILES}
     assert tools["vm-run"] <= tools["workspace-core"] <= tools["workspace-full"]
-    assert tools["workspace-full"] == {op.name for op in all_operations() if op.profiles}
+    compat = set(COMPAT_TOOLS)  # pyro-mcp 3.x's names, beside ours
+    assert tools["workspace-full"] == {op.name for op in all_operations() if op.profiles} | compat
 
 
 # --- malformed calls and operation errors -----------------------------------------------

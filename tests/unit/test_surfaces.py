@@ -147,3 +147,28 @@ def test_sdk_reports_the_same_catalog_as_the_cli(
     names = [row["name"] for row in from_sdk["environments"]]
     assert names == ["debian:12-base", "debian:12", "debian:12-build"]
     assert not any(row["installed"] for row in from_sdk["environments"])
+
+
+def test_every_cli_option_shows_the_default_the_operation_applies() -> None:
+    parser = build_parser()
+    for op in all_operations():
+        command = parser
+        for word in op.cli:
+            sub = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction))
+            command = sub.choices[word]
+        shown = {a.dest: a.help or "" for a in command._actions}
+        for param in op.params_on(Surface.CLI):
+            default = param.default
+            if param.required or default is None or isinstance(default, bool) or default == []:
+                continue
+            assert shown[param.name].endswith(f"(default: {default})"), (op.name, param.name)
+    run = next(op for op in all_operations() if op.name == "vm_run")
+    assert "(default: 512)" in _cli_help(run.cli)  # a changed default users must see
+
+
+def _cli_help(words: tuple[str, ...]) -> str:
+    command = build_parser()
+    for word in words:
+        sub = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction))
+        command = sub.choices[word]
+    return command.format_help()

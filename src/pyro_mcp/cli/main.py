@@ -29,8 +29,17 @@ def _flag(param: Param) -> str:
     return "--" + (param.arg.flag or param.name.replace("_", "-"))
 
 
+def _help(param: Param) -> str:
+    """The parameter's help with its default, as the operation applies it (the CLI's
+    own default is None: an option not given keeps the operation's)."""
+    default = param.default
+    if param.required or default is None or isinstance(default, bool) or default == []:
+        return param.arg.help
+    return f"{param.arg.help} (default: {default})"
+
+
 def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
-    kwargs: dict[str, Any] = {"help": param.arg.help}
+    kwargs: dict[str, Any] = {"help": _help(param)}
     if param.arg.choices:
         kwargs["choices"] = param.arg.choices
     if param.arg.metavar:

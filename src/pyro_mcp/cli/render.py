@@ -60,6 +60,24 @@ def _generic(result: dict[str, Any], indent: int = 0) -> str:
     return "\n".join(line for line in lines if line is not None)
 
 
+def _demo(result: dict[str, Any]) -> str:
+    timings = ", ".join(
+        f"{k.removesuffix('_ms')} {v:.0f} ms" for k, v in result["timings_ms"].items()
+    )
+    lines = [
+        f"$ {' '.join(result['command'])}   (in a fresh {result['environment']} microVM)",
+        str(result["stdout"]).rstrip("\n"),
+        "",
+        f"exit code {result['exit_code']} in {result['duration_ms']:.0f} ms on "
+        f"{result['backend']} ({result['boot'].get('mode', '?')} boot): {timings}",
+    ]
+    address = (result.get("network") or {}).get("guest_ip")
+    if address:
+        lines.append(f"the VM's address: {address}")
+    lines += ["", "try next:", *(f"  {step}" for step in result["next"])]
+    return "\n".join(lines)
+
+
 def _streamed(result: dict[str, Any]) -> str:
     # The output was written live; only say what a reader could not see.
     notes = []
@@ -102,6 +120,7 @@ RENDERERS: dict[str, Renderer] = {
     "shell_open": _created,
     "shell_read": _shell_read,
     "workspace_exec": _streamed,
+    "demo": _demo,
     "workspace_file_read": _file_read,
     "workspace_disk_read": _file_read,
     "workspace_create": _created,

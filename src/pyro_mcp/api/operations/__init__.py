@@ -1,6 +1,7 @@
 """Importing this package registers every operation."""
 
 from pyro_mcp.api.operations import (
+    demo,
     environments,
     runtime,
     services,
@@ -12,6 +13,7 @@ from pyro_mcp.api.operations import (
 )
 
 __all__ = [
+    "demo",
     "environments",
     "runtime",
     "services",

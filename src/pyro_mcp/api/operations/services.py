@@ -213,8 +213,11 @@ def _keys(workspace_id: str, name: str) -> dict[str, str]:
     return {"workspace_id": workspace_id, "service_name": name}
 
 
+UP_STATES = ("running", "ready")  # up: without a probe, or with one that passed
+
+
 def _listing(workspace_id: str, services: list[dict[str, Any]]) -> dict[str, Any]:
-    running = sum(1 for service in services if service.get("state") == "running")
+    running = sum(1 for service in services if service.get("state") in UP_STATES)
     return {
         "services": [{**s, **_keys(workspace_id, str(s.get("name")))} for s in services],
         "workspace_id": workspace_id,

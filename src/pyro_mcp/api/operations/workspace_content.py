@@ -289,6 +289,15 @@ def workspace_reset(
         return checkpoints.reset(workspaces, workspace, snapshot)
 
 
+def _on_disk(path: str) -> str:
+    """A path as the file tools take it (``/workspace/x``, ``x``) on the /workspace disk,
+    whose root is ``/workspace`` in the guest: ``/x``. A path that is already absolute
+    elsewhere is taken as on the disk, as before."""
+    if path == "/workspace" or path.startswith("/workspace/"):
+        return "/" + path.removeprefix("/workspace").lstrip("/")
+    return path if path.startswith("/") else "/" + path
+
+
 def _stopped_disk(ctx: Context, workspace: str, action: str) -> Any:
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile_one(workspace)
@@ -306,13 +315,19 @@ def workspace_disk_list(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[
-        str, Arg("directory on the /workspace disk", surfaces=EVERY, positional=True, path=True)
-    ] = "/",
+        str,
+        Arg(
+            "directory in /workspace (/workspace/src, src; / is the disk's root)",
+            surfaces=EVERY,
+            positional=True,
+            path=True,
+        ),
+    ] = "/workspace",
     recursive: Annotated[bool, RECURSIVE] = False,
 ) -> dict[str, Any]:
     """List a stopped workspace's /workspace disk offline (never mounted on the host)."""
     image = _stopped_disk(ctx, workspace, "disk list")
-    listing = workspace_disk.disk_list(image, path, recursive)
+    listing = workspace_disk.disk_list(image, _on_disk(path), recursive)
     return {"path": path, "entries": list(listing), "unlisted": listing.unlisted}
 
 
@@ -321,14 +336,20 @@ def workspace_disk_read(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     path: Annotated[
-        str, Arg("file on the /workspace disk", surfaces=EVERY, positional=True, path=True)
+        str,
+        Arg(
+            "file in /workspace (/workspace/a.txt or a.txt)",
+            surfaces=EVERY,
+            positional=True,
+            path=True,
+        ),
     ],
     max_bytes: Annotated[int, READ_BYTES] = 1 << 20,
     content_only: Annotated[bool, CONTENT_ONLY] = False,
 ) -> dict[str, Any]:
     """Read a file from a stopped workspace's /workspace disk offline."""
     image = _stopped_disk(ctx, workspace, "disk read")
-    data = workspace_disk.disk_read(image, path, max_bytes)
+    data = workspace_disk.disk_read(image, _on_disk(path), max_bytes)
     result = {"path": path, "size": len(data), "content": data.decode("utf-8", "replace")}
     if content_only:
         result["content_only"] = True

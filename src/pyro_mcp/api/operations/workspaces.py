@@ -22,6 +22,7 @@ from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.network.ports import check_free, check_publish_list
 from pyro_mcp.storage import host_files
+from pyro_mcp.vmm.selection import BACKEND_NAMES
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.records import WorkspaceRecord
@@ -111,7 +112,8 @@ def workspace_create(
     ] = 1024,
     ttl_seconds: Annotated[float | None, _ttl("delete it automatically after this long")] = None,
     backend: Annotated[
-        str | None, Arg("VMM backend (default: the boot probe's pick)", surfaces=EVERY)
+        str | None,
+        Arg("VMM backend (default: the boot probe's pick)", surfaces=EVERY, choices=BACKEND_NAMES),
     ] = None,
     network_policy: Annotated[str | None, NETWORK_POLICY] = None,
     allow_cidr: Annotated[list[str] | None, ALLOW_CIDR] = None,
@@ -269,7 +271,7 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
             "command_count": workspaces.store.command_count(record.id),  # pyro-mcp's key
             "service_counts": counts,
             "service_count": len(record.services),
-            "running_service_count": counts.get("running", 0),
+            "running_service_count": counts.get("running", 0) + counts.get("ready", 0),
         }
 
 
