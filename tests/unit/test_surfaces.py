@@ -119,7 +119,9 @@ def _required_args(op: object) -> list[str]:
     args: list[str] = []
     for param in op.params:  # type: ignore[attr-defined]
         if param.required:
-            args.append("x" if param.arg.positional else f"--{param.name.replace('_', '-')}=x")
+            value = param.arg.choices[0] if param.arg.choices else "x"
+            flag = f"--{param.name.replace('_', '-')}={value}"
+            args.append(value if param.arg.positional else flag)
     return args
 
 

@@ -2,6 +2,7 @@
 
 from pyro_mcp.api.operations import (
     environments,
+    hosts,
     runtime,
     services,
     shells,
@@ -13,6 +14,7 @@ from pyro_mcp.api.operations import (
 
 __all__ = [
     "environments",
+    "hosts",
     "runtime",
     "services",
     "shells",
