@@ -234,6 +234,8 @@ def test_a_new_project_file_is_shared_and_its_notes_say_what_the_host_asks(
     assert result["file"] == str(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert "approve" in result["notes"][0]
+    report = diagnose(setup, ["claude-code"])["hosts"]["claude-code"]
+    assert (report["entries"], report["ok"]) == ([{"scope": "project", "file": str(path)}], True)
     user = connect(setup, "codex", "workspace-core", None, "user")
     assert user["mode"] == "0600"  # a user's file is private from the start
     assert connect(setup, "codex", "workspace-core", None, "project")["file"] == str(
@@ -354,6 +356,36 @@ def test_doctor_names_what_is_wrong_with_the_command(setup: Setup, tmp_path: Pat
     assert _problems(setup, "claude-code") == [
         "command 'no-such-pyro' is not on the PATH the host gives it"
     ]
+    _write_claude_entry(setup, {"command": "bin/pyro", "args": args, "env": pinned})
+    assert _problems(setup, "claude-code") == [
+        "command bin/pyro is relative to wherever the host starts"
+    ]
+    _write_claude_entry(setup, {"type": "http", "url": "http://127.0.0.1:1/mcp"})
+    assert _problems(setup, "claude-code") == ["the pyro entry is a 'http' server, not stdio"]
+    _write_claude_entry(setup, {"args": args})
+    assert _problems(setup, "claude-code") == [
+        "the pyro entry needs a command, a list of args and env"
+    ]
+
+
+@pytest.mark.parametrize("host", ["codex", "opencode"])
+def test_a_disabled_entry_is_reported_and_enabled_again(setup: Setup, host: str) -> None:
+    connect(setup, host, "workspace-core", None, "user")
+    path = _user_file(setup, host)
+    if host == "codex":
+        path.write_text(
+            path.read_text().replace("required = true", "required = true\nenabled = false")
+        )
+    else:
+        path.write_text(path.read_text().replace('"enabled": true', '"enabled": false'))
+    assert _problems(setup, host) == [
+        "the pyro entry is disabled (enabled = false)"
+        if host == "codex"
+        else "the pyro entry is disabled (enabled: false)"
+    ]
+    result = connect(setup, host, "workspace-core", None, "user")
+    assert result["changes"] == ["enabled: false -> true"]
+    assert _servers(host, path)["pyro"]["enabled"] is True
 
 
 def test_doctor_names_what_is_wrong_with_the_arguments(setup: Setup) -> None:
@@ -365,6 +397,14 @@ def test_doctor_names_what_is_wrong_with_the_arguments(setup: Setup) -> None:
         "the entry serves HTTP (--http); the host speaks stdio",
         "profile 'everything' is not one of vm-run, workspace-core, workspace-full",
         f"root {gone} does not exist",
+    ]
+    (setup.cwd / "a-file").write_text("")
+    args = ["mcp", "serve", "--root", str(setup.cwd / "a-file"), "--root", "data", "--verbose"]
+    _write_claude_entry(setup, {"command": pyro, "args": args, "env": _pinned(setup)})
+    assert _problems(setup, "claude-code") == [
+        "`mcp serve` does not take --verbose",
+        f"root {setup.cwd / 'a-file'} is not a directory",
+        "root data is relative to wherever the host starts the server",
     ]
     _write_claude_entry(setup, {"command": pyro, "args": ["mcp", "serve"], "env": _pinned(setup)})
     [problem] = diagnose(setup, ["claude-code"])["hosts"]["claude-code"]["problems"]
@@ -434,6 +474,15 @@ def test_doctor_sees_an_entry_that_moves_home(setup: Setup, tmp_path: Path) -> N
     )
 
 
+def test_doctor_wants_a_state_directory_it_can_create(setup: Setup, tmp_path: Path) -> None:
+    (tmp_path / "plain-file").write_text("")
+    state = tmp_path / "plain-file" / "state"
+    env = {**_pinned(setup), "PYRO_STATE_DIR": str(state)}
+    args = ["mcp", "serve", "--root", str(setup.cwd)]
+    _write_claude_entry(setup, {"command": setup.launcher.command, "args": args, "env": env})
+    assert _problems(setup, "claude-code") == [f"the state directory {state} cannot be written"]
+
+
 def test_doctor_wants_codex_entries_required(setup: Setup) -> None:
     connect(setup, "codex", "workspace-core", None, "user")
     path = _user_file(setup, "codex")
@@ -477,6 +526,20 @@ def test_repair_clears_what_doctor_found_and_says_what_it_changed(
     assert repair(setup, [host])["hosts"][host]["repaired"] == []  # nothing left to do
 
 
+def test_repair_says_what_it_cannot_fix(setup: Setup, tmp_path: Path) -> None:
+    """This pyro's own cache holds no runtime: no pin helps, the fix is to build it."""
+    here = {**setup.here, "PYRO_CACHE_DIR": tmp_path / "empty-cache"}
+    bare = Setup(setup.launcher, here, setup.environ, setup.cwd)
+    connect(bare, "claude-code", "workspace-core", None, "user")
+    result = repair(bare, ["claude-code"])["hosts"]["claude-code"]
+    assert (result["found"], result["ok"], result["repaired"]) == (True, False, [])
+    [problem] = result["problems"]
+    assert problem["problem"] == (
+        f"the runtime cache {tmp_path / 'empty-cache'} is missing or unreadable: no runtime"
+    )
+    assert problem["fix"].startswith("pyro runtime materialize")
+
+
 def test_repair_keeps_valid_pins_and_the_users_variables(setup: Setup, tmp_path: Path) -> None:
     mine = tmp_path / "my-cache"
     mine.mkdir()
@@ -487,6 +550,13 @@ def test_repair_keeps_valid_pins_and_the_users_variables(setup: Setup, tmp_path:
     assert entry["env"] == {**_pinned(setup), "PYRO_CACHE_DIR": str(mine), "PYRO_BACKEND": "qemu"}
     assert entry["command"] == setup.launcher.command
     assert read_serve_args(entry["args"]).roots == [str(setup.cwd)]  # type: ignore[union-attr]
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    kept.mkdir()
+    args = ["mcp", "serve", "--profile", "workspace-full", "--root", str(gone), "--root", str(kept)]
+    _write_claude_entry(setup, {"command": "/gone", "args": args, "env": _pinned(setup)})
+    repair(setup, ["claude-code"])
+    entry = _servers("claude-code", _user_file(setup, "claude-code"))["pyro"]
+    assert entry["args"] == ["mcp", "serve", "--profile", "workspace-full", "--root", str(kept)]
 
 
 def test_results_hide_the_users_other_variables(setup: Setup) -> None:

@@ -206,7 +206,9 @@ def repair_host(host: Host, setup: Setup) -> dict[str, Any]:
     for scope, path, raw in found:
         if not check_entry(host, raw, setup):
             continue
-        repaired.append(write_entry(host, scope, path, lambda old: _repaired(old, setup)))
+        written = write_entry(host, scope, path, lambda old: _repaired(old, setup))
+        if written["changed"]:
+            repaired.append(written)
     after = diagnose_host(host, setup)
     return {
         "found": bool(found),

@@ -3,8 +3,7 @@
 - user scope: ``opencode.json`` in ``$XDG_CONFIG_HOME/opencode`` (default
   ``~/.config/opencode``); an ``opencode.jsonc`` there is edited instead when it is the
   only one (its comments are not kept: the backup has them).
-- project scope: ``opencode.json`` in the project (OpenCode reads it from the directory
-  it starts in up to the repository's root).
+- project scope: ``opencode.json`` in the directory OpenCode starts in.
 
 An entry: ``{"type": "local", "command": [program, arg, ...], "environment": {...},
 "enabled": true}``; OpenCode refuses a command that is not an array. It gives the
