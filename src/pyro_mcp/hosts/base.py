@@ -72,6 +72,10 @@ class Host(ABC):
         """What this host in particular needs of the entry."""
         return []
 
+    def shadowing(self, data: dict[str, Any], scope: str, project: Path) -> list[Problem]:
+        """Entries in the ``scope`` file's ``data`` that the host prefers to pyro's."""
+        return []
+
     def notes(self, scope: str) -> list[str]:
         """What a person should know after pyro wrote ``scope``."""
         return []

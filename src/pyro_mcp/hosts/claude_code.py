@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.hosts.base import JsonHost, Problem, home, repair_fix, string_list, string_map
-from pyro_mcp.hosts.server import ServerEntry
+from pyro_mcp.hosts.server import SERVER_NAME, ServerEntry
 
 
 class ClaudeCode(JsonHost):
@@ -54,6 +54,22 @@ class ClaudeCode(JsonHost):
         if not isinstance(command, str) or not command or args is None or env is None:
             return None, [Problem("the pyro entry needs a command, a list of args and env", fix)]
         return ServerEntry(command, tuple(args), env), []
+
+    def shadowing(self, data: dict[str, Any], scope: str, project: Path) -> list[Problem]:
+        # `claude mcp add` writes to the "local" scope by default: the user's file, under
+        # the project's path. Claude Code prefers it to a project's or the user's entry.
+        projects = data.get("projects") if scope == "user" else None
+        local = projects.get(str(project)) if isinstance(projects, dict) else None
+        servers = local.get("mcpServers") if isinstance(local, dict) else None
+        if isinstance(servers, dict) and SERVER_NAME in servers:
+            return [
+                Problem(
+                    f"a local-scope pyro entry for {project} (in this file's projects) "
+                    "takes precedence over the others here",
+                    f"claude mcp remove pyro -s local (run in {project})",
+                )
+            ]
+        return []
 
     def notes(self, scope: str) -> list[str]:
         if scope == "project":

@@ -30,22 +30,33 @@ from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 
 
 def _entries(host: Host, setup: Setup) -> tuple[list[tuple[str, Path, Any]], list[dict[str, Any]]]:
-    """Each (scope, file, entry) holding pyro, and the files that could not be read."""
-    found, unreadable = [], []
+    """Each (scope, file, entry) holding pyro, and the problems of the files themselves
+    (one that cannot be read, an entry the host prefers to pyro's)."""
+    found: list[tuple[str, Path, Any]] = []
+    problems: list[dict[str, Any]] = []
+    seen: set[Path] = set()
     for scope in SCOPES:
         path = host.config_file(scope, setup.cwd, setup.environ)
+        if path in seen:  # the project is the home directory: one file, read once
+            continue
+        seen.add(path)
         try:
             loaded = config_files.load(path)
             if loaded.text is None:
                 continue
-            servers = host.servers(host.parse(loaded))
+            data = host.parse(loaded)
         except InvalidState as exc:
             problem = {"problem": exc.message, "fix": exc.hint or "fix the file"}
-            unreadable.append({"scope": scope, "file": str(path), **problem})
+            problems.append({"scope": scope, "file": str(path), **problem})
             continue
+        problems += [
+            {"scope": scope, "file": str(path), **shadow.to_dict()}
+            for shadow in host.shadowing(data, scope, setup.cwd)
+        ]
+        servers = host.servers(data)
         if isinstance(servers, dict) and SERVER_NAME in servers:
             found.append((scope, path, servers[SERVER_NAME]))
-    return found, unreadable
+    return found, problems
 
 
 def diagnose_host(host: Host, setup: Setup) -> dict[str, Any]:
