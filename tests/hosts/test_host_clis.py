@@ -32,13 +32,18 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / "tests" / "npm" / "hosts" / "node_modules" / ".bin"
+MODULES = ROOT / "tests" / "npm" / "hosts" / "node_modules"
+CLIS = {  # OpenCode's own binary package has no npm bin link
+    "claude": MODULES / ".bin" / "claude",
+    "codex": MODULES / ".bin" / "codex",
+    "opencode": MODULES / "opencode-linux-x64" / "bin" / "opencode",
+}
 PACKAGES = json.loads((ROOT / "tests" / "npm" / "hosts" / "package.json").read_text())
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HOST_TIMEOUT_S = 180  # a bound on each host command, not a measurement
 
 pytestmark = pytest.mark.skipif(
-    not BIN.is_dir(),
+    not MODULES.is_dir(),
     reason="the hosts' CLIs are not installed: run `make npm-packages` "
     "(or `npm ci --prefix tests/npm/hosts`)",
 )
@@ -85,7 +90,7 @@ class Machine:
         return dict(json.loads(done.stdout))
 
     def host(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run([str(BIN / name), *args])
+        return self.run([str(CLIS[name]), *args])
 
     def run(self, argv: list[str], *, offline: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -113,7 +118,7 @@ def machine(tmp_path: Path, offline: list[str]) -> Machine:
 
 def test_the_pinned_versions_are_the_installed_ones() -> None:
     for package, version in PACKAGES["dependencies"].items():
-        installed = BIN.parent / package / "package.json"
+        installed = MODULES / package / "package.json"
         assert json.loads(installed.read_text())["version"] == version, package
 
 
@@ -175,7 +180,7 @@ def test_codex_reads_a_project_config_only_once_the_project_is_trusted(machine: 
 def _codex_session(machine: Machine) -> tuple[bool, str]:
     """Whether `codex exec` got as far as a session (its required servers started), and
     its stderr. Stopped once it has: the turn would only wait for the network."""
-    argv = [str(BIN / "codex"), "exec", "--skip-git-repo-check", "--json", "hello"]
+    argv = [str(CLIS["codex"]), "exec", "--skip-git-repo-check", "--json", "hello"]
     process = subprocess.Popen(
         [*machine.offline, *argv],
         cwd=machine.project,
