@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "vmm": 3,
     "storage": 3,
     "network": 3,
+    "hosts": 3,  # MCP hosts' configuration files (uses runtime.paths)
     "workspace": 4,
     "api": 5,
     "sdk": 6,

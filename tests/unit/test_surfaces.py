@@ -119,8 +119,9 @@ def _required_args(op: object) -> list[str]:
     args: list[str] = []
     for param in op.params:  # type: ignore[attr-defined]
         if param.required:
-            flag = param.arg.flag or param.name.replace("_", "-")
-            args.append("x" if param.arg.positional else f"--{flag}=x")
+            value = param.arg.choices[0] if param.arg.choices else "x"
+            flag = f"--{param.arg.flag or param.name.replace('_', '-')}={value}"
+            args.append(value if param.arg.positional else flag)
     return args
 
 

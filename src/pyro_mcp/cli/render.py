@@ -116,7 +116,36 @@ def _shell_read(result: dict[str, Any]) -> str:
     return str(result.get("output", ""))
 
 
+def _host_config(result: dict[str, Any]) -> str:
+    if "text" in result:  # print-config, connect --print: the snippet alone, to paste
+        return str(result["text"]).rstrip("\n")
+    lines = [f"{result['host']}: {'wrote' if result['changed'] else 'unchanged'} {result['file']}"]
+    lines += [f"  {change}" for change in result["changes"] if result["changed"]]
+    if result.get("backup"):
+        lines.append(f"  backup: {result['backup']}")
+    lines += [f"  note: {note}" for note in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _host_reports(result: dict[str, Any]) -> str:
+    lines = []
+    for name, report in result["hosts"].items():
+        state = "ok" if report["ok"] else ("PROBLEMS" if report["found"] else "not connected")
+        lines.append(f"{name}: {state}")
+        for repaired in report.get("repaired", []):
+            lines += [f"  changed {repaired['file']}: {c}" for c in repaired["changes"]]
+        for problem in report["problems"]:
+            where = f" [{problem['file']}]" if problem.get("file") else ""
+            lines.append(f"  - {problem['problem']}{where}")
+            lines.append(f"    fix: {problem['fix']}")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Renderer] = {
+    "host_print_config": _host_config,
+    "host_connect": _host_config,
+    "host_doctor": _host_reports,
+    "host_repair": _host_reports,
     "shell_open": _created,
     "shell_read": _shell_read,
     "workspace_exec": _streamed,

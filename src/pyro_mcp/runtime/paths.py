@@ -17,15 +17,34 @@ One environment variable moves each base directory:
 from __future__ import annotations
 
 import os
+import pwd
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Each resolver below reads ``environ`` when given (the environment another process, such
+# as an MCP host starting ``pyro mcp serve``, will have), else this process's own.
 
-def _xdg(var: str, fallback: str) -> Path:
-    value = os.environ.get(var)
+
+def _home(environ: Mapping[str, str]) -> Path:
+    home = environ.get("HOME")
+    return Path(home) if home else Path(pwd.getpwuid(os.geteuid()).pw_dir)
+
+
+def _pinned(var: str, environ: Mapping[str, str]) -> Path | None:
+    value = environ.get(var)
+    if not value:
+        return None
+    if value == "~" or value.startswith("~/"):
+        value = str(_home(environ)) + value[1:]
+    return Path(value).expanduser().resolve()
+
+
+def _xdg(var: str, fallback: str, environ: Mapping[str, str]) -> Path:
+    value = environ.get(var)
     if value and Path(value).is_absolute():
         return Path(value)
-    return Path.home() / fallback
+    return _home(environ) / fallback
 
 
 @dataclass(frozen=True)
@@ -93,25 +112,21 @@ class RuntimePaths:
             path.mkdir(parents=True, exist_ok=True)
 
 
-def cache_dir() -> Path:
-    value = os.environ.get("PYRO_CACHE_DIR")
-    if value:
-        return Path(value).expanduser().resolve()
-    return _xdg("XDG_CACHE_HOME", ".cache") / "pyro-mcp"
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return _pinned("PYRO_CACHE_DIR", env) or _xdg("XDG_CACHE_HOME", ".cache", env) / "pyro-mcp"
 
 
-def state_dir() -> Path:
-    value = os.environ.get("PYRO_STATE_DIR")
-    if value:
-        return Path(value).expanduser().resolve()
-    return _xdg("XDG_STATE_HOME", ".local/state") / "pyro-mcp"
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    pinned = _pinned("PYRO_STATE_DIR", env)
+    return pinned or _xdg("XDG_STATE_HOME", ".local/state", env) / "pyro-mcp"
 
 
-def key_dir() -> Path:
-    value = os.environ.get("PYRO_KEY_DIR")
-    if value:
-        return Path(value).expanduser().resolve()
-    return _xdg("XDG_CONFIG_HOME", ".config") / "pyro-mcp" / "keys"
+def key_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    pinned = _pinned("PYRO_KEY_DIR", env)
+    return pinned or _xdg("XDG_CONFIG_HOME", ".config", env) / "pyro-mcp" / "keys"
 
 
 def runtime_paths() -> RuntimePaths:
@@ -119,13 +134,14 @@ def runtime_paths() -> RuntimePaths:
     return RuntimePaths(cache_dir(), run_dir())
 
 
-def run_dir() -> Path:
-    value = os.environ.get("PYRO_RUN_DIR")
-    if value:
-        return Path(value).expanduser().resolve()
+def run_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    pinned = _pinned("PYRO_RUN_DIR", env)
+    if pinned:
+        return pinned
     if os.geteuid() == 0 and os.access("/run", os.W_OK):
         return Path("/run/pyro-mcp")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = env.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_absolute():
         return Path(runtime) / "pyro-mcp"
     return Path(f"/tmp/pyro-mcp-{os.geteuid()}")

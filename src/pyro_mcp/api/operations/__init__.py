@@ -3,6 +3,7 @@
 from pyro_mcp.api.operations import (
     demo,
     environments,
+    hosts,
     runtime,
     services,
     shells,
@@ -15,6 +16,7 @@ from pyro_mcp.api.operations import (
 __all__ = [
     "demo",
     "environments",
+    "hosts",
     "runtime",
     "services",
     "shells",
