@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +47,22 @@ def test_every_needed_package_is_listed_once() -> None:
     packages = host_tools.host_packages()
     assert packages == sorted(set(packages))
     assert {"qemu-system-x86", "debootstrap", "e2fsprogs"} <= set(packages)
+
+
+def test_a_package_whose_programs_another_package_provides_is_not_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[list[str]] = []
+    monkeypatch.setattr(host_tools, "missing_packages", lambda packages: list(packages))
+    monkeypatch.setattr(
+        host_tools, "find_program", lambda program: "/usr/bin/npm" if program == "npm" else None
+    )
+    monkeypatch.setattr(host_tools.os, "geteuid", lambda: 0)
+
+    def run(argv: list[str], **kwargs: Any) -> None:
+        asked.append(argv)
+
+    monkeypatch.setattr(host_tools, "run", run)
+    installed = host_tools.install_packages(["npm", "nodejs", "libelf-dev"])
+    assert installed == ["nodejs", "libelf-dev"]  # npm's program is there already
+    assert asked[-1][-2:] == ["nodejs", "libelf-dev"]

@@ -140,9 +140,18 @@ def missing_packages(packages: Iterable[str]) -> list[str]:
     return missing
 
 
+def provided_elsewhere(package: str) -> bool:
+    """Every program pyro wants from ``package`` is on this host already, from another
+    package (nodesource's ``nodejs`` brings ``npm``, which Debian's ``npm`` conflicts
+    with): installing it would change nothing pyro uses, or fail."""
+    programs = [tool.program for tool in HOST_TOOLS if tool.package == package]
+    return bool(programs) and all(find_program(program) for program in programs)
+
+
 def install_packages(packages: Sequence[str]) -> list[str]:
-    """apt-get install whatever of ``packages`` is missing; returns what was installed."""
-    missing = missing_packages(packages)
+    """apt-get install whatever of ``packages`` is missing (and not provided by another
+    package); returns what was installed."""
+    missing = [p for p in missing_packages(packages) if not provided_elsewhere(p)]
     if not missing:
         return []
     if os.geteuid() != 0:
