@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from pyro_mcp.mcp_profiles import DEFAULT_PROFILE
+
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ROOT / "tests" / "npm" / "hosts" / "node_modules"
 CLIS = {  # OpenCode's own binary package has no npm bin link
@@ -104,7 +106,7 @@ class Machine:
             check=False,
         )
 
-    def serve_args(self, profile: str = "workspace-core") -> list[str]:
+    def serve_args(self, profile: str = DEFAULT_PROFILE) -> list[str]:
         return ["mcp", "serve", "--profile", profile, "--root", str(self.project)]
 
     def pinned(self) -> dict[str, str]:
