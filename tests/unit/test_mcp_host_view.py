@@ -15,7 +15,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, LoggingMessageNotificationParams, Tool
+from mcp_types import CallToolResult, LoggingMessageNotificationParams, PromptReference, Tool
 
 from pyro_mcp.api import OPERATIONS, Context, all_operations, operation, registry
 from pyro_mcp.api.hints import for_mcp
@@ -100,6 +100,12 @@ def test_known_tools_carry_the_hints_a_host_relies_on(
     ) == (read_only, destructive, idempotent, open_world)
 
 
+def test_a_title_is_words_for_a_person_not_the_tool_name() -> None:
+    tools = _tools("workspace-full")
+    assert tools["workspace_delete"].title == "Delete a workspace"
+    assert tools["vm_run"].title == "Run a command in a fresh microVM"
+
+
 def test_a_read_only_operation_is_idempotent_and_never_destructive() -> None:
     for op in all_operations():
         if op.effects is not None and op.effects.read_only:
@@ -126,13 +132,25 @@ def test_the_server_advertises_tools_and_logging_and_nothing_else(mode: str) -> 
     assert _run(body) == {"tools": {"list_changed": False}, "logging": {}}
 
 
+ASKS_FOR_WHAT_IT_LACKS: dict[str, Callable[[Client], Awaitable[Any]]] = {
+    "prompts": lambda client: client.list_prompts(),
+    "resources": lambda client: client.list_resources(),
+    "resource templates": lambda client: client.list_resource_templates(),
+    "completions": lambda client: client.complete(
+        PromptReference(type="ref/prompt", name="any"), {"name": "x", "value": "y"}
+    ),
+}
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("method", ["list_prompts", "list_resources", "list_resource_templates"])
-def test_prompts_and_resources_it_lacks_are_method_not_found(mode: str, method: str) -> None:
+@pytest.mark.parametrize("what", sorted(ASKS_FOR_WHAT_IT_LACKS))
+def test_prompts_resources_and_completions_it_lacks_are_method_not_found(
+    mode: str, what: str
+) -> None:
     async def body() -> int:
         async with Client(build_server("vm-run"), mode=mode) as client:
             with pytest.raises(MCPError) as caught:
-                await getattr(client, method)()
+                await ASKS_FOR_WHAT_IT_LACKS[what](client)
             return caught.value.error.code
 
     assert _run(body) == -32601
