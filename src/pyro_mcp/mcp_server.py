@@ -19,7 +19,6 @@ stdout carries the protocol and nothing else, and every request gets an answer
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import inspect
 import io
@@ -157,10 +156,14 @@ def _tool(op: Operation, make_context: ContextFactory, profile: str) -> Callable
 def error_text(exc: PyroError, profile: str, op: Operation | None = None) -> str:
     """How an MCP client reads ``exc``: its code and message, and the commands they name
     told as the tools of ``profile`` to call (the CLI keeps its own text)."""
-    told = copy.copy(exc)
-    told.message = for_mcp(exc.message, profile, op)
-    told.hint = None if exc.hint is None else for_mcp(exc.hint, profile, op)
-    return printable_text(f"{exc.code}: {told}")
+    text = str(exc)  # the message, the hint in parentheses, then any tail (console, stderr)
+    head = exc.message + (f" ({exc.hint})" if exc.hint else "")
+    if text.startswith(head):  # never rewrite a tail: it is the guest's or a tool's text
+        told = for_mcp(exc.message, profile, op)
+        if exc.hint:
+            told += f" ({for_mcp(exc.hint, profile, op)})"
+        text = told + text[len(head) :]
+    return printable_text(f"{exc.code}: {text}")
 
 
 def build_server(
@@ -184,9 +187,9 @@ def build_server(
 
 
 class OperationTool(Tool):
-    """A tool that checks the names of its arguments first: an unknown one (the SDK drops
-    it silently, or pydantic's own message names only it) or a missing required one is
-    an ``invalid_argument`` error listing every parameter the tool takes."""
+    """A tool that checks the names of its arguments before the SDK validates them: an
+    unknown one or a missing required one is an ``invalid_argument`` error listing every
+    parameter the tool takes (pydantic's report would name only the field)."""
 
     offered: tuple[Any, ...] = Field(default=(), exclude=True)  # its Params
     profile: str = Field(default=DEFAULT_PROFILE, exclude=True)
@@ -214,8 +217,8 @@ def _operation_tool(op: Operation, make_context: ContextFactory, profile: str) -
             annotations=_annotations(op),
         ),
     )
-    # An output schema from the operation's typed result would be set here (the SDK
-    # derives one from the wrapper's return annotation, a plain object for now).
+    # Hook for output schemas: one built from the operation's typed result belongs here
+    # (today the SDK derives a plain object from the wrapper's return annotation).
     tool.offered = op.mcp_params(profile)
     tool.profile = profile
     return _refuse_unknown_arguments(tool)

@@ -21,9 +21,10 @@ from pyro_mcp.api import OPERATIONS, Context, all_operations, operation, registr
 from pyro_mcp.api.hints import for_mcp
 from pyro_mcp.api.registry import EVERY, Arg
 from pyro_mcp.cli.main import main
-from pyro_mcp.errors import InvalidState
+from pyro_mcp.errors import InvalidState, VMError
 from pyro_mcp.mcp_profiles import PROFILES
-from pyro_mcp.mcp_server import build_server
+from pyro_mcp.mcp_server import build_server, error_text
+from pyro_mcp.vmm.firecracker.api import FirecrackerAPIError
 
 T = TypeVar("T")
 MODES = ("auto", "legacy")  # protocol 2026-07-28 (per-request log levels), and 2025-11-25
@@ -355,4 +356,21 @@ def test_a_number_flag_becomes_a_number_argument() -> None:
     told = for_mcp("run `pyro workspace update ab12 --ttl-seconds 60`", "workspace-full")
     assert (
         told == 'call `workspace_update` (arguments: `{"workspace": "ab12", "ttl_seconds": 60.0}`)'
+    )
+
+
+def test_a_tail_the_guest_wrote_is_never_rewritten() -> None:
+    all_operations()
+    tail = "guest says: run `pyro workspace start ab12`"
+    exc = VMError("the VM died", hint="run `pyro workspace start ab12`", console_tail=tail)
+    assert error_text(exc, "workspace-full") == (
+        'vm_error: the VM died (call `workspace_start` (arguments: `{"workspace": "ab12"}`))'
+        f"\n--- serial console (tail) ---\n{tail}"
+    )
+
+
+def test_an_error_whose_constructor_takes_other_arguments_renders_too() -> None:
+    exc = FirecrackerAPIError("PUT", "/machine-config", 400, "bad vcpu_count")
+    assert error_text(exc, "vm-run") == (
+        "vm_error: Firecracker API PUT /machine-config failed (400): bad vcpu_count"
     )
