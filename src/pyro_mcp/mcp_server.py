@@ -1,13 +1,19 @@
 """The MCP server, generated from the operation registry.
 
 Each operation whose profiles include the served profile becomes one tool: its name, its
-docstring as the description, its MCP parameters (with their help and the rules of
-:mod:`pyro_mcp.api.validation`) as the JSON schema; arguments are checked by
-``Operation.call``, as on every surface. The MCP SDK is imported here and nowhere else
-(its major version is pinned in pyproject.toml). Operations block, so they run in worker
-threads, never on the server's event loop; their progress phases become MCP progress
-notifications (and log lines on stderr). Over stdio, stdout carries the protocol and
-nothing else, and every request gets an answer (:func:`stdio_verdict`).
+docstring as the description, its title and hints (read-only, destructive, idempotent,
+open-world: the operation's :class:`~pyro_mcp.api.registry.Effects`) as its annotations,
+its MCP parameters (with their help and the rules of :mod:`pyro_mcp.api.validation`) as
+the JSON schema; arguments are checked by ``Operation.call``, as on every surface, after
+their names (an unknown or missing one is an error listing what the tool takes). The
+MCP SDK is imported here and nowhere else (its major version is pinned in
+pyproject.toml). Operations block, so they run in worker threads, never on the server's
+event loop; their progress phases become MCP progress notifications, and their log
+lines (on stderr) also go to a client that asked for them with ``logging/setLevel``.
+Errors name tools, not CLI commands (:func:`pyro_mcp.api.hints.for_mcp`). The server
+advertises only what it serves: tools and logging, no prompts or resources. Over stdio,
+stdout carries the protocol and nothing else, and every request gets an answer
+(:func:`stdio_verdict`).
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ import threading
 import types
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, cast, get_args
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from mcp.server.connection import allowed_log_levels
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context as MCPContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -41,19 +49,27 @@ from mcp_types import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     PARSE_ERROR,
+    EmptyResult,
     ErrorData,
     JSONRPCError,
+    LoggingLevel,
+    LoggingMessageNotification,
+    LoggingMessageNotificationParams,
+    SetLevelRequestParams,
+    ToolAnnotations,
     jsonrpc_message_adapter,
 )
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ConfigDict, Field, WithJsonSchema
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
 from pyro_mcp.api.context import HostPathPolicy
 from pyro_mcp.api.display import printable, printable_text
+from pyro_mcp.api.hints import for_mcp
 from pyro_mcp.api.lifecycle import discard_owned_vms
 from pyro_mcp.api.registry import Param, Surface
-from pyro_mcp.api.validation import json_schema
+from pyro_mcp.api.validation import check_names, json_schema
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 from pyro_mcp.runtime.loopback import is_loopback_host
@@ -97,10 +113,12 @@ def _tool(op: Operation, make_context: ContextFactory, profile: str) -> Callable
         ctx.progress = progress
         ctx.heartbeat = progress
         finished = threading.Event()
+        client_log = _ClientLog(mcp_ctx.request_context, loop)
 
         def work() -> Any:
             try:
-                return op.call(ctx, Surface.MCP, **kwargs)
+                with client_log.forwarding():
+                    return op.call(ctx, Surface.MCP, **kwargs)
             finally:
                 finished.set()
 
@@ -114,7 +132,7 @@ def _tool(op: Operation, make_context: ContextFactory, profile: str) -> Callable
                 await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
             raise
         except PyroError as exc:
-            raise ToolError(printable_text(f"{exc.code}: {exc}")) from exc
+            raise ToolError(error_text(exc, profile, op)) from exc
         return dict(printable(result))
 
     parameters = [
@@ -138,31 +156,33 @@ def _tool(op: Operation, make_context: ContextFactory, profile: str) -> Callable
     return tool
 
 
+def error_text(exc: PyroError, profile: str, op: Operation | None = None) -> str:
+    """How an MCP client reads ``exc``: its code and message, and the commands they name
+    told as the tools of ``profile`` to call (the CLI keeps its own text)."""
+    text = str(exc)  # the message, the hint in parentheses, then any tail (console, stderr)
+    head = exc.message + (f" ({exc.hint})" if exc.hint else "")
+    if text.startswith(head):  # never rewrite a tail: it is the guest's or a tool's text
+        told = for_mcp(exc.message, profile, op)
+        if exc.hint:
+            told += f" ({for_mcp(exc.hint, profile, op)})"
+        text = told + text[len(head) :]
+    return printable_text(f"{exc.code}: {text}")
+
+
 def build_server(
     profile: str = DEFAULT_PROFILE, *, make_context: ContextFactory = Context
 ) -> MCPServer:
     """An MCP server exposing the tools of ``profile``."""
     ops = operations_for(profile)
-    tools = [
-        _refuse_unknown_arguments(
-            Tool.from_function(_tool(op, make_context, profile), name=op.name, description=op.doc)
-        )
-        for op in ops
-    ]
+    tools = [_operation_tool(op, make_context, profile) for op in ops]
     if profile == "workspace-full":  # where pyro-mcp 3.x had them
         by_name = {op.name: op for op in ops}
         tools += [
-            _refuse_unknown_arguments(
-                Tool.from_function(
-                    _tool(by_name[target], make_context, profile),
-                    name=alias,
-                    description=f"pyro-mcp 3.x's name for {target}. {by_name[target].doc}",
-                )
-            )
+            _operation_tool(by_name[target], make_context, profile, alias=alias)
             for alias, target in COMPAT_TOOLS.items()
             if target in by_name
         ]
-    return MCPServer(
+    server = MCPServer(
         name="pyro-mcp",
         version=__version__,
         instructions=(
@@ -170,11 +190,71 @@ def build_server(
             + "; ".join(f"{op.name}: {op.summary}" for op in ops)
         ),
         tools=tools,
+        subscriptions=False,  # its tools never change, and it has no resources
+    )
+    _advertise_only_what_it_serves(server)
+    return server
+
+
+class OperationTool(Tool):
+    """A tool that checks the names of its arguments before the SDK validates them: an
+    unknown one or a missing required one is an ``invalid_argument`` error listing every
+    parameter the tool takes (pydantic's report would name only the field)."""
+
+    offered: tuple[Any, ...] = Field(default=(), exclude=True)  # its Params
+    profile: str = Field(default=DEFAULT_PROFILE, exclude=True)
+
+    async def run(
+        self, arguments: dict[str, Any], context: Any, convert_result: bool = False
+    ) -> Any:
+        try:
+            check_names(self.name, arguments, self.offered)
+        except PyroError as exc:
+            # The SDK's own prefix for a tool's error, as on every other error result.
+            text = f"Error executing tool {self.name}: {error_text(exc, self.profile)}"
+            raise ToolError(text) from exc
+        return await super().run(arguments, context, convert_result)
+
+
+def _operation_tool(
+    op: Operation, make_context: ContextFactory, profile: str, *, alias: str | None = None
+) -> Tool:
+    """The tool of ``op`` (under pyro-mcp 3.x's ``alias`` when given: the same tool)."""
+    tool = cast(
+        OperationTool,
+        OperationTool.from_function(  # made by its class (mcp 2.x)
+            _tool(op, make_context, profile),
+            name=alias or op.name,
+            title=None if op.effects is None else op.effects.title,
+            description=op.doc if alias is None else f"pyro-mcp 3.x's name for {op.name}. {op.doc}",
+            annotations=_annotations(op),
+        ),
+    )
+    # Hook for output schemas: one built from the operation's typed result belongs here
+    # (today the SDK derives a plain object from the wrapper's return annotation).
+    tool.offered = op.mcp_params(profile)
+    tool.profile = profile
+    return _refuse_unknown_arguments(tool)
+
+
+def _annotations(op: Operation) -> ToolAnnotations | None:
+    """The operation's declared effects as MCP tool annotations (every hint explicit:
+    the protocol's defaults, e.g. destructive, are not what most tools here do)."""
+    effects = op.effects
+    if effects is None:
+        return None
+    return ToolAnnotations(
+        title=effects.title,
+        read_only_hint=effects.read_only,
+        destructive_hint=effects.destructive,
+        idempotent_hint=effects.idempotent,
+        open_world_hint=effects.open_world,
     )
 
 
 def _refuse_unknown_arguments(tool: Tool) -> Tool:
-    """Make the tool reject arguments it does not take (the SDK drops them silently).
+    """Publish a schema that refuses arguments the tool does not take
+    (``additionalProperties: false``), and validate with it.
 
     A misspelt option (``timeout`` for ``timeout_seconds``) must be an error the model
     can read, not a call that quietly runs with the default.
@@ -188,6 +268,114 @@ def _refuse_unknown_arguments(tool: Tool) -> Tool:
     tool.fn_metadata.arg_model = strict
     tool.parameters = tool.fn_metadata.arg_model.model_json_schema(by_alias=True)
     return tool
+
+
+# Methods the SDK answers whatever the server holds; answered, they make the server
+# advertise prompts and resources it does not have (and hosts show empty menus for them).
+_UNSERVED = (
+    "prompts/list",
+    "prompts/get",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+)
+
+
+def _advertise_only_what_it_serves(server: MCPServer) -> None:
+    """Serve (and so advertise) tools and logging only: a client asking for prompts or
+    resources gets Method not found, as for any method a server lacks."""
+    lowlevel = server._lowlevel_server
+    for method in _UNSERVED:
+        # The SDK derives capabilities from its handler table (mcp 2.x) and has no call
+        # to drop a handler.
+        lowlevel._request_handlers.pop(method, None)
+    lowlevel.add_request_handler("logging/setLevel", SetLevelRequestParams, _set_log_level)
+
+
+# --- logging: the server's log lines to a client that asks for them ---------------------
+#
+# A client sets the least severe level it wants with logging/setLevel (per connection;
+# until then nothing is sent, and stderr has every line as before). From then on, the
+# records a tool call logs (pyro_mcp's loggers, from the thread running the operation)
+# at that level or above reach it as notifications/message on the call's own stream. At
+# protocol 2026-07-28, where setLevel is gone, each request asks for its level in _meta.
+
+MCP_LEVELS: tuple[LoggingLevel, ...] = get_args(LoggingLevel)  # least severe first
+_PYTHON_LEVELS: dict[int, LoggingLevel] = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "critical",
+}
+_LEVEL_KEY = "pyro_mcp.log_level"
+
+
+def mcp_level(levelno: int) -> LoggingLevel:
+    """The MCP (syslog) level of a Python logging level: the highest one it reaches."""
+    reached = [name for number, name in _PYTHON_LEVELS.items() if levelno >= number]
+    return reached[-1] if reached else "debug"
+
+
+def _connection_state(request: ServerRequestContext[Any, Any]) -> dict[str, Any]:
+    # Connection.state is the SDK's per-connection scratch space; a request's session
+    # reaches its connection only privately (mcp 2.x).
+    connection = getattr(request.session, "_connection", None)
+    state = getattr(connection, "state", None)
+    return state if isinstance(state, dict) else {}
+
+
+async def _set_log_level(
+    request: ServerRequestContext[Any, Any], params: SetLevelRequestParams
+) -> EmptyResult:
+    _connection_state(request)[_LEVEL_KEY] = params.level
+    return EmptyResult()
+
+
+def wanted_levels(request: ServerRequestContext[Any, Any]) -> frozenset[str]:
+    """The log levels the client of ``request`` wants for it (none until it asks)."""
+    if request.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        return allowed_log_levels(request.protocol_version, request.meta)
+    floor = _connection_state(request).get(_LEVEL_KEY)
+    return frozenset(MCP_LEVELS[MCP_LEVELS.index(floor) :]) if floor in MCP_LEVELS else frozenset()
+
+
+class _ClientLog(logging.Handler):
+    """While one call's operation runs, sends the pyro_mcp records its thread logs at the
+    levels the client wants as log notifications of that call."""
+
+    def __init__(self, request: ServerRequestContext[Any, Any], loop: Any) -> None:
+        super().__init__()
+        self.request = request
+        self.loop = loop
+        self.levels = wanted_levels(request)
+        self.thread: int | None = None
+
+    @contextlib.contextmanager
+    def forwarding(self) -> Iterator[None]:
+        if not self.levels:
+            yield
+            return
+        self.thread = threading.get_ident()
+        root = logging.getLogger("pyro_mcp")
+        root.addHandler(self)
+        try:
+            yield
+        finally:
+            root.removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = mcp_level(record.levelno)
+        if record.thread != self.thread or level not in self.levels:
+            return
+        notification = LoggingMessageNotification(
+            params=LoggingMessageNotificationParams(
+                level=level, logger=record.name, data=printable_text(record.getMessage())
+            )
+        )
+        send = self.request.session.send_notification
+        with contextlib.suppress(Exception):  # a client gone is no reason to fail the call
+            anyio.from_thread.run(send, notification, self.request.request_id, token=self.loop)
 
 
 def confined_context(

@@ -518,5 +518,6 @@ def test_a_parameter_the_surface_does_not_offer_is_refused_by_the_layer(
     with pytest.raises(InvalidArgument) as caught:
         op.call(Context(state_dir=tmp_path), Surface.MCP, workspace_id="w", path="p", stdin=True)
     assert caught.value.message == (
-        "workspace_file_write has no parameter 'stdin' on the mcp surface"
+        "workspace_file_write has no parameter 'stdin' on the mcp surface; it takes "
+        "workspace_id, path (required) and text, text_file, mode (optional)"
     )

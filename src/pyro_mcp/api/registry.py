@@ -115,6 +115,26 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Effects:
+    """What a call does, as an MCP host shows it before it lets a model call the tool
+    (its tool annotations): a human title and four hints.
+
+    ``read_only``: it changes nothing (on the host, in a VM or a workspace); a read-only
+    operation is never destructive and always idempotent. ``destructive``: it may delete
+    or overwrite something (files, a workspace, a running process) rather than only add.
+    ``idempotent``: calling it again with the same arguments changes nothing more, so a
+    retry is safe. ``open_world``: it may reach beyond this host (a registry, Debian's
+    mirrors, or a guest that may have a network).
+    """
+
+    title: str
+    read_only: bool
+    destructive: bool
+    idempotent: bool
+    open_world: bool
+
+
+@dataclass(frozen=True)
 class Operation:
     name: str  # MCP tool name, e.g. "env_list"
     func: Callable[..., Any]
@@ -124,6 +144,7 @@ class Operation:
     params: tuple[Param, ...] = field(default=())
     progress: bool = False  # reports progress phases while it runs
     exit_code_key: str | None = None  # the CLI exits with this result field (e.g. run)
+    effects: Effects | None = None  # what a call does to the host and its VMs (undeclared: None)
 
     @property
     def doc(self) -> str:
@@ -192,8 +213,30 @@ def operation(
     profiles: tuple[str, ...] = (),
     progress: bool = False,
     exit_code_key: str | None = None,
+    title: str | None = None,
+    read_only: bool = False,
+    destructive: bool = False,
+    idempotent: bool = False,
+    open_world: bool = False,
 ) -> Callable[[F], F]:
-    """Register ``func`` as a public operation named after the function."""
+    """Register ``func`` as a public operation named after the function.
+
+    ``title`` and the hints after it declare its :class:`Effects` (an operation without
+    a title declares none); ``read_only`` implies idempotent and not destructive.
+    """
+    if read_only and destructive:
+        raise TypeError("an operation is not both read_only and destructive")
+    effects = (
+        None
+        if title is None
+        else Effects(
+            title=title,
+            read_only=read_only,
+            destructive=destructive,
+            idempotent=idempotent or read_only,
+            open_world=open_world,
+        )
+    )
 
     def register(func: F) -> F:
         name = func.__name__
@@ -210,6 +253,7 @@ def operation(
             params=_params(func),
             progress=progress,
             exit_code_key=exit_code_key,
+            effects=effects,
         )
         return func
 

@@ -24,9 +24,10 @@ A ``sensitive`` parameter (secrets) is never shown in a message, only its type.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from pyro_mcp.errors import InvalidArgument
@@ -46,20 +47,62 @@ def check_arguments(op: Operation, arguments: Mapping[str, Any], via: Surface) -
     """``arguments`` as the operation takes them: each checked against its declaration.
 
     InvalidArgument for a parameter the operation does not offer on ``via``, a missing
-    required one, or a value of the wrong type, out of its bounds or not valid text.
+    required one (both listing what it takes: :func:`check_names`), or a value of the
+    wrong type, out of its bounds or not valid text.
     """
-    params = {param.name: param for param in op.params}
-    checked: dict[str, Any] = {}
-    for name, value in arguments.items():
-        param = params.get(name)
-        if param is None or not param.on(via):
-            where = (via.name or "").lower()
-            raise InvalidArgument(f"{op.name} has no parameter {name!r} on the {where} surface")
-        checked[name] = check_value(param, value)
-    missing = [p.name for p in op.params if p.required and p.name not in checked]
-    if missing:
-        raise InvalidArgument(f"{op.name} needs {', '.join(missing)}")
+    offered = op.params_on(via)
+    where = f" on the {(via.name or '').lower()} surface"
+    check_names(op.name, arguments, offered, where=where, complete=False)
+    params = {param.name: param for param in offered}
+    checked = {name: check_value(params[name], value) for name, value in arguments.items()}
+    check_names(op.name, arguments, offered)
     return checked
+
+
+def check_names(
+    name: str,
+    given: Collection[str],
+    offered: Sequence[Param],
+    *,
+    where: str = "",
+    complete: bool = True,
+) -> None:
+    """InvalidArgument if ``given`` names a parameter ``name`` does not offer (with the
+    offered one it most looks like) or, when ``given`` is ``complete``, lacks a required
+    one; the message lists every parameter it takes, so the caller can fix the call in
+    one go."""
+    names = [param.name for param in offered]
+    unknown = [arg for arg in given if arg not in names]
+    missing = [
+        param.name for param in offered if complete and param.required and param.name not in given
+    ]
+    if unknown:
+        shown_names = ", ".join(_with_guess(arg, names) for arg in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        problem = f"{name} has no parameter{plural} {shown_names}{where}"
+    elif missing:
+        problem = f"{name} needs {', '.join(missing)}"
+    else:
+        return
+    raise InvalidArgument(f"{problem}; {takes(offered)}")
+
+
+def takes(offered: Sequence[Param]) -> str:
+    """What a call takes, in words: ``it takes workspace, path (required) and text (optional)``."""
+    required = [param.name for param in offered if param.required]
+    optional = [param.name for param in offered if not param.required]
+    if not offered:
+        return "it takes no parameters"
+    if not optional:
+        return f"it takes {', '.join(required)} (required)"
+    if not required:
+        return f"it takes {', '.join(optional)} (all optional)"
+    return f"it takes {', '.join(required)} (required) and {', '.join(optional)} (optional)"
+
+
+def _with_guess(arg: str, names: Sequence[str]) -> str:
+    guess = difflib.get_close_matches(arg, names, n=1)
+    return f"{shown(arg)} (did you mean {guess[0]!r}?)" if guess else shown(arg)
 
 
 def check_value(param: Param, value: Any) -> Any:

@@ -21,7 +21,13 @@ NEXT_STEPS = (
 )
 
 
-@operation(cli=("demo",), sdk="demo", progress=True)
+@operation(
+    cli=("demo",),
+    sdk="demo",
+    progress=True,
+    title="Run the demo in a fresh microVM",
+    open_world=True,
+)
 def demo(
     ctx: Context,
     network: Annotated[

@@ -15,7 +15,13 @@ from pyro_mcp.runtime import environments
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
 
 
-@operation(cli=("env", "list"), sdk="list_environments", profiles=ALL_PROFILES)
+@operation(
+    cli=("env", "list"),
+    sdk="list_environments",
+    profiles=ALL_PROFILES,
+    title="List environments",
+    read_only=True,
+)
 def env_list(ctx: Context) -> dict[str, Any]:
     """List the environment catalog: each name, whether it is installed, its size and digest."""
     rows = environments.list_environments(ctx.paths)
@@ -26,7 +32,14 @@ REGISTRY_HELP = "pull from HOST[:PORT]/PREFIX instead of $PYRO_REGISTRY"
 INSECURE_HELP = "allow plain HTTP to a registry that is not on loopback"
 
 
-@operation(cli=("env", "pull"), sdk="pull_environment", progress=True)
+@operation(
+    cli=("env", "pull"),
+    sdk="pull_environment",
+    progress=True,
+    title="Pull an environment",
+    idempotent=True,
+    open_world=True,
+)
 def env_pull(
     ctx: Context,
     name: Annotated[str, Arg("environment name, e.g. debian:12", surfaces=EVERY, positional=True)],
@@ -80,7 +93,15 @@ def env_pull(
     return result
 
 
-@operation(cli=("env", "publish"), sdk="publish_environment", progress=True)
+@operation(
+    cli=("env", "publish"),
+    sdk="publish_environment",
+    progress=True,
+    title="Publish an environment to a registry",
+    destructive=True,
+    idempotent=True,
+    open_world=True,
+)
 def env_publish(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
@@ -118,7 +139,13 @@ def env_publish(
     )
 
 
-@operation(cli=("env", "prove"), sdk="prove_environment", progress=True)
+@operation(
+    cli=("env", "prove"),
+    sdk="prove_environment",
+    progress=True,
+    title="Prove an environment on this host",
+    idempotent=True,
+)
 def env_prove(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
@@ -133,7 +160,13 @@ def env_prove(
     return {"environment": name, "capabilities": prove_environment(ctx, name)}
 
 
-@operation(cli=("env", "import"), sdk="import_environment", progress=True)
+@operation(
+    cli=("env", "import"),
+    sdk="import_environment",
+    progress=True,
+    title="Import an OCI image as an environment",
+    open_world=True,
+)
 def env_import(
     ctx: Context,
     name: Annotated[str, Arg("name for the new environment", surfaces=EVERY, positional=True)],
@@ -179,7 +212,13 @@ def env_import(
     return info.to_dict()
 
 
-@operation(cli=("env", "build"), sdk="build_environment", progress=True)
+@operation(
+    cli=("env", "build"),
+    sdk="build_environment",
+    progress=True,
+    title="Build an environment with extra packages",
+    open_world=True,
+)
 def env_build(
     ctx: Context,
     name: Annotated[str, Arg("name for the new environment", surfaces=EVERY, positional=True)],
@@ -220,7 +259,12 @@ def _insecure() -> bool:
     return insecure_from_env()
 
 
-@operation(cli=("env", "inspect"), sdk="inspect_environment")
+@operation(
+    cli=("env", "inspect"),
+    sdk="inspect_environment",
+    title="Inspect an environment",
+    read_only=True,
+)
 def env_inspect(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
@@ -229,7 +273,13 @@ def env_inspect(
     return environments.inspect_environment(ctx.paths, name)
 
 
-@operation(cli=("env", "prune"), sdk="prune_environments")
+@operation(
+    cli=("env", "prune"),
+    sdk="prune_environments",
+    title="Prune unused environment images",
+    destructive=True,
+    idempotent=True,
+)
 def env_prune(ctx: Context) -> dict[str, Any]:
     """Remove cached images and build leftovers that no installed environment uses."""
     return environments.prune(ctx.paths)

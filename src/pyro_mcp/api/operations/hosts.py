@@ -37,7 +37,12 @@ def _setup(ctx: Context) -> hosts.Setup:
     return hosts.Setup.current(ctx.paths.cache_dir, ctx.state_dir, ctx.paths.run_root)
 
 
-@operation(cli=("host", "print-config"), sdk="print_host_config")
+@operation(
+    cli=("host", "print-config"),
+    sdk="print_host_config",
+    title="Print an MCP host's entry for pyro",
+    read_only=True,
+)
 def host_print_config(
     ctx: Context, host: Host, profile: Profile = DEFAULT_PROFILE, root: Root = None
 ) -> dict[str, Any]:
@@ -55,7 +60,12 @@ def host_print_config(
     return hosts.print_config(_setup(ctx), host, profile, root)
 
 
-@operation(cli=("host", "connect"), sdk="connect_host")
+@operation(
+    cli=("host", "connect"),
+    sdk="connect_host",
+    title="Connect an MCP host to pyro",
+    idempotent=True,
+)
 def host_connect(
     ctx: Context,
     host: Host,
@@ -94,7 +104,12 @@ def host_connect(
     return hosts.connect(_setup(ctx), host, profile, root, scope)
 
 
-@operation(cli=("host", "doctor"), sdk="doctor_hosts")
+@operation(
+    cli=("host", "doctor"),
+    sdk="doctor_hosts",
+    title="Check MCP hosts' entries for pyro",
+    read_only=True,
+)
 def host_doctor(ctx: Context, host: SomeHost = None) -> dict[str, Any]:
     """Check each host's pyro entry as the host will start the server.
 
@@ -110,7 +125,12 @@ def host_doctor(ctx: Context, host: SomeHost = None) -> dict[str, Any]:
     return hosts.diagnose(_setup(ctx), [host] if host else list(HOST_NAMES))
 
 
-@operation(cli=("host", "repair"), sdk="repair_hosts")
+@operation(
+    cli=("host", "repair"),
+    sdk="repair_hosts",
+    title="Repair MCP hosts' entries for pyro",
+    idempotent=True,
+)
 def host_repair(ctx: Context, host: SomeHost = None) -> dict[str, Any]:
     """Fix what ``pyro host doctor`` finds in each host's pyro entry, and say what changed.
 

@@ -14,7 +14,14 @@ from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels
 from pyro_mcp.vmm import selection
 
 
-@operation(cli=("runtime", "install-host-packages"), sdk="install_host_packages", progress=True)
+@operation(
+    cli=("runtime", "install-host-packages"),
+    sdk="install_host_packages",
+    progress=True,
+    title="Install the host's Debian packages",
+    idempotent=True,
+    open_world=True,
+)
 def runtime_install_host_packages(ctx: Context) -> dict[str, Any]:
     """Install the Debian packages pyro needs on this host (apt-get; needs root)."""
     wanted = host_tools.host_packages()
@@ -23,7 +30,14 @@ def runtime_install_host_packages(ctx: Context) -> dict[str, Any]:
     return {"packages": wanted, "installed": installed}
 
 
-@operation(cli=("runtime", "fetch"), sdk="fetch_runtime", progress=True)
+@operation(
+    cli=("runtime", "fetch"),
+    sdk="fetch_runtime",
+    progress=True,
+    title="Fetch Firecracker and Jailer",
+    idempotent=True,
+    open_world=True,
+)
 def runtime_fetch(
     ctx: Context,
     source: Annotated[
@@ -57,7 +71,14 @@ def runtime_fetch(
     return found.to_dict()
 
 
-@operation(cli=("runtime", "build-kernel"), sdk="build_kernel", progress=True)
+@operation(
+    cli=("runtime", "build-kernel"),
+    sdk="build_kernel",
+    progress=True,
+    title="Build the guest kernel",
+    idempotent=True,
+    open_world=True,
+)
 def runtime_build_kernel(
     ctx: Context,
     flavor: Annotated[
@@ -87,7 +108,14 @@ def runtime_build_kernel(
     return kernel.to_dict()
 
 
-@operation(cli=("runtime", "build-rootfs"), sdk="build_rootfs", progress=True)
+@operation(
+    cli=("runtime", "build-rootfs"),
+    sdk="build_rootfs",
+    progress=True,
+    title="Build environment images",
+    idempotent=True,
+    open_world=True,
+)
 def runtime_build_rootfs(
     ctx: Context,
     names: Annotated[
@@ -106,7 +134,13 @@ def runtime_build_rootfs(
     return {"environments": built}
 
 
-@operation(cli=("runtime", "bundle"), sdk="bundle_runtime", progress=True)
+@operation(
+    cli=("runtime", "bundle"),
+    sdk="bundle_runtime",
+    progress=True,
+    title="Prove the runtime and write its lock",
+    idempotent=True,
+)
 def runtime_bundle(
     ctx: Context,
     refresh_probes: Annotated[
@@ -230,7 +264,14 @@ def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:
     )
 
 
-@operation(cli=("runtime", "materialize"), sdk="materialize_runtime", progress=True)
+@operation(
+    cli=("runtime", "materialize"),
+    sdk="materialize_runtime",
+    progress=True,
+    title="Build and prove the whole runtime",
+    idempotent=True,
+    open_world=True,
+)
 def runtime_materialize(
     ctx: Context,
     names: Annotated[
@@ -257,7 +298,12 @@ def runtime_materialize(
     return {**result, "templates": made}
 
 
-@operation(cli=("runtime", "status"), sdk="runtime_status")
+@operation(
+    cli=("runtime", "status"),
+    sdk="runtime_status",
+    title="Show the runtime's status",
+    read_only=True,
+)
 def runtime_status(ctx: Context) -> dict[str, Any]:
     """Show what is installed and the capabilities, without re-hashing anything."""
     current = lock.build_lock(ctx.paths, deep=False)
@@ -275,7 +321,13 @@ def runtime_status(ctx: Context) -> dict[str, Any]:
     }
 
 
-@operation(cli=("runtime", "verify"), sdk="verify_runtime", progress=True)
+@operation(
+    cli=("runtime", "verify"),
+    sdk="verify_runtime",
+    progress=True,
+    title="Verify installed artifacts",
+    read_only=True,
+)
 def runtime_verify(ctx: Context) -> dict[str, Any]:
     """Re-hash every installed artifact against its recorded digest.
 
@@ -294,7 +346,7 @@ def runtime_verify(ctx: Context) -> dict[str, Any]:
     return {"ok": True, "components": sorted(components)}
 
 
-@operation(cli=("doctor",), sdk="doctor")
+@operation(cli=("doctor",), sdk="doctor", title="Diagnose this host", read_only=True)
 def runtime_doctor(ctx: Context) -> dict[str, Any]:
     """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
     return doctor.diagnose(ctx.paths)

@@ -98,7 +98,13 @@ def readiness_options(readiness: dict[str, str]) -> dict[str, str]:
 FOLLOW_MAX_S = 7 * 24 * 3600.0
 
 
-@operation(cli=("workspace", "service", "start"), sdk="start_service", profiles=FULL)
+@operation(
+    cli=("workspace", "service", "start"),
+    sdk="start_service",
+    profiles=FULL,
+    title="Start a service in a workspace",
+    open_world=True,
+)
 def service_start(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -226,7 +232,13 @@ def _listing(workspace_id: str, services: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
-@operation(cli=("workspace", "service", "list"), sdk="list_services", profiles=FULL)
+@operation(
+    cli=("workspace", "service", "list"),
+    sdk="list_services",
+    profiles=FULL,
+    title="List a workspace's services",
+    read_only=True,
+)
 def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """The workspace's services with their state, pid, exit code, start time and restarts."""
     with open_workspaces(ctx) as workspaces:
@@ -239,7 +251,13 @@ def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str
         return _listing(record.id, list(record.services.values()))
 
 
-@operation(cli=("workspace", "service", "status"), sdk="service_status", profiles=FULL)
+@operation(
+    cli=("workspace", "service", "status"),
+    sdk="service_status",
+    profiles=FULL,
+    title="Show a service's status",
+    read_only=True,
+)
 def service_status(
     ctx: Context, workspace: Annotated[str, WORKSPACE], name: Annotated[str, NAME]
 ) -> dict[str, Any]:
@@ -254,7 +272,13 @@ def service_status(
         return {**value, "published_ports": ports, **_keys(workspace_id, name)}
 
 
-@operation(cli=("workspace", "service", "logs"), sdk="service_logs", profiles=FULL)
+@operation(
+    cli=("workspace", "service", "logs"),
+    sdk="service_logs",
+    profiles=FULL,
+    title="Show a service's output",
+    read_only=True,
+)
 def service_logs(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -285,7 +309,14 @@ def service_logs(
         return {**value, **_keys(workspaces.store.get(workspace).id, name)}
 
 
-@operation(cli=("workspace", "service", "stop"), sdk="stop_service", profiles=FULL)
+@operation(
+    cli=("workspace", "service", "stop"),
+    sdk="stop_service",
+    profiles=FULL,
+    title="Stop a service",
+    destructive=True,
+    idempotent=True,
+)
 def service_stop(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],

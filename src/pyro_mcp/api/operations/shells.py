@@ -23,7 +23,12 @@ def _call(ctx: Context, workspace: str, action: str, op: str, args: dict[str, An
         return value
 
 
-@operation(cli=("workspace", "shell", "open"), sdk="open_shell", profiles=FULL)
+@operation(
+    cli=("workspace", "shell", "open"),
+    sdk="open_shell",
+    profiles=FULL,
+    title="Open a shell in a workspace",
+)
 def shell_open(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -52,7 +57,13 @@ def shell_open(
     return value
 
 
-@operation(cli=("workspace", "shell", "read"), sdk="read_shell", profiles=FULL)
+@operation(
+    cli=("workspace", "shell", "read"),
+    sdk="read_shell",
+    profiles=FULL,
+    title="Read a shell's output",
+    read_only=True,
+)
 def shell_read(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -87,7 +98,14 @@ def shell_read(
         )
 
 
-@operation(cli=("workspace", "shell", "write"), sdk="write_shell", profiles=FULL)
+@operation(
+    cli=("workspace", "shell", "write"),
+    sdk="write_shell",
+    profiles=FULL,
+    title="Type into a shell",
+    destructive=True,
+    open_world=True,
+)
 def shell_write(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -107,7 +125,13 @@ def shell_write(
     return dict(_call(ctx, workspace, "shell write", "shell_write", args))
 
 
-@operation(cli=("workspace", "shell", "signal"), sdk="signal_shell", profiles=FULL)
+@operation(
+    cli=("workspace", "shell", "signal"),
+    sdk="signal_shell",
+    profiles=FULL,
+    title="Signal a shell's foreground process",
+    destructive=True,
+)
 def shell_signal(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -121,7 +145,14 @@ def shell_signal(
     return dict(_call(ctx, workspace, "shell signal", "shell_signal", args))
 
 
-@operation(cli=("workspace", "shell", "close"), sdk="close_shell", profiles=FULL)
+@operation(
+    cli=("workspace", "shell", "close"),
+    sdk="close_shell",
+    profiles=FULL,
+    title="Close a shell",
+    destructive=True,
+    idempotent=True,
+)
 def shell_close(
     ctx: Context, workspace: Annotated[str, WORKSPACE], shell: Annotated[str, SHELL]
 ) -> dict[str, Any]:
@@ -129,7 +160,13 @@ def shell_close(
     return dict(_call(ctx, workspace, "shell close", "shell_close", {"shell_id": shell}))
 
 
-@operation(cli=("workspace", "shell", "list"), sdk="list_shells", profiles=FULL)
+@operation(
+    cli=("workspace", "shell", "list"),
+    sdk="list_shells",
+    profiles=FULL,
+    title="List a workspace's shells",
+    read_only=True,
+)
 def shell_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """The workspace's open shells."""
     return dict(_call(ctx, workspace, "shell list", "shell_list", {}))

@@ -29,13 +29,24 @@ def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> li
     ]
 
 
-@operation(cli=("template", "list"), sdk="list_templates")
+@operation(
+    cli=("template", "list"),
+    sdk="list_templates",
+    title="List warm-start templates",
+    read_only=True,
+)
 def template_list(ctx: Context) -> dict[str, Any]:
     """The installed templates: key, inputs, size on disk and build time."""
     return {"templates": [t.to_dict() for t in templates.installed(ctx.paths)]}
 
 
-@operation(cli=("template", "build"), sdk="build_template", progress=True)
+@operation(
+    cli=("template", "build"),
+    sdk="build_template",
+    progress=True,
+    title="Build warm-start templates",
+    idempotent=True,
+)
 def template_build(
     ctx: Context,
     environment: Annotated[
@@ -65,7 +76,13 @@ def build_templates(
     return built
 
 
-@operation(cli=("template", "prune"), sdk="prune_templates")
+@operation(
+    cli=("template", "prune"),
+    sdk="prune_templates",
+    title="Prune unused templates",
+    destructive=True,
+    idempotent=True,
+)
 def template_prune(
     ctx: Context,
     all_templates: Annotated[

@@ -76,7 +76,13 @@ MEMORY = Arg("guest memory in MiB", surfaces=EVERY, minimum=128, maximum=65536)
 
 
 @operation(
-    cli=("run",), sdk="run_in_vm", profiles=ALL_PROFILES, progress=True, exit_code_key="exit_code"
+    cli=("run",),
+    sdk="run_in_vm",
+    profiles=ALL_PROFILES,
+    progress=True,
+    exit_code_key="exit_code",
+    title="Run a command in a fresh microVM",
+    open_world=True,
 )
 def vm_run(
     ctx: Context,

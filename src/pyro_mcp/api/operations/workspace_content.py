@@ -36,6 +36,9 @@ CHECKPOINT = Arg("checkpoint name", surfaces=EVERY, positional=True, name="snaps
     sdk="exec_workspace",
     profiles=CORE,
     exit_code_key="exit_code",
+    title="Run a command in a workspace",
+    destructive=True,
+    open_world=True,
 )
 def workspace_exec(
     ctx: Context,
@@ -70,7 +73,13 @@ def workspace_exec(
         )
 
 
-@operation(cli=("workspace", "file", "list"), sdk="list_workspace_files", profiles=CORE)
+@operation(
+    cli=("workspace", "file", "list"),
+    sdk="list_workspace_files",
+    profiles=CORE,
+    title="List files in a workspace",
+    read_only=True,
+)
 def workspace_file_list(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -84,7 +93,13 @@ def workspace_file_list(
         return content.list_files(workspaces, workspace, path, recursive)
 
 
-@operation(cli=("workspace", "file", "read"), sdk="read_workspace_file", profiles=CORE)
+@operation(
+    cli=("workspace", "file", "read"),
+    sdk="read_workspace_file",
+    profiles=CORE,
+    title="Read a file in a workspace",
+    read_only=True,
+)
 def workspace_file_read(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -100,7 +115,14 @@ def workspace_file_read(
     return result
 
 
-@operation(cli=("workspace", "file", "write"), sdk="write_workspace_file", profiles=CORE)
+@operation(
+    cli=("workspace", "file", "write"),
+    sdk="write_workspace_file",
+    profiles=CORE,
+    title="Write a file in a workspace",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_file_write(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -138,7 +160,14 @@ def workspace_file_write(
         return content.write_file(workspaces, workspace, path, data, mode)
 
 
-@operation(cli=("workspace", "file", "delete"), sdk="delete_workspace_file", profiles=FULL)
+@operation(
+    cli=("workspace", "file", "delete"),
+    sdk="delete_workspace_file",
+    profiles=FULL,
+    title="Delete a file in a workspace",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_file_delete(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -152,7 +181,13 @@ def workspace_file_delete(
         return content.delete_file(workspaces, workspace, path, recursive)
 
 
-@operation(cli=("workspace", "patch", "apply"), sdk="apply_workspace_patch", profiles=CORE)
+@operation(
+    cli=("workspace", "patch", "apply"),
+    sdk="apply_workspace_patch",
+    profiles=CORE,
+    title="Apply a patch in a workspace",
+    destructive=True,
+)
 def workspace_patch_apply(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -169,7 +204,14 @@ def workspace_patch_apply(
         return content.apply_patch(workspaces, workspace, text)
 
 
-@operation(cli=("workspace", "sync", "push"), sdk="push_workspace_sync", profiles=CORE)
+@operation(
+    cli=("workspace", "sync", "push"),
+    sdk="push_workspace_sync",
+    profiles=CORE,
+    title="Copy host files into a workspace",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_sync_push(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -193,7 +235,13 @@ def workspace_sync_push(
         return content.sync_push(workspaces, workspace, path, dest)
 
 
-@operation(cli=("workspace", "diff"), sdk="diff_workspace", profiles=CORE)
+@operation(
+    cli=("workspace", "diff"),
+    sdk="diff_workspace",
+    profiles=CORE,
+    title="Diff a workspace against a checkpoint",
+    read_only=True,
+)
 def workspace_diff(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -206,7 +254,14 @@ def workspace_diff(
         return checkpoints.diff(workspaces, workspace, against)
 
 
-@operation(cli=("workspace", "export"), sdk="export_workspace", profiles=CORE)
+@operation(
+    cli=("workspace", "export"),
+    sdk="export_workspace",
+    profiles=CORE,
+    title="Export workspace files to the host",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_export(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -236,7 +291,12 @@ def workspace_export(
         return {**result, "output_path": result["output"]}
 
 
-@operation(cli=("workspace", "snapshot", "create"), sdk="create_snapshot", profiles=FULL)
+@operation(
+    cli=("workspace", "snapshot", "create"),
+    sdk="create_snapshot",
+    profiles=FULL,
+    title="Checkpoint a workspace",
+)
 def snapshot_create(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -247,7 +307,13 @@ def snapshot_create(
         return checkpoints.create_checkpoint(workspaces, workspace, name)
 
 
-@operation(cli=("workspace", "snapshot", "list"), sdk="list_snapshots", profiles=FULL)
+@operation(
+    cli=("workspace", "snapshot", "list"),
+    sdk="list_snapshots",
+    profiles=FULL,
+    title="List a workspace's checkpoints",
+    read_only=True,
+)
 def snapshot_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """The checkpoints of a workspace (the seed is the implicit ``baseline``)."""
     with open_workspaces(ctx) as workspaces:
@@ -259,7 +325,14 @@ def snapshot_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[st
         }
 
 
-@operation(cli=("workspace", "snapshot", "delete"), sdk="delete_snapshot", profiles=FULL)
+@operation(
+    cli=("workspace", "snapshot", "delete"),
+    sdk="delete_snapshot",
+    profiles=FULL,
+    title="Delete a checkpoint",
+    destructive=True,
+    idempotent=True,
+)
 def snapshot_delete(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -278,7 +351,14 @@ def snapshot_delete(
         }
 
 
-@operation(cli=("workspace", "reset"), sdk="reset_workspace", profiles=CORE)
+@operation(
+    cli=("workspace", "reset"),
+    sdk="reset_workspace",
+    profiles=CORE,
+    title="Reset a workspace to a checkpoint",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_reset(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -310,7 +390,13 @@ def _stopped_disk(ctx: Context, workspace: str, action: str) -> Any:
         return workspaces.layout.workspace(record.id).workspace_disk
 
 
-@operation(cli=("workspace", "disk", "list"), sdk="list_workspace_disk", profiles=FULL)
+@operation(
+    cli=("workspace", "disk", "list"),
+    sdk="list_workspace_disk",
+    profiles=FULL,
+    title="List a stopped workspace's disk",
+    read_only=True,
+)
 def workspace_disk_list(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -331,7 +417,13 @@ def workspace_disk_list(
     return {"path": path, "entries": list(listing), "unlisted": listing.unlisted}
 
 
-@operation(cli=("workspace", "disk", "read"), sdk="read_workspace_disk", profiles=FULL)
+@operation(
+    cli=("workspace", "disk", "read"),
+    sdk="read_workspace_disk",
+    profiles=FULL,
+    title="Read a file from a stopped workspace's disk",
+    read_only=True,
+)
 def workspace_disk_read(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -356,7 +448,14 @@ def workspace_disk_read(
     return result
 
 
-@operation(cli=("workspace", "disk", "export"), sdk="export_workspace_disk", profiles=FULL)
+@operation(
+    cli=("workspace", "disk", "export"),
+    sdk="export_workspace_disk",
+    profiles=FULL,
+    title="Export a stopped workspace's disk image",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_disk_export(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],

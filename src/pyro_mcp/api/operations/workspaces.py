@@ -88,7 +88,13 @@ def parse_pairs(values: dict[str, str] | list[str] | None, what: str) -> dict[st
     return pairs
 
 
-@operation(cli=("workspace", "create"), sdk="create_workspace", profiles=CORE, progress=True)
+@operation(
+    cli=("workspace", "create"),
+    sdk="create_workspace",
+    profiles=CORE,
+    progress=True,
+    title="Create a workspace",
+)
 def workspace_create(
     ctx: Context,
     environment: Annotated[
@@ -202,7 +208,13 @@ def secret_names(workspaces: Workspaces, workspace_id: str) -> list[dict[str, st
     return [s.to_dict() for s in workspaces.store.secrets(workspace_id)]
 
 
-@operation(cli=("workspace", "list"), sdk="list_workspaces", profiles=CORE)
+@operation(
+    cli=("workspace", "list"),
+    sdk="list_workspaces",
+    profiles=CORE,
+    title="List workspaces",
+    read_only=True,
+)
 def workspace_list(
     ctx: Context,
     label: Annotated[Labels, labels_arg("only those with this KEY=VALUE label")] = None,
@@ -214,7 +226,13 @@ def workspace_list(
         return {"workspaces": [record.to_dict() for record in records], "count": len(records)}
 
 
-@operation(cli=("workspace", "update"), sdk="update_workspace", profiles=CORE)
+@operation(
+    cli=("workspace", "update"),
+    sdk="update_workspace",
+    profiles=CORE,
+    title="Rename, relabel or set the TTL of a workspace",
+    idempotent=True,
+)
 def workspace_update(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -252,7 +270,13 @@ def workspace_update(
         return updated.to_dict()
 
 
-@operation(cli=("workspace", "status"), sdk="workspace_status", profiles=CORE)
+@operation(
+    cli=("workspace", "status"),
+    sdk="workspace_status",
+    profiles=CORE,
+    title="Show a workspace's status",
+    read_only=True,
+)
 def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
     with open_workspaces(ctx) as workspaces:
@@ -275,7 +299,13 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
         }
 
 
-@operation(cli=("workspace", "network"), sdk="network_info_workspace", profiles=FULL)
+@operation(
+    cli=("workspace", "network"),
+    sdk="network_info_workspace",
+    profiles=FULL,
+    title="Show a workspace's network",
+    read_only=True,
+)
 def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """A workspace's network: its policy and allowlist and, while it runs, the guest's
     IP, gateway, MAC, TAP device and published ports."""
@@ -292,7 +322,13 @@ def _with_network(record: WorkspaceRecord) -> dict[str, Any]:
     return {**record.to_dict(), "network": vm_network_info(policy, record.id if running else None)}
 
 
-@operation(cli=("workspace", "logs"), sdk="workspace_logs", profiles=CORE)
+@operation(
+    cli=("workspace", "logs"),
+    sdk="workspace_logs",
+    profiles=CORE,
+    title="Show a workspace's command journal",
+    read_only=True,
+)
 def workspace_logs(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -310,14 +346,29 @@ def workspace_logs(
         }
 
 
-@operation(cli=("workspace", "stop"), sdk="stop_workspace", profiles=FULL, progress=True)
+@operation(
+    cli=("workspace", "stop"),
+    sdk="stop_workspace",
+    profiles=FULL,
+    progress=True,
+    title="Stop a workspace",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Power a workspace off; its root and /workspace disks are kept."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.stop(workspace, progress=ctx.progress).to_dict()
 
 
-@operation(cli=("workspace", "start"), sdk="start_workspace", profiles=FULL, progress=True)
+@operation(
+    cli=("workspace", "start"),
+    sdk="start_workspace",
+    profiles=FULL,
+    progress=True,
+    title="Start a stopped workspace",
+    idempotent=True,
+)
 def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Boot a stopped workspace again from its disks (always a cold boot: its root disk
     no longer matches any template)."""
@@ -326,7 +377,14 @@ def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[
         return {**record.to_dict(), **_boot(workspaces, record.id)}
 
 
-@operation(cli=("workspace", "pause"), sdk="pause_workspace", profiles=FULL, progress=True)
+@operation(
+    cli=("workspace", "pause"),
+    sdk="pause_workspace",
+    profiles=FULL,
+    progress=True,
+    title="Pause a workspace to disk",
+    idempotent=True,
+)
 def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Save a running workspace's memory and device state to disk and end its VM: a
     paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
@@ -336,7 +394,14 @@ def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[
         return workspaces.pause(workspace, progress=ctx.progress).to_dict()
 
 
-@operation(cli=("workspace", "resume"), sdk="resume_workspace", profiles=FULL, progress=True)
+@operation(
+    cli=("workspace", "resume"),
+    sdk="resume_workspace",
+    profiles=FULL,
+    progress=True,
+    title="Resume a paused workspace",
+    idempotent=True,
+)
 def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Run a paused workspace again from its saved memory: processes, services, shells
     and page cache as they were; the guest clock is set to now. Errors: InvalidState when
@@ -346,7 +411,13 @@ def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
         return {**record.to_dict(), **_boot(workspaces, record.id)}
 
 
-@operation(cli=("workspace", "fork"), sdk="fork_workspace", profiles=FULL, progress=True)
+@operation(
+    cli=("workspace", "fork"),
+    sdk="fork_workspace",
+    profiles=FULL,
+    progress=True,
+    title="Fork a running workspace",
+)
 def workspace_fork(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
@@ -366,14 +437,28 @@ def workspace_fork(
         }
 
 
-@operation(cli=("workspace", "delete"), sdk="delete_workspace", profiles=CORE)
+@operation(
+    cli=("workspace", "delete"),
+    sdk="delete_workspace",
+    profiles=CORE,
+    title="Delete a workspace",
+    destructive=True,
+    idempotent=True,
+)
 def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
     """Delete a workspace: its VM, disks, checkpoints and journal."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.delete(workspace)
 
 
-@operation(cli=("reconcile",), sdk="reconcile", profiles=FULL)
+@operation(
+    cli=("reconcile",),
+    sdk="reconcile",
+    profiles=FULL,
+    title="Repair what crashes left",
+    destructive=True,
+    idempotent=True,
+)
 def reconcile(ctx: Context) -> dict[str, Any]:
     """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
     with open_workspaces(ctx) as workspaces:
