@@ -176,7 +176,8 @@ def test_profiles_nest_so_workspace_full_has_every_mcp_tool() -> None:
 
 VM_RUN_TAKES = (
     "it takes environment, command (required) and vcpu_count, mem_mib, timeout_seconds, "
-    "backend, output_cap_bytes, network, network_policy, allow_cidr, allow_host (optional)"
+    "backend, output_cap_bytes, network, network_policy, allow_cidr, allow_host, ttl_seconds, "
+    "allow_host_compat (optional)"
 )
 
 
@@ -212,7 +213,8 @@ def test_the_listed_parameters_are_those_of_the_tool_in_the_served_profile() -> 
     result = _call("workspace-core", "vm_run", arguments)
     assert _text(result).endswith(
         "vm_run has no parameter 'network'; it takes environment, command (required) and "
-        "vcpu_count, mem_mib, timeout_seconds, backend, output_cap_bytes (optional)"
+        "vcpu_count, mem_mib, timeout_seconds, backend, output_cap_bytes, ttl_seconds, "
+        "allow_host_compat (optional)"
     )
     no_parameters = _call("vm-run", "env_list", {"name": "debian:12"})
     assert _text(no_parameters).endswith("env_list has no parameter 'name'; it takes no parameters")
