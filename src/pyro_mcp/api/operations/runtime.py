@@ -9,13 +9,24 @@ from typing import Annotated, Any
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.templates import build_templates
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.api.results import (
+    RuntimeBuildKernelResult,
+    RuntimeBuildRootfsResult,
+    RuntimeBundleResult,
+    RuntimeDoctorResult,
+    RuntimeFetchResult,
+    RuntimeInstallHostPackagesResult,
+    RuntimeMaterializeResult,
+    RuntimeStatusResult,
+    RuntimeVerifyResult,
+)
 from pyro_mcp.errors import IntegrityError, PyroError, RuntimeMissing
 from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
 from pyro_mcp.vmm import selection
 
 
 @operation(cli=("runtime", "install-host-packages"), sdk="install_host_packages", progress=True)
-def runtime_install_host_packages(ctx: Context) -> dict[str, Any]:
+def runtime_install_host_packages(ctx: Context) -> RuntimeInstallHostPackagesResult:
     """Install the Debian packages pyro needs on this host (apt-get; needs root)."""
     wanted = host_tools.host_packages()
     ctx.progress(f"checking {len(wanted)} Debian packages")
@@ -42,7 +53,7 @@ def runtime_fetch(
             path=True,
         ),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeFetchResult:
     """Install Firecracker and Jailer at the pinned version, verified by sha256.
 
     Errors: IntegrityError when a source offers bytes with another digest (never
@@ -77,7 +88,7 @@ def runtime_build_kernel(
             maximum=1024,
         ),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeBuildKernelResult:
     """Build (source) or fetch (cloud) the guest kernel; returns at once if it is cached."""
     chosen = flavor or kernels.default_flavor()
     if chosen == "source":
@@ -94,7 +105,7 @@ def runtime_build_rootfs(
         list[str] | None,
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeBuildRootfsResult:
     """Build environment images from Debian packages (skips those already installed; never
     asks a registry)."""
     chosen = names or [spec.name for spec in environments.catalog()]
@@ -112,7 +123,7 @@ def runtime_bundle(
     refresh_probes: Annotated[
         bool, Arg("boot the probe guests again even if cached", surfaces=EVERY)
     ] = False,
-) -> dict[str, Any]:
+) -> RuntimeBundleResult:
     """Prove the capabilities with real guests, verify every component, write the lock.
 
     The boot check boots the default environment on each candidate backend and runs
@@ -237,7 +248,7 @@ def runtime_materialize(
         list[str] | None,
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeMaterializeResult:
     """Do the whole pipeline: fetch binaries, build the kernel, build environments, prove
     each (boot, run a command), bundle, then each environment's warm-start templates at the
     default size (``templates``). `make runtime-publish-official-environments-oci` then
@@ -258,7 +269,7 @@ def runtime_materialize(
 
 
 @operation(cli=("runtime", "status"), sdk="runtime_status")
-def runtime_status(ctx: Context) -> dict[str, Any]:
+def runtime_status(ctx: Context) -> RuntimeStatusResult:
     """Show what is installed and the capabilities, without re-hashing anything."""
     current = lock.build_lock(ctx.paths, deep=False)
     return {
@@ -276,7 +287,7 @@ def runtime_status(ctx: Context) -> dict[str, Any]:
 
 
 @operation(cli=("runtime", "verify"), sdk="verify_runtime", progress=True)
-def runtime_verify(ctx: Context) -> dict[str, Any]:
+def runtime_verify(ctx: Context) -> RuntimeVerifyResult:
     """Re-hash every installed artifact against its recorded digest.
 
     Errors: IntegrityError listing each component that failed (digest mismatch, truncated
@@ -295,6 +306,6 @@ def runtime_verify(ctx: Context) -> dict[str, Any]:
 
 
 @operation(cli=("doctor",), sdk="doctor")
-def runtime_doctor(ctx: Context) -> dict[str, Any]:
+def runtime_doctor(ctx: Context) -> RuntimeDoctorResult:
     """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
     return doctor.diagnose(ctx.paths)

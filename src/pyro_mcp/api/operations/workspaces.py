@@ -17,6 +17,21 @@ from pyro_mcp.api.operations.network_args import (
 )
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
+from pyro_mcp.api.results import (
+    ReconcileResult,
+    WorkspaceCreateResult,
+    WorkspaceDeleteResult,
+    WorkspaceForkResult,
+    WorkspaceListResult,
+    WorkspaceLogsResult,
+    WorkspaceNetworkResult,
+    WorkspacePauseResult,
+    WorkspaceResumeResult,
+    WorkspaceStartResult,
+    WorkspaceStatusResult,
+    WorkspaceStopResult,
+    WorkspaceUpdateResult,
+)
 from pyro_mcp.errors import InvalidArgument, PyroError
 from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.network.policy import NetworkPolicy
@@ -132,7 +147,7 @@ def workspace_create(
         ),
     ] = None,
     id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
-) -> dict[str, Any]:
+) -> WorkspaceCreateResult:
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
     ``network_policy`` (default off: no network device) is kept for every start; status
@@ -192,7 +207,7 @@ def workspace_list(
     label: Annotated[
         list[str] | None, Arg("only those with this KEY=VALUE label", surfaces=EVERY)
     ] = None,
-) -> dict[str, Any]:
+) -> WorkspaceListResult:
     """List workspaces with their state, environment, sizes and labels."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile()
@@ -213,7 +228,7 @@ def workspace_update(
         list[str] | None, Arg("remove label KEY (repeatable)", surfaces=EVERY)
     ] = None,
     ttl_seconds: Annotated[float | None, _ttl("expire this many seconds from now")] = None,
-) -> dict[str, Any]:
+) -> WorkspaceUpdateResult:
     """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
     import time
 
@@ -235,7 +250,7 @@ def workspace_update(
 
 
 @operation(cli=("workspace", "status"), sdk="workspace_status", profiles=CORE)
-def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStatusResult:
     """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile_one(workspace)
@@ -255,7 +270,7 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
 
 
 @operation(cli=("workspace", "network"), sdk="network_info_workspace", profiles=FULL)
-def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceNetworkResult:
     """A workspace's network: its policy and allowlist and, while it runs, the guest's
     IP, gateway, MAC, TAP device and published ports."""
     with open_workspaces(ctx) as workspaces:
@@ -278,7 +293,7 @@ def workspace_logs(
     limit: Annotated[
         int, Arg("at most this many recent commands", surfaces=EVERY, minimum=1, maximum=10_000)
     ] = 50,
-) -> dict[str, Any]:
+) -> WorkspaceLogsResult:
     """The commands journal: what ran, where, how it ended, and the tail of its output."""
     with open_workspaces(ctx) as workspaces:
         commands = workspaces.store.commands(workspace, limit=limit)
@@ -286,14 +301,14 @@ def workspace_logs(
 
 
 @operation(cli=("workspace", "stop"), sdk="stop_workspace", profiles=FULL, progress=True)
-def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStopResult:
     """Power a workspace off; its root and /workspace disks are kept."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.stop(workspace, progress=ctx.progress).to_dict()
 
 
 @operation(cli=("workspace", "start"), sdk="start_workspace", profiles=FULL, progress=True)
-def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStartResult:
     """Boot a stopped workspace again from its disks (always a cold boot: its root disk
     no longer matches any template)."""
     with open_workspaces(ctx) as workspaces:
@@ -302,7 +317,7 @@ def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[
 
 
 @operation(cli=("workspace", "pause"), sdk="pause_workspace", profiles=FULL, progress=True)
-def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspacePauseResult:
     """Save a running workspace's memory and device state to disk and end its VM: a
     paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
     not with a network link. Errors: InvalidState when it is not running; VMError when
@@ -312,7 +327,7 @@ def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[
 
 
 @operation(cli=("workspace", "resume"), sdk="resume_workspace", profiles=FULL, progress=True)
-def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceResumeResult:
     """Run a paused workspace again from its saved memory: processes, services, shells
     and page cache as they were; the guest clock is set to now. Errors: InvalidState when
     it is not paused; on a failure it stays paused."""
@@ -326,7 +341,7 @@ def workspace_fork(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str | None, Arg("a unique name for the fork", surfaces=EVERY)] = None,
-) -> dict[str, Any]:
+) -> WorkspaceForkResult:
     """A new running workspace from a running one's memory and disks at this instant,
     with a hostname, machine-id and random state of its own; the source keeps running.
     The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
@@ -342,14 +357,14 @@ def workspace_fork(
 
 
 @operation(cli=("workspace", "delete"), sdk="delete_workspace", profiles=CORE)
-def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceDeleteResult:
     """Delete a workspace: its VM, disks, checkpoints and journal."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.delete(workspace)
 
 
 @operation(cli=("reconcile",), sdk="reconcile", profiles=FULL)
-def reconcile(ctx: Context) -> dict[str, Any]:
+def reconcile(ctx: Context) -> ReconcileResult:
     """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
     with open_workspaces(ctx) as workspaces:
         return dict(workspaces.reconcile())
