@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import jsonschema
 import pytest
+from tests.result_checks import CheckedCalls
 
 from pyro_mcp.api import Context, all_operations
 from pyro_mcp.api import results as r
-from pyro_mcp.api.registry import Surface
 from pyro_mcp.api.result_shapes import (
     ResultMismatch,
     check_result,
@@ -59,19 +58,7 @@ ELSEWHERE = {
 }
 
 
-def call(ctx: Context, name: str, /, *args: Any, **kwargs: Any) -> Any:
-    """Run operation ``name`` as the SDK does (positional arguments in its SDK order) and
-    check what it returns against its declaration and its JSON schema."""
-    op = OPS[name]
-    names = [param.name for param in op.params_on(Surface.SDK)]
-    result = op.call(ctx, Surface.SDK, **dict(zip(names, args, strict=False)), **kwargs)
-    check_result(op, result)
-    jsonschema.validate(json.loads(json.dumps(result)), result_schema(op))
-    CALLED.add(name)
-    return result
-
-
-CALLED: set[str] = set()
+call = CheckedCalls()
 
 
 # --- the declarations --------------------------------------------------------------------
@@ -351,10 +338,10 @@ def test_every_operation_s_result_is_proven_here_or_in_one_named_file() -> None:
 
 
 def test_the_scenarios_above_ran_every_operation_they_claim() -> None:
-    # Runs after them (file order); CALLED is empty when they were skipped (no fake VMs).
-    if "workspace_create" not in CALLED:
+    # Runs after them (file order); nothing was called when they were skipped (no fake VMs).
+    if "workspace_create" not in call.called:
         pytest.skip("the fake-VM scenario did not run")
-    assert CALLED == UNIT_COVERED
+    assert call.called == UNIT_COVERED
 
 
 def _covered(path: Path) -> set[str]:
