@@ -29,6 +29,12 @@ class CheckedCalls:
         self.check(name, result)
         return result
 
+    def via_sdk(self, client: Any, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """``client.<operation name's SDK method>(...)`` (a Pyro), its result checked."""
+        result = getattr(client, self.operations[name].sdk)(*args, **kwargs)
+        self.check(name, result)
+        return result
+
     def check(self, name: str, result: Any) -> None:
         """``result`` (of operation ``name``, however it was run) is as declared."""
         op = self.operations[name]

@@ -41,6 +41,12 @@ def test_check_fails_on_a_stale_stub_and_passes_once_it_is_written(
     assert stub.read_text() == render_stub()
 
 
+def test_make_stubs_is_the_generator() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    target = makefile[makefile.index("\nstubs: ") + 1 :].split("\n\n")[0]
+    assert target.splitlines()[1:] == ["\t$(PY) -m pyro_mcp.api.stubs"]
+
+
 def _stub_classes() -> dict[str, dict[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
     tree = ast.parse(STUB_PATH.read_text())
     return {
