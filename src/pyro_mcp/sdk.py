@@ -9,8 +9,8 @@ JSON-able dicts, exactly what the CLI prints with ``--json`` and what MCP tools 
 each is typed by its TypedDict in :mod:`pyro_mcp.api.results`.
 
 :class:`AsyncPyro` has the same methods as coroutines: each runs the operation in a
-worker thread (asyncio or trio, through anyio). Cancelling the awaiting task stops what
-the operation runs (the guest command, a one-shot VM) before the cancellation goes on.
+worker thread (through anyio). Cancelling the awaiting task stops what the operation
+runs (the guest command, a one-shot VM) before the cancellation goes on.
 
 Type checkers see the methods through ``pyro_mcp/_sdk_methods.pyi``, generated from the
 same registry (:mod:`pyro_mcp.api.stubs`).

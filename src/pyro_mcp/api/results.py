@@ -11,7 +11,7 @@ This module is imported without ``from __future__ import annotations`` on purpos
 Python 3.11 ``NotRequired`` is only recognised in evaluated annotations.
 """
 
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, Required, TypedDict
 
 # --- records shared by several results ---------------------------------------------------
 
@@ -354,7 +354,7 @@ class EnvInspectResult(TypedDict, total=False):
     name: str
     description: str
     packages: list[str]
-    installed: bool
+    installed: Required[bool]
     hint: str
     problem: str
     image_path: str
