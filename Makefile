@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYRO := $(VENV)/bin/pyro
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv host-packages npm-packages run test test-fast lint typecheck bench \
+.PHONY: help venv host-packages npm-packages run test test-fast lint typecheck stubs bench \
 	runtime-fetch-binaries runtime-build-kernel-real runtime-build-rootfs-real \
 	runtime-bundle runtime-materialize runtime-publish-official-environments-oci doctor clean
 
@@ -16,6 +16,7 @@ help:
 	@echo "make test       lint, type-check and the whole test suite (builds what it needs)"
 	@echo "make test-fast  unit tests only (no VM, no builds)"
 	@echo "make bench      benchmark table"
+	@echo "make stubs      regenerate the SDK's type stub (src/pyro_mcp/_sdk_methods.pyi)"
 	@echo "make runtime-materialize  fetch binaries, build kernel and all environments, write the lock"
 	@echo "make runtime-publish-official-environments-oci  publish them to \$$PYRO_REGISTRY"
 
@@ -73,6 +74,11 @@ run: host-packages runtime-fetch-binaries runtime-build-kernel-real
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+
+# The SDK's methods as type checkers see them, from the operation registry (tests fail
+# when the committed stub is stale).
+stubs: venv
+	$(PY) -m pyro_mcp.api.stubs
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -4,6 +4,8 @@ exception tree, so that every error an operation documents can be caught by name
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pyro_mcp
 from pyro_mcp import errors
@@ -13,6 +15,7 @@ from pyro_mcp.api.registry import all_operations
 def test_exported_names_are_exactly_the_public_api() -> None:
     assert set(pyro_mcp.__all__) == {
         "AgentUnavailable",
+        "AsyncPyro",
         "BootTimeout",
         "BuildError",
         "Cancelled",
@@ -40,6 +43,18 @@ def test_exported_names_are_exactly_the_public_api() -> None:
     }
     for name in pyro_mcp.__all__:
         assert getattr(pyro_mcp, name) is not None
+
+
+def test_import_pyro_mcp_loads_no_client_until_one_is_asked_for() -> None:
+    program = (
+        "import sys, pyro_mcp\n"
+        "print(sorted(m for m in ('pyro_mcp.sdk', 'pyro_mcp.api', 'anyio') if m in sys.modules))\n"
+        "from pyro_mcp import AsyncPyro, Pyro\n"
+        "from pyro_mcp import sdk\n"
+        "print(Pyro is sdk.Pyro, AsyncPyro is sdk.AsyncPyro)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "[]\nTrue True\n", "")
 
 
 def _error_tree(base: type[errors.PyroError]) -> list[type[errors.PyroError]]:

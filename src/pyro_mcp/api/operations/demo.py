@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import vm_run
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.api.results import DemoResult
 
 DEMO_ENVIRONMENT = "debian:12"
 DEMO_COMMAND = ["git", "--version"]
@@ -33,7 +34,7 @@ def demo(
     network: Annotated[
         bool, Arg("give the VM egress to the internet and show its address", surfaces=EVERY)
     ] = False,
-) -> dict[str, Any]:
+) -> DemoResult:
     """Boot a fresh microVM of debian:12, run ``git --version`` in it, and discard it.
 
     The same every time: the result carries git's version line, the phase timings and

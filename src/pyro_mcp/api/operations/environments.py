@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.templates import build_templates
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.api.results import (
+    EnvBuildResult,
+    EnvImportResult,
+    EnvInspectResult,
+    EnvListResult,
+    EnvProveResult,
+    EnvPruneResult,
+    EnvPublishResult,
+    EnvPullResult,
+)
 from pyro_mcp.errors import InvalidArgument, OutsideRoot, PyroError
 from pyro_mcp.runtime import environments
 
@@ -22,7 +32,7 @@ ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
     title="List environments",
     read_only=True,
 )
-def env_list(ctx: Context) -> dict[str, Any]:
+def env_list(ctx: Context) -> EnvListResult:
     """List the environment catalog: each name, whether it is installed, its size and digest."""
     rows = environments.list_environments(ctx.paths)
     return {"environments": [row.to_dict() for row in rows]}
@@ -53,7 +63,7 @@ def env_pull(
     ] = False,
     registry: Annotated[str | None, Arg(REGISTRY_HELP, surfaces=EVERY)] = None,
     insecure: Annotated[bool, Arg(INSECURE_HELP, surfaces=EVERY)] = False,
-) -> dict[str, Any]:
+) -> EnvPullResult:
     """Obtain an environment and install it: pulled from a registry, else built locally.
 
     Returns at once when it is already installed. With a registry (``--registry``, the
@@ -110,7 +120,7 @@ def env_publish(
         Arg("REGISTRY/REPOSITORY[:TAG] (default: $PYRO_REGISTRY/NAME)", surfaces=EVERY),
     ] = None,
     insecure: Annotated[bool, Arg(INSECURE_HELP, surfaces=EVERY)] = False,
-) -> dict[str, Any]:
+) -> EnvPublishResult:
     """Publish an installed environment to an OCI registry as an artifact.
 
     The zstd-compressed image, and a config with its digests, package list, agent version,
@@ -149,7 +159,7 @@ def env_publish(
 def env_prove(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
-) -> dict[str, Any]:
+) -> EnvProveResult:
     """Prove an installed environment on this host: boot it and run a command in it.
 
     Records vm_boot and guest_exec for its image and the installed kernel in the lock's
@@ -183,7 +193,7 @@ def env_import(
         str | None, Arg("which image of the OCI layout (its ref.name annotation)", surfaces=EVERY)
     ] = None,
     insecure: Annotated[bool, Arg(INSECURE_HELP, surfaces=EVERY)] = False,
-) -> dict[str, Any]:
+) -> EnvImportResult:
     """Turn a linux/amd64 OCI image into an environment.
 
     Layers applied in order (whiteouts and opaque directories; owners, modes, xattrs,
@@ -228,7 +238,7 @@ def env_build(
     base: Annotated[
         str, Arg("the catalog environment it extends", surfaces=EVERY, flag="from")
     ] = "debian:12",
-) -> dict[str, Any]:
+) -> EnvBuildResult:
     """Build a Debian environment with extra packages.
 
     A catalog environment's packages (``--from``, default debian:12) plus ``packages``,
@@ -268,7 +278,7 @@ def _insecure() -> bool:
 def env_inspect(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
-) -> dict[str, Any]:
+) -> EnvInspectResult:
     """Show an environment's manifest: packages, image digest and size, build details."""
     return environments.inspect_environment(ctx.paths, name)
 
@@ -280,6 +290,6 @@ def env_inspect(
     destructive=True,
     idempotent=True,
 )
-def env_prune(ctx: Context) -> dict[str, Any]:
+def env_prune(ctx: Context) -> EnvPruneResult:
     """Remove cached images and build leftovers that no installed environment uses."""
     return environments.prune(ctx.paths)

@@ -5,11 +5,17 @@ Not MCP tools: they edit the configuration of the host that would call them.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from pyro_mcp import hosts
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.api.results import (
+    HostConnectResult,
+    HostDoctorResult,
+    HostPrintConfigResult,
+    HostRepairResult,
+)
 from pyro_mcp.hosts.base import SCOPES
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
 
@@ -45,7 +51,7 @@ def _setup(ctx: Context) -> hosts.Setup:
 )
 def host_print_config(
     ctx: Context, host: Host, profile: Profile = DEFAULT_PROFILE, root: Root = None
-) -> dict[str, Any]:
+) -> HostPrintConfigResult:
     """Print the configuration that connects a host to this pyro's MCP server.
 
     The text to paste into the host's user configuration (``file``): JSON for Claude
@@ -83,7 +89,7 @@ def host_connect(
     print_only: Annotated[
         bool, Arg("print the configuration instead (as print-config)", surfaces=EVERY, flag="print")
     ] = False,
-) -> dict[str, Any]:
+) -> HostConnectResult:
     """Write this pyro's MCP server into a host's configuration file.
 
     Claude Code: ``~/.claude.json`` (``$CLAUDE_CONFIG_DIR/.claude.json``), or ``.mcp.json``
@@ -110,7 +116,7 @@ def host_connect(
     title="Check MCP hosts' entries for pyro",
     read_only=True,
 )
-def host_doctor(ctx: Context, host: SomeHost = None) -> dict[str, Any]:
+def host_doctor(ctx: Context, host: SomeHost = None) -> HostDoctorResult:
     """Check each host's pyro entry as the host will start the server.
 
     Per host: ``found`` (an entry in its user or this directory's project file), ``ok``
@@ -131,7 +137,7 @@ def host_doctor(ctx: Context, host: SomeHost = None) -> dict[str, Any]:
     title="Repair MCP hosts' entries for pyro",
     idempotent=True,
 )
-def host_repair(ctx: Context, host: SomeHost = None) -> dict[str, Any]:
+def host_repair(ctx: Context, host: SomeHost = None) -> HostRepairResult:
     """Fix what ``pyro host doctor`` finds in each host's pyro entry, and say what changed.
 
     Points the entry at this pyro, keeps its profile and roots where they are valid (else

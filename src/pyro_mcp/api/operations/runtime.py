@@ -9,6 +9,17 @@ from typing import Annotated, Any
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.templates import build_templates
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.api.results import (
+    RuntimeBuildKernelResult,
+    RuntimeBuildRootfsResult,
+    RuntimeBundleResult,
+    RuntimeDoctorResult,
+    RuntimeFetchResult,
+    RuntimeInstallHostPackagesResult,
+    RuntimeMaterializeResult,
+    RuntimeStatusResult,
+    RuntimeVerifyResult,
+)
 from pyro_mcp.errors import IntegrityError, PyroError, RuntimeMissing
 from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
 from pyro_mcp.vmm import selection
@@ -22,7 +33,7 @@ from pyro_mcp.vmm import selection
     idempotent=True,
     open_world=True,
 )
-def runtime_install_host_packages(ctx: Context) -> dict[str, Any]:
+def runtime_install_host_packages(ctx: Context) -> RuntimeInstallHostPackagesResult:
     """Install the Debian packages pyro needs on this host (apt-get; needs root)."""
     wanted = host_tools.host_packages()
     ctx.progress(f"checking {len(wanted)} Debian packages")
@@ -56,7 +67,7 @@ def runtime_fetch(
             path=True,
         ),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeFetchResult:
     """Install Firecracker and Jailer at the pinned version, verified by sha256.
 
     Errors: IntegrityError when a source offers bytes with another digest (never
@@ -98,7 +109,7 @@ def runtime_build_kernel(
             maximum=1024,
         ),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeBuildKernelResult:
     """Build (source) or fetch (cloud) the guest kernel; returns at once if it is cached."""
     chosen = flavor or kernels.default_flavor()
     if chosen == "source":
@@ -122,7 +133,7 @@ def runtime_build_rootfs(
         list[str] | None,
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeBuildRootfsResult:
     """Build environment images from Debian packages (skips those already installed; never
     asks a registry)."""
     chosen = names or [spec.name for spec in environments.catalog()]
@@ -146,7 +157,7 @@ def runtime_bundle(
     refresh_probes: Annotated[
         bool, Arg("boot the probe guests again even if cached", surfaces=EVERY)
     ] = False,
-) -> dict[str, Any]:
+) -> RuntimeBundleResult:
     """Prove the capabilities with real guests, verify every component, write the lock.
 
     The boot check boots the default environment on each candidate backend and runs
@@ -278,7 +289,7 @@ def runtime_materialize(
         list[str] | None,
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
-) -> dict[str, Any]:
+) -> RuntimeMaterializeResult:
     """Do the whole pipeline: fetch binaries, build the kernel, build environments, prove
     each (boot, run a command), bundle, then each environment's warm-start templates at the
     default size (``templates``). `make runtime-publish-official-environments-oci` then
@@ -304,7 +315,7 @@ def runtime_materialize(
     title="Show the runtime's status",
     read_only=True,
 )
-def runtime_status(ctx: Context) -> dict[str, Any]:
+def runtime_status(ctx: Context) -> RuntimeStatusResult:
     """Show what is installed and the capabilities, without re-hashing anything."""
     current = lock.build_lock(ctx.paths, deep=False)
     return {
@@ -328,7 +339,7 @@ def runtime_status(ctx: Context) -> dict[str, Any]:
     title="Verify installed artifacts",
     read_only=True,
 )
-def runtime_verify(ctx: Context) -> dict[str, Any]:
+def runtime_verify(ctx: Context) -> RuntimeVerifyResult:
     """Re-hash every installed artifact against its recorded digest.
 
     Errors: IntegrityError listing each component that failed (digest mismatch, truncated
@@ -347,6 +358,6 @@ def runtime_verify(ctx: Context) -> dict[str, Any]:
 
 
 @operation(cli=("doctor",), sdk="doctor", title="Diagnose this host", read_only=True)
-def runtime_doctor(ctx: Context) -> dict[str, Any]:
+def runtime_doctor(ctx: Context) -> RuntimeDoctorResult:
     """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
     return doctor.diagnose(ctx.paths)

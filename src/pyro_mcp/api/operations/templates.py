@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.api.results import TemplateBuildResult, TemplateListResult, TemplatePruneResult
 from pyro_mcp.runtime import environments
 from pyro_mcp.vmm import templates, warm
 from pyro_mcp.vmm.selection import choose_backend
@@ -35,7 +36,7 @@ def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> li
     title="List warm-start templates",
     read_only=True,
 )
-def template_list(ctx: Context) -> dict[str, Any]:
+def template_list(ctx: Context) -> TemplateListResult:
     """The installed templates: key, inputs, size on disk and build time."""
     return {"templates": [t.to_dict() for t in templates.installed(ctx.paths)]}
 
@@ -54,7 +55,7 @@ def template_build(
     ],
     vcpu_count: Annotated[int, VCPUS] = 1,
     mem_mib: Annotated[int, MEMORY] = 512,
-) -> dict[str, Any]:
+) -> TemplateBuildResult:
     """Build (or verify) the templates for one environment and size.
 
     One for `pyro run`, one for workspaces; each entry says warm or cold, and why."""
@@ -88,7 +89,7 @@ def template_prune(
     all_templates: Annotated[
         bool, Arg("remove every template, not only those nothing current fits", surfaces=EVERY)
     ] = False,
-) -> dict[str, Any]:
+) -> TemplatePruneResult:
     """Remove templates nothing current fits.
 
     Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and

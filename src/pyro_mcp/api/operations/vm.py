@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.network_args import (
@@ -14,6 +14,7 @@ from pyro_mcp.api.operations.network_args import (
     run_policy,
 )
 from pyro_mcp.api.registry import EVERY, Arg, operation
+from pyro_mcp.api.results import VmRunResult
 from pyro_mcp.errors import InvalidArgument, OperationTimeout, VMError
 from pyro_mcp.guest.client import AgentClient, command_fields
 from pyro_mcp.network.link import vm_network_info
@@ -104,7 +105,7 @@ def vm_run(
     allow_host: Annotated[list[str] | None, ALLOW_HOST] = None,
     ttl_seconds: Annotated[float | None, RUN_TTL] = None,
     allow_host_compat: Annotated[bool, ALLOW_HOST_COMPAT] = False,
-) -> dict[str, Any]:
+) -> VmRunResult:
     """Boot a fresh microVM, run one command in it, and discard the VM.
 
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run

@@ -17,6 +17,21 @@ from pyro_mcp.api.operations.network_args import (
 )
 from pyro_mcp.api.operations.vm import ALLOW_HOST_COMPAT, MEMORY, VCPUS, refuse_host_compat
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
+from pyro_mcp.api.results import (
+    ReconcileResult,
+    WorkspaceCreateResult,
+    WorkspaceDeleteResult,
+    WorkspaceForkResult,
+    WorkspaceListResult,
+    WorkspaceLogsResult,
+    WorkspaceNetworkResult,
+    WorkspacePauseResult,
+    WorkspaceResumeResult,
+    WorkspaceStartResult,
+    WorkspaceStatusResult,
+    WorkspaceStopResult,
+    WorkspaceUpdateResult,
+)
 from pyro_mcp.errors import InvalidArgument, PyroError
 from pyro_mcp.network.link import vm_network_info
 from pyro_mcp.network.policy import NetworkPolicy
@@ -153,7 +168,7 @@ def workspace_create(
     ] = None,
     allow_host_compat: Annotated[bool, ALLOW_HOST_COMPAT] = False,
     id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
-) -> dict[str, Any]:
+) -> WorkspaceCreateResult:
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
     ``network_policy`` (default off: no network device) is kept for every start; status
@@ -218,7 +233,7 @@ def secret_names(workspaces: Workspaces, workspace_id: str) -> list[dict[str, st
 def workspace_list(
     ctx: Context,
     label: Annotated[Labels, labels_arg("only those with this KEY=VALUE label")] = None,
-) -> dict[str, Any]:
+) -> WorkspaceListResult:
     """List workspaces with their state, environment, sizes and labels."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile()
@@ -249,7 +264,7 @@ def workspace_update(
         ),
     ] = None,
     ttl_seconds: Annotated[float | None, _ttl("expire this many seconds from now")] = None,
-) -> dict[str, Any]:
+) -> WorkspaceUpdateResult:
     """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
     import time
 
@@ -277,7 +292,7 @@ def workspace_update(
     title="Show a workspace's status",
     read_only=True,
 )
-def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStatusResult:
     """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile_one(workspace)
@@ -306,7 +321,7 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
     title="Show a workspace's network",
     read_only=True,
 )
-def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceNetworkResult:
     """A workspace's network: its policy and allowlist and, while it runs, the guest's
     IP, gateway, MAC, TAP device and published ports."""
     with open_workspaces(ctx) as workspaces:
@@ -335,7 +350,7 @@ def workspace_logs(
     limit: Annotated[
         int, Arg("at most this many recent commands", surfaces=EVERY, minimum=1, maximum=10_000)
     ] = 50,
-) -> dict[str, Any]:
+) -> WorkspaceLogsResult:
     """The commands journal: what ran, where, how it ended, and the tail of its output."""
     with open_workspaces(ctx) as workspaces:
         commands = workspaces.store.commands(workspace, limit=limit)
@@ -355,7 +370,7 @@ def workspace_logs(
     destructive=True,
     idempotent=True,
 )
-def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStopResult:
     """Power a workspace off; its root and /workspace disks are kept."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.stop(workspace, progress=ctx.progress).to_dict()
@@ -369,7 +384,7 @@ def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[s
     title="Start a stopped workspace",
     idempotent=True,
 )
-def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStartResult:
     """Boot a stopped workspace again from its disks (always a cold boot: its root disk
     no longer matches any template)."""
     with open_workspaces(ctx) as workspaces:
@@ -385,7 +400,7 @@ def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[
     title="Pause a workspace to disk",
     idempotent=True,
 )
-def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspacePauseResult:
     """Save a running workspace's memory and device state to disk and end its VM: a
     paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
     not with a network link. Errors: InvalidState when it is not running; VMError when
@@ -402,7 +417,7 @@ def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[
     title="Resume a paused workspace",
     idempotent=True,
 )
-def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceResumeResult:
     """Run a paused workspace again from its saved memory: processes, services, shells
     and page cache as they were; the guest clock is set to now. Errors: InvalidState when
     it is not paused; on a failure it stays paused."""
@@ -422,7 +437,7 @@ def workspace_fork(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str | None, Arg("a unique name for the fork", surfaces=EVERY)] = None,
-) -> dict[str, Any]:
+) -> WorkspaceForkResult:
     """A new running workspace from a running one's memory and disks at this instant,
     with a hostname, machine-id and random state of its own; the source keeps running.
     The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
@@ -445,7 +460,7 @@ def workspace_fork(
     destructive=True,
     idempotent=True,
 )
-def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict[str, Any]:
+def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceDeleteResult:
     """Delete a workspace: its VM, disks, checkpoints and journal."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.delete(workspace)
@@ -459,7 +474,7 @@ def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> dict
     destructive=True,
     idempotent=True,
 )
-def reconcile(ctx: Context) -> dict[str, Any]:
+def reconcile(ctx: Context) -> ReconcileResult:
     """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
     with open_workspaces(ctx) as workspaces:
         return dict(workspaces.reconcile())
