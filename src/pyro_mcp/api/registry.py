@@ -203,7 +203,13 @@ def operation(
 
 
 def all_operations() -> list[Operation]:
-    """Every registered operation (importing the modules that declare them)."""
-    import pyro_mcp.api.operations  # noqa: F401  (registers on import)
+    """Every registered operation (importing every module of
+    :mod:`pyro_mcp.api.operations`, each registering its own on import)."""
+    import importlib
+    import pkgutil
 
+    import pyro_mcp.api.operations as package
+
+    for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
     return list(OPERATIONS.values())

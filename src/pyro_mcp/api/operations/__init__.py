@@ -1,23 +1,6 @@
-"""Importing this package registers every operation."""
+"""The operation modules: each registers its operations when it is imported.
 
-from pyro_mcp.api.operations import (
-    environments,
-    runtime,
-    services,
-    shells,
-    templates,
-    vm,
-    workspace_content,
-    workspaces,
-)
-
-__all__ = [
-    "environments",
-    "runtime",
-    "services",
-    "shells",
-    "templates",
-    "vm",
-    "workspace_content",
-    "workspaces",
-]
+Importing this package alone imports none of them, so a caller that needs one operation
+(the CLI running one command) pays for that module only;
+:func:`pyro_mcp.api.registry.all_operations` imports every module found here.
+"""
