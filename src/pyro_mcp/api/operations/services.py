@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import posixpath
-from ipaddress import IPv4Address
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 from pyro_mcp.api.context import Context
@@ -14,13 +13,13 @@ from pyro_mcp.api.operations.workspace_content import CWD, ENV, SECRET_ENV
 from pyro_mcp.api.operations.workspaces import FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.guest.client import command_fields
-from pyro_mcp.network import nft
-from pyro_mcp.network.link import link_of
-from pyro_mcp.network.ports import check_publish_list
 from pyro_mcp.workspace import secret_delivery
-from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.paths import guest_path
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Address
+
+    from pyro_mcp.workspace.lifecycle import Workspaces
 
 WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
 NAME = Arg("service name (unique in the workspace)", surfaces=EVERY, positional=True)
@@ -121,6 +120,9 @@ def service_start(
     published before it starts and removed when it stops or exits; Conflict when a host
     port is taken.
     """
+    from pyro_mcp.guest.client import command_fields
+    from pyro_mcp.network.ports import check_publish_list
+
     entries = check_publish_list(publish)
     args: dict[str, Any] = {
         "name": name,
@@ -180,6 +182,9 @@ def service_status(
 ) -> dict[str, Any]:
     """One service's state, pid, exit code, start time, restarts, probe and the ports it
     published."""
+    from pyro_mcp.network import nft
+    from pyro_mcp.network.link import link_of
+
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service status") as agent:
         value, _ = agent.call("service_status", {"name": name}, timeout_s=30)
         link = link_of(workspaces.store.get(workspace).id)

@@ -10,7 +10,6 @@ from pyro_mcp.api.operations.vm import COMMAND, OUTPUT_CAP, TIMEOUT
 from pyro_mcp.api.operations.workspaces import CORE, FULL, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
 from pyro_mcp.errors import InvalidArgument, InvalidState
-from pyro_mcp.storage import disk_export, host_files, workspace_disk
 from pyro_mcp.workspace import checkpoints, content
 
 WORKSPACE = Arg("workspace id or name", surfaces=EVERY, positional=True)
@@ -125,6 +124,8 @@ def workspace_file_write(
 
     The content is ``text`` or the host file ``text_file`` (at the CLI also ``--stdin``).
     """
+    from pyro_mcp.storage import host_files
+
     sources = [text is not None, text_file is not None, stdin]
     if sum(sources) != 1:
         raise InvalidArgument("give exactly one of text or text_file (or --stdin at the CLI)")
@@ -285,6 +286,8 @@ def workspace_disk_list(
     recursive: Annotated[bool, RECURSIVE] = False,
 ) -> dict[str, Any]:
     """List a stopped workspace's /workspace disk offline (never mounted on the host)."""
+    from pyro_mcp.storage import workspace_disk
+
     image = _stopped_disk(ctx, workspace, "disk list")
     listing = workspace_disk.disk_list(image, path, recursive)
     return {"path": path, "entries": list(listing), "unlisted": listing.unlisted}
@@ -300,6 +303,8 @@ def workspace_disk_read(
     max_bytes: Annotated[int, READ_BYTES] = 1 << 20,
 ) -> dict[str, Any]:
     """Read a file from a stopped workspace's /workspace disk offline."""
+    from pyro_mcp.storage import workspace_disk
+
     image = _stopped_disk(ctx, workspace, "disk read")
     data = workspace_disk.disk_read(image, path, max_bytes)
     return {"path": path, "size": len(data), "content": data.decode("utf-8", "replace")}
@@ -313,6 +318,8 @@ def workspace_disk_export(
     force: Annotated[bool, FORCE] = False,
 ) -> dict[str, Any]:
     """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
+    from pyro_mcp.storage import disk_export
+
     target = ctx.host_paths.check(output, "disk export output")
     image = _stopped_disk(ctx, workspace, "disk export")
     written = disk_export.disk_export(image, target, force=force)
@@ -321,6 +328,8 @@ def workspace_disk_export(
 
 def _read_text(ctx: Context, path: str, purpose: str) -> str:
     """A host text file (UTF-8), read through a confined descriptor, at most 64 MiB."""
+    from pyro_mcp.storage import host_files
+
     target = ctx.host_paths.check(path, purpose)
     data = host_files.read_file(target, purpose)
     try:
