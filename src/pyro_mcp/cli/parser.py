@@ -186,20 +186,23 @@ def build_parser(
     """The ``pyro`` parser of ``commands`` (default: every operation in the registry).
 
     ``path`` None builds every command. Otherwise only the command (or the group) those
-    words name is built in full; every other command and group along the way is only
-    listed with its one-line help (choosing one raises :class:`_Unbuilt`).
+    words name is built in full. Along the way to a group, every other command and group
+    is only listed with its one-line help (choosing one raises :class:`_Unbuilt`); on the
+    way to a command nothing else is needed (the words have chosen, and only its own
+    parser can help or err), so nothing else is there.
     """
     commands = registry_commands() if commands is None else commands
     parser = argparse.ArgumentParser(prog="pyro", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pyro-mcp {__version__}")
     groups: dict[tuple[str, ...], Choices] = {(): _choices(parser, dest="command")}
+    to_command = path in {command.words for command in commands}
     for command in commands:
         words = command.words
         for depth in range(1, len(words) + 1):
             prefix, word, parent = words[:depth], words[depth - 1], groups[words[: depth - 1]]
             leaf = depth == len(words)
             if path is not None and prefix != path[:depth]:
-                if word not in parent.choices:
+                if word not in parent.choices and not to_command:
                     parent.listed(word, command.summary if leaf else _group_help(prefix))
                 break
             if leaf:
