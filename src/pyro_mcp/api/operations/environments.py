@@ -1,7 +1,5 @@
 """Environment operations: the catalog of guest root filesystems."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Annotated, Any

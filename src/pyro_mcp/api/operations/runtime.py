@@ -1,7 +1,5 @@
 """Runtime operations: binaries, kernels, root filesystems, the lock, and the doctor."""
 
-from __future__ import annotations
-
 import time
 from pathlib import Path
 from typing import Annotated, Any

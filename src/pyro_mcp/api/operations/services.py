@@ -1,7 +1,5 @@
 """Workspace services: long-lived processes with typed readiness probes."""
 
-from __future__ import annotations
-
 import posixpath
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
@@ -146,11 +144,11 @@ def service_start(
 
 
 def _start(
-    workspaces: Workspaces,
+    workspaces: "Workspaces",
     workspace: str,
     args: dict[str, Any],
     ready_timeout_seconds: float,
-    publish: list[tuple[IPv4Address, int, int]],
+    publish: "list[tuple[IPv4Address, int, int]]",
 ) -> dict[str, Any]:
     with workspaces.agent(workspace, "service start") as agent:
         record = workspaces.store.get(workspace)

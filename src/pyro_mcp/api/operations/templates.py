@@ -1,7 +1,5 @@
 """Warm-start templates: list, build and prune them (see :mod:`pyro_mcp.vmm.templates`)."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pyro_mcp.api.context import Context
@@ -14,7 +12,7 @@ if TYPE_CHECKING:
 WORKSPACE_AGENT_PORTS = 8  # as workspace VMs have (pyro_mcp.workspace.lifecycle)
 
 
-def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> list[warm.Shape]:
+def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> "list[warm.Shape]":
     from pyro_mcp.vmm import warm
     from pyro_mcp.vmm.selection import choose_backend
 

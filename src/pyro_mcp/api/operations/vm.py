@@ -1,7 +1,5 @@
 """One-shot VMs: boot, run one command, discard."""
 
-from __future__ import annotations
-
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -166,7 +164,7 @@ def vm_run(
     }
 
 
-def _start(ctx: Context, vm: VM) -> AgentClient:
+def _start(ctx: Context, vm: "VM") -> "AgentClient":
     from pyro_mcp.vmm.launch import start_owned
 
     start_owned(vm)

@@ -1,7 +1,5 @@
 """Operations inside a workspace: exec, files, patch, sync, diff, export, checkpoints, disks."""
 
-from __future__ import annotations
-
 import sys
 from typing import Annotated, Any
 

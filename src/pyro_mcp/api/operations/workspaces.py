@@ -1,7 +1,5 @@
 """Workspace lifecycle operations: create, list, update, status, logs, stop, start, delete."""
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
