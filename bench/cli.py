@@ -9,6 +9,9 @@
   store lookup, the check that the VMM still runs, the port lock, the connect) and the
   first byte of its hello ends the sample; it is killed then. The exec round trip in a real
   guest is a row of the workspace section.
+- Under it, what no change to pyro can take away: the standard library modules that exec
+  imports on the way (asked of the CLI itself, stopped at its connect), imported alone;
+  and ``python -c pass``.
 
 Every process runs as an installed ``pyro`` does: the entry point's own two lines, with its
 modules compiled once beforehand (into a private ``PYTHONPYCACHEPREFIX``, filled by an
@@ -18,6 +21,7 @@ compile every module it imports.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -40,6 +44,17 @@ from pyro_mcp.workspace.store import WorkspaceStore
 
 # What the `pyro` console script runs (pyproject.toml: pyro = "pyro_mcp.cli.main:main").
 ENTRY = "import sys; from pyro_mcp.cli.main import main; sys.exit(main())"
+# The same, stopped where it connects to the agent: prints the modules it imported to get
+# there (a JSON list on stderr) and exits 0.
+AT_CONNECT = (
+    "import json, os, socket, sys\n"
+    "def connect(sock, address):\n"
+    "    print(json.dumps(sorted(sys.modules)), file=sys.stderr, flush=True)\n"
+    "    os._exit(0)\n"
+    "socket.socket.connect = connect\n"
+    "from pyro_mcp.cli.main import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
 FIRST_BYTE_TIMEOUT_S = 30.0
 VERSION_ROW = ("pyro --version (process start to exit)", "ms", 1)
 HELP_ROW = ("pyro workspace exec --help (process start to exit)", "ms", 1)
@@ -48,11 +63,15 @@ EXEC_ROW = (
     "ms",
     1,
 )
+STDLIB_ROW = ("  the standard library modules it imports to get there, alone", "ms", 1)
+PYTHON_ROW = ("  python -c pass: the interpreter alone", "ms", 1)
 NOTES = (
     "target 50 ms; spawn to exit, bytecode compiled (as installed)",
     "spawn to exit, bytecode compiled (as installed)",
     "target 50 ms; spawn to the first byte on the agent socket (a running record, "
     "a sleep as VMM, this bench as agent)",
+    "the floor under the row above: python -c 'import <those modules>'",
+    "the floor under every row",
 )
 
 
@@ -179,8 +198,30 @@ def _connects(agent: socket.socket, cli: subprocess.Popen[bytes], deadline: floa
     return False
 
 
+def stdlib_imported(workspace: FakeWorkspace, env: dict[str, str]) -> list[str]:
+    """The standard library modules (top-level names) ``pyro workspace exec`` imports
+    before it reaches the agent."""
+    args = ["workspace", "exec", workspace.id, "--", "true"]
+    done = subprocess.run(
+        [sys.executable, "-c", AT_CONNECT, *args], env=env, capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the CLI never reached the agent: {done.stderr[-300:]!r}")
+    modules = json.loads(done.stderr.splitlines()[-1])
+    names = {module.partition(".")[0] for module in modules} & sys.stdlib_module_names
+    return sorted(name for name in names if not name.startswith("_"))
+
+
+def time_python(code: str, env: dict[str, str]) -> float:
+    """Milliseconds from spawning ``python -c CODE`` to its exit."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    return (time.monotonic() - started) * 1000
+
+
 def measure_cli(table: Table, counts: CliCounts) -> None:
-    rows = [table.row(*VERSION_ROW), table.row(*HELP_ROW), table.row(*EXEC_ROW)]
+    specs = (VERSION_ROW, HELP_ROW, EXEC_ROW, STDLIB_ROW, PYTHON_ROW)
+    rows = [table.row(*spec) for spec in specs]
     work = Path(tempfile.mkdtemp(prefix="pyro-bench-cli-"))
     try:
         env = cli_env(work / "pycache")
@@ -190,10 +231,14 @@ def measure_cli(table: Table, counts: CliCounts) -> None:
             time_to_exit(["workspace", "exec", "--help"], env)
             for _ in range(counts.cli_exec):
                 rows[2].add(time_to_first_byte(workspace, exec_env))
+            stdlib = "import " + ", ".join(stdlib_imported(workspace, exec_env))
         for _ in range(counts.cli_version):
             rows[0].add(time_to_exit(["--version"], env))
         for _ in range(counts.cli_help):
             rows[1].add(time_to_exit(["workspace", "exec", "--help"], env))
+        for _ in range(counts.cli_exec):
+            rows[3].add(time_python(stdlib, env))
+            rows[4].add(time_python("pass", env))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for row, note in zip(rows, NOTES, strict=True):  # how each was measured (target: 50 ms)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bench.cli import FakeWorkspace, fake_workspace
+from bench.cli import AT_CONNECT, FakeWorkspace, fake_workspace
 
 from pyro_mcp import __version__
 from pyro_mcp.api.registry import Operation, all_operations
@@ -49,16 +49,6 @@ REPORT = (
     "except SystemExit as exc:\n"
     "    code = exc.code\n"
     "print(json.dumps({'code': code, 'modules': sorted(sys.modules)}), file=sys.stderr)\n"
-)
-# The same, stopping at the agent connection: the modules it took to get there.
-AT_CONNECT = (
-    "import json, os, socket, sys\n"
-    "def connect(sock, address):\n"
-    "    print(json.dumps(sorted(sys.modules)), file=sys.stderr, flush=True)\n"
-    "    os._exit(0)\n"
-    "socket.socket.connect = connect\n"
-    "from pyro_mcp.cli.main import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
 )
 
 
