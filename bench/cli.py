@@ -105,8 +105,10 @@ class FakeWorkspace:
 
 @contextmanager
 def fake_workspace(work: Path) -> Iterator[FakeWorkspace]:
-    """A workspace record marked running, its VMM a ``sleep``, its agent port ours."""
-    state, run_root = work / "state", work / "run"
+    """A workspace record marked running, its VMM a ``sleep``, its agent port ours (its
+    run directory under /tmp: a socket's path must stay short)."""
+    state = work / "state"
+    run_root = Path(tempfile.mkdtemp(prefix="pyro-cli-", dir="/tmp"))
     env = {
         "PYRO_STATE_DIR": str(state),
         "PYRO_CACHE_DIR": str(work / "cache"),
@@ -140,6 +142,7 @@ def fake_workspace(work: Path) -> Iterator[FakeWorkspace]:
     finally:
         vmm.kill()
         vmm.wait()
+        shutil.rmtree(run_root, ignore_errors=True)
 
 
 def cli_env(pycache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
