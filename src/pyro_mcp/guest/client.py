@@ -9,7 +9,7 @@ to the guest, and every answer is read field by field as the agent's word (:clas
 from __future__ import annotations
 
 import json
-import secrets
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -112,7 +112,7 @@ class AgentClient(AgentLink):
     # -- typed helpers ---------------------------------------------------------------
     def hello(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Start a session (every later answer is tagged with it) and check the version."""
-        self.session = secrets.token_hex(8)
+        self.session = os.urandom(8).hex()  # secrets.token_hex(8), without importing OpenSSL
         # No idle limit: a booting guest has no agent yet to send keepalives.
         args = {"session": self.session}
         deadline = time.monotonic() + timeout_s

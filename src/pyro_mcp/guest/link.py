@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import (
     AgentUnavailable,
@@ -47,7 +47,9 @@ from pyro_mcp.errors import (
     TooLarge,
 )
 from pyro_mcp.guest import protocol as p
-from pyro_mcp.guest.redaction import CallRedaction, Redactor
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.redaction import CallRedaction, Redactor
 
 DataFn = Callable[[str, bytes], None]
 Chunk = tuple[str, int | None, bytes]  # (stream, offset when sparse, bytes)
@@ -450,7 +452,11 @@ class AgentLink:
         frame = _call_frame(ident, self._call_header(op, args or {}), payload)
         pending = _Pending()
         idle = self.idle_s if isinstance(idle_s, _Default) else idle_s
-        redaction = CallRedaction(self.redactor, op) if self.redactor else None
+        redaction = None
+        if self.redactor:
+            from pyro_mcp.guest.redaction import CallRedaction  # only with secrets to hide
+
+            redaction = CallRedaction(self.redactor, op)
         stream = CallStream(self, ident, op, pending, timeout_s, idle, cancel, redaction)
         try:
             with self._send_lock:  # registered and sent together (see _resync)

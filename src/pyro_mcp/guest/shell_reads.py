@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pyro_mcp.guest.redaction import Redactor
-from pyro_mcp.guest_agent.ops_shells import READ_MAX, strip_controls
-
 if TYPE_CHECKING:
     from pyro_mcp.guest.client import AgentClient
+    from pyro_mcp.guest.redaction import Redactor
 
 
 def read_redacted(
@@ -28,6 +26,8 @@ def read_redacted(
     timeout_s: float,
 ) -> dict[str, Any]:
     """``shell_read`` with ``args`` as the agent takes them, redacted."""
+    from pyro_mcp.guest_agent.ops_shells import READ_MAX, strip_controls
+
     cursor = int(args.get("cursor", 0))
     lead = min(cursor, redactor.hold)
     wanted = dict(args, plain=False, cursor=cursor - lead)

@@ -9,12 +9,13 @@ a CIDR may also open a private range.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.network.dns_policy import parse_allow_host
+
+if TYPE_CHECKING:
+    import ipaddress
 
 OFF = "off"
 EGRESS = "egress"
@@ -85,6 +86,8 @@ def _items(value: object, name: str) -> list[object]:
 
 
 def _cidr(value: object) -> ipaddress.IPv4Network:
+    import ipaddress
+
     if not isinstance(value, str):
         raise InvalidArgument(f"allow_cidr entries are strings, got {type(value).__name__}")
     try:
@@ -103,6 +106,8 @@ def _cidr(value: object) -> ipaddress.IPv4Network:
 
 def _host(value: object) -> str:
     """A domain name as the resolver matches it (:func:`dns_policy.parse_allow_host`)."""
+    from pyro_mcp.network.dns_policy import parse_allow_host
+
     if not isinstance(value, str):
         raise InvalidArgument(f"allow_host entries are strings, got {type(value).__name__}")
     return parse_allow_host(value)

@@ -20,8 +20,6 @@ from pathlib import Path
 from pyro_mcp.errors import AgentUnavailable, OperationTimeout, PyroError
 from pyro_mcp.guest.client import AgentClient
 from pyro_mcp.guest.protocol import AGENT_VSOCK_PORT
-from pyro_mcp.vmm.firecracker.vsock import VsockRefused, connect_vsock
-from pyro_mcp.vmm.qemu.vm import agent_socket, lock_port
 
 BUSY_WAIT_S = 2.0  # for a channel to come free before "all are held" (a short call ends)
 VIRTIO_SERIAL = "virtio-serial"
@@ -68,6 +66,8 @@ class AttachedAgent:
 
 def attach(endpoint: AgentEndpoint, *, timeout_s: float = 30.0) -> AttachedAgent:
     """Connect to the agent and say hello; AgentUnavailable when it cannot be reached."""
+    from pyro_mcp.vmm.qemu.channels import lock_port
+
     deadline = time.monotonic() + timeout_s
     busy_until = time.monotonic() + BUSY_WAIT_S
     if endpoint.kind == VSOCK:
@@ -162,6 +162,8 @@ def attach_shared(endpoint: AgentEndpoint, *, timeout_s: float = 30.0) -> Shared
 
 
 def _connect_unix(run_dir: Path, port: int) -> socket.socket:
+    from pyro_mcp.vmm.qemu.channels import agent_socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(agent_socket(run_dir, port)))
@@ -172,6 +174,8 @@ def _connect_unix(run_dir: Path, port: int) -> socket.socket:
 
 
 def _attach_vsock(endpoint: AgentEndpoint, deadline: float) -> AttachedAgent:
+    from pyro_mcp.vmm.firecracker.vsock import VsockRefused, connect_vsock
+
     try:
         sock = connect_vsock(endpoint.path, AGENT_VSOCK_PORT, max(0.1, deadline - time.monotonic()))
     except VsockRefused as exc:

@@ -17,15 +17,10 @@ either backend would have left it.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pyro_mcp.errors import VMError
-from pyro_mcp.network.link import release_network
-from pyro_mcp.vmm.firecracker.jail_release import release_jail
-from pyro_mcp.vmm.firecracker.jailer import default_chroot_base
 from pyro_mcp.vmm.identity import KILL_TIMEOUT_S, VMMRecord, is_run_dir
-from pyro_mcp.vmm.qemu.confinement import release as release_confinement
 
 FIRECRACKER_JAIL_BASES = (Path("/srv/jailer"),)  # the jailer's default, besides <run dir>/jail
 
@@ -67,6 +62,9 @@ class RecordedVMM:
 
     def cleanup(self) -> None:
         """Give back what the VM held outside its process (its VMM has ended)."""
+        from pyro_mcp.network.link import release_network
+        from pyro_mcp.vmm.qemu.confinement import release as release_confinement
+
         backend = self.record.backend if self.record else None
         if backend in ("firecracker", None):
             self._cleanup_firecracker()
@@ -75,6 +73,11 @@ class RecordedVMM:
         release_network(self.vm_id)  # its TAP, policy, resolver, ports and address
 
     def _cleanup_firecracker(self) -> None:
+        import shutil
+
+        from pyro_mcp.vmm.firecracker.jail_release import release_jail
+        from pyro_mcp.vmm.firecracker.jailer import default_chroot_base
+
         record = self.record
         if record is not None and record.jail_dir is not None:
             release_jail(record.jail_dir)
@@ -87,6 +90,8 @@ class RecordedVMM:
 
     def end(self) -> None:
         """Kill, clean up, and remove the run directory (only one pyro marked as its own)."""
+        import shutil
+
         self.kill()
         self.cleanup()
         if is_run_dir(self.run_dir):

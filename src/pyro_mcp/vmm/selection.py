@@ -11,18 +11,15 @@ environment image, Firecracker digest).
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import InvalidArgument, PyroError, RuntimeMissing
-from pyro_mcp.runtime import binaries, environments, kernels, lock, pins
-from pyro_mcp.runtime.digests import sha256_json
-from pyro_mcp.runtime.host_probe import probe_kvm
-from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
-from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.vmm.launch import BackendChoice, discard_vm, prepare_vm, start_owned
+
+if TYPE_CHECKING:
+    from pyro_mcp.runtime.paths import RuntimePaths
+    from pyro_mcp.vmm.launch import BackendChoice
 
 BACKEND_NAMES = ("auto", "firecracker", "qemu")
 BACKEND_ENV = "PYRO_BACKEND"
@@ -37,6 +34,10 @@ def _quiet(_message: str) -> None:
 
 def candidates(paths: RuntimePaths) -> list[tuple[BackendChoice, str | None]]:
     """Every backend this host might run, with the reason it is skipped (None: probe it)."""
+    from pyro_mcp.runtime import binaries
+    from pyro_mcp.runtime.host_probe import probe_kvm
+    from pyro_mcp.vmm.launch import BackendChoice
+
     kvm = probe_kvm()
     no_kvm = None if kvm.device_accessible else "/dev/kvm is missing or not accessible"
     fc_skip = no_kvm
@@ -55,6 +56,8 @@ def candidates(paths: RuntimePaths) -> list[tuple[BackendChoice, str | None]]:
 
 def probe_environment(paths: RuntimePaths) -> str:
     """The environment probes boot: the default one if installed, else any installed one."""
+    from pyro_mcp.runtime import environments, pins
+
     installed = [info.name for info in environments.list_environments(paths) if info.installed]
     if pins.DEFAULT_ENVIRONMENT in installed:
         return pins.DEFAULT_ENVIRONMENT
@@ -67,6 +70,12 @@ def probe_environment(paths: RuntimePaths) -> str:
 
 
 def probe_key(paths: RuntimePaths, environment: str) -> str:
+    import platform
+
+    from pyro_mcp.runtime import binaries, environments, kernels, lock
+    from pyro_mcp.runtime.digests import sha256_json
+    from pyro_mcp.runtime.host_probe import probe_kvm
+
     kernel = kernels.installed_kernel(paths, kernels.default_flavor())
     fc = binaries.installed_binaries(paths)
     return sha256_json(
@@ -84,6 +93,9 @@ def probe_key(paths: RuntimePaths, environment: str) -> str:
 
 def probe_backend(paths: RuntimePaths, choice: BackendChoice, environment: str) -> dict[str, Any]:
     """Boot the real guest on one backend, run ``uname -r`` in it, and time it."""
+    from pyro_mcp.runtime import kernels
+    from pyro_mcp.vmm.launch import discard_vm, prepare_vm, start_owned
+
     started = time.monotonic()
     vm = None
     try:
@@ -113,6 +125,8 @@ def run_probes(
     paths: RuntimePaths, *, progress: Progress = _quiet, refresh: bool = False
 ) -> dict[str, Any]:
     """The probe results for this host, from the cache unless anything changed."""
+    from pyro_mcp.runtime.jsonfile import read_json, write_json_atomic
+
     environment = probe_environment(paths)
     key = probe_key(paths, environment)
     cached = read_json(paths.probes_path)
@@ -139,6 +153,8 @@ def run_probes(
 
 
 def _choice_from_label(label: str, reason: str) -> BackendChoice:
+    from pyro_mcp.vmm.launch import BackendChoice
+
     if label == "firecracker":
         return BackendChoice("firecracker", "kvm", reason)
     backend, accel = label.split("-", 1)

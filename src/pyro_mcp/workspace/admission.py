@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyro_mcp.errors import InvalidArgument, TooLarge
-from pyro_mcp.runtime.host_probe import probe_platform
 from pyro_mcp.vmm.identity import start_time
-from pyro_mcp.vmm.launch import BackendChoice, overhead_mib
-from pyro_mcp.workspace.records import WorkspaceRecord
+
+if TYPE_CHECKING:
+    from pyro_mcp.vmm.launch import BackendChoice
+    from pyro_mcp.workspace.records import WorkspaceRecord
 
 MAX_WORKSPACES_ENV = "PYRO_MAX_WORKSPACES"
 MEMORY_SHARE = 0.9  # of host memory that workspace VMs may reserve together
@@ -31,6 +33,8 @@ class Limits:
 
     @classmethod
     def for_host(cls) -> Limits:
+        from pyro_mcp.runtime.host_probe import probe_platform
+
         total = int(probe_platform().get("memory_bytes") or 0) // (1 << 20)
         budget = int(total * MEMORY_SHARE) if total else 1 << 20
         configured = os.environ.get(MAX_WORKSPACES_ENV)
@@ -53,6 +57,8 @@ def check_sizes(vcpu: int, mem: int, disk: int, ttl: float | None) -> None:
 
 
 def admit(limits: Limits, mem_mib: int, choice: BackendChoice, live: list[WorkspaceRecord]) -> None:
+    from pyro_mcp.vmm.launch import overhead_mib
+
     if len(live) >= limits.max_workspaces:
         raise TooLarge(
             f"{len(live)} workspaces are live, the limit is {limits.max_workspaces}",

@@ -20,27 +20,19 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import GuestError, IntegrityError, InvalidArgument, NotFound, TooLarge
-from pyro_mcp.guest.client import AgentClient
-from pyro_mcp.workspace.blobs import BlobStore
-from pyro_mcp.workspace.diffing import DEFAULT_MAX_READ_BYTES, render_diff
-from pyro_mcp.workspace.lifecycle import Workspaces
-from pyro_mcp.workspace.manifest import (
-    Change,
-    Entry,
-    ManifestChecker,
-    compare_streams,
-    guest_entry,
-    guest_entry_limit,
-)
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT, guest_path
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.client import AgentClient
+    from pyro_mcp.workspace.blobs import BlobStore
+    from pyro_mcp.workspace.lifecycle import Workspaces
+    from pyro_mcp.workspace.manifest import Change, Entry
 
 BASELINE = "baseline"
 # mke2fs makes lost+found on every ext4 disk: it is the filesystem's, not the user's.
@@ -65,6 +57,8 @@ class ManifestSpool:
     """
 
     def __init__(self, directory: Path) -> None:
+        import tempfile
+
         directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="manifest-", dir=directory)
         self.path = Path(name)
@@ -72,6 +66,8 @@ class ManifestSpool:
         self.count = 0
 
     def fill(self, agent: AgentClient) -> ManifestSpool:
+        from pyro_mcp.workspace.manifest import ManifestChecker, guest_entry, guest_entry_limit
+
         checker = ManifestChecker(max_entries=guest_entry_limit())
         for raw in agent.manifest_stream(WORKSPACE_ROOT, timeout_s=MANIFEST_TIMEOUT_S):
             entry = guest_entry(raw, checker)
@@ -85,6 +81,8 @@ class ManifestSpool:
         return self
 
     def __iter__(self) -> Iterator[Entry]:
+        from pyro_mcp.workspace.manifest import Entry
+
         with self.path.open("rb") as lines:
             for line in lines:
                 path, kind, mode, size, mtime_ns, sha, target, rdev = json.loads(line)
@@ -128,6 +126,9 @@ def checkpoint_manifest(workspaces: Workspaces, ref: str, name: str) -> str:
 
 def diff(workspaces: Workspaces, ref: str, against: str = BASELINE) -> dict[str, Any]:
     """Changes in /workspace since the baseline (or a checkpoint), with unified patches."""
+    from pyro_mcp.workspace.diffing import DEFAULT_MAX_READ_BYTES, render_diff
+    from pyro_mcp.workspace.manifest import compare_streams
+
     sha = checkpoint_manifest(workspaces, ref, against)
     store = workspaces.blobs(workspaces.store.get(ref).id)
     with workspaces.agent(ref, "diff") as agent, spool_current(store, agent) as current:
@@ -269,6 +270,7 @@ class _Restorer:
     """Applies reset changes in batches: structure first, then the files of the batch."""
 
     def __init__(self, agent: AgentClient, store: BlobStore) -> None:
+
         self.agent = agent
         self.store = store
         self.removes: list[str] = []
@@ -388,6 +390,8 @@ class _Chunks(io.RawIOBase):
 def files_tar(store: BlobStore, entries: list[Entry]) -> Iterator[bytes]:
     """The contents of ``entries`` (files of a checkpoint) as a tar stream, named by their
     paths, with their modes and mtimes, in chunks of about 1 MiB."""
+    import tarfile
+
     sink = _Chunks()
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:
         for entry in entries:
@@ -406,6 +410,8 @@ def files_tar(store: BlobStore, entries: list[Entry]) -> Iterator[bytes]:
 def reset(workspaces: Workspaces, ref: str, name: str = BASELINE) -> dict[str, Any]:
     """Make /workspace exactly the checkpoint (content, modes, symlinks, special files,
     deletions). Nothing changes if the checkpoint's contents are not all in the store."""
+    from pyro_mcp.workspace.manifest import compare_streams
+
     sha = checkpoint_manifest(workspaces, ref, name)
     store = workspaces.blobs(workspaces.store.get(ref).id)
     with workspaces.agent(ref, "reset", changes=True) as agent:

@@ -14,18 +14,20 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import GuestError, InvalidArgument, NotFound, TooLarge
 from pyro_mcp.guest.client import Answer, command_fields, data_deadline
-from pyro_mcp.storage import host_files
-from pyro_mcp.storage.host_files import HostPath
-from pyro_mcp.workspace import exporting, secret_delivery, seeds, tar_output
-from pyro_mcp.workspace.lifecycle import Workspaces
-from pyro_mcp.workspace.patching import plan_patch
+from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT, guest_path
 from pyro_mcp.workspace.store import CommandRecord
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pyro_mcp.storage.host_files import HostPath
+    from pyro_mcp.workspace import exporting
+    from pyro_mcp.workspace.lifecycle import Workspaces
 
 OutputFn = Callable[[str, bytes], None]
 MAX_FILE_BYTES = 64 << 20  # file read/write through the API
@@ -33,7 +35,6 @@ DEFAULT_READ_BYTES = 1 << 20
 TAIL_BYTES = 4096
 SYNC_MAX_BYTES = 2 << 30
 SYNC_MAX_ENTRIES = 100_000
-EXPORT_MAX_BYTES = seeds.DEFAULT_MAX_BYTES
 SKIPPED_NAMES = 100  # an export names at most this many of the entries it left out
 
 
@@ -164,6 +165,8 @@ def delete_file(workspaces: Workspaces, ref: str, path: str, recursive: bool) ->
 
 def apply_patch(workspaces: Workspaces, ref: str, patch_text: str) -> dict[str, Any]:
     """Apply a unified diff to /workspace: every hunk or none."""
+    from pyro_mcp.workspace.patching import plan_patch
+
     modes: dict[str, int] = {}
     with workspaces.agent(ref, "patch apply", changes=True) as agent:
 
@@ -203,10 +206,13 @@ def export(
     """Copy a file or directory out of /workspace to a host path (an empty directory
     too). Device nodes, fifos and sockets are left out: the result counts them
     (``skipped``) and names the first hundred (``skipped_paths``)."""
+    from pyro_mcp.workspace import exporting
+    from pyro_mcp.workspace.seeds import DEFAULT_MAX_BYTES  # an export holds what a seed may
+
     target = guest_path(path)
     with workspaces.agent(ref, "export") as agent:
         kind = _kind(agent, target)
-        deadline = data_deadline(EXPORT_MAX_BYTES)
+        deadline = data_deadline(DEFAULT_MAX_BYTES)
         with agent.archive_stream(WORKSPACE_ROOT, target, timeout_s=deadline) as call:
             # The tar streams from the guest into the extraction: never whole in memory.
             chunks = (data for _stream, _offset, data in call)
@@ -233,6 +239,8 @@ def sync_push(
     workspaces: Workspaces, ref: str, source: Path | HostPath, dest: str
 ) -> dict[str, Any]:
     """Copy a host directory or archive into /workspace (at ``dest``)."""
+    from pyro_mcp.storage.host_files import HostPath
+
     target = guest_path(dest)
     with workspaces.agent(ref, "sync push", changes=True) as agent:
         return agent.archive_put(
@@ -247,6 +255,9 @@ def sync_push(
 def _tar_chunks(source: HostPath) -> Iterator[bytes]:
     """A host archive as is, or a host directory packed as a tar as it is read; both
     opened through descriptors (under the caller's root), never by name again."""
+    from pyro_mcp.storage import host_files
+    from pyro_mcp.workspace import tar_output
+
     fd = host_files.open_source(source, "sync source")
     try:
         kind = stat.S_IFMT(os.fstat(fd).st_mode)

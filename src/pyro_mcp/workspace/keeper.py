@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pyro_mcp.errors import PyroError
 from pyro_mcp.runtime.paths import RuntimePaths
-
-log = logging.getLogger(__name__)
 
 LOCK_FILE = "keeper.lock"
 LOG_FILE = "keeper.log"
@@ -66,6 +62,8 @@ def ensure_keeper(paths: RuntimePaths, state_dir: Path, needed: bool) -> None:
     """Start the keeper of ``state_dir`` if it is ``needed`` and none runs."""
     if not needed or keeper_running(state_dir):
         return
+    import subprocess
+
     log_path = state_dir / LOG_FILE
     with contextlib.suppress(OSError):
         if log_path.stat().st_size > LOG_MAX_BYTES:
@@ -86,8 +84,11 @@ def ensure_keeper(paths: RuntimePaths, state_dir: Path, needed: bool) -> None:
 def keep(paths: RuntimePaths, state_dir: Path) -> None:
     """Delete what expired and repair changes whose process died, until nothing is left
     to watch (see the module doc)."""
+    import logging
+
     from pyro_mcp.workspace.lifecycle import Workspaces
 
+    log = logging.getLogger(__name__)
     fd = _lock(state_dir)
     if fd is None:
         return  # another keeper has it
@@ -118,6 +119,9 @@ def keep(paths: RuntimePaths, state_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    import logging
+
+    log = logging.getLogger(__name__)
     logging.basicConfig(format="%(asctime)s pyro-keeper: %(message)s", level=logging.INFO)
     state_dir, cache_dir, run_root = (Path(a) for a in argv)
     try:

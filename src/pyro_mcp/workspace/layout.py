@@ -17,7 +17,6 @@ earlier versions, is split into the workspaces' own stores when found.)
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +64,8 @@ class WorkspaceFiles:
 
     def link_base(self, image: Path) -> Path:
         """Hard-link (or, across filesystems, copy) the environment image into place."""
+        import shutil
+
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.base_image.exists():
             try:
@@ -74,4 +75,6 @@ class WorkspaceFiles:
         return self.base_image
 
     def remove(self) -> None:
+        import shutil
+
         shutil.rmtree(self.directory, ignore_errors=True)

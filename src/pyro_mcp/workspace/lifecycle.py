@@ -11,17 +11,13 @@ half done, :meth:`Workspaces.reconcile` repairs.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import (
     InvalidState,
@@ -29,39 +25,28 @@ from pyro_mcp.errors import (
     PyroError,
     VMError,
 )
-from pyro_mcp.guest.client import AgentClient
-from pyro_mcp.guest.redaction import Redactor
-from pyro_mcp.network.link import link_of
-from pyro_mcp.network.policy import NetworkPolicy
-from pyro_mcp.network.ports import check_publish_list, publish_ports, unpublish_owner
-from pyro_mcp.runtime import environments
-from pyro_mcp.runtime.paths import RuntimePaths, key_dir, state_dir
-from pyro_mcp.storage.host_files import HostPath
-from pyro_mcp.storage.workspace_disk import create_workspace_disk
-from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint, SharedAgent, attach_shared
-from pyro_mcp.vmm.base import VM, Disk, Restore
-from pyro_mcp.vmm.identity import is_run_dir
-from pyro_mcp.vmm.launch import (
-    WORKSPACE_DEVICE,
-    BackendChoice,
-    build_spec,
-    create_vm,
-    discard_spec,
-)
-from pyro_mcp.vmm.ownership import OWNER_FILE
-from pyro_mcp.vmm.recorded import RecordedVMM
-from pyro_mcp.vmm.selection import choose_backend
-from pyro_mcp.vmm.warm import BootPlan, Shape, cold, plan_boot
-from pyro_mcp.workspace import memory, secret_delivery, seeds
-from pyro_mcp.workspace.admission import Limits, admit, check_sizes, owner_alive, this_owner
-from pyro_mcp.workspace.blobs import BlobStore
-from pyro_mcp.workspace.keeper import CHANGING, ensure_keeper
-from pyro_mcp.workspace.layout import StateLayout, WorkspaceFiles
+from pyro_mcp.runtime.paths import key_dir, state_dir
+from pyro_mcp.workspace import secret_delivery
+from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
-from pyro_mcp.workspace.secret_input import SecretInput
 from pyro_mcp.workspace.states import RESERVING_STATES
 from pyro_mcp.workspace.store import WorkspaceRecord, WorkspaceStore, require_state
 from pyro_mcp.workspace.vault import Vault
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.client import AgentClient
+    from pyro_mcp.guest.redaction import Redactor
+    from pyro_mcp.network.policy import NetworkPolicy
+    from pyro_mcp.runtime.paths import RuntimePaths
+    from pyro_mcp.storage.host_files import HostPath
+    from pyro_mcp.vmm.attach import AgentEndpoint, SharedAgent
+    from pyro_mcp.vmm.base import VM, Restore
+    from pyro_mcp.vmm.launch import BackendChoice
+    from pyro_mcp.vmm.recorded import RecordedVMM
+    from pyro_mcp.vmm.warm import BootPlan
+    from pyro_mcp.workspace.blobs import BlobStore
+    from pyro_mcp.workspace.layout import WorkspaceFiles
+    from pyro_mcp.workspace.secret_input import SecretInput
 
 Progress = Callable[[str], None]
 AGENT_PORTS = 8
@@ -97,6 +82,8 @@ class Workspaces:
     # -- file contents -----------------------------------------------------------------
     def blobs(self, workspace_id: str) -> BlobStore:
         """The blob store of one workspace: never shared with another."""
+        from pyro_mcp.workspace.blobs import BlobStore
+
         return BlobStore(self.layout.workspace(workspace_id).blobs_dir)
 
     def collect_blobs(self, workspace_id: str) -> tuple[int, int]:
@@ -109,6 +96,10 @@ class Workspaces:
     def _adopt_shared_blobs(self) -> None:
         """Earlier versions kept one blob store for every workspace: give each workspace
         hard links to the blobs its own manifests reach, then drop the shared store."""
+        import shutil
+
+        from pyro_mcp.workspace.blobs import BlobStore
+
         shared = BlobStore(self.layout.blobs_dir)
         for record in self.store.list():
             own = self.blobs(record.id)
@@ -140,6 +131,15 @@ class Workspaces:
         """Create a workspace and boot it; its seed becomes the baseline for diff/reset.
         ``network``: its policy (default off), kept for every later start. ``secrets`` are
         sealed into the store and handed to the guest at every boot."""
+        import shutil
+
+        from pyro_mcp.network.policy import NetworkPolicy
+        from pyro_mcp.runtime import environments
+        from pyro_mcp.storage.workspace_disk import create_workspace_disk
+        from pyro_mcp.vmm.selection import choose_backend
+        from pyro_mcp.workspace import seeds
+        from pyro_mcp.workspace.admission import check_sizes, this_owner
+
         check_sizes(vcpu_count, mem_mib, disk_mib, ttl_seconds)
         image = environments.image_for(self.paths, environment)
         self.reconcile()
@@ -190,6 +190,8 @@ class Workspaces:
 
     def _watch(self) -> None:
         """A change is under way: the keeper repairs it if this process dies first."""
+        from pyro_mcp.workspace.keeper import ensure_keeper
+
         ensure_keeper(self.paths, self.layout.state_dir, needed=True)
 
     def _admission(
@@ -199,6 +201,10 @@ class Workspaces:
         number of live workspaces, and memory counted as each VMM really costs (guest RAM
         plus the VMM's own overhead, for every workspace that holds or is about to hold a
         VM). The store runs it in the transaction that records the new VM's claim."""
+        from functools import partial
+
+        from pyro_mcp.workspace.admission import Limits, admit
+
         limits = Limits.for_host()
         return partial(admit, limits, mem_mib, choice)
 
@@ -215,6 +221,9 @@ class Workspaces:
     ) -> None:
         """Bring the workspace's VM up: restored from a template on a create when one fits
         (warm), restored from ``restore`` (a resume or a fork), else booted from its disks."""
+        from pyro_mcp.network.policy import NetworkPolicy
+        from pyro_mcp.vmm.warm import BootPlan, Shape, cold, plan_boot
+
         policy = NetworkPolicy.from_dict(record.network)
         plan = cold("a stopped workspace boots from its own disks")
         if restore is not None:
@@ -250,6 +259,15 @@ class Workspaces:
         plan: BootPlan,
         restore: Restore | None,
     ) -> None:
+        import dataclasses
+        import secrets
+        import shutil
+
+        from pyro_mcp.network.policy import NetworkPolicy
+        from pyro_mcp.vmm.base import Disk
+        from pyro_mcp.vmm.launch import WORKSPACE_DEVICE, build_spec, create_vm, discard_spec
+        from pyro_mcp.workspace import memory
+
         warm = plan.template is not None
         spec = build_spec(
             self.paths,
@@ -358,6 +376,8 @@ class Workspaces:
         return record
 
     def _attach(self, record: WorkspaceRecord) -> SharedAgent:
+        from pyro_mcp.vmm.attach import AgentEndpoint, attach_shared
+
         if not record.agent_endpoint:
             raise InvalidState(f"workspace {record.id} has no agent endpoint recorded")
         try:
@@ -369,6 +389,8 @@ class Workspaces:
     # -- stop, start, delete -----------------------------------------------------------
     def stop(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
         """Power the workspace off; both disks are kept."""
+        from pyro_mcp.workspace.admission import this_owner
+
         self.reconcile_one(ref)
         record = self.store.get(ref)
         require_state(record, {"running"}, "stop")
@@ -403,6 +425,9 @@ class Workspaces:
 
     def start(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
         """Boot a stopped (or failed) workspace again from its disks."""
+        from pyro_mcp.vmm.selection import choose_backend
+        from pyro_mcp.workspace.admission import this_owner
+
         self.reconcile_one(ref)
         record = self.store.get(ref)
         require_state(record, {"stopped", "failed"}, "start")
@@ -425,16 +450,22 @@ class Workspaces:
 
     def pause(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
         """Save the running workspace's memory to its directory and end its VMM."""
+        from pyro_mcp.workspace import memory
+
         return memory.pause(self, ref, progress=progress)
 
     def resume(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
         """Run a paused workspace again from its saved memory, as it was."""
+        from pyro_mcp.workspace import memory
+
         return memory.resume(self, ref, progress=progress)
 
     def fork(
         self, ref: str, *, name: str | None = None, progress: Progress = _quiet
     ) -> WorkspaceRecord:
         """A new running workspace from a running one's memory and disks."""
+        from pyro_mcp.workspace import memory
+
         return memory.fork(self, ref, name=name, progress=progress)
 
     def delete(self, ref: str) -> dict[str, object]:
@@ -463,6 +494,9 @@ class Workspaces:
         """Store what the guest says of its services. Services of an earlier boot that the
         guest no longer knows stay listed, as stopped. The ports a service published go
         once it is no longer running."""
+        from pyro_mcp.network.link import link_of
+        from pyro_mcp.network.ports import unpublish_owner
+
         value, _ = client.call("service_list", {}, timeout_s=30)
         record = self.store.get(workspace_id)
         services = _as_stopped(record.services)
@@ -477,6 +511,9 @@ class Workspaces:
     def _publish_workspace_ports(self, record: WorkspaceRecord) -> None:
         """The ports given at create, published again at every boot (a host port of 0
         picks a free one each time)."""
+        from pyro_mcp.network.link import link_of
+        from pyro_mcp.network.ports import check_publish_list, publish_ports
+
         entries = check_publish_list(record.network.get("publish") or [])
         link = link_of(record.id)
         if entries and link is not None:
@@ -490,6 +527,8 @@ class Workspaces:
 
     def _vmm(self, record: WorkspaceRecord) -> RecordedVMM:
         """The workspace's VMM, as its run directory records it."""
+        from pyro_mcp.vmm.recorded import RecordedVMM
+
         return RecordedVMM.load(self._run_dirs(record)[0], record.id)
 
     def _run_dirs(self, record: WorkspaceRecord) -> list[Path]:
@@ -502,6 +541,8 @@ class Workspaces:
     def _end_vm(self, record: WorkspaceRecord) -> None:
         """End whatever VM runs for this workspace: its VMM, everything it holds outside
         its process (a jail, mounts, cgroups), and its run directory."""
+        from pyro_mcp.vmm.recorded import RecordedVMM
+
         for run_dir in self._run_dirs(record):
             RecordedVMM.load(run_dir, record.id).end()
 
@@ -564,10 +605,17 @@ class Workspaces:
         """Repair ``record`` if what it says no longer holds: a change (create, start,
         stop) whose process is gone, or a VMM that died. What change is under way is
         decided by whether the process doing it runs, never by a clock."""
+        from pyro_mcp.workspace.keeper import CHANGING
+
         changing = record.state in CHANGING
-        if changing and owner_alive(record.owner):
-            return None  # the change under way finishes it (a repair here would race it)
+        if changing:
+            from pyro_mcp.workspace.admission import owner_alive
+
+            if owner_alive(record.owner):
+                return None  # the change under way finishes it (a repair here would race it)
         if record.state in ("pausing", "resuming"):
+            from pyro_mcp.workspace import memory
+
             return memory.reconcile_change(self, record)
         if record.state == "creating":
             self._discard(record.id)  # it never came to be: nothing of it is kept
@@ -609,6 +657,10 @@ class Workspaces:
         to their own sweep; a run dir younger than a minute may be a VM that is still
         being set up; a workspace that is stopping still owns its VM.
         """
+        from pyro_mcp.vmm.identity import is_run_dir
+        from pyro_mcp.vmm.ownership import OWNER_FILE
+        from pyro_mcp.vmm.recorded import RecordedVMM
+
         active = {r.id for r in self.store.list(states=RESERVING_STATES)}
         removed: list[str] = []
         root = self.paths.run_root
@@ -671,6 +723,8 @@ def _family(label: str | None) -> str | None:
 
 
 def _endpoint(vm: VM) -> AgentEndpoint:
+    from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint
+
     vsock = getattr(vm, "vsock_socket", None)
     if isinstance(vsock, Path):
         return AgentEndpoint(VSOCK, vsock)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.guest.client import AgentClient
-from pyro_mcp.guest.redaction import Redactor
-from pyro_mcp.workspace.secret_input import SecretInput, secret_env_mapping
-from pyro_mcp.workspace.store import WorkspaceStore
-from pyro_mcp.workspace.vault import Vault
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.client import AgentClient
+    from pyro_mcp.guest.redaction import Redactor
+    from pyro_mcp.workspace.secret_input import SecretInput
+    from pyro_mcp.workspace.store import WorkspaceStore
+    from pyro_mcp.workspace.vault import Vault
 
 DELIVERY_TIMEOUT_S = 30.0
 
@@ -38,6 +41,8 @@ def open_secrets(store: WorkspaceStore, vault: Vault, workspace_id: str) -> dict
 def deliver(store: WorkspaceStore, vault: Vault, workspace_id: str, client: AgentClient) -> None:
     """Hand the guest of a fresh boot its secrets (it keeps them in tmpfs); from now on
     the client redacts them in what the guest sends back."""
+    from pyro_mcp.guest.redaction import Redactor
+
     values = open_secrets(store, vault, workspace_id)
     if not values:
         return
@@ -54,6 +59,8 @@ def redactor(store: WorkspaceStore, vault: Vault, workspace_id: str) -> Redactor
     """The redactor of a workspace with secrets; None for one without."""
     if not store.secrets(workspace_id):
         return None
+    from pyro_mcp.guest.redaction import Redactor
+
     return Redactor(open_secrets(store, vault, workspace_id).values())
 
 
@@ -67,6 +74,8 @@ def env_mapping(
     workspace's secrets before anything runs; None when none is asked for."""
     if not given:
         return None
+    from pyro_mcp.workspace.secret_input import secret_env_mapping
+
     record = store.get(workspace)
     names = [s.name for s in store.secrets(record.id)]
     mapping = secret_env_mapping(given, names, workspace=record.id, env_keys=env_keys)

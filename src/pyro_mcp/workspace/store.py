@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -292,6 +291,8 @@ class WorkspaceStore:
         ``InvalidArgument`` naming a bad field, ``Conflict`` if a live workspace already
         has ``name``.
         """
+        import secrets
+
         if not isinstance(environment, str) or not environment:
             raise InvalidArgument("environment: expected an environment name")
         if name is not None:

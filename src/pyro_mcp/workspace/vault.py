@@ -16,9 +16,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from pyro_mcp.errors import InvalidState
 
 KEY_FILE = "secrets.key"
@@ -39,6 +36,8 @@ class Vault:
 
     def seal(self, workspace_id: str, name: str, value: str) -> bytes:
         """``value`` encrypted (nonce + ciphertext), creating the key on first use."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         nonce = os.urandom(NONCE_BYTES)
         sealed = AESGCM(self._key(create=True)).encrypt(
             nonce, value.encode("utf-8"), _bound_to(workspace_id, name)
@@ -48,6 +47,9 @@ class Vault:
     def open(self, workspace_id: str, name: str, blob: bytes) -> str:
         """The value ``seal`` gave ``blob`` for; InvalidState when the key is missing or
         is not the one it was sealed with."""
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         key = self._key(create=False)
         try:
             plain = AESGCM(key).decrypt(

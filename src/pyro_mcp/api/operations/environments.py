@@ -1,13 +1,10 @@
 """Environment operations: the catalog of guest root filesystems."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Annotated
 
 from pyro_mcp.api.context import Context
-from pyro_mcp.api.operations.templates import build_templates
 from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.api.results import (
     EnvBuildResult,
@@ -20,7 +17,6 @@ from pyro_mcp.api.results import (
     EnvPullResult,
 )
 from pyro_mcp.errors import InvalidArgument, OutsideRoot, PyroError
-from pyro_mcp.runtime import environments
 
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
 
@@ -34,6 +30,8 @@ ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
 )
 def env_list(ctx: Context) -> EnvListResult:
     """List the environment catalog: each name, whether it is installed, its size and digest."""
+    from pyro_mcp.runtime import environments
+
     rows = environments.list_environments(ctx.paths)
     return {"environments": [row.to_dict() for row in rows]}
 
@@ -81,6 +79,8 @@ def env_pull(
     ever installed.
     """
     from pyro_mcp.api.operations.runtime import prove_environment
+    from pyro_mcp.api.operations.templates import build_templates
+    from pyro_mcp.runtime import environments
 
     info, obtained = environments.obtain(
         ctx.paths,
@@ -165,6 +165,7 @@ def env_prove(
     Records vm_boot and guest_exec for its image and the installed kernel in the lock's
     checks: what publishing requires."""
     from pyro_mcp.api.operations.runtime import prove_environment
+    from pyro_mcp.runtime import environments
 
     environments.image_for(ctx.paths, name)
     return {"environment": name, "capabilities": prove_environment(ctx, name)}
@@ -243,6 +244,8 @@ def env_build(
 
     A catalog environment's packages (``--from``, default debian:12) plus ``packages``,
     with debootstrap from Debian's mirror, installed like the catalog's."""
+    from pyro_mcp.runtime import environments
+
     names = [p.strip() for item in packages for p in item.split(",") if p.strip()]
     info = environments.build_custom(ctx.paths, name, base, names, progress=ctx.progress)
     return info.to_dict()
@@ -280,6 +283,8 @@ def env_inspect(
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
 ) -> EnvInspectResult:
     """Show an environment's manifest: packages, image digest and size, build details."""
+    from pyro_mcp.runtime import environments
+
     return environments.inspect_environment(ctx.paths, name)
 
 
@@ -292,4 +297,6 @@ def env_inspect(
 )
 def env_prune(ctx: Context) -> EnvPruneResult:
     """Remove cached images and build leftovers that no installed environment uses."""
+    from pyro_mcp.runtime import environments
+
     return environments.prune(ctx.paths)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
 
 from pyro_mcp.api.registry import EVERY, Arg
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.network.link import link_of
-from pyro_mcp.network.nft import Published
 from pyro_mcp.network.policy import EGRESS, EGRESS_PUBLISHED, OFF, POLICIES, NetworkPolicy
 from pyro_mcp.network.policy import parse_policy as _parse
-from pyro_mcp.network.ports import publish_ports, unpublish_owner
-from pyro_mcp.workspace.records import WorkspaceRecord
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Address
+
+    from pyro_mcp.network.nft import Published
+    from pyro_mcp.workspace.records import WorkspaceRecord
 
 FULL_ONLY = ("vm-run", "workspace-full")  # MCP profiles offering network parameters
 
@@ -87,6 +89,9 @@ def publish_service_ports(
     record: WorkspaceRecord, service: str, entries: list[tuple[IPv4Address, int, int]]
 ) -> list[Published]:
     """Publish a service's ports before it starts (all or none)."""
+    from pyro_mcp.network.link import link_of
+    from pyro_mcp.network.ports import publish_ports, unpublish_owner
+
     if not entries:
         return []
     policy = NetworkPolicy.from_dict(record.network)

@@ -1,13 +1,10 @@
 """Runtime operations: binaries, kernels, root filesystems, the lock, and the doctor."""
 
-from __future__ import annotations
-
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context
-from pyro_mcp.api.operations.templates import build_templates
 from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.api.results import (
     RuntimeBuildKernelResult,
@@ -21,8 +18,7 @@ from pyro_mcp.api.results import (
     RuntimeVerifyResult,
 )
 from pyro_mcp.errors import IntegrityError, PyroError, RuntimeMissing
-from pyro_mcp.runtime import binaries, doctor, environments, host_tools, kernels, lock, pins
-from pyro_mcp.vmm import selection
+from pyro_mcp.runtime import binaries, kernels
 
 
 @operation(
@@ -35,6 +31,8 @@ from pyro_mcp.vmm import selection
 )
 def runtime_install_host_packages(ctx: Context) -> RuntimeInstallHostPackagesResult:
     """Install the Debian packages pyro needs on this host (apt-get; needs root)."""
+    from pyro_mcp.runtime import host_tools
+
     wanted = host_tools.host_packages()
     ctx.progress(f"checking {len(wanted)} Debian packages")
     installed = host_tools.install_packages(wanted)
@@ -136,6 +134,8 @@ def runtime_build_rootfs(
 ) -> RuntimeBuildRootfsResult:
     """Build environment images from Debian packages (skips those already installed; never
     asks a registry)."""
+    from pyro_mcp.runtime import environments
+
     chosen = names or [spec.name for spec in environments.catalog()]
     built = []
     for name in chosen:
@@ -166,6 +166,8 @@ def runtime_bundle(
     from a private stand-in for the internet made of network namespaces: no packet
     leaves the host.
     """
+    from pyro_mcp.runtime import lock
+
     run_boot_checks(ctx, refresh=refresh_probes)
     run_network_check(ctx)
     ctx.progress("verifying components and writing the lock")
@@ -176,6 +178,8 @@ def run_network_check(ctx: Context) -> None:
     """Record guest_network from a real guest fetching a page through its link."""
     from pyro_mcp.api.operations.vm import vm_run
     from pyro_mcp.network.selfcheck import check_guest_network
+    from pyro_mcp.runtime import lock
+    from pyro_mcp.vmm import selection
 
     try:
         environment = selection.probe_environment(ctx.paths)
@@ -204,6 +208,7 @@ def prove_environment(ctx: Context, name: str) -> list[str]:
     """Boot ``name``, run a command, and record vm_boot and guest_exec for its image and
     the installed kernel; the capabilities it has proven (see lock.environment_capabilities)."""
     from pyro_mcp.api.operations.vm import vm_run
+    from pyro_mcp.runtime import lock
 
     ctx.progress(f"proving {name}: boot it and run a command")
     components = lock.collect_components(ctx.paths, deep=False)
@@ -233,6 +238,9 @@ def prove_environment(ctx: Context, name: str) -> list[str]:
 
 def run_boot_checks(ctx: Context, *, refresh: bool = False) -> None:
     """Record vm_boot and guest_exec from the backend boot probes (real guests)."""
+    from pyro_mcp.runtime import lock
+    from pyro_mcp.vmm import selection
+
     try:
         report = selection.run_probes(ctx.paths, progress=ctx.progress, refresh=refresh)
     except RuntimeMissing as exc:
@@ -294,6 +302,8 @@ def runtime_materialize(
     each (boot, run a command), bundle, then each environment's warm-start templates at the
     default size (``templates``). `make runtime-publish-official-environments-oci` then
     publishes them."""
+    from pyro_mcp.api.operations.templates import build_templates
+
     runtime_fetch(ctx)
     runtime_build_kernel(ctx)
     built = runtime_build_rootfs(ctx, names=names)
@@ -317,6 +327,8 @@ def runtime_materialize(
 )
 def runtime_status(ctx: Context) -> RuntimeStatusResult:
     """Show what is installed and the capabilities, without re-hashing anything."""
+    from pyro_mcp.runtime import lock, pins
+
     current = lock.build_lock(ctx.paths, deep=False)
     return {
         "cache_dir": str(ctx.paths.cache_dir),
@@ -345,6 +357,8 @@ def runtime_verify(ctx: Context) -> RuntimeVerifyResult:
     Errors: IntegrityError listing each component that failed (digest mismatch, truncated
     image, missing file), with the command that rebuilds it.
     """
+    from pyro_mcp.runtime import lock
+
     ctx.progress("re-hashing every installed artifact")
     components = lock.collect_components(ctx.paths, deep=True)
     failed = {name: c["problems"] for name, c in components.items() if c.get("problems")}
@@ -360,4 +374,6 @@ def runtime_verify(ctx: Context) -> RuntimeVerifyResult:
 @operation(cli=("doctor",), sdk="doctor", title="Diagnose this host", read_only=True)
 def runtime_doctor(ctx: Context) -> RuntimeDoctorResult:
     """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
+    from pyro_mcp.runtime import doctor
+
     return doctor.diagnose(ctx.paths)

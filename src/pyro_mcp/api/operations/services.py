@@ -1,10 +1,7 @@
 """Workspace services: long-lived processes with typed readiness probes."""
 
-from __future__ import annotations
-
 import posixpath
-from ipaddress import IPv4Address
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 from pyro_mcp.api.context import Context
@@ -22,13 +19,13 @@ from pyro_mcp.api.results import (
     ServiceStopResult,
 )
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.guest.client import command_fields
-from pyro_mcp.network import nft
-from pyro_mcp.network.link import link_of
-from pyro_mcp.network.ports import check_publish_list
 from pyro_mcp.workspace import secret_delivery
-from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.paths import guest_path
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Address
+
+    from pyro_mcp.workspace.lifecycle import Workspaces
 
 NAME = Arg(
     "service name (unique in the workspace)", surfaces=EVERY, positional=True, name="service_name"
@@ -165,6 +162,9 @@ def service_start(
     published before it starts and removed when it stops or exits; Conflict when a host
     port is taken.
     """
+    from pyro_mcp.guest.client import command_fields
+    from pyro_mcp.network.ports import check_publish_list
+
     entries = check_publish_list(publish)
     args: dict[str, Any] = {
         "name": name,
@@ -198,11 +198,11 @@ def service_start(
 
 
 def _start(
-    workspaces: Workspaces,
+    workspaces: "Workspaces",
     workspace: str,
     args: dict[str, Any],
     ready_timeout_seconds: float,
-    publish: list[tuple[IPv4Address, int, int]],
+    publish: "list[tuple[IPv4Address, int, int]]",
 ) -> dict[str, Any]:
     with workspaces.agent(workspace, "service start") as agent:
         record = workspaces.store.get(workspace)
@@ -270,6 +270,9 @@ def service_status(
 ) -> ServiceStatusResult:
     """One service's state, pid, exit code, start time, restarts, probe and the ports it
     published."""
+    from pyro_mcp.network import nft
+    from pyro_mcp.network.link import link_of
+
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service status") as agent:
         value, _ = agent.call("service_status", {"name": name}, timeout_s=30)
         workspace_id = workspaces.store.get(workspace).id

@@ -1,7 +1,5 @@
 """Persistent PTY shells in a workspace."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 from pyro_mcp.api.context import Context

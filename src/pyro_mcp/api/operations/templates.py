@@ -1,21 +1,22 @@
 """Warm-start templates: list, build and prune them (see :mod:`pyro_mcp.vmm.templates`)."""
 
-from __future__ import annotations
-
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
 from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.api.results import TemplateBuildResult, TemplateListResult, TemplatePruneResult
-from pyro_mcp.runtime import environments
-from pyro_mcp.vmm import templates, warm
-from pyro_mcp.vmm.selection import choose_backend
+
+if TYPE_CHECKING:
+    from pyro_mcp.vmm import warm
 
 WORKSPACE_AGENT_PORTS = 8  # as workspace VMs have (pyro_mcp.workspace.lifecycle)
 
 
-def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> list[warm.Shape]:
+def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> "list[warm.Shape]":
+    from pyro_mcp.vmm import warm
+    from pyro_mcp.vmm.selection import choose_backend
+
     choice = choose_backend(ctx.paths, None, progress=ctx.progress)
     return [
         warm.Shape(environment, choice, vcpu_count, mem_mib),
@@ -38,6 +39,8 @@ def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> li
 )
 def template_list(ctx: Context) -> TemplateListResult:
     """The installed templates: key, inputs, size on disk and build time."""
+    from pyro_mcp.vmm import templates
+
     return {"templates": [t.to_dict() for t in templates.installed(ctx.paths)]}
 
 
@@ -59,6 +62,8 @@ def template_build(
     """Build (or verify) the templates for one environment and size.
 
     One for `pyro run`, one for workspaces; each entry says warm or cold, and why."""
+    from pyro_mcp.runtime import environments
+
     environments.image_for(ctx.paths, environment)
     return {"templates": build_templates(ctx, environment, vcpu_count, mem_mib)}
 
@@ -67,6 +72,8 @@ def build_templates(
     ctx: Context, environment: str, vcpu_count: int = 1, mem_mib: int = 512
 ) -> list[dict[str, Any]]:
     """The run and workspace templates of ``environment`` at this size, built if missing."""
+    from pyro_mcp.vmm import warm
+
     built = []
     for shape in _shapes(ctx, environment, vcpu_count, mem_mib):
         plan = warm.plan_boot(ctx.paths, shape, progress=ctx.progress)
@@ -94,6 +101,9 @@ def template_prune(
 
     Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
     with ``all_templates`` every template."""
+    from pyro_mcp.vmm import templates, warm
+    from pyro_mcp.vmm.selection import choose_backend
+
     keep: set[str] = set()
     for template in templates.installed(ctx.paths):
         inputs = template.manifest.get("inputs", {})

@@ -1,9 +1,7 @@
 """One-shot VMs: boot, run one command, discard."""
 
-from __future__ import annotations
-
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.network_args import (
@@ -16,13 +14,12 @@ from pyro_mcp.api.operations.network_args import (
 from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.api.results import VmRunResult
 from pyro_mcp.errors import InvalidArgument, OperationTimeout, VMError
-from pyro_mcp.guest.client import AgentClient, command_fields
-from pyro_mcp.network.link import vm_network_info
-from pyro_mcp.runtime import environments
-from pyro_mcp.vmm.base import VM
-from pyro_mcp.vmm.launch import discard_vm, prepare_vm, start_owned
-from pyro_mcp.vmm.selection import BACKEND_NAMES, choose_backend
-from pyro_mcp.vmm.warm import Shape, cold, plan_boot
+from pyro_mcp.guest.client import command_fields
+from pyro_mcp.vmm.selection import BACKEND_NAMES
+
+if TYPE_CHECKING:
+    from pyro_mcp.guest.client import AgentClient
+    from pyro_mcp.vmm.base import VM
 
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
 BOOT_TIMEOUT_S = 60.0
@@ -120,6 +117,12 @@ def vm_run(
     BootTimeout (with the serial console tail) when the guest never becomes ready,
     NetworkUnavailable when the host cannot give it the network asked for.
     """
+    from pyro_mcp.network.link import vm_network_info
+    from pyro_mcp.runtime import environments
+    from pyro_mcp.vmm.launch import discard_vm, prepare_vm
+    from pyro_mcp.vmm.selection import choose_backend
+    from pyro_mcp.vmm.warm import Shape, cold, plan_boot
+
     refuse_host_compat(allow_host_compat)
     how = command_fields(command)
     policy = run_policy(network, network_policy, allow_cidr, allow_host)
@@ -205,7 +208,9 @@ def vm_run(
     }
 
 
-def _start(ctx: Context, vm: VM) -> AgentClient:
+def _start(ctx: Context, vm: "VM") -> "AgentClient":
+    from pyro_mcp.vmm.launch import start_owned
+
     start_owned(vm)
     ctx.progress("booting")  # the phase boot_ms times, whether it restores or boots
     return vm.wait_ready(BOOT_TIMEOUT_S)

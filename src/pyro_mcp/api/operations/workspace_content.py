@@ -1,7 +1,5 @@
 """Operations inside a workspace: exec, files, patch, sync, diff, export, checkpoints, disks."""
 
-from __future__ import annotations
-
 import sys
 from typing import Annotated, Any
 
@@ -28,7 +26,6 @@ from pyro_mcp.api.results import (
     WorkspaceSyncPushResult,
 )
 from pyro_mcp.errors import InvalidArgument, InvalidState
-from pyro_mcp.storage import disk_export, host_files, workspace_disk
 from pyro_mcp.workspace import checkpoints, content
 
 PATH = Arg(
@@ -165,6 +162,8 @@ def workspace_file_write(
 
     The content is ``text`` or the host file ``text_file`` (at the CLI also ``--stdin``).
     """
+    from pyro_mcp.storage import host_files
+
     sources = [text is not None, text_file is not None, stdin]
     if sum(sources) != 1:
         raise InvalidArgument("give exactly one of text or text_file (or --stdin at the CLI)")
@@ -430,6 +429,8 @@ def workspace_disk_list(
     recursive: Annotated[bool, RECURSIVE] = False,
 ) -> WorkspaceDiskListResult:
     """List a stopped workspace's /workspace disk offline (never mounted on the host)."""
+    from pyro_mcp.storage import workspace_disk
+
     image = _stopped_disk(ctx, workspace, "disk list")
     listing = workspace_disk.disk_list(image, _on_disk(path), recursive)
     return {"path": path, "entries": list(listing), "unlisted": listing.unlisted}
@@ -458,6 +459,8 @@ def workspace_disk_read(
     content_only: Annotated[bool, CONTENT_ONLY] = False,
 ) -> WorkspaceDiskReadResult:
     """Read a file from a stopped workspace's /workspace disk offline."""
+    from pyro_mcp.storage import workspace_disk
+
     image = _stopped_disk(ctx, workspace, "disk read")
     data = workspace_disk.disk_read(image, _on_disk(path), max_bytes)
     result = {"path": path, "size": len(data), "content": data.decode("utf-8", "replace")}
@@ -490,6 +493,8 @@ def workspace_disk_export(
     force: Annotated[bool, FORCE] = False,
 ) -> WorkspaceDiskExportResult:
     """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
+    from pyro_mcp.storage import disk_export
+
     target = ctx.host_paths.check(output, "disk export output")
     image = _stopped_disk(ctx, workspace, "disk export")
     written = disk_export.disk_export(image, target, force=force)
@@ -498,6 +503,8 @@ def workspace_disk_export(
 
 def _read_text(ctx: Context, path: str, purpose: str) -> str:
     """A host text file (UTF-8), read through a confined descriptor, at most 64 MiB."""
+    from pyro_mcp.storage import host_files
+
     target = ctx.host_paths.check(path, purpose)
     data = host_files.read_file(target, purpose)
     try:

@@ -1,7 +1,5 @@
 """Workspace lifecycle operations: create, list, update, status, logs, stop, start, delete."""
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -33,15 +31,10 @@ from pyro_mcp.api.results import (
     WorkspaceUpdateResult,
 )
 from pyro_mcp.errors import InvalidArgument, PyroError
-from pyro_mcp.network.link import vm_network_info
-from pyro_mcp.network.policy import NetworkPolicy
-from pyro_mcp.network.ports import check_free, check_publish_list
-from pyro_mcp.storage import host_files
 from pyro_mcp.vmm.selection import BACKEND_NAMES
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.records import WorkspaceRecord
-from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES, collect_secrets
 from pyro_mcp.workspace.store import UNSET
 
 CORE = ("workspace-core", "workspace-full")
@@ -68,6 +61,9 @@ def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
 
 def read_secret_file(ctx: Context, path: str) -> bytes:
     """A secret's host file, read as the caller may (MCP clients: under their roots)."""
+    from pyro_mcp.storage import host_files
+    from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES
+
     try:
         return host_files.read_file(
             ctx.host_paths.check(path, "secret file"), "secret file", MAX_VALUE_BYTES
@@ -180,6 +176,9 @@ def workspace_create(
     InvalidArgument or NotFound for a bad secret (its name, never its value), before
     anything is created.
     """
+    from pyro_mcp.network.ports import check_free, check_publish_list
+    from pyro_mcp.workspace.secret_input import collect_secrets
+
     refuse_host_compat(allow_host_compat)
     policy = workspace_policy(network_policy, allow_cidr, allow_host)
     require_publishing(policy, publish)
@@ -332,6 +331,9 @@ def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> Wor
 
 def _with_network(record: WorkspaceRecord) -> dict[str, Any]:
     """The record as shown, its network with what the running VM has."""
+    from pyro_mcp.network.link import vm_network_info
+    from pyro_mcp.network.policy import NetworkPolicy
+
     running = record.state.value == "running"
     policy = NetworkPolicy.from_dict(record.network)
     return {**record.to_dict(), "network": vm_network_info(policy, record.id if running else None)}

@@ -30,12 +30,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import VMError
-from pyro_mcp.vmm.base import VMSpec
 from pyro_mcp.vmm.cgroups import RELEASE_TIMEOUT_S, remove_cgroup
-from pyro_mcp.vmm.qemu import jail
+
+if TYPE_CHECKING:
+    from pyro_mcp.vmm.base import VMSpec
 
 UID_BASE = 900_000
 UID_SLOTS = 65_536
@@ -171,6 +172,8 @@ def confine(
     ``spec`` that are not read-only are handed to the VM's uid. With ``ends_with_owner``
     the VMM is killed when this process (the thread launching it) ends.
     """
+    from pyro_mcp.vmm.qemu import jail
+
     directory = vmm_dir(spec.run_dir)
     directory.mkdir(mode=0o700, exist_ok=True)
     if os.geteuid() != 0:

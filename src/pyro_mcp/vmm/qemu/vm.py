@@ -9,7 +9,6 @@ calibrating it, and a wrong value makes guest time run fast or slow.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from pyro_mcp.runtime.host_tools import require
 from pyro_mcp.vmm.base import VM, VMSpec, guest_kernel_args
 from pyro_mcp.vmm.console import start_pump
 from pyro_mcp.vmm.qemu import snapshot, template_ram
+from pyro_mcp.vmm.qemu.channels import agent_socket, lock_port
 from pyro_mcp.vmm.qemu.confinement import confine, release, vmm_dir
 from pyro_mcp.vmm.qemu.qmp import QMPClient
 from pyro_mcp.vmm.qemu.tsc import tcg_clock_args
@@ -42,27 +42,6 @@ def kernel_command_line(spec: VMSpec, accel: str) -> str:
     if accel == "tcg":
         args += tcg_clock_args()
     return " ".join([*args, *spec.kernel_args])
-
-
-def lock_port(run_dir: Path, port: int, *, wait: bool = False) -> int | None:
-    """An fd holding the exclusive lock of agent port ``port``, or None if it is taken.
-
-    A virtio-serial port serves one host connection at a time: whoever talks to the
-    agent on port N holds ``agent.N.lock`` while attached.
-    """
-    fd = os.open(run_dir / f"agent.{port}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def agent_socket(run_dir: Path, port: int) -> Path:
-    """The host end of agent channel ``port`` (a virtio-serial port named pyro.agent.N),
-    in the directory QEMU makes its sockets in."""
-    return vmm_dir(run_dir) / f"agent.{port}.sock"
 
 
 def memory_backend(spec: VMSpec, ram_fd: int | None) -> str:
