@@ -7,6 +7,7 @@ from pyro_mcp.api.operations import (
     shells,
     templates,
     vm,
+    vm_lifecycle,
     workspace_content,
     workspaces,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "shells",
     "templates",
     "vm",
+    "vm_lifecycle",
     "workspace_content",
     "workspaces",
 ]

@@ -26,6 +26,7 @@ from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.records import WorkspaceRecord
 from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES, collect_secrets
+from pyro_mcp.workspace.states import Kind
 from pyro_mcp.workspace.store import UNSET
 
 CORE = ("workspace-core", "workspace-full")
@@ -39,8 +40,10 @@ def _ttl(help: str) -> Arg:
 
 
 @contextmanager
-def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
-    workspaces = Workspaces(ctx.paths, ctx.state_dir)
+def open_workspaces(ctx: Context, kind: str = Kind.WORKSPACE) -> Iterator[Workspaces]:
+    """The host's workspaces (or, with ``kind``, its lifecycle VMs); the keeper runs after
+    while any TTL is set."""
+    workspaces = Workspaces(ctx.paths, ctx.state_dir, kind=kind)
     try:
         yield workspaces
         # A TTL set now, or found after a host reboot, is kept from now on.
