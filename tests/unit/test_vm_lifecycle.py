@@ -376,3 +376,31 @@ def test_network_info_of_a_vm_without_network_says_it_has_none(fake_ctx: Context
         "tap": None,
         "published_ports": [],
     }
+
+
+def test_the_cli_walks_a_vm_and_exits_with_its_commands_exit_code(
+    fake_ctx: Context, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from pyro_mcp.cli.main import main
+
+    monkeypatch.setenv("PYRO_CACHE_DIR", str(fake_ctx.paths.cache_dir))
+    monkeypatch.setenv("PYRO_RUN_DIR", str(fake_ctx.paths.run_root))
+    monkeypatch.setenv("PYRO_STATE_DIR", str(fake_ctx.state_dir))
+    assert main(["vm", "create", "debian:12", "--ttl-seconds", "120", "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    vid = created["vm_id"]
+    assert (created["state"], created["ttl_seconds"]) == ("created", 120.0)
+    assert main(["vm", "start", vid, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "started"
+    assert main(["vm", "exec", vid, "--json", "--", "sh", "-c", "echo out; exit 7"]) == 7
+    assert json.loads(capsys.readouterr().out)["stdout"] == "out\n"
+    assert main(["vm", "status", vid, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "started"
+    assert main(["vm", "reap-expired", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": [], "count": 0}
+    assert main(["vm", "delete", vid, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": vid}
+    assert main(["vm", "status", vid, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"] == "not_found"
