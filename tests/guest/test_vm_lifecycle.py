@@ -30,6 +30,7 @@ def test_a_vm_is_created_started_runs_commands_stops_starts_again_and_is_deleted
 
     started = vm.vm_start(ws_ctx, vid)
     assert started["state"] == "started" and started["vmm_pid"]
+    assert started["boot"]["mode"] == "warm", started["boot"]  # a root disk never booted
     shell = vm.vm_exec(ws_ctx, vid, "echo $((6 * 7)) && cat /etc/debian_version >/dev/null")
     assert (shell["vm_id"], shell["stdout"], shell["exit_code"]) == (vid, "42\n", 0)
     argv = vm.vm_exec(ws_ctx, vid, ["sh", "-c", 'echo "$1" >&2; exit 4', "sh", "$HOME"])
@@ -51,7 +52,13 @@ def test_a_vm_is_created_started_runs_commands_stops_starts_again_and_is_deleted
     assert refused.value.message == f"VM {vid} is stopped; exec needs it started"
     assert refused.value.hint == f"run `pyro vm start {vid}`"
 
-    assert vm.vm_start(ws_ctx, vid)["state"] == "started"
+    restarted = vm.vm_start(ws_ctx, vid)
+    assert restarted["state"] == "started"
+    assert restarted["boot"] == {
+        "mode": "cold",
+        "reason": "a stopped VM boots from its own disks",
+        "template": None,
+    }
     again = vm.vm_exec(ws_ctx, vid, ["cat", "/root/mark"])  # its root disk was kept
     assert (again["stdout"], again["exit_code"]) == ("kept\n", 0)
 

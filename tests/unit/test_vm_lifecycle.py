@@ -348,6 +348,19 @@ def test_a_started_vm_whose_ttl_ran_out_is_deleted_by_the_next_call_on_it(
     assert vm.vm_reap_expired(fake_ctx) == {"deleted": [], "count": 0}
 
 
+def test_a_workspace_whose_ttl_ran_out_is_refused_as_expired_like_a_vm(
+    fake_ctx: Context,
+) -> None:
+    wid = ws.workspace_create(fake_ctx, "debian:12", name="web", ttl_seconds=600)["id"]
+    with open_workspaces(fake_ctx) as workspaces:
+        workspaces.store.update(wid, expires_at=time.time() - 1)
+    with pytest.raises(Expired, match=r"^workspace web expired at "):
+        wc.workspace_exec(fake_ctx, "web", ["true"])
+    with pytest.raises(Expired, match=f"^workspace {wid} expired at "):
+        ws.workspace_status(fake_ctx, wid)
+    assert _left_behind(fake_ctx) == []
+
+
 def test_reconcile_repairs_a_vm_whose_vmm_died_and_it_starts_again(fake_ctx: Context) -> None:
     vid = vm.vm_start(fake_ctx, vm.vm_create(fake_ctx, "debian:12")["vm_id"])["vm_id"]
     os.killpg(vm.vm_status(fake_ctx, vid)["vmm_pid"], signal.SIGKILL)
