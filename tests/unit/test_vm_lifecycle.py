@@ -22,9 +22,10 @@ from pyro_mcp.api.operations import vm_lifecycle as vm
 from pyro_mcp.api.operations import workspace_content as wc
 from pyro_mcp.api.operations import workspaces as ws
 from pyro_mcp.api.operations.workspaces import open_workspaces
-from pyro_mcp.errors import Expired, InvalidArgument, InvalidState, NotFound
+from pyro_mcp.errors import Expired, InvalidArgument, InvalidState, NotFound, TooLarge
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.workspace import vms
+from pyro_mcp.workspace.admission import MAX_WORKSPACES_ENV
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.schema import MIGRATIONS
 from pyro_mcp.workspace.states import Kind, WorkspaceState, require_state, shown_state
@@ -374,6 +375,44 @@ def test_reconcile_repairs_a_vm_whose_vmm_died_and_it_starts_again(fake_ctx: Con
     assert "the VMM exited unexpectedly" in status["state_note"]
     assert vm.vm_start(fake_ctx, vid)["state"] == "started"
     assert vm.vm_exec(fake_ctx, vid, ["true"])["exit_code"] == 0
+
+
+def test_a_started_vm_counts_against_the_hosts_limits_with_the_workspaces(
+    fake_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MAX_WORKSPACES_ENV, "1")
+    vid = vm.vm_create(fake_ctx, "debian:12")["vm_id"]  # created: it holds nothing
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    with pytest.raises(TooLarge, match="1 workspaces are live, the limit is 1"):
+        vm.vm_start(fake_ctx, vid)
+    assert vm.vm_status(fake_ctx, vid)["state"] == "created"
+    ws.workspace_stop(fake_ctx, wid)
+    assert vm.vm_start(fake_ctx, vid)["state"] == "started"
+    with pytest.raises(TooLarge, match="1 workspaces are live"):
+        ws.workspace_start(fake_ctx, wid)
+
+
+def test_the_orphan_sweep_leaves_a_started_vm_alone(fake_ctx: Context) -> None:
+    vid = vm.vm_start(fake_ctx, vm.vm_create(fake_ctx, "debian:12")["vm_id"])["vm_id"]
+    old = time.time() - 3600  # past the sweep's grace for young run directories
+    os.utime(fake_ctx.paths.run_root / vid, (old, old))
+    assert ws.reconcile(fake_ctx)["orphans"] == []
+    assert vm.vm_exec(fake_ctx, vid, "echo alive")["stdout"] == "alive\n"
+
+
+def test_the_keeper_deletes_a_started_vm_when_its_ttl_ends(fake_ctx: Context) -> None:
+    vid = vm.vm_start(fake_ctx, vm.vm_create(fake_ctx, "debian:12")["vm_id"])["vm_id"]
+    with open_workspaces(fake_ctx, Kind.VM) as workspaces:
+        workspaces.store.update(vid, expires_at=time.time() + 1)
+    # From here on only the store is read: no pyro operation runs.
+    store = WorkspaceStore(fake_ctx.state_dir / "store.sqlite3", kind=None)
+    deadline = time.monotonic() + 60
+    while store.list() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    store.close()
+    assert _left_behind(fake_ctx) == []
+    with pytest.raises(Expired):
+        vm.vm_status(fake_ctx, vid)
 
 
 def test_network_info_of_a_vm_without_network_says_it_has_none(fake_ctx: Context) -> None:
