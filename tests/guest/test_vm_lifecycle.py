@@ -3,15 +3,12 @@ its TTL, and what unknown ids get. Nothing of a VM may be left once it is gone."
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from tests.leftovers import leftovers
+from tests.leftovers import leftovers, records_left_after_ttl
 
 from pyro_mcp.api import Context
 from pyro_mcp.api.operations import vm_lifecycle as vm
 from pyro_mcp.errors import Expired, InvalidState, NotFound
-from pyro_mcp.workspace.store import WorkspaceStore
 
 pytestmark = pytest.mark.guest
 
@@ -73,14 +70,7 @@ def test_a_vm_whose_ttl_ran_out_is_deleted_and_every_call_on_it_says_it_expired(
     ws_ctx: Context,
 ) -> None:
     vid = vm.vm_create(ws_ctx, "debian:12", ttl_seconds=1)["vm_id"]
-    # The keeper deletes it on time; only the store is read meanwhile (no call reaps).
-    store = WorkspaceStore(ws_ctx.state_dir / "store.sqlite3", kind="vm")
-    deadline = time.monotonic() + 60
-    while store.list() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [r.id for r in store.list()]
-    store.close()
-    assert left == []
+    assert records_left_after_ttl(ws_ctx.state_dir) == []  # the keeper deletes it on time
     for call in (
         lambda: vm.vm_status(ws_ctx, vid),
         lambda: vm.vm_exec(ws_ctx, vid, "true"),

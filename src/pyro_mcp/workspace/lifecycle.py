@@ -596,9 +596,8 @@ class Workspaces:
     def reconcile_one(self, ref: str) -> None:
         """Repair the record ``ref`` names (see ``_reconcile_record``); one whose TTL ran
         out is deleted and refused (``Expired``) unless a change of it is under way."""
-        record = self.store.get(ref)
-        self._reconcile_record(record)
-        record = self.store.get(record.id)
+        self._reconcile_record(self.store.get(ref))
+        record = self.store.get(ref)  # by ``ref``: if the keeper deleted it, Expired names it so
         expired = record.expires_at is not None and record.expires_at <= time.time()
         if expired and not (record.state in CHANGING and owner_alive(record.owner)):
             self.delete(record.id)

@@ -285,10 +285,13 @@ class WorkspaceStore:
         """Why nothing of the store's kind is ``ref``: a TTL deleted it, it is a record of
         another kind, or it never was."""
         where, params = self._scope()
+        lowered = ref.lower()
+        prefix = lowered if _ID_PREFIX_RE.fullmatch(lowered) else ""
         gone = conn.execute(
-            f"SELECT kind, expires_at FROM expired WHERE (id = ? OR name = ?){where} "
-            "ORDER BY deleted_at DESC LIMIT 1",
-            (ref.lower(), ref, *params),
+            "SELECT kind, expires_at FROM expired "
+            f"WHERE (id = ? OR name = ? OR (? <> '' AND substr(id, 1, ?) = ?)){where} "
+            "ORDER BY name = ? DESC, deleted_at DESC LIMIT 1",
+            (lowered, ref, prefix, len(prefix), prefix, *params, ref),
         ).fetchone()
         if gone is not None:
             return expired_error(gone["kind"], ref, gone["expires_at"])
