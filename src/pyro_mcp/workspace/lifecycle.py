@@ -71,6 +71,7 @@ from pyro_mcp.workspace.store import (
     WorkspaceRecord,
     WorkspaceStore,
     expired_error,
+    noun,
     require_state,
 )
 from pyro_mcp.workspace.vault import Vault
@@ -243,9 +244,7 @@ class Workspaces:
         never booted (a create, or a VM's first start: ``fresh``), restored from
         ``restore`` (a resume or a fork), else booted from its disks."""
         policy = NetworkPolicy.from_dict(record.network)
-        plan = cold(
-            f"a stopped {'VM' if record.kind == Kind.VM else 'workspace'} boots from its own disks"
-        )
+        plan = cold(f"a stopped {noun(record.kind)} boots from its own disks")
         if restore is not None:
             plan = BootPlan("warm", "restored from its own saved state")
         elif first or fresh:
