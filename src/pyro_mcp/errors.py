@@ -3,6 +3,7 @@
     PyroError                      base; every error pyro raises on purpose
     ├── InvalidArgument            a caller passed a bad value (names the field)
     ├── NotFound                   an unknown environment, id or name
+    │   └── Expired                the workspace or VM's TTL ran out: it is deleted
     ├── InvalidState               not allowed in the current state (names the state)
     ├── Conflict                   a name or resource is already taken
     ├── OutsideRoot                a path escapes the root it is confined to
@@ -61,6 +62,13 @@ class InvalidArgument(PyroError):
 
 class NotFound(PyroError):
     code = "not_found"
+
+
+class Expired(NotFound):
+    """The workspace or VM named outlived its TTL: it was (or is now being) deleted, so
+    the operation is refused. A ``NotFound``: nothing of it can be used any more."""
+
+    code = "expired"
 
 
 class InvalidState(PyroError):

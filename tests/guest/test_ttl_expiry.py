@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
+from tests.leftovers import records_left_after_ttl
 
 from pyro_mcp.api import Context
 from pyro_mcp.api.operations import workspaces as ws
-from pyro_mcp.workspace.store import WorkspaceStore
 
 pytestmark = pytest.mark.guest
 
@@ -32,12 +31,5 @@ def test_a_workspace_is_deleted_when_its_ttl_ends_though_no_pyro_command_runs(
     pid, run_dir = status["vmm_pid"], Path(status["run_dir"])
     files = ws_ctx.state_dir / "workspaces" / created["id"]
     assert _alive(pid) and run_dir.exists() and files.exists()
-    # From here on only the store is read: no pyro operation runs (none reconciles).
-    store = WorkspaceStore(ws_ctx.state_dir / "store.sqlite3")
-    deadline = time.monotonic() + 60
-    while store.list() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [r.id for r in store.list()]
-    store.close()
-    assert left == []
+    assert records_left_after_ttl(ws_ctx.state_dir) == []  # no pyro operation runs meanwhile
     assert not _alive(pid) and not run_dir.exists() and not files.exists()

@@ -61,7 +61,7 @@ def fake_ctx(
     fake_vms_available: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Context]:
     """A context whose workspaces boot fake VMs (tests/unit/fake_vm.py): the real
-    lifecycle, store, disks and guest agent, with no kernel. Every workspace left is
+    lifecycle, store, disks and guest agent, with no kernel. Every workspace or VM left is
     deleted after the test, and nothing of any VM may be left then."""
     from pyro_mcp.api.operations.workspaces import open_workspaces
 
@@ -73,8 +73,9 @@ def fake_ctx(
     try:
         yield ctx
         with open_workspaces(ctx) as workspaces:
-            for record in workspaces.store.list():
-                workspaces.delete(record.id)
+            every = workspaces.every_kind()  # lifecycle VMs too
+            for record in every.store.list():
+                every.delete(record.id)
     finally:
         running = fake_vm.vmm_processes(run_root)
         for pid in running:

@@ -48,6 +48,7 @@ OWN_MOUNTS = ("proc", "run", "workspace")
 # A fake VM fails its boot as this variable says: ``mount`` (the workspace disk does not
 # mount), ``exit`` (the VMM exits at once), ``hang`` (the guest never answers).
 FAIL_ENV = "PYRO_FAKE_VM_FAIL"
+NO_DISK = "-"  # the disk argument of a VM without a workspace disk
 
 
 # --- the host side: a VM backend ---------------------------------------------------------
@@ -93,8 +94,10 @@ def make_fake_vm_class() -> type[Any]:
             self._port_lock: int | None = None
 
         @property
-        def workspace_disk(self) -> Path:
-            return Path(self.spec.extra_disks[0].path)
+        def workspace_disk(self) -> Path | None:
+            """The disk mounted at /workspace (None: a lifecycle VM, which has none)."""
+            disks = self.spec.extra_disks
+            return Path(disks[0].path) if disks else None
 
         def start(self) -> None:
             run_dir = self.spec.run_dir
@@ -102,7 +105,7 @@ def make_fake_vm_class() -> type[Any]:
             # A VM that was killed a moment ago may still hold the disk: never mount an
             # ext4 image twice at once.
             deadline = time.monotonic() + BUSY_DISK_S
-            while _loop_devices_of(self.workspace_disk):
+            while self.workspace_disk is not None and _loop_devices_of(self.workspace_disk):
                 if time.monotonic() > deadline:
                     raise VMError(f"{self.workspace_disk} is still attached to a loop device")
                 time.sleep(0.05)
@@ -115,7 +118,7 @@ def make_fake_vm_class() -> type[Any]:
                 *("unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child"),
                 *("--propagation", "private"),
                 *(sys.executable, str(Path(__file__).resolve())),
-                *(str(run_dir), str(self.workspace_disk), str(self.spec.agent_ports)),
+                *(str(run_dir), str(self.workspace_disk or NO_DISK), str(self.spec.agent_ports)),
             ]
             with (
                 self.spec.console_log.open("ab") as console,
@@ -225,7 +228,7 @@ def left_behind(state_dir: Path, run_root: Path) -> list[str]:
     reconcile makes), their files, run directories and VMM processes."""
     from pyro_mcp.workspace.store import WorkspaceStore
 
-    store = WorkspaceStore(state_dir / "store.sqlite3")
+    store = WorkspaceStore(state_dir / "store.sqlite3", kind=None)  # workspaces and VMs
     try:
         left = [f"record {r.id} ({r.state})" for r in store.list()]
     finally:
@@ -266,7 +269,7 @@ def _guest_root(run_dir: Path, disk: Path, fail: str) -> Path:
     (root / "run/pyro").mkdir()
     if fail == "mount":
         (root / "run/pyro/boot-errors").write_text("cannot mount /dev/vdb: fake failure\n")
-    else:
+    elif str(disk) != NO_DISK:
         _mount("-o", "loop", str(disk), str(root / "workspace"))
     return root
 

@@ -102,7 +102,7 @@ def test_the_mcp_schema_says_a_command_is_a_string_or_an_array_of_strings() -> N
             }
 
     schemas = anyio.run(body)
-    assert set(schemas) == {"vm_run", "workspace_exec", "service_start"}
+    assert set(schemas) == {"vm_run", "vm_exec", "workspace_exec", "service_start"}
     for schema in schemas.values():
         assert schema["anyOf"] == [
             {"type": "string"},

@@ -262,6 +262,15 @@ def test_a_workspace_life_on_fake_vms_returns_what_each_operation_declares(
         "workspace_id": wid,
     }
 
+    vid = call(ctx, "vm_create", "debian:12", ttl_seconds=900)["vm_id"]
+    assert call(ctx, "vm_start", vid)["state"] == "started"
+    assert call(ctx, "vm_exec", vid, "echo $((6*7))")["stdout"] == "42\n"
+    assert call(ctx, "vm_status", vid)["ttl_seconds"] == 900
+    assert call(ctx, "vm_network_info", vid)["vm_id"] == vid
+    assert call(ctx, "vm_stop", vid)["state"] == "stopped"
+    assert call(ctx, "vm_delete", vid) == {"deleted": vid}
+    assert call(ctx, "vm_reap_expired") == {"deleted": [], "count": 0}
+
 
 NETWORK_OFF = {"policy": "off", "allow_cidrs": [], "allow_hosts": [], "guest_ip": None,
                "gateway": None, "mac": None, "tap": None, "published_ports": []}  # fmt: skip
@@ -343,6 +352,14 @@ UNIT_COVERED = {
     "host_doctor",
     "host_repair",
     "demo",
+    "vm_create",
+    "vm_start",
+    "vm_exec",
+    "vm_status",
+    "vm_network_info",
+    "vm_stop",
+    "vm_delete",
+    "vm_reap_expired",
 }
 
 

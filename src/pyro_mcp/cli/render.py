@@ -155,6 +155,7 @@ RENDERERS: dict[str, Renderer] = {
     "workspace_create": _created,
     "workspace_list": _workspaces,
     "vm_run": _streamed,
+    "vm_exec": _streamed,
     "env_list": _env_list,
     "runtime_doctor": _doctor,
     "runtime_status": _status,

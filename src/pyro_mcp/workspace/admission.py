@@ -45,12 +45,13 @@ class Limits:
         return cls(count, budget)
 
 
-def check_sizes(vcpu: int, mem: int, disk: int, ttl: float | None) -> None:
+def check_sizes(vcpu: int, mem: int, disk: int | None, ttl: float | None) -> None:
+    """Sizes within bounds (``disk`` None: a VM, which has no workspace disk)."""
     if not 1 <= vcpu <= 32:
         raise InvalidArgument(f"vcpu_count must be between 1 and 32, got {vcpu}")
     if not 128 <= mem <= 65536:
         raise InvalidArgument(f"mem_mib must be between 128 and 65536, got {mem}")
-    if not 16 <= disk <= 1 << 20:
+    if disk is not None and not 16 <= disk <= 1 << 20:
         raise InvalidArgument(f"disk_mib must be between 16 and 1048576, got {disk}")
     if ttl is not None and ttl <= 0:
         raise InvalidArgument(f"ttl_seconds must be positive, got {ttl}")

@@ -1,5 +1,8 @@
 """The keeper: what must happen to workspaces on time, whether or not a pyro command runs.
 
+It keeps the lifecycle VMs of ``pyro vm`` as it keeps workspaces (they are records of
+the same store, on the same lifecycle).
+
 - A workspace given a TTL is deleted (its VM killed, its disks and records removed) when
   the TTL runs out.
 - A create, start or stop whose process died (``kill -9`` of the CLI mid-create) is
@@ -23,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyro_mcp.errors import PyroError
+from pyro_mcp.errors import Expired, PyroError
 from pyro_mcp.runtime.paths import RuntimePaths
 
 LOCK_FILE = "keeper.lock"
@@ -92,12 +95,14 @@ def keep(paths: RuntimePaths, state_dir: Path) -> None:
     fd = _lock(state_dir)
     if fd is None:
         return  # another keeper has it
-    workspaces = Workspaces(paths, state_dir)
+    workspaces = Workspaces(paths, state_dir, kind=None)  # workspaces and VMs alike
     try:
         while workspaces.layout.store_path.exists():  # gone: nothing is left to keep
             for record in workspaces.store.list(states=CHANGING):
                 try:  # repaired only if its process is gone (see Workspaces.reconcile_one)
                     workspaces.reconcile_one(record.id)
+                except Expired:
+                    log.warning("%s %s expired and was deleted", record.kind, record.id)
                 except PyroError as exc:
                     log.warning("workspace %s: repairing it failed: %s", record.id, exc)
             for record in workspaces.store.expired(time.time()):

@@ -7,10 +7,18 @@ directory records (:mod:`pyro_mcp.vmm.recorded`), never from process command lin
 Each state change goes through the store's compare-and-set transition, so a CLI, an SDK
 process and an MCP server can act on the same workspace safely; whatever a crash leaves
 half done, :meth:`Workspaces.reconcile` repairs.
+
+The lifecycle VMs of ``pyro vm`` are records of another kind on this same lifecycle
+(:mod:`pyro_mcp.workspace.vms`): a ``Workspaces`` of kind ``vm`` starts, stops and
+deletes them with the same code; they have no ``/workspace`` disk, and their first start
+may restore from a template as a workspace's create does. A call on a record whose TTL
+ran out deletes it and raises ``Expired``, whichever the kind.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fcntl
 import os
 import time
@@ -29,8 +37,15 @@ from pyro_mcp.runtime.paths import key_dir, state_dir
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
-from pyro_mcp.workspace.states import RESERVING_STATES
-from pyro_mcp.workspace.store import WorkspaceRecord, WorkspaceStore, require_state
+from pyro_mcp.workspace.secret_input import SecretInput
+from pyro_mcp.workspace.states import RESERVING_STATES, Kind
+from pyro_mcp.workspace.store import (
+    WorkspaceRecord,
+    WorkspaceStore,
+    expired_error,
+    noun,
+    require_state,
+)
 from pyro_mcp.workspace.vault import Vault
 
 if TYPE_CHECKING:
@@ -64,13 +79,17 @@ def _quiet(_message: str) -> None:
 
 
 class Workspaces:
-    """The persistent workspaces of this host."""
+    """The persistent workspaces of this host (or its lifecycle VMs: ``kind``)."""
 
-    def __init__(self, paths: RuntimePaths, state: Path | None = None) -> None:
+    def __init__(
+        self, paths: RuntimePaths, state: Path | None = None, *, kind: str | None = Kind.WORKSPACE
+    ) -> None:
+        """``kind``: the records its calls find, list and create (``None``: every kind,
+        for what keeps them all up: the keeper)."""
         self.paths = paths
         self.layout = StateLayout(state or state_dir())
         self.layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = WorkspaceStore(self.layout.store_path)
+        self.store = WorkspaceStore(self.layout.store_path, kind=kind)
         self.vault = Vault(key_dir(), self.layout.state_dir)
         self.boot_plans: dict[str, BootPlan] = {}  # how this process brought each VM up
         if self.layout.blobs_dir.is_dir():
@@ -78,6 +97,15 @@ class Workspaces:
 
     def close(self) -> None:
         self.store.close()
+
+    def every_kind(self) -> Workspaces:
+        """This, acting on records of every kind (the same store; close this one, not it):
+        what reconcile and the TTL upkeep act through."""
+        if self.store.kind is None:
+            return self
+        view = copy.copy(self)
+        view.store = self.store.scoped(None)
+        return view
 
     # -- file contents -----------------------------------------------------------------
     def blobs(self, workspace_id: str) -> BlobStore:
@@ -218,24 +246,26 @@ class Workspaces:
         progress: Progress,
         first: bool,
         restore: Restore | None = None,
+        fresh: bool = False,
     ) -> None:
-        """Bring the workspace's VM up: restored from a template on a create when one fits
-        (warm), restored from ``restore`` (a resume or a fork), else booted from its disks."""
+        """Bring the workspace's VM up: restored from a template when one fits a root disk
+        never booted (a create, or a VM's first start: ``fresh``), restored from
+        ``restore`` (a resume or a fork), else booted from its disks."""
         from pyro_mcp.network.policy import NetworkPolicy
         from pyro_mcp.vmm.warm import BootPlan, Shape, cold, plan_boot
 
         policy = NetworkPolicy.from_dict(record.network)
-        plan = cold("a stopped workspace boots from its own disks")
+        plan = cold(f"a stopped {noun(record.kind)} boots from its own disks")
         if restore is not None:
             plan = BootPlan("warm", "restored from its own saved state")
-        elif first:
+        elif first or fresh:
             shape = Shape(
                 record.environment,
                 choice,
                 record.vcpu_count,
                 record.mem_mib,
                 AGENT_PORTS,
-                workspace_disk=True,
+                workspace_disk=record.kind == Kind.WORKSPACE,
                 network=policy.enabled,
             )
             plan = plan_boot(self.paths, shape, progress=progress)
@@ -259,7 +289,6 @@ class Workspaces:
         plan: BootPlan,
         restore: Restore | None,
     ) -> None:
-        import dataclasses
         import secrets
         import shutil
 
@@ -269,6 +298,7 @@ class Workspaces:
         from pyro_mcp.workspace import memory
 
         warm = plan.template is not None
+        has_disk = record.kind == Kind.WORKSPACE  # a VM has no /workspace disk
         spec = build_spec(
             self.paths,
             environment=record.environment,
@@ -278,8 +308,8 @@ class Workspaces:
             vm_id=record.id,
             root_overlay=files.root_disk(choice.backend),
             base_image=files.base_image,
-            extra_disks=(Disk(files.workspace_disk, "raw"),),
-            kernel_args=() if warm else (f"pyro.workspace={WORKSPACE_DEVICE}",),
+            extra_disks=(Disk(files.workspace_disk, "raw"),) if has_disk else (),
+            kernel_args=() if warm or not has_disk else (f"pyro.workspace={WORKSPACE_DEVICE}",),
             agent_ports=AGENT_PORTS,
             network=NetworkPolicy.from_dict(record.network),
             template=plan.template,
@@ -297,7 +327,8 @@ class Workspaces:
         try:
             vm.start()
             client = vm.wait_ready(BOOT_TIMEOUT_S)
-            _require_workspace_mount(client.hello_info, vm)
+            if has_disk:
+                _require_workspace_mount(client.hello_info, vm)
             if restore is None:  # a restored guest holds what it was given before
                 secret_delivery.deliver(self.store, self.vault, record.id, client)
             self._publish_workspace_ports(record)
@@ -419,30 +450,33 @@ class Workspaces:
             with suppress(PyroError):  # a service that will not stop must not skip the sync
                 client.service_stop_all(grace_s=STOP_GRACE_S)
             with suppress(PyroError):
-                client.fs_sync(WORKSPACE_ROOT)
+                client.fs_sync(WORKSPACE_ROOT if record.kind == Kind.WORKSPACE else "/")
             with suppress(PyroError):
                 client.call("shutdown", timeout_s=SHUTDOWN_CALL_S)
 
     def start(self, ref: str, *, progress: Progress = _quiet) -> WorkspaceRecord:
-        """Boot a stopped (or failed) workspace again from its disks."""
+        """Boot a stopped (or failed) workspace again from its disks; a VM never booted
+        (``created``) boots for the first time."""
         from pyro_mcp.vmm.selection import choose_backend
         from pyro_mcp.workspace.admission import this_owner
 
         self.reconcile_one(ref)
         record = self.store.get(ref)
-        require_state(record, {"stopped", "failed"}, "start")
+        startable = {"stopped", "failed", "created"}
+        require_state(record, startable, "start")
+        fresh = record.state == "created"
         choice = choose_backend(self.paths, _family(record.backend), progress=progress)
         record = self.store.transition(
             record.id,
             "starting",
-            expect={"stopped", "failed"},
+            expect=startable,
             admit=self._admission(record.mem_mib, choice),
             owner=this_owner(),
         )
         self._watch()
         files = self.layout.workspace(record.id)
         try:
-            self._boot(record, files, choice=choice, progress=progress, first=False)
+            self._boot(record, files, choice=choice, progress=progress, first=False, fresh=fresh)
         except BaseException as exc:
             self._fail(record.id, f"start failed: {exc}")
             raise
@@ -469,8 +503,8 @@ class Workspaces:
         return memory.fork(self, ref, name=name, progress=progress)
 
     def delete(self, ref: str) -> dict[str, object]:
-        """Kill the workspace's VM and remove its disks and records."""
-        self.reconcile_one(ref)
+        """Kill the workspace's VM and remove its disks and records (expired or not)."""
+        self._reconcile_record(self.store.get(ref))
         record = self.store.get(ref)
         if record.state in ("stopping", "starting"):
             # Another call is mid-change: make it a failed workspace first, then delete.
@@ -576,6 +610,8 @@ class Workspaces:
     # -- reconcile ---------------------------------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
         """Repair what crashes left: dead VMMs, orphan VMMs, stale run dirs, expired TTLs."""
+        if self.store.kind is not None:  # crashes and TTLs of every kind are repaired alike
+            return self.every_kind().reconcile()
         report: dict[str, list[str]] = {
             "stopped": [],
             "failed": [],
@@ -599,7 +635,17 @@ class Workspaces:
         return report
 
     def reconcile_one(self, ref: str) -> None:
+        """Repair the record ``ref`` names (see ``_reconcile_record``); one whose TTL ran
+        out is deleted and refused (``Expired``) unless a change of it is under way."""
+        from pyro_mcp.workspace.admission import owner_alive
+        from pyro_mcp.workspace.keeper import CHANGING
+
         self._reconcile_record(self.store.get(ref))
+        record = self.store.get(ref)  # by ``ref``: if the keeper deleted it, Expired names it so
+        expired = record.expires_at is not None and record.expires_at <= time.time()
+        if expired and not (record.state in CHANGING and owner_alive(record.owner)):
+            self.delete(record.id)
+            raise expired_error(record.kind, ref, record.expires_at or 0.0)
 
     def _reconcile_record(self, record: WorkspaceRecord) -> str | None:
         """Repair ``record`` if what it says no longer holds: a change (create, start,

@@ -86,6 +86,10 @@ class WorkspaceRecord:
     runs decides whether the change is under way, never a clock."""
     network: dict[str, Any] = field(default_factory=lambda: {"mode": "off"})
     """Its network policy (mode, allow_cidrs, allow_hosts), fixed at creation."""
+    kind: str = "workspace"
+    """``workspace``, or ``vm`` for a lifecycle VM (``pyro vm create``): no ``/workspace``
+    disk, created without booting. Each kind's operations see only records of their kind
+    (see ``states.Kind``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-able data (state as its string value)."""

@@ -121,6 +121,23 @@ _V5_SECRETS = sql_migration(
     """
 )
 
+# Records of two kinds share the table, the lifecycle and its upkeep (``states.Kind``);
+# ``expired`` remembers, for a while, what a TTL deleted, so that a later call on it is
+# told it expired rather than that it never existed.
+_V6_KINDS_AND_EXPIRED = sql_migration(
+    "ALTER TABLE workspaces ADD COLUMN kind TEXT NOT NULL DEFAULT 'workspace'",
+    """
+    CREATE TABLE expired (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT,
+        expires_at REAL NOT NULL,
+        deleted_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX expired_name ON expired (name) WHERE name IS NOT NULL",
+)
+
 # Append only. Version n of a store file means MIGRATIONS[:n] have run on it.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     _V1_WORKSPACES_COMMANDS_CHECKPOINTS,
@@ -128,6 +145,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     _V3_OWNER,
     _V4_NETWORK,
     _V5_SECRETS,
+    _V6_KINDS_AND_EXPIRED,
 )
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The lifecycle of a persistent workspace: its states and the moves between them.
+"""The lifecycle of a persistent workspace (or lifecycle VM): its states and the moves.
 
     from        to
-    creating    running, failed, deleting
+    creating    running, created, failed, deleting
+    created     starting, deleting
     running     stopping, pausing, failed, deleting
     pausing     paused, running, failed, stopped
     paused      resuming, deleting
@@ -15,6 +16,11 @@
 ``TRANSITIONS`` is the only table of allowed moves: every state change in the store is
 checked against it. ``require_state`` builds the error a caller sees when an operation needs
 another state, naming the current one and how to get out of it.
+
+The store holds two kinds of record (``Kind``) on this one lifecycle: workspaces, and the
+VMs of ``pyro vm create``. A VM is recorded without booting (``created``: a workspace
+boots as it is created, so it never is ``created``) and has no ``/workspace`` disk; a
+running VM is shown as ``started``, the word pyro-mcp 3.x used (:func:`shown_state`).
 """
 
 from __future__ import annotations
@@ -26,10 +32,21 @@ from typing import Protocol
 from pyro_mcp.errors import InvalidArgument, InvalidState
 
 
+class Kind(StrEnum):
+    """What a record of the store is (the value is what the store keeps)."""
+
+    WORKSPACE = "workspace"
+    VM = "vm"  # a lifecycle VM: ``pyro vm create|start|exec|stop|delete``
+
+
+NOUNS: Mapping[str, str] = {Kind.WORKSPACE: "workspace", Kind.VM: "VM"}
+
+
 class WorkspaceState(StrEnum):
     """Where a workspace is in its lifecycle (the value is what the store and users see)."""
 
     CREATING = "creating"
+    CREATED = "created"  # a VM recorded, never booted yet (VMs only)
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
@@ -44,7 +61,8 @@ class WorkspaceState(StrEnum):
 _S = WorkspaceState
 
 TRANSITIONS: Mapping[WorkspaceState, frozenset[WorkspaceState]] = {
-    _S.CREATING: frozenset({_S.RUNNING, _S.FAILED, _S.DELETING}),
+    _S.CREATING: frozenset({_S.RUNNING, _S.CREATED, _S.FAILED, _S.DELETING}),
+    _S.CREATED: frozenset({_S.STARTING, _S.DELETING}),
     _S.RUNNING: frozenset({_S.STOPPING, _S.PAUSING, _S.FAILED, _S.DELETING}),
     _S.PAUSING: frozenset({_S.PAUSED, _S.RUNNING, _S.FAILED, _S.STOPPED}),
     _S.PAUSED: frozenset({_S.RESUMING, _S.DELETING}),
@@ -63,25 +81,31 @@ RESERVING_STATES: frozenset[WorkspaceState] = frozenset(
     {_S.CREATING, _S.STARTING, _S.RUNNING, _S.STOPPING, _S.PAUSING, _S.RESUMING}
 )
 
-# How a user moves a workspace out of a state towards another, if a command does it.
+# How a user moves a workspace (``{cmd}``: ``pyro workspace``) or a VM (``pyro vm``) out of
+# a state towards another, if a command does it.
 _REMEDIES: Mapping[tuple[WorkspaceState, WorkspaceState], str] = {
-    (_S.STOPPED, _S.RUNNING): "run `pyro workspace start {id}`",
-    (_S.FAILED, _S.RUNNING): "run `pyro workspace start {id}` (see `pyro workspace logs {id}`)",
-    (_S.RUNNING, _S.STOPPED): "run `pyro workspace stop {id}`",
-    (_S.PAUSED, _S.RUNNING): "run `pyro workspace resume {id}`",
-    (_S.RUNNING, _S.PAUSED): "run `pyro workspace pause {id}`",
+    (_S.CREATED, _S.RUNNING): "run `{cmd} start {id}`",
+    (_S.STOPPED, _S.RUNNING): "run `{cmd} start {id}`",
+    (_S.FAILED, _S.RUNNING): "run `{cmd} start {id}` (`{cmd} status {id}` says what failed)",
+    (_S.RUNNING, _S.STOPPED): "run `{cmd} stop {id}`",
+    (_S.PAUSED, _S.RUNNING): "run `{cmd} resume {id}`",
+    (_S.RUNNING, _S.PAUSED): "run `{cmd} pause {id}`",
     (_S.PAUSING, _S.PAUSED): "wait for it to finish pausing",
     (_S.RESUMING, _S.RUNNING): "wait for it to finish resuming",
-    (_S.FAILED, _S.STOPPED): "run `pyro workspace stop {id}`",
+    (_S.FAILED, _S.STOPPED): "run `{cmd} stop {id}`",
     (_S.CREATING, _S.RUNNING): "wait for it to finish creating",
     (_S.STARTING, _S.RUNNING): "wait for it to finish starting",
     (_S.STOPPING, _S.STOPPED): "wait for it to finish stopping",
     (_S.STARTING, _S.STOPPED): "wait for it to finish starting, then stop it",
 }
+COMMANDS: Mapping[str, str] = {Kind.WORKSPACE: "pyro workspace", Kind.VM: "pyro vm"}
 
 
 class HasState(Protocol):
     """Anything that names a workspace and its state (a ``WorkspaceRecord``)."""
+
+    @property
+    def kind(self) -> str: ...
 
     @property
     def id(self) -> str: ...
@@ -109,6 +133,11 @@ def can_transition(current: WorkspaceState, wanted: WorkspaceState) -> bool:
     return wanted in TRANSITIONS[current]
 
 
+def shown_state(kind: str, state: WorkspaceState) -> str:
+    """The state as users see it: a running VM is ``started`` (pyro-mcp 3.x's word)."""
+    return "started" if kind == Kind.VM and state is WorkspaceState.RUNNING else state.value
+
+
 def describe(record: HasState) -> str:
     """How messages name a workspace: its id, with its name when it has one."""
     return f"{record.id} ({record.name})" if record.name else record.id
@@ -123,13 +152,17 @@ def state_error(record: HasState, allowed: Collection[str], action: str) -> Inva
     ab12cd34ef56`)``.
     """
     wanted = sorted({parse_state(s, field="allowed") for s in allowed})
-    needs = " or ".join(s.value for s in wanted) or "another state"
-    message = f"workspace {describe(record)} is {record.state.value}; {action} needs it {needs}"
+    kind = record.kind
+    needs = " or ".join(shown_state(kind, s) for s in wanted) or "another state"
+    message = (
+        f"{NOUNS.get(kind, kind)} {describe(record)} is {shown_state(kind, record.state)}; "
+        f"{action} needs it {needs}"
+    )
     hint = None
     for target in wanted:
         remedy = _REMEDIES.get((record.state, target))
         if remedy:
-            hint = remedy.format(id=record.id)
+            hint = remedy.format(cmd=COMMANDS.get(kind, "pyro workspace"), id=record.id)
             break
     return InvalidState(message, hint=hint)
 

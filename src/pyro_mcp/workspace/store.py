@@ -6,6 +6,12 @@ once. The file runs in WAL mode (readers never block the writer), every write is
 state changes are compare-and-set against the lifecycle table in ``states``, so two processes
 racing to start the same workspace cannot both win.
 
+Its records are of two kinds (``states.Kind``): workspaces and lifecycle VMs, on one
+lifecycle. A store is scoped to one kind: it finds and lists only records of that kind, so
+a workspace command never acts on a VM nor a VM command on a workspace. What a host keeps
+up for every kind at once (admission, the keeper, reconcile, the orphan sweep) uses the
+store of every kind (``kind=None``, or :meth:`WorkspaceStore.scoped`).
+
 This module holds ``WorkspaceStore``: opening the file and every query. The connection and
 its transactions are in ``connection``; the records it hands out, their checks and their row
 form in ``records``; the tables and their migrations in ``schema``. The names other modules
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import json
 import os
 import re
@@ -23,11 +30,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
-from pyro_mcp.errors import Conflict, InvalidArgument, InvalidState, NotFound
+from pyro_mcp.errors import Conflict, Expired, InvalidArgument, InvalidState, NotFound
 from pyro_mcp.runtime.paths import state_dir
 from pyro_mcp.workspace.connection import StoreConnection
 from pyro_mcp.workspace.records import (
@@ -56,8 +64,11 @@ from pyro_mcp.workspace.schema import (
     sql_migration,
 )
 from pyro_mcp.workspace.states import (
+    COMMANDS,
+    NOUNS,
     RESERVING_STATES,
     TRANSITIONS,
+    Kind,
     WorkspaceState,
     describe,
     parse_state,
@@ -89,8 +100,31 @@ BUSY_TIMEOUT_S: Final = 10.0
 BASELINE: Final = "baseline"  # the checkpoint name reserved for the seeded contents
 
 LIST_HINT: Final = "list workspaces with `pyro workspace list`"
+_HINTS: Final[dict[str, str]] = {
+    Kind.WORKSPACE: LIST_HINT,
+    Kind.VM: "a VM's id is what `pyro vm create` printed",
+}
+_CREATE_HINTS: Final[dict[str, str]] = {
+    Kind.WORKSPACE: "create another with `pyro workspace create` (`--ttl-seconds` sets its TTL)",
+    Kind.VM: "create another with `pyro vm create` (`--ttl-seconds` sets its TTL)",
+}
+EXPIRED_KEPT_S: Final = 7 * 24 * 3600.0  # how long a deleted record's expiry is remembered
 
 _ID_PREFIX_RE = re.compile(r"[0-9a-f]{4,12}")
+
+
+def noun(kind: str | None) -> str:
+    """How messages call a record of ``kind`` (``None``: of any kind)."""
+    return NOUNS.get(kind, kind) if kind is not None else "workspace or VM"
+
+
+def expired_error(kind: str, ref: str, expires_at: float) -> Expired:
+    """The error for a call on a record whose TTL ran out at ``expires_at``."""
+    when = datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds")
+    return Expired(
+        f"{noun(kind)} {ref} expired at {when} (its TTL ran out) and was deleted",
+        hint=_CREATE_HINTS.get(kind),
+    )
 
 
 def default_store_path() -> Path:
@@ -116,7 +150,8 @@ class WorkspaceStore:
     Safe to share between threads (one connection behind a lock) and between processes
     (WAL, busy timeout, ``BEGIN IMMEDIATE`` writes). A store used after ``fork`` opens its
     own connection in the child. Every lookup by ``ref`` accepts an id, a unique id prefix
-    of at least 4 characters, or a name, and raises ``NotFound`` when nothing matches.
+    of at least 4 characters, or a name, of a record of the store's kind, and raises
+    ``NotFound`` when nothing matches (``Expired`` when a TTL deleted it).
     """
 
     def __init__(
@@ -126,14 +161,17 @@ class WorkspaceStore:
         migrations: Sequence[Migration] = MIGRATIONS,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = BUSY_TIMEOUT_S,
+        kind: str | None = Kind.WORKSPACE,
     ) -> None:
         """Open (creating if needed) the store at ``path`` and bring its schema up to date.
 
-        ``migrations`` replaces the schema history (tests); ``clock`` gives epoch seconds.
-        Raises ``InvalidState`` if the file was written by a newer pyro (a schema version
-        beyond ``len(migrations)``).
+        ``migrations`` replaces the schema history (tests); ``clock`` gives epoch seconds;
+        ``kind`` the records it finds, lists and creates (``None``: it finds and lists
+        every kind, and creates none). Raises ``InvalidState`` if the file was written by
+        a newer pyro (a schema version beyond ``len(migrations)``).
         """
         self.path = path
+        self._kind = None if kind is None else Kind(kind)
         self._migrations = tuple(migrations)
         self._clock = clock
         self._db = StoreConnection(path, busy_timeout_s=busy_timeout_s)
@@ -166,6 +204,24 @@ class WorkspaceStore:
                 if not run_next_migration(conn, self._migrations, self.path):
                     return
 
+    @property
+    def kind(self) -> str | None:
+        """The kind of record this store finds, lists and creates (``None``: every kind)."""
+        return self._kind
+
+    def scoped(self, kind: str | None) -> WorkspaceStore:
+        """The same store (the same connection) scoped to ``kind`` (``None``: every kind).
+        Close the store it came from, never the view."""
+        view = copy.copy(self)
+        view._kind = None if kind is None else Kind(kind)
+        return view
+
+    def _scope(self, column: str = "kind") -> tuple[str, list[object]]:
+        """The SQL condition (`` AND ...``) and its parameters that keep to the kind."""
+        if self._kind is None:
+            return "", []
+        return f" AND {column} = ?", [self._kind.value]
+
     def schema_version(self) -> int:
         """The schema version of the file (how many migrations have run on it)."""
         with self._db.read() as conn:
@@ -185,33 +241,71 @@ class WorkspaceStore:
 
     def _find(self, conn: sqlite3.Connection, ref: str) -> WorkspaceRecord:
         if not isinstance(ref, str) or not ref:
-            raise InvalidArgument("ref: expected a workspace id, id prefix or name")
+            raise InvalidArgument(f"ref: expected a {noun(self._kind)} id, id prefix or name")
+        found = self._match(conn, ref, self._scope())
+        if found is not None:
+            return found
+        raise self._missing(conn, ref)
+
+    def _match(
+        self, conn: sqlite3.Connection, ref: str, scope: tuple[str, list[object]]
+    ) -> WorkspaceRecord | None:
+        """The record ``ref`` names among those ``scope`` keeps to, if one."""
         select = select_sql(WorkspaceRecord, "workspaces")
+        where, params = scope
         lowered = ref.lower()
         if ID_RE.fullmatch(lowered):
-            row = conn.execute(f"{select} WHERE id = ?", (lowered,)).fetchone()
+            row = conn.execute(f"{select} WHERE id = ?{where}", (lowered, *params)).fetchone()
             if row is not None:
                 return from_row(WorkspaceRecord, row)
         # A live workspace wins over one being deleted that had the same name.
         row = conn.execute(
-            f"{select} WHERE name = ? ORDER BY state = 'deleting', created_at DESC LIMIT 1",
-            (ref,),
+            f"{select} WHERE name = ?{where} ORDER BY state = 'deleting', created_at DESC LIMIT 1",
+            (ref, *params),
         ).fetchone()
         if row is not None:
             return from_row(WorkspaceRecord, row)
         if _ID_PREFIX_RE.fullmatch(lowered):
             rows = conn.execute(
-                f"{select} WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT 6",
-                (len(lowered), lowered),
+                f"{select} WHERE substr(id, 1, ?) = ?{where} ORDER BY id LIMIT 6",
+                (len(lowered), lowered, *params),
             ).fetchall()
             if len(rows) == 1:
                 return from_row(WorkspaceRecord, rows[0])
             if rows:
                 shown = ", ".join(r["id"] for r in rows[:5])
                 raise InvalidArgument(
-                    f"ref: {ref!r} matches several workspaces ({shown}); give more characters"
+                    f"ref: {ref!r} matches several {noun(self._kind)}s ({shown}); "
+                    "give more characters"
                 )
-        raise NotFound(f"no workspace {ref!r}", hint=LIST_HINT)
+        return None
+
+    def _missing(self, conn: sqlite3.Connection, ref: str) -> NotFound:
+        """Why nothing of the store's kind is ``ref``: a TTL deleted it, it is a record of
+        another kind, or it never was."""
+        where, params = self._scope()
+        lowered = ref.lower()
+        prefix = lowered if _ID_PREFIX_RE.fullmatch(lowered) else ""
+        gone = conn.execute(
+            "SELECT kind, expires_at FROM expired "
+            f"WHERE (id = ? OR name = ? OR (? <> '' AND substr(id, 1, ?) = ?)){where} "
+            "ORDER BY name = ? DESC, deleted_at DESC LIMIT 1",
+            (lowered, ref, prefix, len(prefix), prefix, *params, ref),
+        ).fetchone()
+        if gone is not None:
+            return expired_error(gone["kind"], ref, gone["expires_at"])
+        message = f"no {noun(self._kind)} {ref!r}"
+        if self._kind is not None:
+            for other in Kind:
+                if other is self._kind:
+                    continue
+                found = self._match(conn, ref, (" AND kind = ?", [other.value]))
+                if found is not None:
+                    return NotFound(
+                        f"{message}: {found.id} is a {noun(other)}",
+                        hint=f"use the `{COMMANDS[other]}` commands for it",
+                    )
+        return NotFound(message, hint=_HINTS.get(self._kind) if self._kind else None)
 
     def get(self, ref: str) -> WorkspaceRecord:
         """The workspace with id, unique id prefix (4+ chars) or name ``ref``.
@@ -227,14 +321,15 @@ class WorkspaceStore:
         labels: dict[str, str] | None = None,
         states: Collection[str] | None = None,
     ) -> list[WorkspaceRecord]:
-        """Workspaces, oldest first, having all of ``labels`` and one of ``states`` (if given)."""
-        query = select_sql(WorkspaceRecord, "workspaces")
-        params: list[object] = []
+        """Records of the store's kind, oldest first, having all of ``labels`` and one of
+        ``states`` (if given)."""
+        where, params = self._scope()
+        query = select_sql(WorkspaceRecord, "workspaces") + " WHERE 1" + where
         if states is not None:
             wanted = sorted({parse_state(s, field="states").value for s in states})
             if not wanted:
                 return []
-            query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            query += f" AND state IN ({', '.join('?' * len(wanted))})"
             params.extend(wanted)
         query += " ORDER BY created_at, id"
         with self._db.read() as conn:
@@ -245,20 +340,24 @@ class WorkspaceStore:
         return records
 
     def expired(self, now: float) -> builtins.list[WorkspaceRecord]:
-        """Workspaces whose TTL ran out at or before ``now`` (epoch seconds), soonest first.
+        """Records of the store's kind whose TTL ran out at or before ``now`` (epoch
+        seconds), soonest first.
 
         Includes ones already ``deleting`` so a sweeper can finish an interrupted delete.
         """
+        where, params = self._scope()
         with self._db.read() as conn:
             rows = conn.execute(
                 f"{select_sql(WorkspaceRecord, 'workspaces')} "
-                "WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at, id",
-                (now,),
+                f"WHERE expires_at IS NOT NULL AND expires_at <= ?{where} "
+                "ORDER BY expires_at, id",
+                (now, *params),
             ).fetchall()
         return [from_row(WorkspaceRecord, r) for r in rows]
 
     def next_expiry(self) -> float | None:
-        """When the soonest TTL runs out (epoch seconds), or None if no workspace has one."""
+        """When the soonest TTL of any kind runs out (epoch seconds), or None if no record
+        has one (the keeper watches every kind)."""
         with self._db.read() as conn:
             row = conn.execute("SELECT MIN(expires_at) FROM workspaces").fetchone()
         value = row[0] if row else None
@@ -282,7 +381,8 @@ class WorkspaceStore:
         network: dict[str, Any] | None = None,
         admit: Callable[[builtins.list[WorkspaceRecord]], None] | None = None,
     ) -> WorkspaceRecord:
-        """Record a new workspace in state ``creating``, with a fresh id.
+        """Record a new workspace (a record of the store's kind) in state ``creating``,
+        with a fresh id.
 
         ``ttl_seconds`` sets ``expires_at`` that long from now; ``owner`` is the process
         creating it. ``admit`` is called with the workspaces that hold (or are about to
@@ -291,6 +391,8 @@ class WorkspaceStore:
         ``InvalidArgument`` naming a bad field, ``Conflict`` if a live workspace already
         has ``name``.
         """
+        if self._kind is None:
+            raise InvalidArgument("kind: a store of every kind creates nothing; scope it")
         import secrets
 
         if not isinstance(environment, str) or not environment:
@@ -316,7 +418,8 @@ class WorkspaceStore:
             expires_at=None if ttl_seconds is None else now + ttl_seconds,
             vcpu_count=validate_count(vcpu_count, "vcpu_count", minimum=1),
             mem_mib=validate_count(mem_mib, "mem_mib", minimum=1),
-            disk_mib=validate_count(disk_mib, "disk_mib", minimum=1),
+            # A VM has no workspace disk: 0.
+            disk_mib=validate_count(disk_mib, "disk_mib", minimum=int(self._kind is not Kind.VM)),
             labels=checked_labels,
             backend=validate_optional_str(backend, "backend"),
             vmm_pid=None,
@@ -328,6 +431,7 @@ class WorkspaceStore:
             seed=validate_optional_str(seed, "seed"),
             owner=validate_optional_str(owner, "owner"),
             network=dict(network) if network is not None else {"mode": "off"},
+            kind=self._kind.value,
         )
         with self._db.write() as conn:
             if name is not None:
@@ -463,12 +567,21 @@ class WorkspaceStore:
         """Remove a workspace's record, with its journal and checkpoints.
 
         Only from state ``deleting`` (its VM and disks are already gone); otherwise
-        ``InvalidState``.
+        ``InvalidState``. A record whose TTL had run out is remembered as expired for
+        ``EXPIRED_KEPT_S``: a later lookup of it raises ``Expired``, not ``NotFound``.
         """
         with self._db.write() as conn:
             record = self._find(conn, ref)
             require_state(record, {WorkspaceState.DELETING}, "removing its record")
             conn.execute("DELETE FROM workspaces WHERE id = ?", (record.id,))
+            now = self._clock()
+            if record.expires_at is not None and record.expires_at <= now:
+                conn.execute("DELETE FROM expired WHERE deleted_at < ?", (now - EXPIRED_KEPT_S,))
+                conn.execute(
+                    "INSERT OR REPLACE INTO expired (id, kind, name, expires_at, deleted_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (record.id, record.kind, record.name, record.expires_at, now),
+                )
 
     # -- command journal -------------------------------------------------------------
 

@@ -35,6 +35,8 @@ from pyro_mcp.vmm.selection import BACKEND_NAMES
 from pyro_mcp.workspace.keeper import ensure_keeper
 from pyro_mcp.workspace.lifecycle import Workspaces
 from pyro_mcp.workspace.records import WorkspaceRecord
+from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES, collect_secrets
+from pyro_mcp.workspace.states import Kind
 from pyro_mcp.workspace.store import UNSET
 
 CORE = ("workspace-core", "workspace-full")
@@ -48,8 +50,10 @@ def _ttl(help: str) -> Arg:
 
 
 @contextmanager
-def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
-    workspaces = Workspaces(ctx.paths, ctx.state_dir)
+def open_workspaces(ctx: Context, kind: str = Kind.WORKSPACE) -> Iterator[Workspaces]:
+    """The host's workspaces (or, with ``kind``, its lifecycle VMs); the keeper runs after
+    while any TTL is set."""
+    workspaces = Workspaces(ctx.paths, ctx.state_dir, kind=kind)
     try:
         yield workspaces
         # A TTL set now, or found after a host reboot, is kept from now on.
@@ -62,7 +66,6 @@ def open_workspaces(ctx: Context) -> Iterator[Workspaces]:
 def read_secret_file(ctx: Context, path: str) -> bytes:
     """A secret's host file, read as the caller may (MCP clients: under their roots)."""
     from pyro_mcp.storage import host_files
-    from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES
 
     try:
         return host_files.read_file(
@@ -177,7 +180,6 @@ def workspace_create(
     anything is created.
     """
     from pyro_mcp.network.ports import check_free, check_publish_list
-    from pyro_mcp.workspace.secret_input import collect_secrets
 
     refuse_host_compat(allow_host_compat)
     policy = workspace_policy(network_policy, allow_cidr, allow_host)
