@@ -43,6 +43,10 @@ CORE_TOOLS = {
     "workspace_diff",
     "workspace_export",
     "workspace_delete",
+    "workspace_sync_push",
+    "workspace_logs",
+    "workspace_update",
+    "workspace_reset",
     "vm_run",
     "env_list",
 }
@@ -280,7 +284,7 @@ def test_host_paths_outside_the_root_and_bad_arguments_are_tool_errors(
     no_command = seen["exec_no_command"]
     assert no_command.is_error
     assert _text(no_command).endswith(
-        "invalid_argument: workspace_exec needs command; it takes workspace, command "
+        "invalid_argument: workspace_exec needs command; it takes workspace_id, command "
         "(required) and cwd, env, secret_env, timeout_seconds, output_cap_bytes (optional)"
     ), _text(no_command)
 

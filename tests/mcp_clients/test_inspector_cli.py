@@ -9,6 +9,7 @@ from tests.mcp_clients.conftest import PROFILE, Inspector
 
 from pyro_mcp import __version__
 from pyro_mcp.api import all_operations
+from pyro_mcp.mcp_server import COMPAT_TOOLS
 
 TOOL_IS_ERROR = 5  # the Inspector CLI's exit code for a result with isError
 
@@ -26,7 +27,7 @@ def test_initialize_advertises_tools_and_logging_only(inspector: Inspector) -> N
 
 def test_tools_list_shows_every_tool_with_its_title_and_hints(inspector: Inspector) -> None:
     tools = {tool["name"]: tool for tool in inspector("tools/list").result["tools"]}
-    assert set(tools) == set(_ops())
+    assert set(tools) == set(_ops()) | set(COMPAT_TOOLS)  # pyro-mcp 3.x's names too
     for op in all_operations():
         if op.name not in tools:
             continue
@@ -50,7 +51,7 @@ def test_every_tool_schema_passes_the_inspectors_portability_check(
 ) -> None:
     answer = inspector("tools/list", strict=True)  # exit 6 on an error-severity problem
     assert answer.returncode == 0, answer.stderr
-    assert len(answer.result["tools"]) == len(_ops())
+    assert len(answer.result["tools"]) == len(_ops()) + len(COMPAT_TOOLS)
 
 
 def test_logging_set_level_is_answered(inspector: Inspector) -> None:
@@ -62,10 +63,10 @@ def test_logging_set_level_is_answered(inspector: Inspector) -> None:
     ("arguments", "problem"),
     [
         (
-            '{"workspace": "ws", "command": "ls", "timeout": 5}',
+            '{"workspace_id": "ws", "command": "ls", "timeout": 5}',
             "workspace_exec has no parameter 'timeout' (did you mean 'timeout_seconds'?)",
         ),
-        ('{"command": "ls"}', "workspace_exec needs workspace"),
+        ('{"command": "ls"}', "workspace_exec needs workspace_id"),
     ],
 )
 def test_an_argument_error_names_the_tool_and_lists_what_it_takes(
@@ -77,14 +78,14 @@ def test_an_argument_error_names_the_tool_and_lists_what_it_takes(
     [block] = answer.result["content"]
     assert block["text"] == (
         f"Error executing tool workspace_exec: invalid_argument: {problem}; it takes "
-        "workspace, command (required) and cwd, env, secret_env, timeout_seconds, "
+        "workspace_id, command (required) and cwd, env, secret_env, timeout_seconds, "
         "output_cap_bytes (optional)"
     )
 
 
 def test_an_error_hint_names_the_tool_to_call_not_a_cli_command(inspector: Inspector) -> None:
     answer = inspector(
-        "tools/call", "--tool-name", "workspace_start", "--tool-arg", "workspace=nope"
+        "tools/call", "--tool-name", "workspace_start", "--tool-arg", "workspace_id=nope"
     )
     assert answer.returncode == TOOL_IS_ERROR
     [block] = answer.result["content"]
