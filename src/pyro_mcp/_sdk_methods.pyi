@@ -89,37 +89,6 @@ from pyro_mcp.api.results import (
 
 
 class Pyro:
-    def run_in_vm(
-        self,
-        environment: str,
-        command: str | list[str] | tuple[str, ...],
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-        timeout_seconds: float = 60.0,
-        backend: Literal['auto', 'firecracker', 'qemu'] | None = None,
-        output_cap_bytes: int = 1048576,
-        network: bool = False,
-        network_policy: Literal['off', 'egress', 'egress+published-ports'] | None = None,
-        allow_cidr: list[str] | tuple[str, ...] | None = None,
-        allow_host: list[str] | tuple[str, ...] | None = None,
-        ttl_seconds: float | None = None,
-        allow_host_compat: bool = False,
-    ) -> VmRunResult:
-        """Boot a fresh microVM, run one command in it, and discard the VM.
-
-        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
-        as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
-        when the program does not exist; the exit code is data, not an error), timed_out,
-        truncation flags, duration_ms, the backend used, phase timings in milliseconds and
-        the network. Without ``network`` the guest has no network device; with it (or
-        ``network_policy="egress"``) it reaches the internet and nothing else (not the host,
-        private ranges or other guests), and an allowlist narrows that to what it names.
-        Errors: NotFound for an unknown environment, InvalidArgument for bad sizes, policies
-        or allowlists, RuntimeMissing when the environment or kernel is not installed,
-        BootTimeout (with the serial console tail) when the guest never becomes ready,
-        NetworkUnavailable when the host cannot give it the network asked for.
-        """
-
     def demo(self, network: bool = False) -> DemoResult:
         """Boot a fresh microVM of debian:12, run ``git --version`` in it, and discard it.
 
@@ -352,97 +321,233 @@ class Pyro:
     def doctor(self) -> RuntimeDoctorResult:
         """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
 
-    def create_workspace(
+    def start_service(
+        self,
+        workspace_id: str,
+        service_name: str,
+        command: str | list[str] | tuple[str, ...],
+        cwd: str | os.PathLike[str] | None = None,
+        env: list[str] | tuple[str, ...] | None = None,
+        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
+        ready_file: str | os.PathLike[str] | None = None,
+        ready_tcp: str | None = None,
+        ready_http: str | None = None,
+        ready_command: str | None = None,
+        readiness: Mapping[str, str] | None = None,
+        ready_timeout_seconds: float = 30.0,
+        ready_interval_ms: int = 200,
+        restart: Literal['no', 'on-failure'] = 'no',
+        publish: list[str] | tuple[str, ...] | None = None,
+    ) -> ServiceStartResult:
+        """Start a named long-lived process in the workspace; returns once it is ready.
+
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
+        Secrets named by ``secret_env`` are in its environment at every (re)start and show
+        as ``***`` in its logs and status.
+        Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
+        probe error (with the service's log tail); ``exited_before_ready`` with its exit
+        code; ``exists`` for a name already running; InvalidArgument for a bad probe or a
+        ``secret_env`` naming a secret the workspace does not have.
+        ``publish`` ports (on a workspace with the egress+published-ports policy) are
+        published before it starts and removed when it stops or exits; Conflict when a host
+        port is taken.
+        """
+
+    def list_services(self, workspace_id: str) -> ServiceListResult:
+        """The workspace's services with their state, pid, exit code, start time and restarts."""
+
+    def service_status(self, workspace_id: str, service_name: str) -> ServiceStatusResult:
+        """One service's state, pid, exit code, start time, restarts, probe and the ports it
+        published.
+        """
+
+    def service_logs(
+        self,
+        workspace_id: str,
+        service_name: str,
+        tail_lines: int = 100,
+        all: bool = False,
+        stream: Literal['stdout', 'stderr', 'both'] = 'both',
+    ) -> ServiceLogsResult:
+        """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
+
+    def stop_service(
+        self,
+        workspace_id: str,
+        service_name: str,
+        signal_name: str = 'TERM',
+        grace_seconds: float = 10.0,
+    ) -> ServiceStopResult:
+        """Stop a service: the signal, then KILL after the grace period."""
+
+    def open_shell(
+        self,
+        workspace_id: str,
+        cwd: str | os.PathLike[str] | None = None,
+        cols: int = 120,
+        rows: int = 30,
+        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
+    ) -> ShellOpenResult:
+        """Open an interactive shell on a real PTY; it lives until closed or the VM stops.
+
+        ``secret_env`` puts workspace secrets in the shell's environment (InvalidArgument for
+        one the workspace does not have); reads show their values as ``***``.
+        """
+
+    def read_shell(
+        self,
+        workspace_id: str,
+        shell_id: str,
+        cursor: int = 0,
+        max_chars: int = 65536,
+        plain: bool = False,
+        wait_for_idle_ms: int = 0,
+    ) -> ShellReadResult:
+        """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
+
+    def write_shell(
+        self,
+        workspace_id: str,
+        shell_id: str,
+        input: str,
+        append_newline: bool = True,
+    ) -> ShellWriteResult:
+        """Type into a shell (Enter is pressed after it unless append_newline is false)."""
+
+    def signal_shell(
+        self,
+        workspace_id: str,
+        shell_id: str,
+        signal_name: str = 'INT',
+    ) -> ShellSignalResult:
+        """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""
+
+    def close_shell(self, workspace_id: str, shell_id: str) -> ShellCloseResult:
+        """Close a shell (its processes get SIGHUP)."""
+
+    def list_shells(self, workspace_id: str) -> ShellListResult:
+        """The workspace's open shells."""
+
+    def list_templates(self) -> TemplateListResult:
+        """The installed templates: key, inputs, size on disk and build time."""
+
+    def build_template(
         self,
         environment: str,
-        seed_path: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
         vcpu_count: int = 1,
         mem_mib: int = 512,
-        disk_mib: int = 1024,
-        ttl_seconds: float | None = None,
+    ) -> TemplateBuildResult:
+        """Build (or verify) the templates for one environment and size.
+
+        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
+        """
+
+    def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
+        """Remove templates nothing current fits.
+
+        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
+        with ``all_templates`` every template.
+        """
+
+    def run_in_vm(
+        self,
+        environment: str,
+        command: str | list[str] | tuple[str, ...],
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        timeout_seconds: float = 60.0,
         backend: Literal['auto', 'firecracker', 'qemu'] | None = None,
+        output_cap_bytes: int = 1048576,
+        network: bool = False,
         network_policy: Literal['off', 'egress', 'egress+published-ports'] | None = None,
         allow_cidr: list[str] | tuple[str, ...] | None = None,
         allow_host: list[str] | tuple[str, ...] | None = None,
-        publish: list[str] | tuple[str, ...] | None = None,
-        secrets: list[Mapping[str, str]] | tuple[Mapping[str, str], ...] | None = None,
-        allow_host_compat: bool = False,
-    ) -> WorkspaceCreateResult:
-        """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
-
-        ``network_policy`` (default off: no network device) is kept for every start; status
-        and ``workspace network`` show the guest's address and published ports.
-        Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels,
-        policy or allowlist), OutsideRoot (a seed outside the allowed host roots, or links
-        escaping the seed), TooLarge (seed bigger than the disk, too many live workspaces),
-        BootTimeout, NetworkUnavailable (the host cannot give it the network asked for);
-        InvalidArgument or NotFound for a bad secret (its name, never its value), before
-        anything is created.
-        """
-
-    def list_workspaces(
-        self,
-        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
-    ) -> WorkspaceListResult:
-        """List workspaces with their state, environment, sizes and labels."""
-
-    def update_workspace(
-        self,
-        workspace_id: str,
-        name: str | None = None,
-        clear_name: bool = False,
-        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
-        clear_labels: list[str] | tuple[str, ...] | None = None,
         ttl_seconds: float | None = None,
-    ) -> WorkspaceUpdateResult:
-        """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
+        allow_host_compat: bool = False,
+    ) -> VmRunResult:
+        """Boot a fresh microVM, run one command in it, and discard the VM.
 
-    def workspace_status(self, workspace_id: str) -> WorkspaceStatusResult:
-        """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
-
-    def network_info_workspace(self, workspace_id: str) -> WorkspaceNetworkResult:
-        """A workspace's network: its policy and allowlist and, while it runs, the guest's
-        IP, gateway, MAC, TAP device and published ports.
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
+        as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
+        when the program does not exist; the exit code is data, not an error), timed_out,
+        truncation flags, duration_ms, the backend used, phase timings in milliseconds and
+        the network. Without ``network`` the guest has no network device; with it (or
+        ``network_policy="egress"``) it reaches the internet and nothing else (not the host,
+        private ranges or other guests), and an allowlist narrows that to what it names.
+        Errors: NotFound for an unknown environment, InvalidArgument for bad sizes, policies
+        or allowlists, RuntimeMissing when the environment or kernel is not installed,
+        BootTimeout (with the serial console tail) when the guest never becomes ready,
+        NetworkUnavailable when the host cannot give it the network asked for.
         """
 
-    def workspace_logs(self, workspace_id: str, limit: int = 50) -> WorkspaceLogsResult:
-        """The commands journal: what ran, where, how it ended, and the tail of its output."""
+    def create_vm(
+        self,
+        environment: str,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        ttl_seconds: float = 600.0,
+        network: bool = False,
+        allow_host_compat: bool = False,
+    ) -> VmCreateResult:
+        """Create a VM without booting it (state ``created``); ``vm start`` boots it.
 
-    def stop_workspace(self, workspace_id: str) -> WorkspaceStopResult:
-        """Power a workspace off; its root and /workspace disks are kept."""
-
-    def start_workspace(self, workspace_id: str) -> WorkspaceStartResult:
-        """Boot a stopped workspace again from its disks (always a cold boot: its root disk
-        no longer matches any template).
+        Its TTL (``ttl_seconds``, default 600) counts from now: when it runs out the VM is
+        deleted, running or not, and every later call on it fails with ``expired``. With
+        ``network`` the guest reaches the internet and nothing else (as ``run --network``).
+        Errors: NotFound (an unknown environment), RuntimeMissing (not installed),
+        InvalidArgument (bad sizes or TTL; ``allow_host_compat`` true).
         """
 
-    def pause_workspace(self, workspace_id: str) -> WorkspacePauseResult:
-        """Save a running workspace's memory and device state to disk and end its VM: a
-        paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
-        not with a network link. Errors: InvalidState when it is not running; VMError when
-        the state cannot be saved (a full disk), and then it keeps running.
+    def start_vm(self, vm_id: str) -> VmStartResult:
+        """Boot a created or stopped VM (state ``started``): its first start restores from a
+        warm template when one fits, a later one boots from its own root disk.
+
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is
+        already started), TooLarge (the host's memory is taken), BootTimeout.
         """
 
-    def resume_workspace(self, workspace_id: str) -> WorkspaceResumeResult:
-        """Run a paused workspace again from its saved memory: processes, services, shells
-        and page cache as they were; the guest clock is set to now. Errors: InvalidState when
-        it is not paused; on a failure it stays paused.
+    def exec_vm(
+        self,
+        vm_id: str,
+        command: str | list[str] | tuple[str, ...],
+        timeout_seconds: float = 30.0,
+    ) -> VmExecResult:
+        """Run one command in a started VM; output streams, the exit code is data.
+
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (the
+        CLI takes the argv after ``--``). Returns what ``run`` returns of its command
+        (stdout, stderr, exit_code, timed_out, signal, truncation flags, duration_ms) with
+        ``vm_id``, ``environment`` and ``backend``. The VM keeps running.
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is not
+        started: names its state), AgentUnavailable (its VM died mid-call).
         """
 
-    def fork_workspace(self, workspace_id: str, name: str | None = None) -> WorkspaceForkResult:
-        """A new running workspace from a running one's memory and disks at this instant,
-        with a hostname, machine-id and random state of its own; the source keeps running.
-        The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
-        with a network link. Errors: InvalidState when the source is not running.
+    def stop_vm(self, vm_id: str) -> VmStopResult:
+        """Power a started VM off (state ``stopped``); its root disk is kept for a later
+        start. Errors: NotFound, Expired, InvalidState (it is not started).
         """
 
-    def delete_workspace(self, workspace_id: str) -> WorkspaceDeleteResult:
-        """Delete a workspace: its VM, disks, checkpoints and journal."""
+    def delete_vm(self, vm_id: str) -> VmDeleteResult:
+        """Delete a VM in any state: its VMM, its network link, its disk and its record.
+        Errors: NotFound (unknown id), Expired (its TTL had already deleted it).
+        """
 
-    def reconcile(self) -> ReconcileResult:
-        """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
+    def status_vm(self, vm_id: str) -> VmStatusResult:
+        """A VM's record: vm_id, environment, state (created, started, stopped, ...) and why,
+        vcpu_count, mem_mib, ttl_seconds, created_at, expires_at (epoch seconds),
+        network_enabled, guest_ip (when networked), backend and VMM pid.
+        Errors: NotFound (unknown id), Expired (its TTL ran out: it is deleted now).
+        """
+
+    def network_info_vm(self, vm_id: str) -> VmNetworkInfoResult:
+        """A VM's network: its policy and, while it is started, the guest's IP, gateway, MAC
+        and TAP device. Errors: NotFound (unknown id), Expired (its TTL ran out).
+        """
+
+    def reap_expired(self) -> VmReapExpiredResult:
+        """Delete every VM whose TTL has run out now (the keeper does it on time anyway; this
+        does it at once): ``{"deleted": [vm ids], "count": n}``.
+        """
 
     def exec_workspace(
         self,
@@ -572,202 +677,97 @@ class Pyro:
     ) -> WorkspaceDiskExportResult:
         """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
 
-    def open_shell(
+    def create_workspace(
         self,
-        workspace_id: str,
-        cwd: str | os.PathLike[str] | None = None,
-        cols: int = 120,
-        rows: int = 30,
-        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
-    ) -> ShellOpenResult:
-        """Open an interactive shell on a real PTY; it lives until closed or the VM stops.
-
-        ``secret_env`` puts workspace secrets in the shell's environment (InvalidArgument for
-        one the workspace does not have); reads show their values as ``***``.
-        """
-
-    def read_shell(
-        self,
-        workspace_id: str,
-        shell_id: str,
-        cursor: int = 0,
-        max_chars: int = 65536,
-        plain: bool = False,
-        wait_for_idle_ms: int = 0,
-    ) -> ShellReadResult:
-        """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
-
-    def write_shell(
-        self,
-        workspace_id: str,
-        shell_id: str,
-        input: str,
-        append_newline: bool = True,
-    ) -> ShellWriteResult:
-        """Type into a shell (Enter is pressed after it unless append_newline is false)."""
-
-    def signal_shell(
-        self,
-        workspace_id: str,
-        shell_id: str,
-        signal_name: str = 'INT',
-    ) -> ShellSignalResult:
-        """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""
-
-    def close_shell(self, workspace_id: str, shell_id: str) -> ShellCloseResult:
-        """Close a shell (its processes get SIGHUP)."""
-
-    def list_shells(self, workspace_id: str) -> ShellListResult:
-        """The workspace's open shells."""
-
-    def start_service(
-        self,
-        workspace_id: str,
-        service_name: str,
-        command: str | list[str] | tuple[str, ...],
-        cwd: str | os.PathLike[str] | None = None,
-        env: list[str] | tuple[str, ...] | None = None,
-        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
-        ready_file: str | os.PathLike[str] | None = None,
-        ready_tcp: str | None = None,
-        ready_http: str | None = None,
-        ready_command: str | None = None,
-        readiness: Mapping[str, str] | None = None,
-        ready_timeout_seconds: float = 30.0,
-        ready_interval_ms: int = 200,
-        restart: Literal['no', 'on-failure'] = 'no',
+        environment: str,
+        seed_path: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        disk_mib: int = 1024,
+        ttl_seconds: float | None = None,
+        backend: Literal['auto', 'firecracker', 'qemu'] | None = None,
+        network_policy: Literal['off', 'egress', 'egress+published-ports'] | None = None,
+        allow_cidr: list[str] | tuple[str, ...] | None = None,
+        allow_host: list[str] | tuple[str, ...] | None = None,
         publish: list[str] | tuple[str, ...] | None = None,
-    ) -> ServiceStartResult:
-        """Start a named long-lived process in the workspace; returns once it is ready.
-
-        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
-        Secrets named by ``secret_env`` are in its environment at every (re)start and show
-        as ``***`` in its logs and status.
-        Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
-        probe error (with the service's log tail); ``exited_before_ready`` with its exit
-        code; ``exists`` for a name already running; InvalidArgument for a bad probe or a
-        ``secret_env`` naming a secret the workspace does not have.
-        ``publish`` ports (on a workspace with the egress+published-ports policy) are
-        published before it starts and removed when it stops or exits; Conflict when a host
-        port is taken.
-        """
-
-    def list_services(self, workspace_id: str) -> ServiceListResult:
-        """The workspace's services with their state, pid, exit code, start time and restarts."""
-
-    def service_status(self, workspace_id: str, service_name: str) -> ServiceStatusResult:
-        """One service's state, pid, exit code, start time, restarts, probe and the ports it
-        published.
-        """
-
-    def service_logs(
-        self,
-        workspace_id: str,
-        service_name: str,
-        tail_lines: int = 100,
-        all: bool = False,
-        stream: Literal['stdout', 'stderr', 'both'] = 'both',
-    ) -> ServiceLogsResult:
-        """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
-
-    def stop_service(
-        self,
-        workspace_id: str,
-        service_name: str,
-        signal_name: str = 'TERM',
-        grace_seconds: float = 10.0,
-    ) -> ServiceStopResult:
-        """Stop a service: the signal, then KILL after the grace period."""
-
-    def list_templates(self) -> TemplateListResult:
-        """The installed templates: key, inputs, size on disk and build time."""
-
-    def build_template(
-        self,
-        environment: str,
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-    ) -> TemplateBuildResult:
-        """Build (or verify) the templates for one environment and size.
-
-        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
-        """
-
-    def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
-        """Remove templates nothing current fits.
-
-        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
-        with ``all_templates`` every template.
-        """
-
-    def create_vm(
-        self,
-        environment: str,
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-        ttl_seconds: float = 600.0,
-        network: bool = False,
+        secrets: list[Mapping[str, str]] | tuple[Mapping[str, str], ...] | None = None,
         allow_host_compat: bool = False,
-    ) -> VmCreateResult:
-        """Create a VM without booting it (state ``created``); ``vm start`` boots it.
+    ) -> WorkspaceCreateResult:
+        """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
-        Its TTL (``ttl_seconds``, default 600) counts from now: when it runs out the VM is
-        deleted, running or not, and every later call on it fails with ``expired``. With
-        ``network`` the guest reaches the internet and nothing else (as ``run --network``).
-        Errors: NotFound (an unknown environment), RuntimeMissing (not installed),
-        InvalidArgument (bad sizes or TTL; ``allow_host_compat`` true).
+        ``network_policy`` (default off: no network device) is kept for every start; status
+        and ``workspace network`` show the guest's address and published ports.
+        Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels,
+        policy or allowlist), OutsideRoot (a seed outside the allowed host roots, or links
+        escaping the seed), TooLarge (seed bigger than the disk, too many live workspaces),
+        BootTimeout, NetworkUnavailable (the host cannot give it the network asked for);
+        InvalidArgument or NotFound for a bad secret (its name, never its value), before
+        anything is created.
         """
 
-    def start_vm(self, vm_id: str) -> VmStartResult:
-        """Boot a created or stopped VM (state ``started``): its first start restores from a
-        warm template when one fits, a later one boots from its own root disk.
-
-        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is
-        already started), TooLarge (the host's memory is taken), BootTimeout.
-        """
-
-    def exec_vm(
+    def list_workspaces(
         self,
-        vm_id: str,
-        command: str | list[str] | tuple[str, ...],
-        timeout_seconds: float = 30.0,
-    ) -> VmExecResult:
-        """Run one command in a started VM; output streams, the exit code is data.
+        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
+    ) -> WorkspaceListResult:
+        """List workspaces with their state, environment, sizes and labels."""
 
-        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (the
-        CLI takes the argv after ``--``). Returns what ``run`` returns of its command
-        (stdout, stderr, exit_code, timed_out, signal, truncation flags, duration_ms) with
-        ``vm_id``, ``environment`` and ``backend``. The VM keeps running.
-        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is not
-        started: names its state), AgentUnavailable (its VM died mid-call).
+    def update_workspace(
+        self,
+        workspace_id: str,
+        name: str | None = None,
+        clear_name: bool = False,
+        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
+        clear_labels: list[str] | tuple[str, ...] | None = None,
+        ttl_seconds: float | None = None,
+    ) -> WorkspaceUpdateResult:
+        """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
+
+    def workspace_status(self, workspace_id: str) -> WorkspaceStatusResult:
+        """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
+
+    def network_info_workspace(self, workspace_id: str) -> WorkspaceNetworkResult:
+        """A workspace's network: its policy and allowlist and, while it runs, the guest's
+        IP, gateway, MAC, TAP device and published ports.
         """
 
-    def stop_vm(self, vm_id: str) -> VmStopResult:
-        """Power a started VM off (state ``stopped``); its root disk is kept for a later
-        start. Errors: NotFound, Expired, InvalidState (it is not started).
+    def workspace_logs(self, workspace_id: str, limit: int = 50) -> WorkspaceLogsResult:
+        """The commands journal: what ran, where, how it ended, and the tail of its output."""
+
+    def stop_workspace(self, workspace_id: str) -> WorkspaceStopResult:
+        """Power a workspace off; its root and /workspace disks are kept."""
+
+    def start_workspace(self, workspace_id: str) -> WorkspaceStartResult:
+        """Boot a stopped workspace again from its disks (always a cold boot: its root disk
+        no longer matches any template).
         """
 
-    def delete_vm(self, vm_id: str) -> VmDeleteResult:
-        """Delete a VM in any state: its VMM, its network link, its disk and its record.
-        Errors: NotFound (unknown id), Expired (its TTL had already deleted it).
+    def pause_workspace(self, workspace_id: str) -> WorkspacePauseResult:
+        """Save a running workspace's memory and device state to disk and end its VM: a
+        paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
+        not with a network link. Errors: InvalidState when it is not running; VMError when
+        the state cannot be saved (a full disk), and then it keeps running.
         """
 
-    def status_vm(self, vm_id: str) -> VmStatusResult:
-        """A VM's record: vm_id, environment, state (created, started, stopped, ...) and why,
-        vcpu_count, mem_mib, ttl_seconds, created_at, expires_at (epoch seconds),
-        network_enabled, guest_ip (when networked), backend and VMM pid.
-        Errors: NotFound (unknown id), Expired (its TTL ran out: it is deleted now).
+    def resume_workspace(self, workspace_id: str) -> WorkspaceResumeResult:
+        """Run a paused workspace again from its saved memory: processes, services, shells
+        and page cache as they were; the guest clock is set to now. Errors: InvalidState when
+        it is not paused; on a failure it stays paused.
         """
 
-    def network_info_vm(self, vm_id: str) -> VmNetworkInfoResult:
-        """A VM's network: its policy and, while it is started, the guest's IP, gateway, MAC
-        and TAP device. Errors: NotFound (unknown id), Expired (its TTL ran out).
+    def fork_workspace(self, workspace_id: str, name: str | None = None) -> WorkspaceForkResult:
+        """A new running workspace from a running one's memory and disks at this instant,
+        with a hostname, machine-id and random state of its own; the source keeps running.
+        The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
+        with a network link. Errors: InvalidState when the source is not running.
         """
 
-    def reap_expired(self) -> VmReapExpiredResult:
-        """Delete every VM whose TTL has run out now (the keeper does it on time anyway; this
-        does it at once): ``{"deleted": [vm ids], "count": n}``.
-        """
+    def delete_workspace(self, workspace_id: str) -> WorkspaceDeleteResult:
+        """Delete a workspace: its VM, disks, checkpoints and journal."""
+
+    def reconcile(self) -> ReconcileResult:
+        """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
 
     def status_workspace(self, workspace_id: str) -> WorkspaceStatusResult:
         """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
@@ -792,37 +792,6 @@ class Pyro:
 
 
 class AsyncPyro:
-    async def run_in_vm(
-        self,
-        environment: str,
-        command: str | list[str] | tuple[str, ...],
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-        timeout_seconds: float = 60.0,
-        backend: Literal['auto', 'firecracker', 'qemu'] | None = None,
-        output_cap_bytes: int = 1048576,
-        network: bool = False,
-        network_policy: Literal['off', 'egress', 'egress+published-ports'] | None = None,
-        allow_cidr: list[str] | tuple[str, ...] | None = None,
-        allow_host: list[str] | tuple[str, ...] | None = None,
-        ttl_seconds: float | None = None,
-        allow_host_compat: bool = False,
-    ) -> VmRunResult:
-        """Boot a fresh microVM, run one command in it, and discard the VM.
-
-        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
-        as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
-        when the program does not exist; the exit code is data, not an error), timed_out,
-        truncation flags, duration_ms, the backend used, phase timings in milliseconds and
-        the network. Without ``network`` the guest has no network device; with it (or
-        ``network_policy="egress"``) it reaches the internet and nothing else (not the host,
-        private ranges or other guests), and an allowlist narrows that to what it names.
-        Errors: NotFound for an unknown environment, InvalidArgument for bad sizes, policies
-        or allowlists, RuntimeMissing when the environment or kernel is not installed,
-        BootTimeout (with the serial console tail) when the guest never becomes ready,
-        NetworkUnavailable when the host cannot give it the network asked for.
-        """
-
     async def demo(self, network: bool = False) -> DemoResult:
         """Boot a fresh microVM of debian:12, run ``git --version`` in it, and discard it.
 
@@ -1055,101 +1024,233 @@ class AsyncPyro:
     async def doctor(self) -> RuntimeDoctorResult:
         """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
 
-    async def create_workspace(
+    async def start_service(
+        self,
+        workspace_id: str,
+        service_name: str,
+        command: str | list[str] | tuple[str, ...],
+        cwd: str | os.PathLike[str] | None = None,
+        env: list[str] | tuple[str, ...] | None = None,
+        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
+        ready_file: str | os.PathLike[str] | None = None,
+        ready_tcp: str | None = None,
+        ready_http: str | None = None,
+        ready_command: str | None = None,
+        readiness: Mapping[str, str] | None = None,
+        ready_timeout_seconds: float = 30.0,
+        ready_interval_ms: int = 200,
+        restart: Literal['no', 'on-failure'] = 'no',
+        publish: list[str] | tuple[str, ...] | None = None,
+    ) -> ServiceStartResult:
+        """Start a named long-lived process in the workspace; returns once it is ready.
+
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
+        Secrets named by ``secret_env`` are in its environment at every (re)start and show
+        as ``***`` in its logs and status.
+        Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
+        probe error (with the service's log tail); ``exited_before_ready`` with its exit
+        code; ``exists`` for a name already running; InvalidArgument for a bad probe or a
+        ``secret_env`` naming a secret the workspace does not have.
+        ``publish`` ports (on a workspace with the egress+published-ports policy) are
+        published before it starts and removed when it stops or exits; Conflict when a host
+        port is taken.
+        """
+
+    async def list_services(self, workspace_id: str) -> ServiceListResult:
+        """The workspace's services with their state, pid, exit code, start time and restarts."""
+
+    async def service_status(self, workspace_id: str, service_name: str) -> ServiceStatusResult:
+        """One service's state, pid, exit code, start time, restarts, probe and the ports it
+        published.
+        """
+
+    async def service_logs(
+        self,
+        workspace_id: str,
+        service_name: str,
+        tail_lines: int = 100,
+        all: bool = False,
+        stream: Literal['stdout', 'stderr', 'both'] = 'both',
+    ) -> ServiceLogsResult:
+        """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
+
+    async def stop_service(
+        self,
+        workspace_id: str,
+        service_name: str,
+        signal_name: str = 'TERM',
+        grace_seconds: float = 10.0,
+    ) -> ServiceStopResult:
+        """Stop a service: the signal, then KILL after the grace period."""
+
+    async def open_shell(
+        self,
+        workspace_id: str,
+        cwd: str | os.PathLike[str] | None = None,
+        cols: int = 120,
+        rows: int = 30,
+        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
+    ) -> ShellOpenResult:
+        """Open an interactive shell on a real PTY; it lives until closed or the VM stops.
+
+        ``secret_env`` puts workspace secrets in the shell's environment (InvalidArgument for
+        one the workspace does not have); reads show their values as ``***``.
+        """
+
+    async def read_shell(
+        self,
+        workspace_id: str,
+        shell_id: str,
+        cursor: int = 0,
+        max_chars: int = 65536,
+        plain: bool = False,
+        wait_for_idle_ms: int = 0,
+    ) -> ShellReadResult:
+        """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
+
+    async def write_shell(
+        self,
+        workspace_id: str,
+        shell_id: str,
+        input: str,
+        append_newline: bool = True,
+    ) -> ShellWriteResult:
+        """Type into a shell (Enter is pressed after it unless append_newline is false)."""
+
+    async def signal_shell(
+        self,
+        workspace_id: str,
+        shell_id: str,
+        signal_name: str = 'INT',
+    ) -> ShellSignalResult:
+        """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""
+
+    async def close_shell(self, workspace_id: str, shell_id: str) -> ShellCloseResult:
+        """Close a shell (its processes get SIGHUP)."""
+
+    async def list_shells(self, workspace_id: str) -> ShellListResult:
+        """The workspace's open shells."""
+
+    async def list_templates(self) -> TemplateListResult:
+        """The installed templates: key, inputs, size on disk and build time."""
+
+    async def build_template(
         self,
         environment: str,
-        seed_path: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
         vcpu_count: int = 1,
         mem_mib: int = 512,
-        disk_mib: int = 1024,
-        ttl_seconds: float | None = None,
+    ) -> TemplateBuildResult:
+        """Build (or verify) the templates for one environment and size.
+
+        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
+        """
+
+    async def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
+        """Remove templates nothing current fits.
+
+        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
+        with ``all_templates`` every template.
+        """
+
+    async def run_in_vm(
+        self,
+        environment: str,
+        command: str | list[str] | tuple[str, ...],
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        timeout_seconds: float = 60.0,
         backend: Literal['auto', 'firecracker', 'qemu'] | None = None,
+        output_cap_bytes: int = 1048576,
+        network: bool = False,
         network_policy: Literal['off', 'egress', 'egress+published-ports'] | None = None,
         allow_cidr: list[str] | tuple[str, ...] | None = None,
         allow_host: list[str] | tuple[str, ...] | None = None,
-        publish: list[str] | tuple[str, ...] | None = None,
-        secrets: list[Mapping[str, str]] | tuple[Mapping[str, str], ...] | None = None,
-        allow_host_compat: bool = False,
-    ) -> WorkspaceCreateResult:
-        """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
-
-        ``network_policy`` (default off: no network device) is kept for every start; status
-        and ``workspace network`` show the guest's address and published ports.
-        Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels,
-        policy or allowlist), OutsideRoot (a seed outside the allowed host roots, or links
-        escaping the seed), TooLarge (seed bigger than the disk, too many live workspaces),
-        BootTimeout, NetworkUnavailable (the host cannot give it the network asked for);
-        InvalidArgument or NotFound for a bad secret (its name, never its value), before
-        anything is created.
-        """
-
-    async def list_workspaces(
-        self,
-        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
-    ) -> WorkspaceListResult:
-        """List workspaces with their state, environment, sizes and labels."""
-
-    async def update_workspace(
-        self,
-        workspace_id: str,
-        name: str | None = None,
-        clear_name: bool = False,
-        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
-        clear_labels: list[str] | tuple[str, ...] | None = None,
         ttl_seconds: float | None = None,
-    ) -> WorkspaceUpdateResult:
-        """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
+        allow_host_compat: bool = False,
+    ) -> VmRunResult:
+        """Boot a fresh microVM, run one command in it, and discard the VM.
 
-    async def workspace_status(self, workspace_id: str) -> WorkspaceStatusResult:
-        """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
-
-    async def network_info_workspace(self, workspace_id: str) -> WorkspaceNetworkResult:
-        """A workspace's network: its policy and allowlist and, while it runs, the guest's
-        IP, gateway, MAC, TAP device and published ports.
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run
+        as is; the CLI passes the words after ``--``). Returns stdout, stderr, exit_code (127
+        when the program does not exist; the exit code is data, not an error), timed_out,
+        truncation flags, duration_ms, the backend used, phase timings in milliseconds and
+        the network. Without ``network`` the guest has no network device; with it (or
+        ``network_policy="egress"``) it reaches the internet and nothing else (not the host,
+        private ranges or other guests), and an allowlist narrows that to what it names.
+        Errors: NotFound for an unknown environment, InvalidArgument for bad sizes, policies
+        or allowlists, RuntimeMissing when the environment or kernel is not installed,
+        BootTimeout (with the serial console tail) when the guest never becomes ready,
+        NetworkUnavailable when the host cannot give it the network asked for.
         """
 
-    async def workspace_logs(self, workspace_id: str, limit: int = 50) -> WorkspaceLogsResult:
-        """The commands journal: what ran, where, how it ended, and the tail of its output."""
-
-    async def stop_workspace(self, workspace_id: str) -> WorkspaceStopResult:
-        """Power a workspace off; its root and /workspace disks are kept."""
-
-    async def start_workspace(self, workspace_id: str) -> WorkspaceStartResult:
-        """Boot a stopped workspace again from its disks (always a cold boot: its root disk
-        no longer matches any template).
-        """
-
-    async def pause_workspace(self, workspace_id: str) -> WorkspacePauseResult:
-        """Save a running workspace's memory and device state to disk and end its VM: a
-        paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
-        not with a network link. Errors: InvalidState when it is not running; VMError when
-        the state cannot be saved (a full disk), and then it keeps running.
-        """
-
-    async def resume_workspace(self, workspace_id: str) -> WorkspaceResumeResult:
-        """Run a paused workspace again from its saved memory: processes, services, shells
-        and page cache as they were; the guest clock is set to now. Errors: InvalidState when
-        it is not paused; on a failure it stays paused.
-        """
-
-    async def fork_workspace(
+    async def create_vm(
         self,
-        workspace_id: str,
-        name: str | None = None,
-    ) -> WorkspaceForkResult:
-        """A new running workspace from a running one's memory and disks at this instant,
-        with a hostname, machine-id and random state of its own; the source keeps running.
-        The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
-        with a network link. Errors: InvalidState when the source is not running.
+        environment: str,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        ttl_seconds: float = 600.0,
+        network: bool = False,
+        allow_host_compat: bool = False,
+    ) -> VmCreateResult:
+        """Create a VM without booting it (state ``created``); ``vm start`` boots it.
+
+        Its TTL (``ttl_seconds``, default 600) counts from now: when it runs out the VM is
+        deleted, running or not, and every later call on it fails with ``expired``. With
+        ``network`` the guest reaches the internet and nothing else (as ``run --network``).
+        Errors: NotFound (an unknown environment), RuntimeMissing (not installed),
+        InvalidArgument (bad sizes or TTL; ``allow_host_compat`` true).
         """
 
-    async def delete_workspace(self, workspace_id: str) -> WorkspaceDeleteResult:
-        """Delete a workspace: its VM, disks, checkpoints and journal."""
+    async def start_vm(self, vm_id: str) -> VmStartResult:
+        """Boot a created or stopped VM (state ``started``): its first start restores from a
+        warm template when one fits, a later one boots from its own root disk.
 
-    async def reconcile(self) -> ReconcileResult:
-        """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is
+        already started), TooLarge (the host's memory is taken), BootTimeout.
+        """
+
+    async def exec_vm(
+        self,
+        vm_id: str,
+        command: str | list[str] | tuple[str, ...],
+        timeout_seconds: float = 30.0,
+    ) -> VmExecResult:
+        """Run one command in a started VM; output streams, the exit code is data.
+
+        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (the
+        CLI takes the argv after ``--``). Returns what ``run`` returns of its command
+        (stdout, stderr, exit_code, timed_out, signal, truncation flags, duration_ms) with
+        ``vm_id``, ``environment`` and ``backend``. The VM keeps running.
+        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is not
+        started: names its state), AgentUnavailable (its VM died mid-call).
+        """
+
+    async def stop_vm(self, vm_id: str) -> VmStopResult:
+        """Power a started VM off (state ``stopped``); its root disk is kept for a later
+        start. Errors: NotFound, Expired, InvalidState (it is not started).
+        """
+
+    async def delete_vm(self, vm_id: str) -> VmDeleteResult:
+        """Delete a VM in any state: its VMM, its network link, its disk and its record.
+        Errors: NotFound (unknown id), Expired (its TTL had already deleted it).
+        """
+
+    async def status_vm(self, vm_id: str) -> VmStatusResult:
+        """A VM's record: vm_id, environment, state (created, started, stopped, ...) and why,
+        vcpu_count, mem_mib, ttl_seconds, created_at, expires_at (epoch seconds),
+        network_enabled, guest_ip (when networked), backend and VMM pid.
+        Errors: NotFound (unknown id), Expired (its TTL ran out: it is deleted now).
+        """
+
+    async def network_info_vm(self, vm_id: str) -> VmNetworkInfoResult:
+        """A VM's network: its policy and, while it is started, the guest's IP, gateway, MAC
+        and TAP device. Errors: NotFound (unknown id), Expired (its TTL ran out).
+        """
+
+    async def reap_expired(self) -> VmReapExpiredResult:
+        """Delete every VM whose TTL has run out now (the keeper does it on time anyway; this
+        does it at once): ``{"deleted": [vm ids], "count": n}``.
+        """
 
     async def exec_workspace(
         self,
@@ -1283,202 +1384,101 @@ class AsyncPyro:
     ) -> WorkspaceDiskExportResult:
         """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
 
-    async def open_shell(
+    async def create_workspace(
         self,
-        workspace_id: str,
-        cwd: str | os.PathLike[str] | None = None,
-        cols: int = 120,
-        rows: int = 30,
-        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
-    ) -> ShellOpenResult:
-        """Open an interactive shell on a real PTY; it lives until closed or the VM stops.
-
-        ``secret_env`` puts workspace secrets in the shell's environment (InvalidArgument for
-        one the workspace does not have); reads show their values as ``***``.
-        """
-
-    async def read_shell(
-        self,
-        workspace_id: str,
-        shell_id: str,
-        cursor: int = 0,
-        max_chars: int = 65536,
-        plain: bool = False,
-        wait_for_idle_ms: int = 0,
-    ) -> ShellReadResult:
-        """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
-
-    async def write_shell(
-        self,
-        workspace_id: str,
-        shell_id: str,
-        input: str,
-        append_newline: bool = True,
-    ) -> ShellWriteResult:
-        """Type into a shell (Enter is pressed after it unless append_newline is false)."""
-
-    async def signal_shell(
-        self,
-        workspace_id: str,
-        shell_id: str,
-        signal_name: str = 'INT',
-    ) -> ShellSignalResult:
-        """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""
-
-    async def close_shell(self, workspace_id: str, shell_id: str) -> ShellCloseResult:
-        """Close a shell (its processes get SIGHUP)."""
-
-    async def list_shells(self, workspace_id: str) -> ShellListResult:
-        """The workspace's open shells."""
-
-    async def start_service(
-        self,
-        workspace_id: str,
-        service_name: str,
-        command: str | list[str] | tuple[str, ...],
-        cwd: str | os.PathLike[str] | None = None,
-        env: list[str] | tuple[str, ...] | None = None,
-        secret_env: list[str] | tuple[str, ...] | Mapping[str, str] | None = None,
-        ready_file: str | os.PathLike[str] | None = None,
-        ready_tcp: str | None = None,
-        ready_http: str | None = None,
-        ready_command: str | None = None,
-        readiness: Mapping[str, str] | None = None,
-        ready_timeout_seconds: float = 30.0,
-        ready_interval_ms: int = 200,
-        restart: Literal['no', 'on-failure'] = 'no',
+        environment: str,
+        seed_path: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
+        vcpu_count: int = 1,
+        mem_mib: int = 512,
+        disk_mib: int = 1024,
+        ttl_seconds: float | None = None,
+        backend: Literal['auto', 'firecracker', 'qemu'] | None = None,
+        network_policy: Literal['off', 'egress', 'egress+published-ports'] | None = None,
+        allow_cidr: list[str] | tuple[str, ...] | None = None,
+        allow_host: list[str] | tuple[str, ...] | None = None,
         publish: list[str] | tuple[str, ...] | None = None,
-    ) -> ServiceStartResult:
-        """Start a named long-lived process in the workspace; returns once it is ready.
-
-        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
-        Secrets named by ``secret_env`` are in its environment at every (re)start and show
-        as ``***`` in its logs and status.
-        Errors: a ``not_ready`` guest error naming the probe, the time waited and the last
-        probe error (with the service's log tail); ``exited_before_ready`` with its exit
-        code; ``exists`` for a name already running; InvalidArgument for a bad probe or a
-        ``secret_env`` naming a secret the workspace does not have.
-        ``publish`` ports (on a workspace with the egress+published-ports policy) are
-        published before it starts and removed when it stops or exits; Conflict when a host
-        port is taken.
-        """
-
-    async def list_services(self, workspace_id: str) -> ServiceListResult:
-        """The workspace's services with their state, pid, exit code, start time and restarts."""
-
-    async def service_status(self, workspace_id: str, service_name: str) -> ServiceStatusResult:
-        """One service's state, pid, exit code, start time, restarts, probe and the ports it
-        published.
-        """
-
-    async def service_logs(
-        self,
-        workspace_id: str,
-        service_name: str,
-        tail_lines: int = 100,
-        all: bool = False,
-        stream: Literal['stdout', 'stderr', 'both'] = 'both',
-    ) -> ServiceLogsResult:
-        """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
-
-    async def stop_service(
-        self,
-        workspace_id: str,
-        service_name: str,
-        signal_name: str = 'TERM',
-        grace_seconds: float = 10.0,
-    ) -> ServiceStopResult:
-        """Stop a service: the signal, then KILL after the grace period."""
-
-    async def list_templates(self) -> TemplateListResult:
-        """The installed templates: key, inputs, size on disk and build time."""
-
-    async def build_template(
-        self,
-        environment: str,
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-    ) -> TemplateBuildResult:
-        """Build (or verify) the templates for one environment and size.
-
-        One for `pyro run`, one for workspaces; each entry says warm or cold, and why.
-        """
-
-    async def prune_templates(self, all_templates: bool = False) -> TemplatePruneResult:
-        """Remove templates nothing current fits.
-
-        Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and
-        with ``all_templates`` every template.
-        """
-
-    async def create_vm(
-        self,
-        environment: str,
-        vcpu_count: int = 1,
-        mem_mib: int = 512,
-        ttl_seconds: float = 600.0,
-        network: bool = False,
+        secrets: list[Mapping[str, str]] | tuple[Mapping[str, str], ...] | None = None,
         allow_host_compat: bool = False,
-    ) -> VmCreateResult:
-        """Create a VM without booting it (state ``created``); ``vm start`` boots it.
+    ) -> WorkspaceCreateResult:
+        """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
-        Its TTL (``ttl_seconds``, default 600) counts from now: when it runs out the VM is
-        deleted, running or not, and every later call on it fails with ``expired``. With
-        ``network`` the guest reaches the internet and nothing else (as ``run --network``).
-        Errors: NotFound (an unknown environment), RuntimeMissing (not installed),
-        InvalidArgument (bad sizes or TTL; ``allow_host_compat`` true).
+        ``network_policy`` (default off: no network device) is kept for every start; status
+        and ``workspace network`` show the guest's address and published ports.
+        Errors: NotFound (unknown environment), InvalidArgument (bad sizes, names, labels,
+        policy or allowlist), OutsideRoot (a seed outside the allowed host roots, or links
+        escaping the seed), TooLarge (seed bigger than the disk, too many live workspaces),
+        BootTimeout, NetworkUnavailable (the host cannot give it the network asked for);
+        InvalidArgument or NotFound for a bad secret (its name, never its value), before
+        anything is created.
         """
 
-    async def start_vm(self, vm_id: str) -> VmStartResult:
-        """Boot a created or stopped VM (state ``started``): its first start restores from a
-        warm template when one fits, a later one boots from its own root disk.
-
-        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is
-        already started), TooLarge (the host's memory is taken), BootTimeout.
-        """
-
-    async def exec_vm(
+    async def list_workspaces(
         self,
-        vm_id: str,
-        command: str | list[str] | tuple[str, ...],
-        timeout_seconds: float = 30.0,
-    ) -> VmExecResult:
-        """Run one command in a started VM; output streams, the exit code is data.
+        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
+    ) -> WorkspaceListResult:
+        """List workspaces with their state, environment, sizes and labels."""
 
-        ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (the
-        CLI takes the argv after ``--``). Returns what ``run`` returns of its command
-        (stdout, stderr, exit_code, timed_out, signal, truncation flags, duration_ms) with
-        ``vm_id``, ``environment`` and ``backend``. The VM keeps running.
-        Errors: NotFound (unknown id), Expired (its TTL ran out), InvalidState (it is not
-        started: names its state), AgentUnavailable (its VM died mid-call).
+    async def update_workspace(
+        self,
+        workspace_id: str,
+        name: str | None = None,
+        clear_name: bool = False,
+        labels: Mapping[str, str] | list[str] | tuple[str, ...] | None = None,
+        clear_labels: list[str] | tuple[str, ...] | None = None,
+        ttl_seconds: float | None = None,
+    ) -> WorkspaceUpdateResult:
+        """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
+
+    async def workspace_status(self, workspace_id: str) -> WorkspaceStatusResult:
+        """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
+
+    async def network_info_workspace(self, workspace_id: str) -> WorkspaceNetworkResult:
+        """A workspace's network: its policy and allowlist and, while it runs, the guest's
+        IP, gateway, MAC, TAP device and published ports.
         """
 
-    async def stop_vm(self, vm_id: str) -> VmStopResult:
-        """Power a started VM off (state ``stopped``); its root disk is kept for a later
-        start. Errors: NotFound, Expired, InvalidState (it is not started).
+    async def workspace_logs(self, workspace_id: str, limit: int = 50) -> WorkspaceLogsResult:
+        """The commands journal: what ran, where, how it ended, and the tail of its output."""
+
+    async def stop_workspace(self, workspace_id: str) -> WorkspaceStopResult:
+        """Power a workspace off; its root and /workspace disks are kept."""
+
+    async def start_workspace(self, workspace_id: str) -> WorkspaceStartResult:
+        """Boot a stopped workspace again from its disks (always a cold boot: its root disk
+        no longer matches any template).
         """
 
-    async def delete_vm(self, vm_id: str) -> VmDeleteResult:
-        """Delete a VM in any state: its VMM, its network link, its disk and its record.
-        Errors: NotFound (unknown id), Expired (its TTL had already deleted it).
+    async def pause_workspace(self, workspace_id: str) -> WorkspacePauseResult:
+        """Save a running workspace's memory and device state to disk and end its VM: a
+        paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
+        not with a network link. Errors: InvalidState when it is not running; VMError when
+        the state cannot be saved (a full disk), and then it keeps running.
         """
 
-    async def status_vm(self, vm_id: str) -> VmStatusResult:
-        """A VM's record: vm_id, environment, state (created, started, stopped, ...) and why,
-        vcpu_count, mem_mib, ttl_seconds, created_at, expires_at (epoch seconds),
-        network_enabled, guest_ip (when networked), backend and VMM pid.
-        Errors: NotFound (unknown id), Expired (its TTL ran out: it is deleted now).
+    async def resume_workspace(self, workspace_id: str) -> WorkspaceResumeResult:
+        """Run a paused workspace again from its saved memory: processes, services, shells
+        and page cache as they were; the guest clock is set to now. Errors: InvalidState when
+        it is not paused; on a failure it stays paused.
         """
 
-    async def network_info_vm(self, vm_id: str) -> VmNetworkInfoResult:
-        """A VM's network: its policy and, while it is started, the guest's IP, gateway, MAC
-        and TAP device. Errors: NotFound (unknown id), Expired (its TTL ran out).
+    async def fork_workspace(
+        self,
+        workspace_id: str,
+        name: str | None = None,
+    ) -> WorkspaceForkResult:
+        """A new running workspace from a running one's memory and disks at this instant,
+        with a hostname, machine-id and random state of its own; the source keeps running.
+        The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
+        with a network link. Errors: InvalidState when the source is not running.
         """
 
-    async def reap_expired(self) -> VmReapExpiredResult:
-        """Delete every VM whose TTL has run out now (the keeper does it on time anyway; this
-        does it at once): ``{"deleted": [vm ids], "count": n}``.
-        """
+    async def delete_workspace(self, workspace_id: str) -> WorkspaceDeleteResult:
+        """Delete a workspace: its VM, disks, checkpoints and journal."""
+
+    async def reconcile(self) -> ReconcileResult:
+        """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
 
     async def status_workspace(self, workspace_id: str) -> WorkspaceStatusResult:
         """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""

@@ -287,4 +287,10 @@ def all_operations() -> list[Operation]:
 
     for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
         importlib.import_module(module.name)
-    return list(OPERATIONS.values())
+    # In the modules' order, then as each declares them: the same list whichever module
+    # was imported first (the CLI imports one; a test may import another).
+    return sorted(OPERATIONS.values(), key=_declared_at)
+
+
+def _declared_at(op: Operation) -> tuple[str, int]:
+    return op.func.__module__, op.func.__code__.co_firstlineno
