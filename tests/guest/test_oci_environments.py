@@ -94,7 +94,7 @@ def test_publish_then_pull_anonymously_into_a_fresh_cache_and_boot(
     _, anonymous = registries
     source = environments.read_manifest(runtime, ENV)
     assert source is not None
-    assert published["capabilities"] == ["guest_exec", "vm_boot"]
+    assert {"guest_exec", "vm_boot"} <= set(published["capabilities"])  # type: ignore[arg-type]
     monkeypatch.setenv("PYRO_REGISTRY", f"{anonymous.host}/pyro")
     fresh = fresh_cache(runtime, tmp_path / "cache")
     started = time.monotonic()
