@@ -23,8 +23,11 @@ class ResultMismatch(ValueError):
 
 
 def result_type(op: Operation) -> Any:
-    """The TypedDict ``op`` declares it returns."""
-    declared = typing.get_type_hints(op.func).get("return")
+    """The TypedDict ``op`` declares it returns (an operation module names it only for
+    the type checker, so the name is looked up in :mod:`pyro_mcp.api.results`)."""
+    from pyro_mcp.api import results
+
+    declared = typing.get_type_hints(op.func, localns=vars(results)).get("return")
     if not is_typeddict(declared):
         raise TypeError(f"{op.name}: annotate its result with a TypedDict of api.results")
     return declared

@@ -24,7 +24,6 @@ A ``sensitive`` parameter (secrets) is never shown in a message, only its type.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -101,6 +100,8 @@ def takes(offered: Sequence[Param]) -> str:
 
 
 def _with_guess(arg: str, names: Sequence[str]) -> str:
+    import difflib  # only an unknown argument needs it
+
     guess = difflib.get_close_matches(arg, names, n=1)
     return f"{shown(arg)} (did you mean {guess[0]!r}?)" if guess else shown(arg)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +27,41 @@ DESCRIPTION = "Disposable, hardware-isolated Linux machines for coding agents."
 GROUP_HELP: dict[tuple[str, ...], str] = {("mcp",): "the MCP server"}
 
 
+def _terminal_columns() -> int:
+    """The width help is wrapped to: $COLUMNS, else the terminal's, else 80 (what
+    ``shutil.get_terminal_size`` answers, without importing shutil and the compression
+    modules it brings)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, its width from :func:`_terminal_columns` (argparse
+    makes one for each parser and argument, and would import shutil for the width)."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _terminal_columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class RawDescriptionFormatter(Formatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`Formatter` keeping a description's own line breaks (an operation's doc)."""
+
+
 class _Unbuilt(Exception):
     """The command line chose a command whose parser was left out."""
 
@@ -36,6 +73,10 @@ class Choices(argparse._SubParsersAction):  # type: ignore[type-arg]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.unbuilt: set[str] = set()
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("formatter_class", Formatter)
+        return super().add_parser(name, **kwargs)
 
     def __call__(
         self,
@@ -114,7 +155,7 @@ def _add_operation(choices: Choices, word: str, op: Operation) -> None:
         word,
         help=op.summary,
         description=op.doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionFormatter,
     )
     for param in op.params_on(Surface.CLI):
         _add_param(command, param)
@@ -203,7 +244,9 @@ def build_parser(
     parser can help or err), so nothing else is there.
     """
     commands = registry_commands() if commands is None else commands
-    parser = argparse.ArgumentParser(prog="pyro", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="pyro", description=DESCRIPTION, formatter_class=Formatter
+    )
     parser.add_argument("--version", action="version", version=f"pyro-mcp {__version__}")
     groups: dict[tuple[str, ...], Choices] = {(): _choices(parser, dest="command")}
     to_command = path in {command.words for command in commands}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import vm_run
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.api.results import DemoResult
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import DemoResult
 
 DEMO_ENVIRONMENT = "debian:12"
 DEMO_COMMAND = ["git", "--version"]

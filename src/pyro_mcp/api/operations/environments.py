@@ -2,21 +2,23 @@
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.api.results import (
-    EnvBuildResult,
-    EnvImportResult,
-    EnvInspectResult,
-    EnvListResult,
-    EnvProveResult,
-    EnvPruneResult,
-    EnvPublishResult,
-    EnvPullResult,
-)
 from pyro_mcp.errors import InvalidArgument, OutsideRoot, PyroError
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import (
+        EnvBuildResult,
+        EnvImportResult,
+        EnvInspectResult,
+        EnvListResult,
+        EnvProveResult,
+        EnvPruneResult,
+        EnvPublishResult,
+        EnvPullResult,
+    )
 
 ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
 
@@ -28,7 +30,7 @@ ALL_PROFILES = ("vm-run", "workspace-core", "workspace-full")
     title="List environments",
     read_only=True,
 )
-def env_list(ctx: Context) -> EnvListResult:
+def env_list(ctx: Context) -> "EnvListResult":
     """List the environment catalog: each name, whether it is installed, its size and digest."""
     from pyro_mcp.runtime import environments
 
@@ -61,7 +63,7 @@ def env_pull(
     ] = False,
     registry: Annotated[str | None, Arg(REGISTRY_HELP, surfaces=EVERY)] = None,
     insecure: Annotated[bool, Arg(INSECURE_HELP, surfaces=EVERY)] = False,
-) -> EnvPullResult:
+) -> "EnvPullResult":
     """Obtain an environment and install it: pulled from a registry, else built locally.
 
     Returns at once when it is already installed. With a registry (``--registry``, the
@@ -120,7 +122,7 @@ def env_publish(
         Arg("REGISTRY/REPOSITORY[:TAG] (default: $PYRO_REGISTRY/NAME)", surfaces=EVERY),
     ] = None,
     insecure: Annotated[bool, Arg(INSECURE_HELP, surfaces=EVERY)] = False,
-) -> EnvPublishResult:
+) -> "EnvPublishResult":
     """Publish an installed environment to an OCI registry as an artifact.
 
     The zstd-compressed image, and a config with its digests, package list, agent version,
@@ -159,7 +161,7 @@ def env_publish(
 def env_prove(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
-) -> EnvProveResult:
+) -> "EnvProveResult":
     """Prove an installed environment on this host: boot it and run a command in it.
 
     Records vm_boot and guest_exec for its image and the installed kernel in the lock's
@@ -194,7 +196,7 @@ def env_import(
         str | None, Arg("which image of the OCI layout (its ref.name annotation)", surfaces=EVERY)
     ] = None,
     insecure: Annotated[bool, Arg(INSECURE_HELP, surfaces=EVERY)] = False,
-) -> EnvImportResult:
+) -> "EnvImportResult":
     """Turn a linux/amd64 OCI image into an environment.
 
     Layers applied in order (whiteouts and opaque directories; owners, modes, xattrs,
@@ -239,7 +241,7 @@ def env_build(
     base: Annotated[
         str, Arg("the catalog environment it extends", surfaces=EVERY, flag="from")
     ] = "debian:12",
-) -> EnvBuildResult:
+) -> "EnvBuildResult":
     """Build a Debian environment with extra packages.
 
     A catalog environment's packages (``--from``, default debian:12) plus ``packages``,
@@ -281,7 +283,7 @@ def _insecure() -> bool:
 def env_inspect(
     ctx: Context,
     name: Annotated[str, Arg("environment name", surfaces=EVERY, positional=True)],
-) -> EnvInspectResult:
+) -> "EnvInspectResult":
     """Show an environment's manifest: packages, image digest and size, build details."""
     from pyro_mcp.runtime import environments
 
@@ -295,7 +297,7 @@ def env_inspect(
     destructive=True,
     idempotent=True,
 )
-def env_prune(ctx: Context) -> EnvPruneResult:
+def env_prune(ctx: Context) -> "EnvPruneResult":
     """Remove cached images and build leftovers that no installed environment uses."""
     from pyro_mcp.runtime import environments
 

@@ -5,19 +5,21 @@ Not MCP tools: they edit the configuration of the host that would call them.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pyro_mcp import hosts
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.api.results import (
-    HostConnectResult,
-    HostDoctorResult,
-    HostPrintConfigResult,
-    HostRepairResult,
-)
 from pyro_mcp.hosts.base import SCOPES
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import (
+        HostConnectResult,
+        HostDoctorResult,
+        HostPrintConfigResult,
+        HostRepairResult,
+    )
 
 HOST_NAMES = tuple(hosts.HOSTS)
 

@@ -2,23 +2,25 @@
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.api.results import (
-    RuntimeBuildKernelResult,
-    RuntimeBuildRootfsResult,
-    RuntimeBundleResult,
-    RuntimeDoctorResult,
-    RuntimeFetchResult,
-    RuntimeInstallHostPackagesResult,
-    RuntimeMaterializeResult,
-    RuntimeStatusResult,
-    RuntimeVerifyResult,
-)
 from pyro_mcp.errors import IntegrityError, PyroError, RuntimeMissing
 from pyro_mcp.runtime import binaries, kernels
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import (
+        RuntimeBuildKernelResult,
+        RuntimeBuildRootfsResult,
+        RuntimeBundleResult,
+        RuntimeDoctorResult,
+        RuntimeFetchResult,
+        RuntimeInstallHostPackagesResult,
+        RuntimeMaterializeResult,
+        RuntimeStatusResult,
+        RuntimeVerifyResult,
+    )
 
 
 @operation(
@@ -29,7 +31,7 @@ from pyro_mcp.runtime import binaries, kernels
     idempotent=True,
     open_world=True,
 )
-def runtime_install_host_packages(ctx: Context) -> RuntimeInstallHostPackagesResult:
+def runtime_install_host_packages(ctx: Context) -> "RuntimeInstallHostPackagesResult":
     """Install the Debian packages pyro needs on this host (apt-get; needs root)."""
     from pyro_mcp.runtime import host_tools
 
@@ -65,7 +67,7 @@ def runtime_fetch(
             path=True,
         ),
     ] = None,
-) -> RuntimeFetchResult:
+) -> "RuntimeFetchResult":
     """Install Firecracker and Jailer at the pinned version, verified by sha256.
 
     Errors: IntegrityError when a source offers bytes with another digest (never
@@ -107,7 +109,7 @@ def runtime_build_kernel(
             maximum=1024,
         ),
     ] = None,
-) -> RuntimeBuildKernelResult:
+) -> "RuntimeBuildKernelResult":
     """Build (source) or fetch (cloud) the guest kernel; returns at once if it is cached."""
     chosen = flavor or kernels.default_flavor()
     if chosen == "source":
@@ -131,7 +133,7 @@ def runtime_build_rootfs(
         list[str] | None,
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
-) -> RuntimeBuildRootfsResult:
+) -> "RuntimeBuildRootfsResult":
     """Build environment images from Debian packages (skips those already installed; never
     asks a registry)."""
     from pyro_mcp.runtime import environments
@@ -157,7 +159,7 @@ def runtime_bundle(
     refresh_probes: Annotated[
         bool, Arg("boot the probe guests again even if cached", surfaces=EVERY)
     ] = False,
-) -> RuntimeBundleResult:
+) -> "RuntimeBundleResult":
     """Prove the capabilities with real guests, verify every component, write the lock.
 
     The boot check boots the default environment on each candidate backend and runs
@@ -297,7 +299,7 @@ def runtime_materialize(
         list[str] | None,
         Arg("environments to build (default: the whole catalog)", surfaces=EVERY, positional=True),
     ] = None,
-) -> RuntimeMaterializeResult:
+) -> "RuntimeMaterializeResult":
     """Do the whole pipeline: fetch binaries, build the kernel, build environments, prove
     each (boot, run a command), bundle, then each environment's warm-start templates at the
     default size (``templates``). `make runtime-publish-official-environments-oci` then
@@ -325,7 +327,7 @@ def runtime_materialize(
     title="Show the runtime's status",
     read_only=True,
 )
-def runtime_status(ctx: Context) -> RuntimeStatusResult:
+def runtime_status(ctx: Context) -> "RuntimeStatusResult":
     """Show what is installed and the capabilities, without re-hashing anything."""
     from pyro_mcp.runtime import lock, pins
 
@@ -351,7 +353,7 @@ def runtime_status(ctx: Context) -> RuntimeStatusResult:
     title="Verify installed artifacts",
     read_only=True,
 )
-def runtime_verify(ctx: Context) -> RuntimeVerifyResult:
+def runtime_verify(ctx: Context) -> "RuntimeVerifyResult":
     """Re-hash every installed artifact against its recorded digest.
 
     Errors: IntegrityError listing each component that failed (digest mismatch, truncated
@@ -372,7 +374,7 @@ def runtime_verify(ctx: Context) -> RuntimeVerifyResult:
 
 
 @operation(cli=("doctor",), sdk="doctor", title="Diagnose this host", read_only=True)
-def runtime_doctor(ctx: Context) -> RuntimeDoctorResult:
+def runtime_doctor(ctx: Context) -> "RuntimeDoctorResult":
     """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
     from pyro_mcp.runtime import doctor
 

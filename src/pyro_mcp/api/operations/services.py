@@ -11,13 +11,6 @@ from pyro_mcp.api.operations.vm import COMMAND
 from pyro_mcp.api.operations.workspace_content import CWD, ENV, SECRET_ENV
 from pyro_mcp.api.operations.workspaces import FULL, WORKSPACE, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
-from pyro_mcp.api.results import (
-    ServiceListResult,
-    ServiceLogsResult,
-    ServiceStartResult,
-    ServiceStatusResult,
-    ServiceStopResult,
-)
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import guest_path
@@ -25,6 +18,13 @@ from pyro_mcp.workspace.paths import guest_path
 if TYPE_CHECKING:
     from ipaddress import IPv4Address
 
+    from pyro_mcp.api.results import (
+        ServiceListResult,
+        ServiceLogsResult,
+        ServiceStartResult,
+        ServiceStatusResult,
+        ServiceStopResult,
+    )
     from pyro_mcp.workspace.lifecycle import Workspaces
 
 NAME = Arg(
@@ -148,7 +148,7 @@ def service_start(
         Arg("restart policy when it exits non-zero", surfaces=EVERY, choices=("no", "on-failure")),
     ] = "no",
     publish: Annotated[list[str] | None, PUBLISH] = None,
-) -> ServiceStartResult:
+) -> "ServiceStartResult":
     """Start a named long-lived process in the workspace; returns once it is ready.
 
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
@@ -246,7 +246,7 @@ def _listing(workspace_id: str, services: list[dict[str, Any]]) -> dict[str, Any
     title="List a workspace's services",
     read_only=True,
 )
-def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> ServiceListResult:
+def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "ServiceListResult":
     """The workspace's services with their state, pid, exit code, start time and restarts."""
     with open_workspaces(ctx) as workspaces:
         record = workspaces.store.get(workspace)
@@ -267,7 +267,7 @@ def service_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> ServiceL
 )
 def service_status(
     ctx: Context, workspace: Annotated[str, WORKSPACE], name: Annotated[str, NAME]
-) -> ServiceStatusResult:
+) -> "ServiceStatusResult":
     """One service's state, pid, exit code, start time, restarts, probe and the ports it
     published."""
     from pyro_mcp.network import nft
@@ -303,7 +303,7 @@ def service_logs(
     follow: Annotated[
         bool, Arg("keep printing new lines until the service exits", surfaces=CLI_ONLY)
     ] = False,
-) -> ServiceLogsResult:
+) -> "ServiceLogsResult":
     """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
     args = {"name": name, "tail_lines": tail_lines, "all": all, "stream": stream}
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service logs") as agent:
@@ -335,7 +335,7 @@ def service_stop(
     grace_seconds: Annotated[
         float, Arg("then KILL after this long", surfaces=EVERY, minimum=0, maximum=600)
     ] = 10.0,
-) -> ServiceStopResult:
+) -> "ServiceStopResult":
     """Stop a service: the signal, then KILL after the grace period."""
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service stop") as agent:
         record = workspaces.store.get(workspace)

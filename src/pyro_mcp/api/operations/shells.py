@@ -1,21 +1,23 @@
 """Persistent PTY shells in a workspace."""
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.workspace_content import SECRET_ENV
 from pyro_mcp.api.operations.workspaces import FULL, WORKSPACE, open_workspaces
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
-from pyro_mcp.api.results import (
-    ShellCloseResult,
-    ShellListResult,
-    ShellOpenResult,
-    ShellReadResult,
-    ShellSignalResult,
-    ShellWriteResult,
-)
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import guest_path
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import (
+        ShellCloseResult,
+        ShellListResult,
+        ShellOpenResult,
+        ShellReadResult,
+        ShellSignalResult,
+        ShellWriteResult,
+    )
 
 SIGNAL: dict[str, Any] = {"name": "signal_name", "flag": "signal"}  # pyro-mcp's name
 SHELL = Arg("shell id (from shell open)", surfaces=EVERY, positional=True, name="shell_id")
@@ -45,7 +47,7 @@ def shell_open(
     rows: Annotated[int, Arg("terminal height", surfaces=EVERY, minimum=2, maximum=1000)] = 30,
     secret_env: Annotated[list[str] | dict[str, str] | None, SECRET_ENV] = None,
     id_only: Annotated[bool, Arg("print only the shell id", surfaces=CLI_ONLY)] = False,
-) -> ShellOpenResult:
+) -> "ShellOpenResult":
     """Open an interactive shell on a real PTY; it lives until closed or the VM stops.
 
     ``secret_env`` puts workspace secrets in the shell's environment (InvalidArgument for
@@ -96,7 +98,7 @@ def shell_read(
             maximum=MAX_WAIT_MS,
         ),
     ] = 0,
-) -> ShellReadResult:
+) -> "ShellReadResult":
     """Read a shell's output from a cursor; ``next_cursor`` reads only what is new."""
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "shell read") as agent:
         return agent.shell_read(
@@ -125,7 +127,7 @@ def shell_write(
             flag="no-newline",
         ),
     ] = True,
-) -> ShellWriteResult:
+) -> "ShellWriteResult":
     """Type into a shell (Enter is pressed after it unless append_newline is false)."""
     args = {"shell_id": shell, "input": input, "newline": append_newline}
     return dict(_call(ctx, workspace, "shell write", "shell_write", args))
@@ -145,7 +147,7 @@ def shell_signal(
     signal: Annotated[
         str, Arg("signal for the foreground process (INT is Ctrl-C)", surfaces=EVERY, **SIGNAL)
     ] = "INT",
-) -> ShellSignalResult:
+) -> "ShellSignalResult":
     """Send a signal to what runs in the shell's foreground (Ctrl-C by default)."""
     args = {"shell_id": shell, "signal": signal}
     return dict(_call(ctx, workspace, "shell signal", "shell_signal", args))
@@ -161,7 +163,7 @@ def shell_signal(
 )
 def shell_close(
     ctx: Context, workspace: Annotated[str, WORKSPACE], shell: Annotated[str, SHELL]
-) -> ShellCloseResult:
+) -> "ShellCloseResult":
     """Close a shell (its processes get SIGHUP)."""
     return dict(_call(ctx, workspace, "shell close", "shell_close", {"shell_id": shell}))
 
@@ -173,6 +175,6 @@ def shell_close(
     title="List a workspace's shells",
     read_only=True,
 )
-def shell_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> ShellListResult:
+def shell_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "ShellListResult":
     """The workspace's open shells."""
     return dict(_call(ctx, workspace, "shell list", "shell_list", {}))

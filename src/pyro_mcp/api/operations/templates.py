@@ -5,9 +5,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import MEMORY, VCPUS
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.api.results import TemplateBuildResult, TemplateListResult, TemplatePruneResult
 
 if TYPE_CHECKING:
+    from pyro_mcp.api.results import TemplateBuildResult, TemplateListResult, TemplatePruneResult
     from pyro_mcp.vmm import warm
 
 WORKSPACE_AGENT_PORTS = 8  # as workspace VMs have (pyro_mcp.workspace.lifecycle)
@@ -37,7 +37,7 @@ def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> "l
     title="List warm-start templates",
     read_only=True,
 )
-def template_list(ctx: Context) -> TemplateListResult:
+def template_list(ctx: Context) -> "TemplateListResult":
     """The installed templates: key, inputs, size on disk and build time."""
     from pyro_mcp.vmm import templates
 
@@ -58,7 +58,7 @@ def template_build(
     ],
     vcpu_count: Annotated[int, VCPUS] = 1,
     mem_mib: Annotated[int, MEMORY] = 512,
-) -> TemplateBuildResult:
+) -> "TemplateBuildResult":
     """Build (or verify) the templates for one environment and size.
 
     One for `pyro run`, one for workspaces; each entry says warm or cold, and why."""
@@ -96,7 +96,7 @@ def template_prune(
     all_templates: Annotated[
         bool, Arg("remove every template, not only those nothing current fits", surfaces=EVERY)
     ] = False,
-) -> TemplatePruneResult:
+) -> "TemplatePruneResult":
     """Remove templates nothing current fits.
 
     Those whose inputs changed (environment, kernel, VMM version), unfinished builds, and

@@ -12,12 +12,12 @@ from pyro_mcp.api.operations.network_args import (
     run_policy,
 )
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.api.results import VmRunResult
 from pyro_mcp.errors import InvalidArgument, OperationTimeout, VMError
 from pyro_mcp.guest.client import command_fields
 from pyro_mcp.vmm.selection import BACKEND_NAMES
 
 if TYPE_CHECKING:
+    from pyro_mcp.api.results import VmRunResult
     from pyro_mcp.guest.client import AgentClient
     from pyro_mcp.vmm.base import VM
 
@@ -102,7 +102,7 @@ def vm_run(
     allow_host: Annotated[list[str] | None, ALLOW_HOST] = None,
     ttl_seconds: Annotated[float | None, RUN_TTL] = None,
     allow_host_compat: Annotated[bool, ALLOW_HOST_COMPAT] = False,
-) -> VmRunResult:
+) -> "VmRunResult":
     """Boot a fresh microVM, run one command in it, and discard the VM.
 
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list (run

@@ -10,27 +10,29 @@ workspaces.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.network_args import NETWORK, run_policy
 from pyro_mcp.api.operations.vm import COMMAND, DEFAULT_OUTPUT_CAP, MEMORY, TIMEOUT, VCPUS
 from pyro_mcp.api.operations.workspaces import MAX_TTL_S, open_workspaces
 from pyro_mcp.api.registry import EVERY, Arg, operation
-from pyro_mcp.api.results import (
-    VmCreateResult,
-    VmDeleteResult,
-    VmExecResult,
-    VmNetworkInfoResult,
-    VmReapExpiredResult,
-    VmStartResult,
-    VmStatusResult,
-    VmStopResult,
-)
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.guest.client import command_fields
 from pyro_mcp.workspace import vms
 from pyro_mcp.workspace.states import Kind
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import (
+        VmCreateResult,
+        VmDeleteResult,
+        VmExecResult,
+        VmNetworkInfoResult,
+        VmReapExpiredResult,
+        VmStartResult,
+        VmStatusResult,
+        VmStopResult,
+    )
 
 FULL = ("workspace-full",)
 VM_ID = Arg("VM id (as `vm create` printed it)", surfaces=EVERY, positional=True)

@@ -1,32 +1,34 @@
 """Operations inside a workspace: exec, files, patch, sync, diff, export, checkpoints, disks."""
 
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.vm import COMMAND, OUTPUT_CAP, TIMEOUT
 from pyro_mcp.api.operations.workspaces import CORE, FULL, WORKSPACE, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, operation
-from pyro_mcp.api.results import (
-    SnapshotCreateResult,
-    SnapshotDeleteResult,
-    SnapshotListResult,
-    WorkspaceDiffResult,
-    WorkspaceDiskExportResult,
-    WorkspaceDiskListResult,
-    WorkspaceDiskReadResult,
-    WorkspaceExecResult,
-    WorkspaceExportResult,
-    WorkspaceFileDeleteResult,
-    WorkspaceFileListResult,
-    WorkspaceFileReadResult,
-    WorkspaceFileWriteResult,
-    WorkspacePatchApplyResult,
-    WorkspaceResetResult,
-    WorkspaceSyncPushResult,
-)
 from pyro_mcp.errors import InvalidArgument, InvalidState
 from pyro_mcp.workspace import checkpoints, content
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import (
+        SnapshotCreateResult,
+        SnapshotDeleteResult,
+        SnapshotListResult,
+        WorkspaceDiffResult,
+        WorkspaceDiskExportResult,
+        WorkspaceDiskListResult,
+        WorkspaceDiskReadResult,
+        WorkspaceExecResult,
+        WorkspaceExportResult,
+        WorkspaceFileDeleteResult,
+        WorkspaceFileListResult,
+        WorkspaceFileReadResult,
+        WorkspaceFileWriteResult,
+        WorkspacePatchApplyResult,
+        WorkspaceResetResult,
+        WorkspaceSyncPushResult,
+    )
 
 PATH = Arg(
     "path in /workspace (relative paths start there)", surfaces=EVERY, positional=True, path=True
@@ -64,7 +66,7 @@ def workspace_exec(
     secret_env: Annotated[list[str] | dict[str, str] | None, SECRET_ENV] = None,
     timeout_seconds: Annotated[float, TIMEOUT] = 300.0,
     output_cap_bytes: Annotated[int, OUTPUT_CAP] = 1 << 20,
-) -> WorkspaceExecResult:
+) -> "WorkspaceExecResult":
     """Run a command in a running workspace; output streams, the exit code is data.
 
     ``command`` is a shell command line (run with ``/bin/sh -lc``) or an argv list.
@@ -102,7 +104,7 @@ def workspace_file_list(
         str, Arg("directory in /workspace", surfaces=EVERY, positional=True, path=True)
     ] = ".",
     recursive: Annotated[bool, RECURSIVE] = False,
-) -> WorkspaceFileListResult:
+) -> "WorkspaceFileListResult":
     """List files under a directory of /workspace (type, mode, size, mtime)."""
     with open_workspaces(ctx) as workspaces:
         return content.list_files(workspaces, workspace, path, recursive)
@@ -121,7 +123,7 @@ def workspace_file_read(
     path: Annotated[str, PATH],
     max_bytes: Annotated[int, READ_BYTES] = content.DEFAULT_READ_BYTES,
     content_only: Annotated[bool, CONTENT_ONLY] = False,
-) -> WorkspaceFileReadResult:
+) -> "WorkspaceFileReadResult":
     """Read a file from /workspace: UTF-8 text as is, anything else base64-encoded."""
     with open_workspaces(ctx) as workspaces:
         result = content.read_file(workspaces, workspace, path, max_bytes)
@@ -157,7 +159,7 @@ def workspace_file_write(
             octal=True,
         ),
     ] = 0o644,
-) -> WorkspaceFileWriteResult:
+) -> "WorkspaceFileWriteResult":
     """Write a file in /workspace atomically (parent directories are created).
 
     The content is ``text`` or the host file ``text_file`` (at the CLI also ``--stdin``).
@@ -192,7 +194,7 @@ def workspace_file_delete(
     recursive: Annotated[
         bool, Arg("delete a directory and everything in it", surfaces=EVERY)
     ] = False,
-) -> WorkspaceFileDeleteResult:
+) -> "WorkspaceFileDeleteResult":
     """Delete a file, symlink or (with recursive) directory in /workspace."""
     with open_workspaces(ctx) as workspaces:
         return content.delete_file(workspaces, workspace, path, recursive)
@@ -212,7 +214,7 @@ def workspace_patch_apply(
     patch_file: Annotated[
         str | None, Arg("read the unified diff from this host file", surfaces=EVERY, path=True)
     ] = None,
-) -> WorkspacePatchApplyResult:
+) -> "WorkspacePatchApplyResult":
     """Apply a unified diff to /workspace: all hunks or none (the error names the hunk)."""
     if (patch is None) == (patch_file is None):
         raise InvalidArgument("give exactly one of patch or patch_file")
@@ -245,7 +247,7 @@ def workspace_sync_push(
     dest: Annotated[
         str, Arg("destination directory in /workspace", surfaces=EVERY, path=True)
     ] = ".",
-) -> WorkspaceSyncPushResult:
+) -> "WorkspaceSyncPushResult":
     """Copy a host directory or archive into /workspace (safely: no escapes, capped)."""
     path = ctx.host_paths.check(source, "sync source")
     with open_workspaces(ctx) as workspaces:
@@ -265,7 +267,7 @@ def workspace_diff(
     against: Annotated[
         str, Arg("checkpoint to compare with", surfaces=EVERY)
     ] = checkpoints.BASELINE,
-) -> WorkspaceDiffResult:
+) -> "WorkspaceDiffResult":
     """What changed in /workspace since the baseline: counts and unified patches."""
     with open_workspaces(ctx) as workspaces:
         return checkpoints.diff(workspaces, workspace, against)
@@ -294,7 +296,7 @@ def workspace_export(
         ),
     ],
     force: Annotated[bool, FORCE] = False,
-) -> WorkspaceExportResult:
+) -> "WorkspaceExportResult":
     """Copy a file or directory out of /workspace to the host.
 
     An empty directory exports as an empty directory. Device nodes, fifos and sockets
@@ -318,7 +320,7 @@ def snapshot_create(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, CHECKPOINT],
-) -> SnapshotCreateResult:
+) -> "SnapshotCreateResult":
     """Checkpoint /workspace under a name (only changed files are copied out)."""
     with open_workspaces(ctx) as workspaces:
         return checkpoints.create_checkpoint(workspaces, workspace, name)
@@ -331,7 +333,7 @@ def snapshot_create(
     title="List a workspace's checkpoints",
     read_only=True,
 )
-def snapshot_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> SnapshotListResult:
+def snapshot_list(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "SnapshotListResult":
     """The checkpoints of a workspace (the seed is the implicit ``baseline``)."""
     with open_workspaces(ctx) as workspaces:
         found = workspaces.store.checkpoints(workspace)
@@ -354,7 +356,7 @@ def snapshot_delete(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str, CHECKPOINT],
-) -> SnapshotDeleteResult:
+) -> "SnapshotDeleteResult":
     """Delete a checkpoint; the file contents no other checkpoint needs are freed."""
     with open_workspaces(ctx) as workspaces:
         workspaces.store.delete_checkpoint(workspace, name)
@@ -380,7 +382,7 @@ def workspace_reset(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     snapshot: Annotated[str, Arg("checkpoint to restore", surfaces=EVERY)] = checkpoints.BASELINE,
-) -> WorkspaceResetResult:
+) -> "WorkspaceResetResult":
     """Restore /workspace exactly to a checkpoint (default: the baseline) and say what changed."""
     with open_workspaces(ctx) as workspaces:
         return checkpoints.reset(workspaces, workspace, snapshot)
@@ -427,7 +429,7 @@ def workspace_disk_list(
         ),
     ] = "/workspace",
     recursive: Annotated[bool, RECURSIVE] = False,
-) -> WorkspaceDiskListResult:
+) -> "WorkspaceDiskListResult":
     """List a stopped workspace's /workspace disk offline (never mounted on the host)."""
     from pyro_mcp.storage import workspace_disk
 
@@ -457,7 +459,7 @@ def workspace_disk_read(
     ],
     max_bytes: Annotated[int, READ_BYTES] = 1 << 20,
     content_only: Annotated[bool, CONTENT_ONLY] = False,
-) -> WorkspaceDiskReadResult:
+) -> "WorkspaceDiskReadResult":
     """Read a file from a stopped workspace's /workspace disk offline."""
     from pyro_mcp.storage import workspace_disk
 
@@ -491,7 +493,7 @@ def workspace_disk_export(
         ),
     ],
     force: Annotated[bool, FORCE] = False,
-) -> WorkspaceDiskExportResult:
+) -> "WorkspaceDiskExportResult":
     """Copy a stopped workspace's /workspace disk image (ext4) to the host."""
     from pyro_mcp.storage import disk_export
 

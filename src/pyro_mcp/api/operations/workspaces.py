@@ -2,7 +2,7 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.operations.network_args import (
@@ -15,21 +15,6 @@ from pyro_mcp.api.operations.network_args import (
 )
 from pyro_mcp.api.operations.vm import ALLOW_HOST_COMPAT, MEMORY, VCPUS, refuse_host_compat
 from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
-from pyro_mcp.api.results import (
-    ReconcileResult,
-    WorkspaceCreateResult,
-    WorkspaceDeleteResult,
-    WorkspaceForkResult,
-    WorkspaceListResult,
-    WorkspaceLogsResult,
-    WorkspaceNetworkResult,
-    WorkspacePauseResult,
-    WorkspaceResumeResult,
-    WorkspaceStartResult,
-    WorkspaceStatusResult,
-    WorkspaceStopResult,
-    WorkspaceUpdateResult,
-)
 from pyro_mcp.errors import InvalidArgument, PyroError
 from pyro_mcp.vmm.selection import BACKEND_NAMES
 from pyro_mcp.workspace.keeper import ensure_keeper
@@ -38,6 +23,23 @@ from pyro_mcp.workspace.records import WorkspaceRecord
 from pyro_mcp.workspace.secret_input import MAX_VALUE_BYTES, collect_secrets
 from pyro_mcp.workspace.states import Kind
 from pyro_mcp.workspace.store import UNSET
+
+if TYPE_CHECKING:
+    from pyro_mcp.api.results import (
+        ReconcileResult,
+        WorkspaceCreateResult,
+        WorkspaceDeleteResult,
+        WorkspaceForkResult,
+        WorkspaceListResult,
+        WorkspaceLogsResult,
+        WorkspaceNetworkResult,
+        WorkspacePauseResult,
+        WorkspaceResumeResult,
+        WorkspaceStartResult,
+        WorkspaceStatusResult,
+        WorkspaceStopResult,
+        WorkspaceUpdateResult,
+    )
 
 CORE = ("workspace-core", "workspace-full")
 FULL = ("workspace-full",)
@@ -167,7 +169,7 @@ def workspace_create(
     ] = None,
     allow_host_compat: Annotated[bool, ALLOW_HOST_COMPAT] = False,
     id_only: Annotated[bool, Arg("print only the new workspace's id", surfaces=CLI_ONLY)] = False,
-) -> WorkspaceCreateResult:
+) -> "WorkspaceCreateResult":
     """Create a persistent workspace VM; ``/workspace`` starts as the seed (the baseline).
 
     ``network_policy`` (default off: no network device) is kept for every start; status
@@ -234,7 +236,7 @@ def secret_names(workspaces: Workspaces, workspace_id: str) -> list[dict[str, st
 def workspace_list(
     ctx: Context,
     label: Annotated[Labels, labels_arg("only those with this KEY=VALUE label")] = None,
-) -> WorkspaceListResult:
+) -> "WorkspaceListResult":
     """List workspaces with their state, environment, sizes and labels."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile()
@@ -265,7 +267,7 @@ def workspace_update(
         ),
     ] = None,
     ttl_seconds: Annotated[float | None, _ttl("expire this many seconds from now")] = None,
-) -> WorkspaceUpdateResult:
+) -> "WorkspaceUpdateResult":
     """Rename, relabel, or extend (or set) the time-to-live of a workspace."""
     import time
 
@@ -293,7 +295,7 @@ def workspace_update(
     title="Show a workspace's status",
     read_only=True,
 )
-def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStatusResult:
+def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceStatusResult":
     """A workspace's state (and why), sizes, backend, checkpoints, commands and services."""
     with open_workspaces(ctx) as workspaces:
         workspaces.reconcile_one(workspace)
@@ -322,7 +324,9 @@ def workspace_status(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> Work
     title="Show a workspace's network",
     read_only=True,
 )
-def workspace_network(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceNetworkResult:
+def workspace_network(
+    ctx: Context, workspace: Annotated[str, WORKSPACE]
+) -> "WorkspaceNetworkResult":
     """A workspace's network: its policy and allowlist and, while it runs, the guest's
     IP, gateway, MAC, TAP device and published ports."""
     with open_workspaces(ctx) as workspaces:
@@ -354,7 +358,7 @@ def workspace_logs(
     limit: Annotated[
         int, Arg("at most this many recent commands", surfaces=EVERY, minimum=1, maximum=10_000)
     ] = 50,
-) -> WorkspaceLogsResult:
+) -> "WorkspaceLogsResult":
     """The commands journal: what ran, where, how it ended, and the tail of its output."""
     with open_workspaces(ctx) as workspaces:
         commands = workspaces.store.commands(workspace, limit=limit)
@@ -374,7 +378,7 @@ def workspace_logs(
     destructive=True,
     idempotent=True,
 )
-def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStopResult:
+def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceStopResult":
     """Power a workspace off; its root and /workspace disks are kept."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.stop(workspace, progress=ctx.progress).to_dict()
@@ -388,7 +392,7 @@ def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> Worksp
     title="Start a stopped workspace",
     idempotent=True,
 )
-def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceStartResult:
+def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceStartResult":
     """Boot a stopped workspace again from its disks (always a cold boot: its root disk
     no longer matches any template)."""
     with open_workspaces(ctx) as workspaces:
@@ -404,7 +408,7 @@ def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> Works
     title="Pause a workspace to disk",
     idempotent=True,
 )
-def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspacePauseResult:
+def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspacePauseResult":
     """Save a running workspace's memory and device state to disk and end its VM: a
     paused workspace uses no host memory and survives a pyro or host restart. QEMU only,
     not with a network link. Errors: InvalidState when it is not running; VMError when
@@ -421,7 +425,7 @@ def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> Works
     title="Resume a paused workspace",
     idempotent=True,
 )
-def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceResumeResult:
+def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceResumeResult":
     """Run a paused workspace again from its saved memory: processes, services, shells
     and page cache as they were; the guest clock is set to now. Errors: InvalidState when
     it is not paused; on a failure it stays paused."""
@@ -441,7 +445,7 @@ def workspace_fork(
     ctx: Context,
     workspace: Annotated[str, WORKSPACE],
     name: Annotated[str | None, Arg("a unique name for the fork", surfaces=EVERY)] = None,
-) -> WorkspaceForkResult:
+) -> "WorkspaceForkResult":
     """A new running workspace from a running one's memory and disks at this instant,
     with a hostname, machine-id and random state of its own; the source keeps running.
     The fork has the source's baseline and secrets, not its checkpoints. QEMU only, not
@@ -464,7 +468,7 @@ def workspace_fork(
     destructive=True,
     idempotent=True,
 )
-def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> WorkspaceDeleteResult:
+def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceDeleteResult":
     """Delete a workspace: its VM, disks, checkpoints and journal."""
     with open_workspaces(ctx) as workspaces:
         return workspaces.delete(workspace)
@@ -478,7 +482,7 @@ def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> Work
     destructive=True,
     idempotent=True,
 )
-def reconcile(ctx: Context) -> ReconcileResult:
+def reconcile(ctx: Context) -> "ReconcileResult":
     """Repair what crashes left: records of dead VMs, orphan VMMs, stale sockets, TTLs."""
     with open_workspaces(ctx) as workspaces:
         return dict(workspaces.reconcile())
