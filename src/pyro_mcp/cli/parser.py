@@ -36,8 +36,9 @@ def _terminal_columns() -> int:
     except ValueError:
         columns = 0
     if columns <= 0:
+        stdout = sys.__stdout__
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            columns = 0 if stdout is None else os.get_terminal_size(stdout.fileno()).columns
         except (AttributeError, ValueError, OSError):
             columns = 0
     return columns if columns > 0 else 80
@@ -76,7 +77,8 @@ class Choices(argparse._SubParsersAction):  # type: ignore[type-arg]
 
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         kwargs.setdefault("formatter_class", Formatter)
-        return super().add_parser(name, **kwargs)
+        parser: argparse.ArgumentParser = super().add_parser(name, **kwargs)
+        return parser
 
     def __call__(
         self,
