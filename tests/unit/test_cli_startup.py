@@ -41,6 +41,10 @@ HEAVY = (
     "pyro_mcp.network.link",
     "pyro_mcp.workspace.seeds",
 )
+# What `workspace exec` and help need no more than the rest: the compression modules
+# shutil brings (argparse imports it for the terminal's width), difflib (only an unknown
+# argument is answered with a guess), the result types (named for the type checker).
+NOT_ON_THE_WAY = ("shutil", "bz2", "lzma", "difflib", "pyro_mcp.api.results")
 # Runs main() as the `pyro` script does, then reports the modules it imported on stderr.
 REPORT = (
     "import json, sys\n"
@@ -80,6 +84,7 @@ def test_version_and_help_import_none_of_the_heavy_modules(argv: list[str], show
     assert report["code"] == 0
     assert done.stdout.startswith(shown)
     assert [name for name in HEAVY if name in report["modules"]] == []
+    assert [name for name in NOT_ON_THE_WAY if name in report["modules"]] == []
     if argv == ["--version"]:
         assert "pyro_mcp.api.registry" not in report["modules"]  # nor any operation
         assert "argparse" not in report["modules"]
@@ -100,6 +105,17 @@ def test_workspace_exec_reaches_the_agent_importing_none_of_the_heavy_modules(
     modules = json.loads(done.stderr.splitlines()[-1])
     assert "pyro_mcp.vmm.attach" in modules  # it got as far as attaching
     assert [name for name in HEAVY if name in modules] == []
+    assert [name for name in NOT_ON_THE_WAY if name in modules] == []
+
+
+@pytest.mark.parametrize("columns", ["60", "120"])
+def test_help_is_wrapped_to_the_columns_asked_for(columns: str) -> None:
+    done = _run(REPORT, "workspace", "exec", "--help", env={"COLUMNS": columns})
+    options = done.stdout[done.stdout.index("\noptions:") :]  # the doc above keeps its lines
+    lines = options.splitlines()
+    widest = max(len(line) for line in lines)
+    assert widest <= int(columns)
+    assert widest > int(columns) - 20  # wrapped to that width, not to some other
 
 
 def test_pyro_version_prints_the_version() -> None:
