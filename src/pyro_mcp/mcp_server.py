@@ -69,6 +69,7 @@ from pyro_mcp.api.display import printable, printable_text
 from pyro_mcp.api.hints import for_mcp
 from pyro_mcp.api.lifecycle import discard_owned_vms
 from pyro_mcp.api.registry import Param, Surface
+from pyro_mcp.api.result_shapes import output_schema
 from pyro_mcp.api.validation import check_names, json_schema
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
@@ -230,8 +231,9 @@ def _operation_tool(
             annotations=_annotations(op),
         ),
     )
-    # Hook for output schemas: one built from the operation's typed result belongs here
-    # (today the SDK derives a plain object from the wrapper's return annotation).
+    # The schema of its declared result (the SDK would derive a bare object from the
+    # wrapper's `dict[str, Any]`, which stays the model results are validated with).
+    tool.fn_metadata.output_schema = output_schema(op)
     tool.offered = op.mcp_params(profile)
     tool.profile = profile
     return _refuse_unknown_arguments(tool)

@@ -4,6 +4,7 @@ portable schemas, and errors a model can act on."""
 
 from __future__ import annotations
 
+import jsonschema
 import pytest
 from tests.mcp_clients.conftest import PROFILE, Inspector
 
@@ -100,3 +101,22 @@ def test_a_tool_that_boots_nothing_returns_structured_content(inspector: Inspect
     assert result.get("isError") is not True
     names = [row["name"] for row in result["structuredContent"]["environments"]]
     assert names == ["debian:12-base", "debian:12", "debian:12-build"]
+
+
+def test_the_structured_content_matches_the_output_schema_the_listing_shows(
+    inspector: Inspector,
+) -> None:
+    tools = {tool["name"]: tool for tool in inspector("tools/list").result["tools"]}
+    schema = tools["env_list"]["outputSchema"]
+    assert schema["title"] == "EnvListResult"
+    assert schema["required"] == ["environments"]
+    content = inspector("tools/call", "--tool-name", "env_list").result["structuredContent"]
+    # As a 2020-12 validator and as a draft-07 one (what many clients still run) read it.
+    for validator in (jsonschema.Draft202012Validator, jsonschema.Draft7Validator):
+        validator.check_schema(schema)
+        assert list(validator(schema).iter_errors(content)) == []
+        first = content["environments"][0]
+        wrong = {"environments": [{**first, "name": 12}]}
+        assert [e.message for e in validator(schema).iter_errors(wrong)] == [
+            "12 is not of type 'string'"
+        ]

@@ -9,7 +9,7 @@ import logging
 import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypedDict, TypeVar
 
 import anyio
 import pytest
@@ -160,9 +160,15 @@ def test_prompts_resources_and_completions_it_lacks_are_method_not_found(
 # --- log lines ---------------------------------------------------------------------------
 
 
+class NamedResult(TypedDict):
+    """What a stand-in returns."""
+
+    name: str
+
+
 def mcp_test_logger(
     ctx: Context, name: Annotated[str, Arg("what to log", surfaces=EVERY, positional=True)]
-) -> dict[str, Any]:
+) -> NamedResult:
     """Log at two levels (a stand-in used by the MCP tests)."""
     ctx.progress(f"looking {name} up")  # an info line: "mcp_test_logger: looking ... up"
     logging.getLogger("pyro_mcp.tests").warning("%s is not cached", name)
@@ -234,7 +240,7 @@ def test_a_client_that_never_asks_gets_no_log_lines(mode: str, logger_operation:
 
 def mcp_test_stopped(
     ctx: Context, workspace: Annotated[str, Arg("a workspace", surfaces=EVERY, positional=True)]
-) -> dict[str, Any]:
+) -> NamedResult:
     """Refuse as a stopped workspace does (a stand-in used by the MCP tests)."""
     raise InvalidState(
         f"workspace {workspace} is stopped; exec needs it running",

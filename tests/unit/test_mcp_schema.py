@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import typing
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args, get_origin
+from typing import Annotated, Any, TypedDict, TypeVar, get_args, get_origin
 
 import anyio
+import jsonschema
 import pytest
 from mcp import Client
 from mcp_types import CallToolResult, Tool
 
 from pyro_mcp.api import Context, Operation, all_operations, operation, registry
 from pyro_mcp.api.registry import EVERY, Arg, Param, Surface
+from pyro_mcp.api.result_shapes import result_type
 from pyro_mcp.errors import NotFound
 from pyro_mcp.mcp_profiles import PROFILES
 from pyro_mcp.mcp_server import COMPAT_TOOLS, build_server, confined_context, serve
@@ -110,6 +113,55 @@ def test_tool_descriptions_and_schemas_come_from_the_operation(profile: str) -> 
         for param in offered:
             _assert_property(name, param, schema["properties"][param.name])
         assert tool.output_schema is not None and tool.output_schema["type"] == "object"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_each_tool_publishes_the_result_it_declares_as_its_output_schema(profile: str) -> None:
+    tools = _list_tools(profile)
+    for name, op in {**_ops(profile), **_compat_ops(profile)}.items():
+        declared = result_type(op)
+        schema = tools[name].output_schema
+        assert schema is not None, name
+        assert schema["title"] == declared.__name__, name
+        assert set(schema["properties"]) == set(typing.get_type_hints(declared)), name
+        assert schema["required"] == sorted(declared.__required_keys__), name
+        assert "$schema" not in schema, name  # draft-07 validators refuse 2020-12's address
+        assert not _closed_objects(schema), f"{name}: {_closed_objects(schema)}"
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def _compat_ops(profile: str) -> dict[str, Operation]:
+    ops = _ops(profile) if profile == "workspace-full" else {}  # where pyro-mcp 3.x had them
+    return {alias: ops[target] for alias, target in COMPAT_TOOLS.items() if target in ops}
+
+
+def _closed_objects(schema: Any, where: str = "") -> list[str]:
+    """Where ``schema`` has an object refusing keys it does not name."""
+    if isinstance(schema, list):
+        return [w for i, item in enumerate(schema) for w in _closed_objects(item, f"{where}[{i}]")]
+    if not isinstance(schema, dict):
+        return []
+    here = [where or "/"] if schema.get("additionalProperties") is False else []
+    return here + [w for k, v in schema.items() for w in _closed_objects(v, f"{where}/{k}")]
+
+
+def test_an_output_schema_types_each_key_and_leaves_room_for_new_ones() -> None:
+    schema = _list_tools("workspace-full")["workspace_exec"].output_schema
+    assert schema is not None
+    validator = jsonschema.Draft202012Validator(schema)
+    result = {
+        "exit_code": 0, "stdout": "hi\n", "stderr": "", "timed_out": False, "signal": None,
+        "stdout_truncated": False, "stderr_truncated": False, "duration_ms": 3.5,
+        "workspace_id": "0123456789ab", "command": ["echo", "hi"], "cwd": "/workspace",
+    }  # fmt: skip
+    assert list(validator.iter_errors(result)) == []
+    assert list(validator.iter_errors({**result, "a_key_added_later": 1})) == []
+    errors = [e.message for e in validator.iter_errors({**result, "exit_code": "0"})]
+    assert errors == ["'0' is not of type 'integer'"]
+    missing = {k: v for k, v in result.items() if k != "stdout"}
+    assert [e.message for e in validator.iter_errors(missing)] == [
+        "'stdout' is a required property"
+    ]
 
 
 def _assert_property(tool: str, param: Param, prop: dict[str, Any]) -> None:
@@ -283,10 +335,16 @@ def test_env_list_returns_the_catalog_as_structured_content(
 SEEN: dict[str, Any] = {}
 
 
+class NamedResult(TypedDict):
+    """What a stand-in returns."""
+
+    name: str
+
+
 def mcp_test_probe(
     ctx: Context,
     name: Annotated[str, Arg("what to look up", surfaces=EVERY, positional=True)],
-) -> dict[str, Any]:
+) -> NamedResult:
     """Look ``name`` up slowly, reporting progress (a stand-in used by the MCP tests)."""
     try:
         asyncio.get_running_loop()
@@ -296,6 +354,10 @@ def mcp_test_probe(
     SEEN["thread"] = threading.current_thread()
     ctx.progress("booting the probe")
     ctx.progress("looking it up")
+    if name == "grown":  # a later version's result: a key this listing does not name
+        return {"name": name, "added_later": True}  # type: ignore[typeddict-unknown-key]
+    if name == "mistyped":  # a result unlike its declaration (a bug)
+        return {"name": 7}  # type: ignore[typeddict-item]
     if name != "known":
         raise NotFound(f"unknown name {name!r}", hint="try 'known'")
     return {"name": name}
@@ -327,6 +389,27 @@ def test_progress_phases_reach_the_client_as_notifications(
     assert not result.is_error
     assert result.structured_content == {"name": "known"}
     assert progress == ["booting the probe", "looking it up"]
+
+
+def test_a_client_accepts_a_result_with_keys_added_after_its_listing(
+    probe_operation: None,
+) -> None:
+    result = _call("vm-run", "mcp_test_probe", {"name": "grown"})
+    assert not result.is_error
+    assert result.structured_content == {"name": "grown", "added_later": True}
+
+
+def test_a_client_refuses_a_result_whose_value_is_not_of_its_declared_type(
+    probe_operation: None,
+) -> None:
+    # The SDK's client checks structured content against the published schema: the
+    # schema is what stands between a wrong result and a program that trusts it.
+    with pytest.raises(ExceptionGroup) as raised:  # out of the client's task groups
+        _call("vm-run", "mcp_test_probe", {"name": "mistyped"})
+    assert raised.group_contains(
+        RuntimeError,
+        match=r"Invalid structured content returned by tool mcp_test_probe: 7 is not of type",
+    )
 
 
 def test_operations_run_in_a_worker_thread_not_on_the_event_loop(

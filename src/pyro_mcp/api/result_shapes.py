@@ -1,5 +1,6 @@
 """Operation results as declared (:mod:`pyro_mcp.api.results`): the type of each, a check
-that a real result matches it, and its JSON schema (for MCP output schemas).
+that a real result matches it, and its JSON schema (closed, for checks; open, as MCP
+output schemas).
 
 The declaration is the operation function's return annotation, so nothing here keeps a
 second list of result types: a new operation's result is checked and described as soon
@@ -133,8 +134,18 @@ def result_schema(op: Operation) -> dict[str, Any]:
     return {"$schema": JSON_SCHEMA_DIALECT, **type_schema(result_type(op))}
 
 
-def type_schema(declared: Any) -> dict[str, Any]:
-    """The JSON schema of values of the type ``declared``."""
+def output_schema(op: Operation) -> dict[str, Any]:
+    """What ``op``'s MCP tool publishes as its ``outputSchema``: the keys of
+    :func:`result_schema`, each typed, the required ones listed, but open objects (a later
+    version may add keys: a client that kept an older listing still accepts its results),
+    and no ``$schema`` (the protocol's default dialect is 2020-12, and clients that
+    validate with a draft-07 validator refuse the 2020-12 meta-schema's address)."""
+    return type_schema(result_type(op), closed=False)
+
+
+def type_schema(declared: Any, *, closed: bool = True) -> dict[str, Any]:
+    """The JSON schema of values of the type ``declared`` (its records closed objects, or
+    with ``closed`` false, open ones)."""
     if declared is Any:
         return {}
     if declared is None or declared is type(None):
@@ -143,28 +154,30 @@ def type_schema(declared: Any) -> dict[str, Any]:
     if origin is Literal:
         return {"enum": list(get_args(declared))}
     if origin in (Union, types.UnionType):
-        return {"anyOf": [type_schema(arm) for arm in get_args(declared)]}
+        return {"anyOf": [type_schema(arm, closed=closed) for arm in get_args(declared)]}
     if is_typeddict(declared):
-        return _object_schema(declared)
+        return _object_schema(declared, closed)
     if origin is list:
-        return {"type": "array", "items": type_schema(get_args(declared)[0])}
+        return {"type": "array", "items": type_schema(get_args(declared)[0], closed=closed)}
     if origin is dict:
-        return {"type": "object", "additionalProperties": type_schema(get_args(declared)[1])}
+        values = type_schema(get_args(declared)[1], closed=closed)
+        return {"type": "object", "additionalProperties": values}
     scalars = {bool: "boolean", int: "integer", float: "number", str: "string"}
     if declared in scalars:
         return {"type": scalars[declared]}
     raise TypeError(f"no JSON schema for values of type {declared!r}")
 
 
-def _object_schema(declared: Any) -> dict[str, Any]:
+def _object_schema(declared: Any, closed: bool) -> dict[str, Any]:
     hints = typing.get_type_hints(declared)
     schema: dict[str, Any] = {
         "title": declared.__name__,
         "type": "object",
-        "properties": {key: type_schema(hint) for key, hint in hints.items()},
+        "properties": {key: type_schema(hint, closed=closed) for key, hint in hints.items()},
         "required": sorted(declared.__required_keys__),
-        "additionalProperties": False,
     }
+    if closed:
+        schema["additionalProperties"] = False
     own_doc = declared.__dict__.get("__doc__")
     if own_doc:
         schema["description"] = " ".join(own_doc.split())
