@@ -318,7 +318,7 @@ class Pyro:
         image, missing file), with the command that rebuilds it.
         """
 
-    def doctor(self) -> RuntimeDoctorResult:
+    def doctor(self, platform: Literal['linux-x86_64'] = 'linux-x86_64') -> RuntimeDoctorResult:
         """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
 
     def start_service(
@@ -667,7 +667,9 @@ class Pyro:
         path: str | os.PathLike[str],
         max_bytes: int = 1048576,
     ) -> WorkspaceDiskReadResult:
-        """Read a file from a stopped workspace's /workspace disk offline."""
+        """Read a file from a stopped workspace's /workspace disk offline: UTF-8 text as is,
+        anything else base64-encoded.
+        """
 
     def export_workspace_disk(
         self,
@@ -1021,7 +1023,10 @@ class AsyncPyro:
         image, missing file), with the command that rebuilds it.
         """
 
-    async def doctor(self) -> RuntimeDoctorResult:
+    async def doctor(
+        self,
+        platform: Literal['linux-x86_64'] = 'linux-x86_64',
+    ) -> RuntimeDoctorResult:
         """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
 
     async def start_service(
@@ -1374,7 +1379,9 @@ class AsyncPyro:
         path: str | os.PathLike[str],
         max_bytes: int = 1048576,
     ) -> WorkspaceDiskReadResult:
-        """Read a file from a stopped workspace's /workspace disk offline."""
+        """Read a file from a stopped workspace's /workspace disk offline: UTF-8 text as is,
+        anything else base64-encoded.
+        """
 
     async def export_workspace_disk(
         self,

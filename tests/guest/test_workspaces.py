@@ -311,6 +311,39 @@ def test_cli_create_exec_and_json(ws_ctx: Context, tmp_path: Path) -> None:
     assert status["state"] == "running" and status["commands"] == 1
 
 
+def test_content_only_prints_the_files_bytes_running_and_from_the_stopped_disk(
+    ws_ctx: Context,
+) -> None:
+    env = dict(
+        os.environ,
+        PYRO_CACHE_DIR=str(ws_ctx.paths.cache_dir),
+        PYRO_RUN_DIR=str(ws_ctx.paths.run_root),
+        PYRO_STATE_DIR=str(ws_ctx.state_dir),
+    )
+    cli = [sys.executable, "-m", "pyro_mcp.cli.main", "workspace"]
+
+    def pyro(*args: str) -> bytes:
+        done = subprocess.run([*cli, *args], capture_output=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    wid = pyro("create", "debian:12", "--id-only").decode().strip()
+    # Not UTF-8 (0xff), a NUL, a terminal escape; and text without a final newline.
+    made = "printf '\\377\\000\\033[31mred' > blob; printf 'no newline' > note"
+    pyro("exec", wid, "--", "sh", "-c", made)
+    blob = b"\xff\x00\x1b[31mred"
+    assert pyro("file", "read", wid, "blob", "--content-only") == blob
+    assert pyro("file", "read", wid, "note", "--content-only") == b"no newline"
+    read = json.loads(pyro("file", "read", wid, "blob", "--json"))
+    assert read["encoding"] == "base64" and read["content"] == "/wAbWzMxbXJlZA=="
+    pyro("stop", wid)
+    assert pyro("disk", "read", wid, "/workspace/blob", "--content-only") == blob
+    disk = json.loads(pyro("disk", "read", wid, "blob", "--json"))
+    assert (disk["encoding"], disk["content"]) == ("base64", "/wAbWzMxbXJlZA==")
+    assert json.loads(pyro("disk", "read", wid, "note", "--json"))["content"] == "no newline"
+    pyro("delete", wid)
+
+
 def test_sync_push_copies_a_directory_or_an_archive_in(ws_ctx: Context, tmp_path: Path) -> None:
     wid = ws.workspace_create(ws_ctx, "debian:12")["id"]
     source = _seed(tmp_path / "src-tree")

@@ -282,3 +282,45 @@ def test_this_host_in_full(tmp_path: Path) -> None:
     assert report["kvm"]["kind"] in host_probe.KVM_KINDS
     assert report["backends"]["selected"]
     assert doctor.render_text(report).count("\n") > 20
+
+
+# --- the runtime's platform (pyro-mcp 3.x's --platform) ---------------------------------
+
+
+def test_the_platform_section_names_this_host_as_pyro_mcp_named_platforms() -> None:
+    section = host_probe.probe_platform()
+    assert section["name"] == "linux-x86_64"  # this machine (and CI)
+    assert section["runtime_platform"] == "linux-x86_64"
+    assert section["runtime_runs_here"] is True
+
+
+def test_a_host_the_runtime_is_not_built_for_is_the_first_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bare_host: None
+) -> None:
+    monkeypatch.setattr(host_probe.platform, "machine", lambda: "aarch64")
+    report = doctor.diagnose(RuntimePaths(tmp_path / "cache"), root=tmp_path)
+    assert report["platform"]["runtime_runs_here"] is False
+    assert report["summary"][0] == (
+        "This host is linux-aarch64: pyro's runtime is built for linux-x86_64 only, "
+        "so no guest can run here"
+    )
+
+
+def test_doctor_takes_the_one_platform_it_checks_and_refuses_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp import InvalidArgument, Pyro
+    from pyro_mcp.cli.main import main
+
+    monkeypatch.setenv("PYRO_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["doctor", "--platform", "linux-x86_64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["platform"]["runtime_platform"] == "linux-x86_64"
+    with pytest.raises(SystemExit) as exited:
+        main(["doctor", "--platform", "linux-aarch64"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'linux-aarch64' (choose from 'linux-x86_64')" in (
+        capsys.readouterr().err
+    )
+    refused = "platform must be one of 'linux-x86_64', got 'linux-aarch64'"
+    with pytest.raises(InvalidArgument, match=refused):
+        Pyro().doctor(platform="linux-aarch64")

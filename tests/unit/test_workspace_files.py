@@ -1337,3 +1337,25 @@ def test_a_seed_round_trips_from_archive_to_disk_to_manifest(
     disk_bytes = workspace_disk.disk_read(image, "proj/x.py", 100)
     assert sha256_bytes(disk_bytes) == file_entry.sha256
     assert store.get_manifest(store.put_manifest(entries)) == entries
+
+
+# --- a file's bytes in a result ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "encoding"),
+    [
+        (b"ship it\n", "utf-8"),
+        ("caf\u00e9 \u2713".encode(), "utf-8"),
+        (b"", "utf-8"),
+        (b"\xff\xfe not utf-8", "base64"),
+        (b"text\x00with a NUL", "base64"),  # valid UTF-8, but a binary file
+        (b"\x1b[31mred\x1b[0m", "utf-8"),  # an escape is text: printed as is, not altered
+    ],
+)
+def test_a_files_bytes_come_back_exactly_from_its_result(data: bytes, encoding: str) -> None:
+    from pyro_mcp.workspace.content import content_bytes, content_fields
+
+    fields = content_fields(data)
+    assert fields["encoding"] == encoding
+    assert content_bytes(fields) == data

@@ -600,6 +600,7 @@ class WorkspaceFileReadResult(TypedDict):
     truncated: bool
     encoding: Literal["utf-8", "base64"]
     content: str
+    content_only: NotRequired[bool]  # the CLI's --content-only
 
 
 class WorkspaceFileWriteResult(TypedDict):
@@ -728,6 +729,7 @@ class WorkspaceDiskListResult(TypedDict):
 class WorkspaceDiskReadResult(TypedDict):
     path: str
     size: int
+    encoding: Literal["utf-8", "base64"]
     content: str
     content_only: NotRequired[bool]  # the CLI's --content-only
 

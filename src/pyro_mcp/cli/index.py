@@ -250,7 +250,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
         ("workspace", "disk", "read"),
         "pyro_mcp.api.operations.workspace_content",
         "workspace_disk_read",
-        "Read a file from a stopped workspace's /workspace disk offline.",
+        "Read a file from a stopped workspace's /workspace disk offline: UTF-8 text as is,",
     ),
     (
         ("workspace", "exec"),

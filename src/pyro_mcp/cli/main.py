@@ -147,15 +147,18 @@ def _main(argv: list[str]) -> int:
         return 128 + signum
     if as_json:
         print(json.dumps(result, indent=2, default=str))
+    elif isinstance(result, dict) and result.get("content_only"):
+        from pyro_mcp.workspace.content import content_bytes
+
+        sys.stdout.buffer.write(content_bytes(result))  # the file's bytes, as `cat` prints
+        sys.stdout.flush()
     else:
         from pyro_mcp.cli.render import render_text
 
         text = render_text(op.name, result)
         if text:
             # A command's own output went to stdout; pyro's notes about it go to stderr.
-            exact = isinstance(result, dict) and result.get("content_only")
-            end = "" if exact else "\n"  # --content-only prints the file's bytes as they are
-            print(text, end=end, file=sys.stderr if op.exit_code_key else sys.stdout)
+            print(text, file=sys.stderr if op.exit_code_key else sys.stdout)
     if op.exit_code_key is not None and isinstance(result, dict):
         return int(result[op.exit_code_key]) & 0xFF
     return 0

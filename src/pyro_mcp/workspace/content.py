@@ -127,14 +127,12 @@ def read_file(workspaces: Workspaces, ref: str, path: str, max_bytes: int) -> di
     target = guest_path(path)
     with workspaces.agent(ref, "file read") as agent:
         data, info = agent.get_file(target, max_bytes=max_bytes, root=WORKSPACE_ROOT)
-    text = _as_text(data)
     return {
         "path": target,
         "size": info.get("size"),
         "mode": info.get("mode"),
         "truncated": bool(info.get("truncated")),
-        "encoding": "utf-8" if text is not None else "base64",
-        "content": text if text is not None else _b64(data),
+        **content_fields(data),
     }
 
 
@@ -277,16 +275,24 @@ def _tar_chunks(source: HostPath) -> Iterator[bytes]:
             os.close(fd)
 
 
-def _as_text(data: bytes) -> str | None:
-    if b"\x00" in data[:8192]:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _b64(data: bytes) -> str:
+def content_fields(data: bytes) -> dict[str, str]:
+    """A file's bytes as a result carries them: ``encoding`` utf-8 and the text when they
+    are UTF-8 text (no NUL in the first 8 KiB), else ``base64`` and its encoding. Nothing
+    is lost either way: :func:`content_bytes` gives the bytes back."""
+    if b"\x00" not in data[:8192]:
+        try:
+            return {"encoding": "utf-8", "content": data.decode("utf-8")}
+        except UnicodeDecodeError:
+            pass
     import base64
 
-    return base64.b64encode(data).decode()
+    return {"encoding": "base64", "content": base64.b64encode(data).decode()}
+
+
+def content_bytes(result: dict[str, Any]) -> bytes:
+    """The bytes of a result made by :func:`content_fields`."""
+    if result.get("encoding") == "base64":
+        import base64
+
+        return base64.b64decode(result["content"], validate=True)
+    return str(result["content"]).encode("utf-8")

@@ -8,6 +8,7 @@ from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import EVERY, Arg, operation
 from pyro_mcp.errors import IntegrityError, PyroError, RuntimeMissing
 from pyro_mcp.runtime import binaries, kernels
+from pyro_mcp.runtime.pins import RUNTIME_PLATFORM
 
 if TYPE_CHECKING:
     from pyro_mcp.api.results import (
@@ -374,7 +375,18 @@ def runtime_verify(ctx: Context) -> "RuntimeVerifyResult":
 
 
 @operation(cli=("doctor",), sdk="doctor", title="Diagnose this host", read_only=True)
-def runtime_doctor(ctx: Context) -> "RuntimeDoctorResult":
+def runtime_doctor(
+    ctx: Context,
+    platform: Annotated[
+        str,
+        Arg(
+            "the runtime platform to check (pyro-mcp 3.x's flag): pyro's runtime is built "
+            "for this one only, and the doctor checks the host it runs on",
+            surfaces=EVERY,
+            choices=(RUNTIME_PLATFORM,),
+        ),
+    ] = RUNTIME_PLATFORM,
+) -> "RuntimeDoctorResult":
     """Diagnose this host: KVM and its kind, usable backends and why, tools, cache, capabilities."""
     from pyro_mcp.runtime import doctor
 

@@ -44,7 +44,9 @@ CWD = Arg("working directory (default /workspace)", surfaces=EVERY, path=True)
 FORCE = Arg("replace an existing output", surfaces=EVERY)
 RECURSIVE = Arg("descend into subdirectories", surfaces=EVERY)
 READ_BYTES = Arg("read at most this many bytes", surfaces=EVERY, minimum=1, maximum=64 << 20)
-CONTENT_ONLY = Arg("print only the content", surfaces=CLI_ONLY)
+CONTENT_ONLY = Arg(
+    "print only the file's bytes, exactly as stored (neither JSON nor base64)", surfaces=CLI_ONLY
+)
 CHECKPOINT = Arg("checkpoint name", surfaces=EVERY, positional=True, name="snapshot_name")
 
 
@@ -460,12 +462,13 @@ def workspace_disk_read(
     max_bytes: Annotated[int, READ_BYTES] = 1 << 20,
     content_only: Annotated[bool, CONTENT_ONLY] = False,
 ) -> "WorkspaceDiskReadResult":
-    """Read a file from a stopped workspace's /workspace disk offline."""
+    """Read a file from a stopped workspace's /workspace disk offline: UTF-8 text as is,
+    anything else base64-encoded."""
     from pyro_mcp.storage import workspace_disk
 
     image = _stopped_disk(ctx, workspace, "disk read")
     data = workspace_disk.disk_read(image, _on_disk(path), max_bytes)
-    result = {"path": path, "size": len(data), "content": data.decode("utf-8", "replace")}
+    result = {"path": path, "size": len(data), **content.content_fields(data)}
     if content_only:
         result["content_only"] = True
     return result
