@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from pyro_mcp.api.results import (
+    DemoOllamaResult,
     DemoResult,
     EnvBuildResult,
     EnvImportResult,
@@ -96,6 +97,23 @@ class Pyro:
         the commands to try next. ``network`` gives the VM egress (as ``pyro run --network``)
         and shows its address. Errors as for ``pyro run`` (RuntimeMissing with the command
         that installs debian:12 when it is not installed).
+        """
+
+    def demo_ollama(
+        self,
+        base_url: str = 'http://127.0.0.1:11434',
+        model: str = 'llama3.2:3b',
+        verbose: bool = False,
+    ) -> DemoOllamaResult:
+        """Give a model on an Ollama server pyro's vm-run tools and a task, and let it work.
+
+        The model is asked to run ``git --version`` in a fresh debian:12 microVM with
+        ``vm_run`` and to say which version it found; each tool call it makes runs as an MCP
+        client's would (its arguments checked, an error returned to it as text it can read).
+        Returns its answer, the rounds it took and each tool call with its outcome. Errors:
+        ModelServerError when no server answers at ``base_url`` or it answers something
+        unusable, NotFound when it lacks the model (the hint: ``ollama pull``),
+        OperationTimeout when a reply takes longer than 300 s.
         """
 
     def list_environments(self) -> EnvListResult:
@@ -801,6 +819,23 @@ class AsyncPyro:
         the commands to try next. ``network`` gives the VM egress (as ``pyro run --network``)
         and shows its address. Errors as for ``pyro run`` (RuntimeMissing with the command
         that installs debian:12 when it is not installed).
+        """
+
+    async def demo_ollama(
+        self,
+        base_url: str = 'http://127.0.0.1:11434',
+        model: str = 'llama3.2:3b',
+        verbose: bool = False,
+    ) -> DemoOllamaResult:
+        """Give a model on an Ollama server pyro's vm-run tools and a task, and let it work.
+
+        The model is asked to run ``git --version`` in a fresh debian:12 microVM with
+        ``vm_run`` and to say which version it found; each tool call it makes runs as an MCP
+        client's would (its arguments checked, an error returned to it as text it can read).
+        Returns its answer, the rounds it took and each tool call with its outcome. Errors:
+        ModelServerError when no server answers at ``base_url`` or it answers something
+        unusable, NotFound when it lacks the model (the hint: ``ollama pull``),
+        OperationTimeout when a reply takes longer than 300 s.
         """
 
     async def list_environments(self) -> EnvListResult:

@@ -25,6 +25,8 @@
     ├── RegistryError              an OCI registry refused a request or sent something
     │   │                          unusable (names the registry and the fix)
     │   └── RegistryUnreachable    no connection to the registry at all
+    ├── ModelServerError           a model server (Ollama, for `pyro demo ollama`) is
+    │                              unreachable, refused a request or answered unusably
     └── Cancelled                  the caller gave up; what the call ran was stopped
 
 Lower-level errors (OSError, subprocess failures) are translated at the boundary with
@@ -127,6 +129,13 @@ class RegistryUnreachable(RegistryError):
     """No connection to the registry (refused, no route, name not resolved)."""
 
     code = "registry_unreachable"
+
+
+class ModelServerError(PyroError):
+    """A model server (Ollama's chat API) is unreachable, refused a request, or answered
+    something pyro cannot use (names the server and the fix)."""
+
+    code = "model_server_error"
 
 
 class VMError(PyroError):

@@ -193,3 +193,38 @@ def test_a_vm_whose_owner_was_killed_is_swept(runtime: RuntimePaths) -> None:
         time.sleep(0.1)
     assert _vmm_processes(runtime) == []
     assert list(Path(runtime.run_root).glob("*")) == []
+
+
+def test_demo_ollama_a_model_runs_git_in_a_real_vm_and_reads_its_output(
+    runtime: RuntimePaths,
+) -> None:
+    """The model (a scripted stand-in on loopback) calls vm_run as a model would; its
+    answer is built from the guest's real output, which only a real VM can give."""
+    from tests.fake_ollama import Reply, calls, fake_ollama, tool_results
+
+    def answer_from_the_vm(request: dict[str, object]) -> tuple[int, bytes]:
+        [ran] = tool_results(request)  # type: ignore[arg-type]
+        words = f"The VM has {ran['content']['stdout'].strip()}."
+        body = {"message": {"role": "assistant", "content": words}, "done": True}
+        return 200, json.dumps(body).encode()
+
+    script: list[Reply] = [
+        calls(("vm_run", {"environment": "debian:12", "command": ["git", "--version"]})),
+        answer_from_the_vm,
+    ]
+    with fake_ollama(*script) as server:
+        done = _pyro(runtime, "demo", "ollama", "--base-url", server.url, "--json", timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["answer"].startswith("The VM has git version 2.39.")
+    assert result["tool_calls"] == [
+        {
+            "name": "vm_run",
+            "arguments": {"environment": "debian:12", "command": ["git", "--version"]},
+            "ok": True,
+            "outcome": "exit code 0",
+        }
+    ]
+    [ran] = tool_results(server.requests[1])
+    assert ran["content"]["exit_code"] == 0
+    assert ran["content"]["stdout"].startswith("git version 2.39.")  # what the guest printed

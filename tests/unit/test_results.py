@@ -13,6 +13,7 @@ from typing import Any, NotRequired, TypedDict
 
 import jsonschema
 import pytest
+from tests.fake_ollama import answer, calls, fake_ollama
 from tests.result_checks import CheckedCalls
 
 from pyro_mcp.api import Context, all_operations
@@ -299,9 +300,13 @@ def test_host_and_demo_results_are_as_declared(
 
     monkeypatch.setattr(demo, "vm_run", fake_run)
     assert call(ctx, "demo")["stdout"] == "git version 2.39.5\n"
+    script = (calls(("env_list", {}), ("no_such_tool", {})), answer("Three."))
+    with fake_ollama(*script) as server:
+        assert call(ctx, "demo_ollama", base_url=server.url)["answer"] == "Three."
 
 
 UNIT_COVERED = {
+    "demo_ollama",
     "env_list",
     "env_inspect",
     "env_prune",

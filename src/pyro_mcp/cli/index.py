@@ -13,6 +13,12 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
         "Boot a fresh microVM of debian:12, run ``git --version`` in it, and discard it.",
     ),
     (
+        ("demo", "ollama"),
+        "pyro_mcp.api.operations.demo",
+        "demo_ollama",
+        "Give a model on an Ollama server pyro's vm-run tools and a task, and let it work.",
+    ),
+    (
         ("doctor",),
         "pyro_mcp.api.operations.runtime",
         "runtime_doctor",

@@ -147,7 +147,8 @@ def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
     else:
         kwargs["type"] = item
         kwargs["required"] = param.required
-    parser.add_argument(_flag(param), dest=param.name, **kwargs)
+    short = [f"-{param.arg.short}"] if param.arg.short else []
+    parser.add_argument(*short, _flag(param), dest=param.name, **kwargs)
 
 
 def _add_operation(choices: Choices, word: str, op: Operation) -> None:
@@ -223,15 +224,20 @@ def command_path(commands: Sequence[Command], argv: Sequence[str]) -> tuple[str,
     """The words of the command (or group) ``pyro ARGV`` names: the leading words of
     ``argv`` (up to its first option) that are commands or groups of the tree."""
     leaves = {c.words for c in commands}
-    groups = {c.words[:depth] for c in commands for depth in range(1, len(c.words))}
+    groups = _groups(commands)
     path: tuple[str, ...] = ()
     for word in argv:
         if word.startswith("-") or (*path, word) not in leaves | groups:
             break
         path = (*path, word)
-        if path in leaves:
-            break
+        if path in leaves and path not in groups:
+            break  # what follows are the command's own arguments
     return path
+
+
+def _groups(commands: Sequence[Command]) -> set[tuple[str, ...]]:
+    """The words of every group (a command may be one too: ``demo`` and ``demo ollama``)."""
+    return {c.words[:depth] for c in commands for depth in range(1, len(c.words))}
 
 
 def build_parser(
@@ -251,8 +257,9 @@ def build_parser(
     )
     parser.add_argument("--version", action="version", version=f"pyro-mcp {__version__}")
     groups: dict[tuple[str, ...], Choices] = {(): _choices(parser, dest="command")}
-    to_command = path in {command.words for command in commands}
-    for command in commands:
+    leaves = {command.words for command in commands}
+    to_command = path in leaves and path not in _groups(commands)
+    for command in sorted(commands, key=lambda c: c.words):  # a command before its group
         words = command.words
         for depth in range(1, len(words) + 1):
             prefix, word, parent = words[:depth], words[depth - 1], groups[words[: depth - 1]]
@@ -264,12 +271,16 @@ def build_parser(
             if leaf:
                 command.build(parent, word)
             elif prefix not in groups:
-                groups[prefix] = _choices(parent.add_parser(word, help=_group_help(prefix)))
+                if word in parent.choices:  # a command that is a group too: its own below it
+                    groups[prefix] = _choices(parent.choices[word], required=False)
+                else:
+                    groups[prefix] = _choices(parent.add_parser(word, help=_group_help(prefix)))
     return parser
 
 
-def _choices(parser: argparse.ArgumentParser, **kwargs: Any) -> Choices:
-    action = parser.add_subparsers(action=Choices, metavar="COMMAND", required=True, **kwargs)
+def _choices(parser: argparse.ArgumentParser, *, required: bool = True, **kwargs: Any) -> Choices:
+    metavar = "COMMAND" if required else "[COMMAND]"  # a command that is a group too
+    action = parser.add_subparsers(action=Choices, metavar=metavar, required=required, **kwargs)
     return cast(Choices, action)
 
 

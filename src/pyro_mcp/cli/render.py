@@ -78,6 +78,14 @@ def _demo(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _demo_ollama(result: dict[str, Any]) -> str:
+    lines = [f"{result['model']}: {result['answer']}", ""]
+    for call in result["tool_calls"]:
+        lines.append(f"  called {call['name']}: {call['outcome']}")
+    lines.append(f"({len(result['tool_calls'])} tool calls in {result['rounds']} rounds)")
+    return "\n".join(lines)
+
+
 def _streamed(result: dict[str, Any]) -> str:
     # The output was written live; only say what a reader could not see.
     notes = []
@@ -144,6 +152,7 @@ RENDERERS: dict[str, Renderer] = {
     "shell_read": _shell_read,
     "workspace_exec": _streamed,
     "demo": _demo,
+    "demo_ollama": _demo_ollama,
     "workspace_create": _created,
     "workspace_list": _workspaces,
     "vm_run": _streamed,
