@@ -34,6 +34,7 @@ from bench.guest import Counts, measure_boots, measure_cold_run
 from bench.host import HostCounts, measure_host_side
 from bench.network import NetworkCounts, measure_network
 from bench.registry import measure_registry
+from bench.serve import REST_EXEC_ROW, measure_serve
 from bench.services import ServiceCounts, measure_services_and_shells
 from bench.stats import Row, Table
 from bench.warm import WarmCounts, measure_warm
@@ -310,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     def cli() -> None:
         measure_cli(table, cli_counts)
 
+    def rest() -> None:
+        measure_serve(table, paths.cache_dir, paths.run_root, args.environment, ws_counts.ws_exec)
+
     def network() -> None:
         extra["network"] = measure_network(table, paths, args.environment, net_counts, args.mem_mib)
 
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             VERSION_ROW[:2],
             cli,
         )
+        section(f"pyro serve: REST (x{ws_counts.ws_exec} per row)", REST_EXEC_ROW[:2], rest)
         section(
             "environments through a loopback registry",
             (f"env publish {args.environment} (zstd + chunked upload, empty registry)", "ms"),

@@ -73,7 +73,7 @@ from pyro_mcp.api.result_shapes import output_schema
 from pyro_mcp.api.validation import check_names, json_schema
 from pyro_mcp.errors import PyroError
 from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
-from pyro_mcp.runtime.loopback import is_loopback_host
+from pyro_mcp.runtime.loopback import is_loopback_host, parse_address
 from pyro_mcp.runtime.paths import RuntimePaths
 
 ContextFactory = Callable[[], Context]
@@ -405,7 +405,7 @@ def serve(
     Over stdio the SDK points fd 1 at stderr while it serves, so stray output (ours or a
     child process's) can never corrupt the protocol; logs and progress go to stderr.
     """
-    address = None if http is None else _parse_address(http)
+    address = None if http is None else parse_address(http, flag="--http")
     # An MCP client names host paths on our behalf: confine them (default: the cwd).
     server = build_server(profile, make_context=confined_context(roots or [Path.cwd()]))
     if address is None:
@@ -560,11 +560,3 @@ def _error(ident: int | str | None, code: int, message: str) -> JSONRPCError:
 def _discard_and_exit(signum: int, _frame: object) -> None:
     discard_owned_vms()
     os._exit(128 + signum)
-
-
-def _parse_address(http: str) -> tuple[str, int]:
-    host, _, port = http.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")  # [::1]:8000
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SystemExit(f"pyro: error: --http takes HOST:PORT (e.g. 127.0.0.1:8000), got {http!r}")
-    return host, int(port)

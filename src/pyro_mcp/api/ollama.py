@@ -21,7 +21,7 @@ from typing import Any
 
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import Operation, Surface, all_operations
-from pyro_mcp.api.validation import json_schema
+from pyro_mcp.api.validation import arguments_schema
 from pyro_mcp.errors import (
     InvalidArgument,
     ModelServerError,
@@ -52,18 +52,12 @@ def tools(profile: str = PROFILE) -> list[Operation]:
 
 def tool_spec(op: Operation, profile: str = PROFILE) -> dict[str, Any]:
     """``op`` as Ollama's chat API takes a tool: a function with a JSON schema."""
-    offered = op.mcp_params(profile)
-    properties = {p.name: {**json_schema(p), "description": p.arg.help} for p in offered}
     return {
         "type": "function",
         "function": {
             "name": op.name,
             "description": op.doc,
-            "parameters": {
-                "type": "object",
-                "properties": properties,
-                "required": [p.name for p in offered if p.required],
-            },
+            "parameters": arguments_schema(op.mcp_params(profile)),
         },
     }
 

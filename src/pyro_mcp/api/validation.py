@@ -261,6 +261,28 @@ def shown(value: Any) -> str:
 # --- the same rules as a JSON schema, for MCP clients -------------------------------------
 
 
+def arguments_schema(params: Sequence[Param]) -> dict[str, Any]:
+    """The JSON schema of a call's arguments object: each of ``params`` with its type,
+    help and default, the required ones listed, nothing else taken (what REST requests
+    and the model tools of ``pyro demo ollama`` are described with)."""
+    properties: dict[str, Any] = {}
+    for param in params:
+        prop = {**json_schema(param), "description": param.arg.help}
+        if not param.required and _jsonable(param.default):
+            prop["default"] = param.default
+        properties[param.name] = prop
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [param.name for param in params if param.required],
+        "additionalProperties": False,
+    }
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, str | bool | int | float | list | dict)
+
+
 def json_schema(param: Param) -> dict[str, Any]:
     """The JSON schema of ``param``'s values (its description and default are added by
     the MCP layer)."""

@@ -117,6 +117,24 @@ def _main(argv: list[str]) -> int:
 
         serve(namespace.profile, namespace.http, namespace.root)
         return 0
+    if getattr(namespace, "serve_http", False):
+        from pathlib import Path
+
+        from pyro_mcp.serve.app import serve as serve_http
+
+        def given(value: str | None) -> Path | None:
+            return None if value is None else Path(value)
+
+        serve_http(
+            namespace.listen,
+            profile=namespace.profile,
+            roots=namespace.root,
+            token_file=given(namespace.token_file),
+            insecure=namespace.insecure,
+            tls_cert=given(namespace.tls_cert),
+            tls_key=given(namespace.tls_key),
+        )
+        return 0
     from pyro_mcp.api.context import Context
     from pyro_mcp.api.display import printable, printable_text
     from pyro_mcp.api.registry import Surface

@@ -191,6 +191,51 @@ MCP_SERVE = Command(
 )
 
 
+def _add_serve(choices: Choices, word: str) -> None:
+    from pyro_mcp.mcp_profiles import DEFAULT_PROFILE, PROFILES
+
+    serve = choices.add_parser(
+        word,
+        help=SERVE.summary,
+        description="Serve the REST API (/api/v1, its OpenAPI document at "
+        "/api/v1/openapi.json), MCP (/mcp) and the dashboard (/) from one process. Every "
+        "route needs the token: generated on the first start (kept mode 0600 in the state "
+        "directory, shown once) or read from --token-file.",
+    )
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:8765",
+        metavar="HOST:PORT",
+        help="where to listen; an address that is not loopback needs TLS or --insecure "
+        "(default: 127.0.0.1:8765)",
+    )
+    serve.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=DEFAULT_PROFILE,
+        help=f"which operations to serve (default: {DEFAULT_PROFILE})",
+    )
+    serve.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        help="host directory clients may name for seeds, sync and export "
+        "(repeatable; default: the current directory)",
+    )
+    serve.add_argument("--token-file", metavar="FILE", help="read the token from FILE (mode 0600)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", metavar="FILE", help="and this private key")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without TLS (the token then crosses in the clear)",
+    )
+    serve.set_defaults(operation=None, serve_http=True)
+
+
+SERVE = Command(("serve",), "serve REST, MCP and the dashboard over HTTP, with a token", _add_serve)
+
+
 def _operation_command(op: Operation) -> Command:
     return Command(op.cli, op.summary, lambda choices, word: _add_operation(choices, word, op))
 
@@ -212,12 +257,12 @@ def registry_commands() -> list[Command]:
     from pyro_mcp.api.registry import all_operations
 
     ops = sorted(all_operations(), key=lambda o: o.cli)
-    return [*(_operation_command(op) for op in ops), MCP_SERVE]
+    return [*(_operation_command(op) for op in ops), MCP_SERVE, SERVE]
 
 
 def indexed_commands() -> list[Command]:
     """Every command, from :mod:`pyro_mcp.cli.index` (importing nothing more yet)."""
-    return [*(_indexed_command(*entry) for entry in COMMANDS), MCP_SERVE]
+    return [*(_indexed_command(*entry) for entry in COMMANDS), MCP_SERVE, SERVE]
 
 
 def command_path(commands: Sequence[Command], argv: Sequence[str]) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""Whether a host name or address stays on this machine, without resolving anything."""
+"""Whether a host name or address stays on this machine, without resolving anything; and
+the HOST:PORT a server is told to listen at."""
 
 from __future__ import annotations
 
@@ -13,3 +14,13 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def parse_address(text: str, *, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8000`` for IPv6) as (host, port); SystemExit naming ``flag``
+    (the command line's option) when it is not one."""
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"pyro: error: {flag} takes HOST:PORT (e.g. 127.0.0.1:8000), got {text!r}")
+    return host, int(port)
