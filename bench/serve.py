@@ -4,6 +4,7 @@ loopback port that these rows and the tests of tests/serve/ drive."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -103,10 +104,13 @@ def _wait_until_up(
 
 REST_EXEC_ROW = ("REST exec `true` round trip (POST /api/v1/workspace_exec)", "ms", 1)
 REST_STREAM_ROW = ("REST exec stream: request to the first output event (`echo`)", "ms", 1)
+LOG_TO_SSE_ROW = ("a service's log line to the dashboard's event stream", "ms", 1)
 REST_NOTES = (
     "httpx keep-alive client, a running workspace; the operation row of the workspace "
     "section is the same call in process",
     "POST /api/v1/workspace_exec/stream of `echo x; sleep 0.2`: until its first `output` event",
+    "a service `tail -F`s a file; from the exec appending a line to it returning, to the "
+    "line in an `update` of GET /events/workspaces/ID (polled every 250 ms)",
 )
 
 
@@ -114,7 +118,7 @@ def measure_serve(table: Any, cache_dir: Path, run_root: Path, environment: str,
     """REST rows: a ``pyro serve`` of this cache, one workspace, ``n`` calls each."""
     import tempfile
 
-    rows = [table.row(*REST_EXEC_ROW), table.row(*REST_STREAM_ROW)]
+    rows = [table.row(*REST_EXEC_ROW), table.row(*REST_STREAM_ROW), table.row(*LOG_TO_SSE_ROW)]
     for row, note in zip(rows, REST_NOTES, strict=True):
         row.note = note
     work = Path(tempfile.mkdtemp(prefix="pyro-bench-serve-"))
@@ -141,7 +145,47 @@ def measure_serve(table: Any, cache_dir: Path, run_root: Path, environment: str,
                             if line == "event: output":
                                 rows[1].add((time.perf_counter() - started) * 1000)
                                 break
+                measure_log_to_events(client, wid, rows[2], n)
             finally:
                 client.post("/api/v1/workspace_delete", json={"workspace_id": wid})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_log_to_events(client: httpx.Client, wid: str, row: Any, n: int) -> None:
+    """From a line written where a service's ``tail -F`` reads, to that line in the
+    dashboard's event stream of the workspace."""
+    import threading
+
+    client.post("/api/v1/workspace_exec", json={"workspace_id": wid, "command": "touch /tmp/src"})
+    started = client.post(
+        "/api/v1/service_start",
+        json={"workspace_id": wid, "service_name": "tail", "command": "tail -F /tmp/src"},
+    )
+    if started.status_code != 200:
+        raise RuntimeError(f"service_start: {started.status_code} {started.text[:120]}")
+    arrived: dict[str, float] = {}
+    seen = threading.Condition()
+    stop = threading.Event()
+
+    def follow() -> None:
+        with client.stream("GET", f"/events/workspaces/{wid}", timeout=None) as events:
+            for line in events.iter_lines():
+                if stop.is_set():
+                    return
+                for mark in re.findall(r"LINE-\d+", line):
+                    with seen:
+                        arrived.setdefault(mark, time.perf_counter())
+                        seen.notify_all()
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    for index in range(n):
+        mark = f"LINE-{index}"
+        call = {"workspace_id": wid, "command": f"echo {mark} >> /tmp/src"}
+        client.post("/api/v1/workspace_exec", json=call)
+        written = time.perf_counter()
+        with seen:
+            if seen.wait_for(lambda m=mark: m in arrived, timeout=10):  # type: ignore[misc]
+                row.add((arrived[mark] - written) * 1000)
+    stop.set()

@@ -47,12 +47,32 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def _every_route(served: Served) -> list[tuple[str, str]]:
-    """(method, path) of every route the server has: each in its OpenAPI document, the
-    document itself, the dashboard, the login and MCP."""
-    document = served.client().get("/api/v1/openapi.json").json()
-    paths = [("POST", path) for path in document["paths"]]
-    return [*paths, ("GET", "/api/v1/openapi.json"), ("GET", "/"), ("GET", "/login"),
-            ("POST", "/mcp")]  # fmt: skip
+    """(method, path) of every route the app has (read from the app itself, so a route
+    added later is checked too), path parameters filled in; MCP's endpoint too."""
+    from starlette.routing import Mount, Route
+
+    from pyro_mcp.serve.app import Listener, build_app
+
+    guard = build_app(Listener("127.0.0.1", 1, tls=False), "t" * 32)
+    found: list[tuple[str, str]] = []
+    for route in guard.app.routes:  # type: ignore[attr-defined]
+        if isinstance(route, Route):
+            path = route.path.replace("{workspace_id}", "0123456789ab")
+            found += [(method, path) for method in sorted(route.methods or ()) if method != "HEAD"]
+        elif isinstance(route, Mount):
+            found.append(("POST", "/mcp"))
+    return found
+
+
+def test_the_route_list_holds_each_kind_of_route(served: Served) -> None:
+    routes = _every_route(served)
+    for expected in [
+        ("POST", "/api/v1/workspace_exec"), ("POST", "/api/v1/workspace_exec/stream"),
+        ("GET", "/api/v1/openapi.json"), ("GET", "/"), ("GET", "/login"), ("POST", "/mcp"),
+        ("GET", "/workspaces/0123456789ab"), ("GET", "/events/workspaces"),
+        ("GET", "/static/dashboard.js"),
+    ]:  # fmt: skip
+        assert expected in routes
 
 
 # --- the token -------------------------------------------------------------------------
@@ -141,7 +161,7 @@ def test_the_login_address_sets_a_strict_cookie_that_then_authorizes(served: Ser
     assert cookie.startswith(f"pyro_token={served.token};")
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
     page = httpx.get(served.url + "/", cookies={"pyro_token": served.token})
-    assert page.status_code == 200 and "<h2>Workspaces</h2>" in page.text
+    assert page.status_code == 200 and "<h1>Workspaces</h1>" in page.text
     assert httpx.get(served.url + "/", cookies={"pyro_token": "x" * 43}).status_code == 401
     wrong = httpx.get(f"{served.url}/login", params={"token": "nope"})
     assert wrong.status_code == 401 and "set-cookie" not in wrong.headers

@@ -12,19 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
-from bench.serve import Served, pyro_serve
-
-from pyro_mcp.runtime.paths import RuntimePaths
+from bench.serve import Served
 
 pytestmark = pytest.mark.guest
 
 
-@pytest.fixture(scope="module")
-def served(runtime: RuntimePaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    work = tmp_path_factory.mktemp("serve-guest")
-    env = {"PYRO_CACHE_DIR": str(runtime.cache_dir), "PYRO_RUN_DIR": str(runtime.run_root)}
-    with pyro_serve(work, env=env) as server:
-        yield server
+@pytest.fixture
+def served(guest_server: Served) -> Served:
+    return guest_server
 
 
 def _call(client: httpx.Client, tool: str, **arguments: Any) -> Any:

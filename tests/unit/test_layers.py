@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "cli": 6,
     "mcp_server": 6,
     "server": 6,
+    "serve": 6,  # `pyro serve`: REST, MCP (mcp_server) and the dashboard in one process
 }
 
 # guest_agent runs inside the VM: stdlib plus the guest modules copied beside it, which

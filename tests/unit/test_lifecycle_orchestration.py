@@ -48,10 +48,16 @@ def _cat(ctx: Context, workspace: str, path: str) -> str:
 
 
 def _power_loss(ctx: Context, workspace: str) -> None:
-    """Kill the workspace's VMM as a crash would, and wait until it (and its guest) died."""
-    os.killpg(ws.workspace_status(ctx, workspace)["vmm_pid"], signal.SIGKILL)
+    """Kill the workspace's VMM as a crash would, and wait until it (and its guest) died:
+    its processes gone, and the VMM no longer running (a process killed a moment ago
+    loses its command line before it has finished exiting)."""
+    from pyro_mcp.vmm.identity import ProcessIdentity
+
+    pid = ws.workspace_status(ctx, workspace)["vmm_pid"]
+    identity = ProcessIdentity.of(pid)
+    os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while fake_vm.vmm_processes(ctx.paths.run_root):
+    while fake_vm.vmm_processes(ctx.paths.run_root) or (identity and identity.alive()):
         assert time.monotonic() < deadline, "the VMM did not die of SIGKILL"
         time.sleep(0.02)
 
@@ -159,6 +165,28 @@ def test_a_call_on_a_workspace_whose_vmm_died_says_it_is_stopped(fake_ctx: Conte
     _power_loss(fake_ctx, wid)
     with pytest.raises(InvalidState, match="stopped"):
         wc.workspace_exec(fake_ctx, wid, ["true"])
+    assert ws.workspace_status(fake_ctx, wid)["state"] == "stopped"
+
+
+def test_a_vmm_that_dies_between_the_state_check_and_the_attach_is_reported_stopped(
+    fake_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyro_mcp.workspace.lifecycle import Workspaces
+
+    wid = ws.workspace_create(fake_ctx, "debian:12")["id"]
+    vmm_pid = ws.workspace_status(fake_ctx, wid)["vmm_pid"]
+
+    def checked_then_lost(self: Workspaces, ref: str, action: str) -> Any:
+        record = self.store.get(ref)  # running, as the check saw it
+        os.killpg(vmm_pid, signal.SIGKILL)  # and then the VMM dies, before the attach
+        while fake_vm.vmm_processes(fake_ctx.paths.run_root):
+            time.sleep(0.02)
+        return record
+
+    monkeypatch.setattr(Workspaces, "running", checked_then_lost)
+    with pytest.raises(InvalidState, match="stopped"):
+        wc.workspace_exec(fake_ctx, wid, ["true"])
+    monkeypatch.undo()
     assert ws.workspace_status(fake_ctx, wid)["state"] == "stopped"
 
 

@@ -48,6 +48,7 @@ HOST_TOOLS: tuple[HostTool, ...] = (
     HostTool("docker-registry", "docker-registry", "the tests' loopback OCI registry"),
     HostTool("node", "nodejs", "the tests' npm tools (MCP clients, MCP hosts)"),
     HostTool("npm", "npm", "install the tests' npm tools (tests/npm)"),
+    HostTool("chromium", "chromium", "the dashboard's browser tests (headless)"),
 )
 
 # Packages installed for their files rather than for a program on PATH.

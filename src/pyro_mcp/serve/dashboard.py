@@ -1,88 +1,212 @@
-"""The dashboard at ``/``: server-rendered pages of what the operations report.
+"""The dashboard: server-rendered pages, kept live by a small script of our own
+(``static/dashboard.js``, served from the package: no CDN, nothing from elsewhere).
 
-This first page lists the workspaces (state, environment, age, TTL, labels, services)
-from ``workspace_list``, every value escaped. Everything it shows comes from the same
-operations the REST API serves, so a secret value never reaches it either.
+- ``/``: the workspaces (state, environment, age, TTL, labels, services), rendered on the
+  server and then updated from ``/events/workspaces`` as they change.
+- ``/workspaces/<id>``: its state, services with their log tails, published ports as
+  links, the command journal, checkpoints, the diff against the baseline, a terminal on a
+  PTY shell, and actions (stop, start, checkpoint, reset, delete with a confirmation),
+  updated from ``/events/workspaces/<id>``.
+
+Every value reaches the page escaped (server side) or as text (the script never writes
+markup from data). What the pages show comes from the operations the REST API serves,
+and the actions call that API, so the redaction of secrets applies here as everywhere.
+Server-rendered pages with progressive enhancement were chosen over a bundled app: no
+build step for the pages, and every page works (read-only) before its script runs.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
 from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pyro_mcp import __version__
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import OPERATIONS, Surface, all_operations
-from pyro_mcp.errors import PyroError
+from pyro_mcp.errors import NotFound, PyroError
 
+POLL_S = 0.25  # how often the event streams look for a change
+LOG_TAIL_LINES = 20
+JOURNAL_ENTRIES = 20
+STYLE = """
+body { font: 14px system-ui, sans-serif; margin: 2em; color: #222 }
+table { border-collapse: collapse } td, th { padding: .3em .8em; text-align: left;
+border-bottom: 1px solid #ddd; vertical-align: top } code, pre { font-size: 13px }
+pre { background: #f6f6f6; padding: .5em; max-height: 24em; overflow: auto }
+#terminal { background: #111; color: #eee; min-height: 10em }
+"""
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>pyro-mcp</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222 }}
-table {{ border-collapse: collapse }} td, th {{ padding: .3em .8em; text-align: left;
-border-bottom: 1px solid #ddd }} code {{ font-size: 13px }}
-</style></head>
-<body><h1>pyro-mcp {version}</h1>
-<h2>Workspaces</h2>
+<style>{style}</style><script src="/static/dashboard.js" defer></script></head>
+<body data-page="{page}" data-workspace="{workspace}"><p><a href="/">pyro-mcp {version}</a>
+<span id="status"></span></p>
 {body}
 <p>REST API: <a href="/api/v1/openapi.json"><code>/api/v1/openapi.json</code></a>
 &middot; MCP: <code>/mcp</code></p>
 </body></html>
 """
+WORKSPACE_BODY = """<h1>Workspace {id}</h1>
+<p>state <b id="state">{state}</b> &middot;
+environment <span id="environment">{environment}</span></p>
+<p><button id="action-stop">stop</button> <button id="action-start">start</button>
+<button id="action-checkpoint">checkpoint</button> <button id="action-reset">reset</button>
+<button id="action-delete">delete</button></p>
+<h2>Services</h2><div id="services"></div>
+<h2>Published ports</h2><ul id="ports"></ul>
+<h2>Terminal</h2><pre id="terminal"></pre>
+<p><input id="terminal-input" size="80" placeholder="type a command, then Enter">
+<button id="terminal-open">open a shell</button></p>
+<h2>Commands</h2><table><thead><tr><th>command</th><th>exit</th><th>took</th>
+<th>stdout</th><th>stderr</th></tr></thead><tbody id="journal"></tbody></table>
+<h2>Checkpoints</h2><ul id="checkpoints"></ul>
+<h2>Changes since the baseline</h2><pre id="diff"></pre>
+"""
+LIST_HEADS = ("id", "name", "state", "environment", "age", "ttl", "labels", "services")
 
 
 def routes(make_context: Callable[[], Context]) -> list[Route]:
+    def call(name: str, **arguments: Any) -> Any:
+        if name not in OPERATIONS:
+            all_operations()
+        return OPERATIONS[name].call(make_context(), Surface.MCP, **arguments)
+
     async def index(_request: Request) -> Response:
         try:
-            listed = await anyio.to_thread.run_sync(lambda: _workspaces(make_context()))
+            listed = await anyio.to_thread.run_sync(lambda: call("workspace_list"))
         except PyroError as exc:
             body = f"<p>cannot list the workspaces: {html.escape(str(exc))}</p>"
         else:
-            body = workspace_table(listed, now=time.time())
-        return HTMLResponse(PAGE.format(version=html.escape(__version__), body=body))
+            body = "<h1>Workspaces</h1>\n" + workspace_table(listed["workspaces"], now=time.time())
+        return _page("pyro-mcp", "list", "", body)
 
-    return [Route("/", index, methods=["GET"])]
+    async def workspace_page(request: Request) -> Response:
+        wid = request.path_params["workspace_id"]
+        try:
+            status = await anyio.to_thread.run_sync(
+                lambda: call("workspace_status", workspace_id=wid)
+            )
+        except PyroError as exc:
+            text = f"<h1>No such workspace</h1><p>{html.escape(str(exc))}</p>"
+            return _page("pyro-mcp", "missing", "", text, status=404)
+        body = WORKSPACE_BODY.format(
+            id=html.escape(status["workspace_id"]),
+            state=html.escape(str(status["state"])),
+            environment=html.escape(str(status["environment"])),
+        )
+        return _page(
+            f"pyro-mcp: {status['workspace_id']}", "workspace", status["workspace_id"], body
+        )
+
+    async def list_events(request: Request) -> Response:
+        return _events(request, lambda: call("workspace_list"))
+
+    async def workspace_events(request: Request) -> Response:
+        wid = request.path_params["workspace_id"]
+        return _events(request, lambda: workspace_view(call, wid))
+
+    async def script(_request: Request) -> Response:
+        source = resources.files("pyro_mcp.serve").joinpath("static/dashboard.js").read_text()
+        return Response(source, media_type="text/javascript", headers={"Cache-Control": "no-store"})
+
+    return [
+        Route("/", index, methods=["GET"]),
+        Route("/workspaces/{workspace_id}", workspace_page, methods=["GET"]),
+        Route("/events/workspaces", list_events, methods=["GET"]),
+        Route("/events/workspaces/{workspace_id}", workspace_events, methods=["GET"]),
+        Route("/static/dashboard.js", script, methods=["GET"]),
+    ]
 
 
-def _workspaces(ctx: Context) -> list[dict[str, Any]]:
-    if "workspace_list" not in OPERATIONS:
-        all_operations()
-    result = OPERATIONS["workspace_list"].call(ctx, Surface.MCP)
-    return list(result["workspaces"])
+def workspace_view(call: Callable[..., Any], wid: str) -> dict[str, Any]:
+    """What a workspace's page shows: its status, services with log tails, the last
+    commands and the checkpoints."""
+    status = call("workspace_status", workspace_id=wid)
+    running = status["state"] == "running"
+    services = []
+    for name, service in sorted((status.get("services") or {}).items()):
+        log = ""
+        if running:
+            lines = call(
+                "service_logs", workspace_id=wid, service_name=name, tail_lines=LOG_TAIL_LINES
+            )
+            log = "".join(line["text"] for line in lines["lines"])
+        services.append({"name": name, "state": service["state"], "log": log})
+    commands = call("workspace_logs", workspace_id=wid, limit=JOURNAL_ENTRIES)["commands"]
+    snapshots = call("snapshot_list", workspace_id=wid)["snapshots"]
+    return {"status": status, "services": services, "commands": commands, "snapshots": snapshots}
+
+
+def _page(title: str, page: str, workspace: str, body: str, *, status: int = 200) -> Response:
+    text = PAGE.format(
+        title=html.escape(title),
+        style=STYLE,
+        page=page,
+        workspace=html.escape(workspace),
+        version=html.escape(__version__),
+        body=body,
+    )
+    return HTMLResponse(text, status_code=status)
+
+
+def _events(request: Request, gather: Callable[[], Any]) -> StreamingResponse:
+    """An event stream sending ``update`` with what ``gather`` returns each time it
+    changes (``gone`` when what it watches no longer exists, ``error`` on another error)."""
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while not await request.is_disconnected():
+            try:
+                now = json.dumps(await anyio.to_thread.run_sync(gather), default=str)
+            except NotFound as exc:
+                yield f"event: gone\ndata: {json.dumps(exc.to_dict())}\n\n"
+                return
+            except PyroError as exc:
+                now = None
+                yield f"event: error\ndata: {json.dumps(exc.to_dict())}\n\n"
+            if now is not None and now != last:
+                last = now
+                yield f"event: update\ndata: {now}\n\n"
+            await anyio.sleep(POLL_S)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
 
 
 def workspace_table(rows: list[dict[str, Any]], *, now: float) -> str:
-    """The workspaces as an HTML table (every value escaped)."""
-    if not rows:
-        return "<p>No workspaces yet: <code>pyro workspace create debian:12</code></p>"
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in ("id", "name", "state", "environment", "age", "ttl", "labels", "services")
-    )
-    lines = [f"<table><thead><tr>{head}</tr></thead><tbody>"]
+    """The workspaces as an HTML table (every value escaped), its body updated live."""
+    head = "".join(f"<th>{h}</th>" for h in LIST_HEADS)
+    lines = [f'<table><thead><tr>{head}</tr></thead><tbody id="workspaces">']
     for row in rows:
         labels = ", ".join(f"{k}={v}" for k, v in sorted((row.get("labels") or {}).items()))
+        wid = html.escape(str(row.get("id")))
         cells = (
-            row.get("id"),
-            row.get("name") or "",
-            row.get("state"),
-            row.get("environment"),
+            f'<a href="/workspaces/{wid}">{wid}</a>',
+            html.escape(str(row.get("name") or "")),
+            html.escape(str(row.get("state"))),
+            html.escape(str(row.get("environment"))),
             _age(row.get("created_at"), now),
             _ttl(row.get("expires_at"), now),
-            labels,
-            _services(row.get("services")),
+            html.escape(labels),
+            html.escape(_services(row.get("services"))),
         )
-        tds = "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells)
-        lines.append(f'<tr data-workspace="{html.escape(str(row.get("id")))}">{tds}</tr>')
+        tds = "".join(f"<td>{cell}</td>" for cell in cells)
+        lines.append(f'<tr data-workspace="{wid}">{tds}</tr>')
     lines.append("</tbody></table>")
+    hidden = " hidden" if rows else ""
+    lines.append(
+        f'<p id="empty"{hidden}>No workspaces yet: <code>pyro workspace create debian:12</code></p>'
+    )
     return "\n".join(lines)
 
 

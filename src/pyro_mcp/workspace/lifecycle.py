@@ -38,7 +38,7 @@ from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
 from pyro_mcp.workspace.secret_input import SecretInput
-from pyro_mcp.workspace.states import RESERVING_STATES, Kind
+from pyro_mcp.workspace.states import RESERVING_STATES, Kind, state_error
 from pyro_mcp.workspace.store import (
     WorkspaceRecord,
     WorkspaceStore,
@@ -71,6 +71,7 @@ CHANGE_WAIT_S = 600.0  # how long a change waits for another to finish
 STOP_GRACE_S = 10.0  # services get this long after TERM before KILL
 SHUTDOWN_CALL_S = 30.0  # the agent answers shutdown at once; a slow guest gets room
 POWEROFF_S = 60.0  # init stops everything (3 s), syncs the disks and powers off
+DYING_S = 0.5  # a VMM whose agent socket refuses may be in the middle of exiting
 ORPHAN_GRACE_S = 60.0
 
 
@@ -365,7 +366,7 @@ class Workspaces:
         with self.changing(record.id, action) if changes else nullcontext():
             if changes:
                 record = self.running(record.id, action)  # it may have stopped meanwhile
-            attached = self._attach(record)
+            attached = self._attach(record, action)
             try:
                 attached.client.redactor = self.redactor(record.id)
                 yield attached.client
@@ -406,15 +407,24 @@ class Workspaces:
         require_state(record, {"running"}, action)
         return record
 
-    def _attach(self, record: WorkspaceRecord) -> SharedAgent:
+    def _attach(self, record: WorkspaceRecord, action: str = "attach") -> SharedAgent:
         from pyro_mcp.vmm.attach import AgentEndpoint, attach_shared
 
         if not record.agent_endpoint:
             raise InvalidState(f"workspace {record.id} has no agent endpoint recorded")
         try:
             return attach_shared(AgentEndpoint.from_str(record.agent_endpoint))
-        except PyroError:
-            self.reconcile_one(record.id)  # the VMM may have died: say so in the state
+        except PyroError as exc:
+            # The VMM may have died since the state was read (its socket refuses): then
+            # the caller hears what the workspace now is, stopped, not a socket error. A
+            # process killed a moment ago may still be exiting: give it that moment.
+            with suppress(PyroError):
+                self._vmm(record).wait_exit(DYING_S)
+            self.reconcile_one(record.id)
+            if record.state.value == "running":
+                now = self.store.get(record.id)
+                if now.state.value != "running":
+                    raise state_error(now, {"running"}, action) from exc
             raise
 
     # -- stop, start, delete -----------------------------------------------------------

@@ -1,0 +1,108 @@
+"""The dashboard in a real browser: Debian's chromium, headless, driven by Playwright (the
+system browser: nothing is downloaded), against ``pyro serve`` on a real guest. Each step's
+screenshot is saved under ``test-artifacts/dashboard/``."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bench.serve import Served
+
+from pyro_mcp.runtime.paths import RuntimePaths
+
+pytestmark = pytest.mark.guest
+CHROMIUM = shutil.which("chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
+
+
+@pytest.fixture
+def served(guest_server: Served) -> Served:
+    return guest_server
+
+
+def _pyro(served: Served, runtime: RuntimePaths, *args: str) -> str:
+    """``pyro ARGS`` in another process, on the server's state (as a user at a terminal)."""
+    env = dict(
+        os.environ,
+        PYRO_STATE_DIR=str(served.state_dir),
+        PYRO_CACHE_DIR=str(runtime.cache_dir),
+        PYRO_RUN_DIR=str(runtime.run_root),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_mcp.cli.main", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by `make host-packages`")
+def test_a_person_watches_a_workspace_live_types_in_its_terminal_and_deletes_it(
+    served: Served, runtime: RuntimePaths
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+
+            def shot(name: str) -> None:
+                page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+            # Without the token there is nothing to see; with it, the login keeps it.
+            assert page.goto(served.url + "/").status == 401
+            page.goto(f"{served.url}/login?token={served.token}")
+            assert page.url == served.url + "/"
+            expect(page.locator("h1")).to_have_text("Workspaces")
+            shot("1-empty")
+
+            # A workspace made in another process appears within a second of its creation.
+            wid = _pyro(served, runtime, "workspace", "create", "debian:12", "--id-only").strip()
+            created = time.monotonic()
+            row = page.locator(f'tr[data-workspace="{wid}"]')
+            expect(row).to_be_visible(timeout=1000)
+            assert time.monotonic() - created < 1.0
+            expect(row.locator("td").nth(2)).to_have_text("running")
+            shot("2-listed")
+
+            # Its page: a service started elsewhere turns ready, and its log line arrives.
+            row.locator("a").click()
+            page.wait_for_url(f"{served.url}/workspaces/{wid}")
+            _pyro(
+                served, runtime, "workspace", "service", "start", wid, "web",
+                "--ready-file", "/tmp/web.ready", "--",
+                "sh", "-c", "echo hello-from-the-service; touch /tmp/web.ready; sleep 600",
+            )  # fmt: skip
+            service = page.locator('[data-service="web"]')
+            expect(service.locator(".service-state")).to_have_text("web: ready", timeout=10_000)
+            expect(service.locator(".service-log")).to_contain_text(
+                "hello-from-the-service", timeout=10_000
+            )
+            shot("3-service-ready")
+
+            # The terminal: a PTY shell in the guest computes what the page never saw.
+            page.locator("#terminal-input").fill("echo $((6*7))")
+            page.locator("#terminal-input").press("Enter")
+            terminal = page.locator("#terminal")
+            expect(terminal).to_have_text(re.compile(r"^42\r?$", re.MULTILINE), timeout=15_000)
+            shot("4-terminal")
+
+            # Delete, confirmed: back to the list, where it is gone.
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.locator("#action-delete").click()
+            page.wait_for_url(served.url + "/", timeout=60_000)
+            expect(page.locator(f'tr[data-workspace="{wid}"]')).to_have_count(0, timeout=5000)
+            shot("5-deleted")
+        finally:
+            browser.close()
+    listed = _pyro(served, runtime, "workspace", "list", "--json")
+    assert wid not in listed
