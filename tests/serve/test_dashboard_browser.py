@@ -87,6 +87,11 @@ def test_a_person_watches_a_workspace_live_types_in_its_terminal_and_deletes_it(
             expect(service.locator(".service-log")).to_contain_text(
                 "hello-from-the-service", timeout=10_000
             )
+            # Its VMM's host CPU and memory, sampled as the page follows it.
+            expect(page.locator("#rss")).to_have_text(re.compile(r"^\d+ MiB$"), timeout=5000)
+            expect(page.locator("#cpu")).to_have_text(re.compile(r"^\d+ %$"))
+            samples = re.compile(r"^([3-9]|\d{2,})$")  # a line of at least three points
+            expect(page.locator("#chart")).to_have_attribute("data-samples", samples, timeout=5000)
             shot("3-service-ready")
 
             # The terminal: a PTY shell in the guest computes what the page never saw.

@@ -395,3 +395,13 @@ def test_the_dashboard_escapes_every_value_it_shows() -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in table
     assert "<td>1 min</td><td>1 h left</td>" in table
     assert "<td>1 (ready)</td>" in table
+
+
+def test_a_vmms_host_cpu_and_memory_are_read_from_proc() -> None:
+    from pyro_mcp.serve.dashboard import vmm_usage
+
+    sum(range(200_000))  # some CPU time of our own
+    mine = vmm_usage(os.getpid())
+    assert mine is not None
+    assert mine["cpu_s"] > 0 and mine["rss_bytes"] > 10 << 20  # this interpreter's
+    assert vmm_usage(None) is None and vmm_usage(0) is None and vmm_usage(2**22 + 7) is None

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -61,6 +63,10 @@ environment <span id="environment">{environment}</span></p>
 <p><button id="action-stop">stop</button> <button id="action-start">start</button>
 <button id="action-checkpoint">checkpoint</button> <button id="action-reset">reset</button>
 <button id="action-delete">delete</button></p>
+<h2>Resources</h2><p>host CPU of its VMM <b id="cpu">-</b>, resident memory <b id="rss">-</b></p>
+<svg id="chart" width="480" height="80" role="img" aria-label="CPU and memory over time">
+<polyline id="cpu-line" fill="none" stroke="#c33" points=""/>
+<polyline id="rss-line" fill="none" stroke="#36c" points=""/></svg>
 <h2>Services</h2><div id="services"></div>
 <h2>Published ports</h2><ul id="ports"></ul>
 <h2>Terminal</h2><pre id="terminal"></pre>
@@ -143,7 +149,34 @@ def workspace_view(call: Callable[..., Any], wid: str) -> dict[str, Any]:
         services.append({"name": name, "state": service["state"], "log": log})
     commands = call("workspace_logs", workspace_id=wid, limit=JOURNAL_ENTRIES)["commands"]
     snapshots = call("snapshot_list", workspace_id=wid)["snapshots"]
-    return {"status": status, "services": services, "commands": commands, "snapshots": snapshots}
+    usage = vmm_usage(status.get("vmm_pid")) if running else None
+    return {
+        "status": status,
+        "services": services,
+        "commands": commands,
+        "snapshots": snapshots,
+        "usage": usage,
+    }
+
+
+def vmm_usage(pid: Any) -> dict[str, float] | None:
+    """The host CPU time (seconds, user + system) and resident memory (bytes) of the VMM
+    process ``pid`` (our own record's, on the host), None when it cannot be read."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu_s = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return {
+        "at": time.time(),
+        "cpu_s": cpu_s,
+        "rss_bytes": int(statm[1]) * os.sysconf("SC_PAGE_SIZE"),
+    }
 
 
 def _page(title: str, page: str, workspace: str, body: str, *, status: int = 200) -> Response:

@@ -58,7 +58,28 @@ function renderList(rows) {
 
 // --- one workspace -----------------------------------------------------------------------
 
+// The VMM's host CPU (percent of one core) and resident memory, the last 120 samples.
+const usage = [];
+
+function renderUsage(sample) {
+  if (!sample) return;
+  const last = usage[usage.length - 1];
+  if (last && sample.at <= last.at) return;
+  const cpu = last ? Math.max(0, 100 * (sample.cpu_s - last.cpu_s) / (sample.at - last.at)) : 0;
+  usage.push({at: sample.at, cpu_s: sample.cpu_s, cpu, rss: sample.rss_bytes});
+  while (usage.length > 120) usage.shift();
+  document.getElementById("cpu").textContent = `${cpu.toFixed(0)} %`;
+  document.getElementById("rss").textContent = `${(sample.rss_bytes / 1048576).toFixed(0)} MiB`;
+  const width = 480, height = 80, step = width / 119;
+  const maxRss = Math.max(...usage.map(u => u.rss), 1);
+  const points = (value, top) => usage.map((u, i) => `${(i * step).toFixed(1)},${(height - height * value(u) / top).toFixed(1)}`).join(" ");
+  document.getElementById("cpu-line").setAttribute("points", points(u => Math.min(u.cpu, 100), 100));
+  document.getElementById("rss-line").setAttribute("points", points(u => u.rss, maxRss));
+  document.getElementById("chart").dataset.samples = String(usage.length);
+}
+
 function renderWorkspace(data) {
+  renderUsage(data.usage);
   const status = data.status;
   document.getElementById("state").textContent = status.state;
   document.getElementById("environment").textContent = status.environment;
