@@ -64,6 +64,7 @@ from pydantic import ConfigDict, Field, WithJsonSchema
 
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
+from pyro_mcp.api.cancellable import run_cancellable
 from pyro_mcp.api.context import HostPathPolicy
 from pyro_mcp.api.display import printable, printable_text
 from pyro_mcp.api.hints import for_mcp
@@ -79,7 +80,6 @@ from pyro_mcp.runtime.paths import RuntimePaths
 ContextFactory = Callable[[], Context]
 # pyro-mcp 3.x's tool names for operations named otherwise here: the same tool twice.
 COMPAT_TOOLS = {"vm_list_environments": "env_list"}
-CANCEL_GRACE_S = 30.0  # for a cancelled operation to stop what it started
 log = logging.getLogger(__name__)
 
 
@@ -113,25 +113,15 @@ def _tool(op: Operation, make_context: ContextFactory, profile: str) -> Callable
 
         ctx.progress = progress
         ctx.heartbeat = progress
-        finished = threading.Event()
         client_log = _ClientLog(mcp_ctx.request_context, loop)
 
         def work() -> Any:
-            try:
-                with client_log.forwarding():
-                    return op.call(ctx, Surface.MCP, **kwargs)
-            finally:
-                finished.set()
+            with client_log.forwarding():
+                return op.call(ctx, Surface.MCP, **kwargs)
 
         try:
-            result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            # The client cancelled the request or its session ended: the operation stops
-            # what it runs (the guest command, a one-shot VM) before this gives up.
-            ctx.cancelled.set()
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
-            raise
+            # A client that cancels the request or ends its session stops what it ran.
+            result = await run_cancellable(work, ctx)
         except PyroError as exc:
             raise ToolError(error_text(exc, profile, op)) from exc
         return dict(printable(result))

@@ -19,15 +19,12 @@ same registry (:mod:`pyro_mcp.api.stubs`).
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
-import anyio.to_thread
-
 from pyro_mcp.api import Context, Operation, all_operations
+from pyro_mcp.api.cancellable import run_cancellable
 from pyro_mcp.api.context import ProgressFn
 from pyro_mcp.api.registry import Surface
 from pyro_mcp.api.stubs import SDK_ALIASES, sdk_signature
@@ -38,8 +35,6 @@ if TYPE_CHECKING:  # the methods, as generated (a stub: nothing of it exists at 
     from pyro_mcp._sdk_methods import Pyro as PyroMethods
 else:
     PyroMethods = AsyncPyroMethods = object
-
-CANCEL_GRACE_S = 30.0  # for a cancelled operation to stop what it started
 
 
 class _Client:
@@ -114,27 +109,6 @@ def _async_method(op: Operation) -> Callable[..., Any]:
         return await run_cancellable(lambda: op.call(ctx, Surface.SDK, **arguments), ctx)
 
     return _named(method, op, AsyncPyro, signature)
-
-
-async def run_cancellable(work: Callable[[], Any], ctx: Context) -> Any:
-    """``work()`` in a worker thread; when the awaiting task is cancelled, set
-    ``ctx.cancelled`` (the operation stops what it runs) and wait, at most
-    CANCEL_GRACE_S, for it to finish before the cancellation goes on."""
-    finished = threading.Event()
-
-    def run() -> Any:
-        try:
-            return work()
-        finally:
-            finished.set()
-
-    try:
-        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-    except anyio.get_cancelled_exc_class():
-        ctx.cancelled.set()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
-        raise
 
 
 def _named(

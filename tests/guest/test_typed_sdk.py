@@ -16,8 +16,8 @@ from tests.result_checks import CheckedCalls
 
 from pyro_mcp import AsyncPyro, Pyro
 from pyro_mcp.api import Context
+from pyro_mcp.api.cancellable import CANCEL_GRACE_S
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.sdk import CANCEL_GRACE_S
 
 pytestmark = pytest.mark.guest
 

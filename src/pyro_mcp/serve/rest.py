@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pyro_mcp.api.cancellable import run_cancellable
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.display import printable
 from pyro_mcp.api.hints import for_mcp
@@ -50,7 +51,6 @@ from pyro_mcp.errors import (
 
 PREFIX = "/api/v1"
 MAX_REQUEST_BYTES = 96 << 20  # a file written as text or base64 (64 MiB at most) in JSON
-CANCEL_GRACE_S = 10.0  # how long a call that lost its client gets to stop what it ran
 # The status of each kind of error (the first class that matches, so subclasses first).
 STATUS: tuple[tuple[type[PyroError], int], ...] = (
     (Expired, 410),
@@ -152,24 +152,8 @@ def _caller(op: Operation, make_context: ContextFactory, profile: str) -> Callab
 
 
 async def _run(op: Operation, ctx: Context, arguments: dict[str, Any]) -> Any:
-    """``op`` called in a worker thread; if this task is cancelled (its client went away)
-    the operation is told and given :data:`CANCEL_GRACE_S` to stop what it ran."""
-    finished = anyio.Event()
-    token = anyio.lowlevel.current_token()
-
-    def work() -> Any:
-        try:
-            return op.call(ctx, Surface.MCP, **arguments)
-        finally:
-            anyio.from_thread.run_sync(finished.set, token=token)
-
-    try:
-        return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-    except anyio.get_cancelled_exc_class():
-        ctx.cancelled.set()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE_S):
-            await finished.wait()
-        raise
+    """``op`` called in a worker thread, stopped if its client goes away."""
+    return await run_cancellable(lambda: op.call(ctx, Surface.MCP, **arguments), ctx)
 
 
 def _streamer(
