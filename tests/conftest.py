@@ -8,10 +8,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.leftovers import jail_dirs, leftovers
+from tests.leftovers import jail_dirs, leftovers, vm_cgroups
 
 from pyro_mcp.api import Context
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
+
+
+@pytest.fixture(autouse=True)
+def no_new_empty_vm_cgroups() -> Iterator[None]:
+    """Fail the very test after which an empty VMM cgroup is left that was not there
+    before it (a VM cleaned up without its cgroups), so a leak names its test."""
+    before = set(vm_cgroups())
+    yield
+    left = sorted(str(group) for group in set(vm_cgroups()) - before)
+    assert left == [], f"VMM cgroups this test left behind: {left}"
 
 
 def _progress(message: str) -> None:

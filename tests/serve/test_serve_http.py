@@ -286,6 +286,22 @@ def test_the_openapi_document_is_valid_and_describes_every_operation(served: Ser
     assert arguments["required"] == ["workspace_id", "command"]
     assert arguments["additionalProperties"] is False
     assert document["security"] == [{"bearer": []}]
+    logs = document["paths"]["/api/v1/service_logs"]["post"]["requestBody"]
+    logs_stream = document["paths"]["/api/v1/service_logs/stream"]["post"]["requestBody"]
+    assert "follow" not in logs["content"]["application/json"]["schema"]["properties"]
+    assert "follow" in logs_stream["content"]["application/json"]["schema"]["properties"]
+
+
+def test_follow_is_taken_by_the_stream_route_only(served: Served) -> None:
+    body = {"workspace_id": "0123456789ab", "service_name": "web", "follow": True}
+    with served.client() as client:
+        called = client.post("/api/v1/service_logs", json=body)
+        with client.stream("POST", "/api/v1/service_logs/stream", json=body) as streamed:
+            events = streamed.read().decode()
+    assert called.status_code == 400 and called.json()["error"] == "invalid_argument"
+    assert "'follow'" in called.json()["message"]
+    assert streamed.status_code == 200  # the arguments passed: the workspace is what is missing
+    assert "event: error" in events and "no workspace '0123456789ab'" in events
 
 
 def test_mcp_is_served_at_mcp_behind_the_same_token(served: Served) -> None:

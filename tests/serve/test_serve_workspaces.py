@@ -135,3 +135,23 @@ def test_host_paths_are_confined_to_the_root_it_was_given(served: Served, tmp_pa
             "/api/v1/workspace_create", json={"environment": "debian:12", "seed_path": str(outside)}
         )
     assert answer.status_code == 403 and answer.json()["error"] == "outside_root"
+
+
+def test_service_logs_follow_as_events_until_the_service_exits(served: Served) -> None:
+    with served.client() as client:
+        wid = _call(client, "workspace_create", environment="debian:12")["workspace_id"]
+        command = "for n in 1 2 3; do echo line $n; sleep 0.7; done"
+        _call(client, "service_start", workspace_id=wid, service_name="ticker", command=command)
+        arrived: list[tuple[str, Any, float]] = []
+        started = time.monotonic()
+        body = {"workspace_id": wid, "service_name": "ticker", "follow": True}
+        with client.stream("POST", "/api/v1/service_logs/stream", json=body) as answer:
+            assert answer.status_code == 200
+            for event, data in _events(answer):
+                arrived.append((event, data, time.monotonic() - started))
+        text = "".join(data["text"] for event, data, _ in arrived if event == "output")
+        assert [line for line in text.splitlines() if line] == ["line 1", "line 2", "line 3"]
+        outputs = [at for event, _, at in arrived if event == "output"]
+        assert outputs[-1] - outputs[0] > 0.5  # each line as the service wrote it
+        assert arrived[-1][0] == "result"
+        _call(client, "workspace_delete", workspace_id=wid)

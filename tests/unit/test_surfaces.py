@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import pytest
 
 from pyro_mcp.api import OPERATIONS, Context, all_operations, operation, registry
-from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface
+from pyro_mcp.api.registry import CLI_ONLY, EVERY, STREAMED, Arg, Surface
 from pyro_mcp.cli.main import main
 from pyro_mcp.cli.parser import build_parser
 from pyro_mcp.sdk import Pyro
@@ -23,10 +23,11 @@ CLI_ONLY_PARAMETERS = {
     ("workspace_file_read", "content_only"),
     ("workspace_disk_read", "content_only"),
     ("workspace_file_write", "stdin"),
-    ("service_logs", "follow"),
     ("workspace_create", "secret"),  # --secret NAME=VALUE, --secret-file NAME=PATH: the
     ("workspace_create", "secret_file"),  # CLI's spelling of the SDK/MCP `secrets` list
 }
+# Output that keeps coming: the CLI prints it, a REST stream route sends it as events.
+STREAMED_PARAMETERS = {("service_logs", "follow")}
 # Given as pyro-mcp 3.x's list of {"name", "value" | "file_path"}, where no terminal is.
 SDK_AND_MCP_PARAMETERS = {("workspace_create", "secrets"), ("service_start", "readiness")}
 
@@ -57,7 +58,7 @@ def test_every_parameter_declares_the_surfaces_it_belongs_to() -> None:
             assert param.arg.surfaces, (op.name, param.name)  # at least one surface
 
 
-def test_cli_only_parameters_are_exactly_the_terminal_ones() -> None:
+def test_cli_only_and_streamed_parameters_are_exactly_the_terminal_ones() -> None:
     cli_only = {
         (op.name, p.name)
         for op in all_operations()
@@ -65,10 +66,16 @@ def test_cli_only_parameters_are_exactly_the_terminal_ones() -> None:
         if p.arg.surfaces == CLI_ONLY
     }
     assert cli_only == CLI_ONLY_PARAMETERS
+    streamed = {
+        (op.name, p.name) for op in all_operations() for p in op.params if p.on(Surface.STREAM)
+    }
+    assert streamed == STREAMED_PARAMETERS
     for op in all_operations():  # everything else is offered on every surface
         for param in op.params:
             if (op.name, param.name) in SDK_AND_MCP_PARAMETERS:
                 assert param.arg.surfaces == Surface.SDK | Surface.MCP, (op.name, param.name)
+            elif (op.name, param.name) in STREAMED_PARAMETERS:
+                assert param.arg.surfaces == STREAMED, (op.name, param.name)
             elif (op.name, param.name) not in CLI_ONLY_PARAMETERS:
                 assert param.arg.surfaces == EVERY, (op.name, param.name)
 

@@ -25,15 +25,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Surface(enum.Flag):
-    """Where a parameter can be given: the ``pyro`` CLI, the SDK (``Pyro``), MCP tools."""
+    """Where a parameter can be given: the ``pyro`` CLI, the SDK (``Pyro``), MCP tools,
+    and STREAM: a caller that takes a call's output as it comes (the REST API's
+    ``/stream`` routes, which otherwise take what the MCP tool takes)."""
 
     CLI = enum.auto()
     SDK = enum.auto()
     MCP = enum.auto()
+    STREAM = enum.auto()
 
 
 EVERY = Surface.CLI | Surface.SDK | Surface.MCP
-CLI_ONLY = Surface.CLI  # how the CLI prints or reads (--id-only, --stdin, --follow)
+CLI_ONLY = Surface.CLI  # how the CLI prints or reads (--id-only, --stdin)
+STREAMED = Surface.CLI | Surface.STREAM  # output that keeps coming (--follow)
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,15 @@ class Operation:
     def mcp_params(self, profile: str) -> tuple[Param, ...]:
         """The parameters its tool offers in MCP profile ``profile``."""
         return tuple(param for param in self.params_on(Surface.MCP) if param.in_profile(profile))
+
+    def stream_params(self, profile: str) -> tuple[Param, ...]:
+        """The parameters its stream route offers in profile ``profile``: its MCP tool's
+        and those only a caller taking output as it comes can use."""
+        return tuple(
+            param
+            for param in self.params_on(Surface.MCP | Surface.STREAM)
+            if param.in_profile(profile)
+        )
 
     def call(self, ctx: Context, via: Surface, /, **arguments: Any) -> Any:
         """Run the operation with ``arguments`` from ``via``, each checked first

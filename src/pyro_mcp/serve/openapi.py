@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyro_mcp import __version__
-from pyro_mcp.api.registry import Operation
+from pyro_mcp.api.registry import Operation, Param
 from pyro_mcp.api.result_shapes import output_schema
 from pyro_mcp.api.validation import arguments_schema
 from pyro_mcp.serve.rest import PREFIX
@@ -29,14 +29,18 @@ EVENTS_DESCRIPTION = (
 )
 
 
+def _body(params: tuple[Param, ...]) -> dict[str, Any]:
+    return {
+        "required": False,
+        "content": {"application/json": {"schema": arguments_schema(params)}},
+    }
+
+
 def document(ops: list[Operation], profile: str) -> dict[str, Any]:
     """The OpenAPI document of the routes of ``ops`` (served in ``profile``)."""
     paths: dict[str, Any] = {}
     for op in ops:
-        body = {
-            "required": False,
-            "content": {"application/json": {"schema": arguments_schema(op.mcp_params(profile))}},
-        }
+        body = _body(op.mcp_params(profile))
         errors = {"default": {"$ref": "#/components/responses/Error"}}
         summary = op.effects.title if op.effects is not None else op.summary
         paths[f"{PREFIX}/{op.name}"] = {
@@ -59,7 +63,7 @@ def document(ops: list[Operation], profile: str) -> dict[str, Any]:
                 "operationId": f"{op.name}_stream",
                 "summary": f"{summary}, as events",
                 "description": EVENTS_DESCRIPTION,
-                "requestBody": body,
+                "requestBody": _body(op.stream_params(profile)),
                 "responses": {
                     "200": {
                         "description": "the call's events",

@@ -6,7 +6,9 @@ operation's result (the MCP tool's structured content), or the error as every su
 gives it (``{"error", "message", "hint"}``) with the HTTP status its kind calls for.
 ``POST /api/v1/<tool>/stream`` runs the same call and answers server-sent events as it
 goes: ``progress`` (phases, and a heartbeat while a command runs), ``output`` (a command's
-stdout and stderr as they arrive) and, last, ``result`` or ``error``. A client that goes
+stdout and stderr as they arrive) and, last, ``result`` or ``error``. A stream route also
+takes what only such a caller can use (``follow`` of ``service_logs``: the lines as the
+service writes them, until it exits). A client that goes
 away stops what the call ran, as a cancelled MCP request does.
 """
 
@@ -105,9 +107,12 @@ def _error(exc: PyroError, profile: str, op: Operation) -> JSONResponse:
     return JSONResponse(told(exc, profile, op), status_code=status_of(exc))
 
 
-async def arguments_of(request: Request, op: Operation, profile: str) -> dict[str, Any]:
-    """The request's JSON object of arguments, checked for size, shape and names (the
-    values are checked by the operation, as on every surface)."""
+async def arguments_of(
+    request: Request, op: Operation, profile: str, *, streamed: bool = False
+) -> dict[str, Any]:
+    """The request's JSON object of arguments, checked for size, shape and names (those
+    of its MCP tool, and for a ``streamed`` call those of its stream route; the values
+    are checked by the operation, as on every surface)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_REQUEST_BYTES):
         raise TooLarge(f"a request body is at most {MAX_REQUEST_BYTES} bytes")
@@ -134,7 +139,9 @@ async def arguments_of(request: Request, op: Operation, profile: str) -> dict[st
             f"{op.name}: the request body must be a JSON object of arguments, "
             f"not {type(arguments).__name__}"
         )
-    check_names(op.name, arguments, op.mcp_params(profile))
+    check_names(
+        op.name, arguments, op.stream_params(profile) if streamed else op.mcp_params(profile)
+    )
     return arguments
 
 
@@ -143,7 +150,7 @@ def _caller(op: Operation, make_context: ContextFactory, profile: str) -> Callab
         try:
             arguments = await arguments_of(request, op, profile)
             ctx = make_context()
-            result = await _run(op, ctx, arguments)
+            result = await _run(op, ctx, arguments, Surface.MCP)
         except PyroError as exc:
             return _error(exc, profile, op)
         return JSONResponse(printable(result))
@@ -151,9 +158,9 @@ def _caller(op: Operation, make_context: ContextFactory, profile: str) -> Callab
     return call
 
 
-async def _run(op: Operation, ctx: Context, arguments: dict[str, Any]) -> Any:
+async def _run(op: Operation, ctx: Context, arguments: dict[str, Any], via: Surface) -> Any:
     """``op`` called in a worker thread, stopped if its client goes away."""
-    return await run_cancellable(lambda: op.call(ctx, Surface.MCP, **arguments), ctx)
+    return await run_cancellable(lambda: op.call(ctx, via, **arguments), ctx)
 
 
 def _streamer(
@@ -161,7 +168,7 @@ def _streamer(
 ) -> Callable[[Request], Any]:
     async def stream(request: Request) -> Response:
         try:
-            arguments = await arguments_of(request, op, profile)
+            arguments = await arguments_of(request, op, profile, streamed=True)
         except PyroError as exc:
             return _error(exc, profile, op)
         return StreamingResponse(
@@ -204,7 +211,7 @@ async def _events(
     async def run() -> None:
         async with sender:
             try:
-                result = await _run(op, ctx, arguments)
+                result = await _run(op, ctx, arguments, Surface.MCP | Surface.STREAM)
             except PyroError as exc:
                 await sender.send(("error", {**told(exc, profile, op), "status": status_of(exc)}))
             else:

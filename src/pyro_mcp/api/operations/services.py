@@ -10,7 +10,7 @@ from pyro_mcp.api.operations.shells import SIGNAL
 from pyro_mcp.api.operations.vm import COMMAND
 from pyro_mcp.api.operations.workspace_content import CWD, ENV, SECRET_ENV
 from pyro_mcp.api.operations.workspaces import FULL, WORKSPACE, open_workspaces, parse_pairs
-from pyro_mcp.api.registry import CLI_ONLY, EVERY, Arg, Surface, operation
+from pyro_mcp.api.registry import EVERY, STREAMED, Arg, Surface, operation
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import guest_path
@@ -301,7 +301,7 @@ def service_logs(
         str, Arg("which output", surfaces=EVERY, choices=("stdout", "stderr", "both"))
     ] = "both",
     follow: Annotated[
-        bool, Arg("keep printing new lines until the service exits", surfaces=CLI_ONLY)
+        bool, Arg("keep printing new lines until the service exits", surfaces=STREAMED)
     ] = False,
 ) -> "ServiceLogsResult":
     """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
