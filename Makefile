@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYRO := $(VENV)/bin/pyro
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help venv host-packages npm-packages run test test-fast lint typecheck stubs bench cli-index \
+.PHONY: help venv host-packages npm-packages web-assets run test test-fast lint typecheck stubs bench cli-index \
 	runtime-fetch-binaries runtime-build-kernel-real runtime-build-rootfs-real \
 	runtime-bundle runtime-materialize runtime-publish-official-environments-oci doctor clean
 
@@ -37,7 +37,14 @@ host-packages: venv
 # own in package.json + package-lock.json; `npm ci` installs exactly the locked versions.
 NPM_DIRS := $(patsubst %/package-lock.json,%,$(wildcard tests/npm/*/package-lock.json))
 
-npm-packages: host-packages $(addsuffix /node_modules/.package-lock.json,$(NPM_DIRS))
+npm-packages: host-packages $(addsuffix /node_modules/.package-lock.json,$(NPM_DIRS)) web-assets
+
+# What the dashboard loads from npm (xterm.js), pinned by web/package-lock.json and copied
+# into the package (the wheel's build does the same through setup.py).
+web-assets: src/pyro_mcp/serve/static/vendor/xterm.js
+
+src/pyro_mcp/serve/static/vendor/xterm.js: web/package-lock.json web/vendor.py | host-packages
+	$(PY) web/vendor.py
 
 tests/npm/%/node_modules/.package-lock.json: tests/npm/%/package-lock.json
 	npm ci --prefix tests/npm/$* --no-audit --no-fund --loglevel=error

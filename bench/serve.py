@@ -3,6 +3,7 @@ loopback port that these rows and the tests of tests/serve/ drive."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -105,12 +106,17 @@ def _wait_until_up(
 REST_EXEC_ROW = ("REST exec `true` round trip (POST /api/v1/workspace_exec)", "ms", 1)
 REST_STREAM_ROW = ("REST exec stream: request to the first output event (`echo`)", "ms", 1)
 LOG_TO_SSE_ROW = ("a service's log line to the dashboard's event stream", "ms", 1)
+LOG_TO_FOLLOW_ROW = ("a service's log line to a `service_logs/stream` follow client", "ms", 1)
+TERMINAL_ROW = ("dashboard terminal: a key typed to its echo on the terminal stream", "ms", 1)
 REST_NOTES = (
     "httpx keep-alive client, a running workspace; the operation row of the workspace "
     "section is the same call in process",
     "POST /api/v1/workspace_exec/stream of `echo x; sleep 0.2`: until its first `output` event",
     "a service `tail -F`s a file; from the exec appending a line to it returning, to the "
     "line in an `update` of GET /events/workspaces/ID (polled every 250 ms)",
+    "the same line, to its `output` event of POST /api/v1/service_logs/stream {follow: true}",
+    "POST /api/v1/shell_write of one character (no newline) until the PTY's echo arrives "
+    "on GET /events/terminal/ID (the stream xterm.js renders)",
 )
 
 
@@ -118,7 +124,8 @@ def measure_serve(table: Any, cache_dir: Path, run_root: Path, environment: str,
     """REST rows: a ``pyro serve`` of this cache, one workspace, ``n`` calls each."""
     import tempfile
 
-    rows = [table.row(*REST_EXEC_ROW), table.row(*REST_STREAM_ROW), table.row(*LOG_TO_SSE_ROW)]
+    specs = (REST_EXEC_ROW, REST_STREAM_ROW, LOG_TO_SSE_ROW, LOG_TO_FOLLOW_ROW, TERMINAL_ROW)
+    rows = [table.row(*spec) for spec in specs]
     for row, note in zip(rows, REST_NOTES, strict=True):
         row.note = note
     work = Path(tempfile.mkdtemp(prefix="pyro-bench-serve-"))
@@ -145,18 +152,19 @@ def measure_serve(table: Any, cache_dir: Path, run_root: Path, environment: str,
                             if line == "event: output":
                                 rows[1].add((time.perf_counter() - started) * 1000)
                                 break
-                measure_log_to_events(client, wid, rows[2], n)
+                measure_log_to_events(client, wid, rows[2], rows[3], n)
+                measure_terminal_echo(client, wid, rows[4], n)
             finally:
                 client.post("/api/v1/workspace_delete", json={"workspace_id": wid})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure_log_to_events(client: httpx.Client, wid: str, row: Any, n: int) -> None:
+def measure_log_to_events(
+    client: httpx.Client, wid: str, dashboard_row: Any, follow_row: Any, n: int
+) -> None:
     """From a line written where a service's ``tail -F`` reads, to that line in the
-    dashboard's event stream of the workspace."""
-    import threading
-
+    dashboard's event stream of the workspace, and in a follow stream of its logs."""
     client.post("/api/v1/workspace_exec", json={"workspace_id": wid, "command": "touch /tmp/src"})
     started = client.post(
         "/api/v1/service_start",
@@ -164,28 +172,92 @@ def measure_log_to_events(client: httpx.Client, wid: str, row: Any, n: int) -> N
     )
     if started.status_code != 200:
         raise RuntimeError(f"service_start: {started.status_code} {started.text[:120]}")
-    arrived: dict[str, float] = {}
-    seen = threading.Condition()
-    stop = threading.Event()
-
-    def follow() -> None:
-        with client.stream("GET", f"/events/workspaces/{wid}", timeout=None) as events:
-            for line in events.iter_lines():
-                if stop.is_set():
-                    return
-                for mark in re.findall(r"LINE-\d+", line):
-                    with seen:
-                        arrived.setdefault(mark, time.perf_counter())
-                        seen.notify_all()
-
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
+    follow = {"workspace_id": wid, "service_name": "tail", "follow": True, "tail_lines": 0}
+    readers = [
+        _Marks(client, "GET", f"/events/workspaces/{wid}", None),
+        _Marks(client, "POST", "/api/v1/service_logs/stream", follow),
+    ]
+    time.sleep(1.0)  # both streams are open and have sent what was there before
     for index in range(n):
         mark = f"LINE-{index}"
         call = {"workspace_id": wid, "command": f"echo {mark} >> /tmp/src"}
         client.post("/api/v1/workspace_exec", json=call)
         written = time.perf_counter()
-        with seen:
-            if seen.wait_for(lambda m=mark: m in arrived, timeout=10):  # type: ignore[misc]
-                row.add((arrived[mark] - written) * 1000)
-    stop.set()
+        for reader, row in zip(readers, (dashboard_row, follow_row), strict=True):
+            at = reader.wait(mark, timeout=10)
+            if at is not None:
+                row.add((at - written) * 1000)
+    client.post(
+        "/api/v1/service_stop", json={"workspace_id": wid, "service_name": "tail"}
+    )  # ends the follow stream
+
+
+class _Marks:
+    """A stream read in a thread, noting when each ``LINE-N`` mark first arrived."""
+
+    def __init__(self, client: httpx.Client, method: str, url: str, body: Any) -> None:
+        import threading
+
+        self.arrived: dict[str, float] = {}
+        self.seen = threading.Condition()
+        self.thread = threading.Thread(
+            target=self._read, args=(client, method, url, body), daemon=True
+        )
+        self.thread.start()
+
+    def _read(self, client: httpx.Client, method: str, url: str, body: Any) -> None:
+        with client.stream(method, url, json=body, timeout=None) as events:
+            for line in events.iter_lines():
+                for mark in re.findall(r"LINE-\d+", line):
+                    with self.seen:
+                        self.arrived.setdefault(mark, time.perf_counter())
+                        self.seen.notify_all()
+
+    def wait(self, mark: str, timeout: float) -> float | None:
+        with self.seen:
+            self.seen.wait_for(lambda: mark in self.arrived, timeout=timeout)
+            return self.arrived.get(mark)
+
+
+def measure_terminal_echo(client: httpx.Client, wid: str, row: Any, n: int) -> None:
+    """From typing one character into the dashboard terminal's shell to its echo arriving
+    on the terminal's event stream."""
+    import threading
+
+    chunks: list[tuple[float, str]] = []
+    opened = threading.Event()
+    shell: dict[str, str] = {}
+    done = threading.Event()
+
+    def read() -> None:
+        with client.stream("GET", f"/events/terminal/{wid}", timeout=None) as events:
+            event = ""
+            for line in events.iter_lines():
+                if done.is_set():
+                    return
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event == "opened":
+                    shell.update(json.loads(line.removeprefix("data: ")))
+                    opened.set()
+                elif line.startswith("data: ") and event == "output":
+                    chunks.append((time.perf_counter(), json.loads(line[6:])["text"]))
+
+    threading.Thread(target=read, daemon=True).start()
+    if not opened.wait(30):
+        return
+    time.sleep(1.0)  # the prompt has come
+    for index in range(n):
+        key = "abcdefghijklmnopqrstuvwxyz"[index % 26]
+        seen = len(chunks)
+        write = {"workspace_id": wid, "shell_id": shell["shell_id"], "input": key}
+        started = time.perf_counter()
+        client.post("/api/v1/shell_write", json={**write, "append_newline": False})
+        deadline = started + 10
+        while time.perf_counter() < deadline:
+            echoed = [at for at, text in chunks[seen:] if key in text]
+            if echoed:
+                row.add((echoed[0] - started) * 1000)
+                break
+            time.sleep(0.002)
+    done.set()

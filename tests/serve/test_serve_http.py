@@ -58,6 +58,7 @@ def _every_route(served: Served) -> list[tuple[str, str]]:
     for route in guard.app.routes:  # type: ignore[attr-defined]
         if isinstance(route, Route):
             path = route.path.replace("{workspace_id}", "0123456789ab")
+            path = path.replace("{name:path}", "vendor/xterm.js")
             found += [(method, path) for method in sorted(route.methods or ()) if method != "HEAD"]
         elif isinstance(route, Mount):
             found.append(("POST", "/mcp"))
@@ -70,7 +71,7 @@ def test_the_route_list_holds_each_kind_of_route(served: Served) -> None:
         ("POST", "/api/v1/workspace_exec"), ("POST", "/api/v1/workspace_exec/stream"),
         ("GET", "/api/v1/openapi.json"), ("GET", "/"), ("GET", "/login"), ("POST", "/mcp"),
         ("GET", "/workspaces/0123456789ab"), ("GET", "/events/workspaces"),
-        ("GET", "/static/dashboard.js"),
+        ("GET", "/static/vendor/xterm.js"), ("GET", "/events/terminal/0123456789ab"),
     ]:  # fmt: skip
         assert expected in routes
 
@@ -421,3 +422,94 @@ def test_a_vmms_host_cpu_and_memory_are_read_from_proc() -> None:
     assert mine is not None
     assert mine["cpu_s"] > 0 and mine["rss_bytes"] > 10 << 20  # this interpreter's
     assert vmm_usage(None) is None and vmm_usage(0) is None and vmm_usage(2**22 + 7) is None
+
+
+# --- the dashboard's files and actions ----------------------------------------------------
+
+VENDORED = Path(__file__).resolve().parents[2] / "src/pyro_mcp/serve/static/vendor"
+
+
+def test_the_pages_scripts_are_the_packages_own_and_nothing_else_is_served(
+    served: Served,
+) -> None:
+    with served.client() as client:
+        xterm = client.get("/static/vendor/xterm.js")
+        ours = client.get("/static/dashboard.js")
+        css = client.get("/static/vendor/xterm.css")
+        refused = [
+            client.get(path).status_code
+            for path in (
+                "/static/../serve/app.py", "/static/%2e%2e/app.py", "/static/vendor/../../app.py",
+                "/static/guard.py", "/static/vendor/xterm.js.map", "/static/",
+            )
+        ]  # fmt: skip
+    assert xterm.status_code == 200 and xterm.headers["content-type"].startswith("text/javascript")
+    assert xterm.content == (VENDORED / "xterm.js").read_bytes()
+    assert ours.status_code == 200 and "pyro-mcp dashboard" in ours.text
+    assert css.headers["content-type"].startswith("text/css")
+    assert refused == [404] * len(refused)
+
+
+def test_the_vendored_files_are_what_the_lock_file_pins() -> None:
+    root = VENDORED.parents[4]
+    done = subprocess.run(
+        [sys.executable, str(root / "web" / "vendor.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout
+    lock = json.loads((root / "web" / "package-lock.json").read_text())
+    pinned = lock["packages"]["node_modules/@xterm/xterm"]
+    installed = json.loads((root / "web/node_modules/@xterm/xterm/package.json").read_text())
+    assert installed["version"] == pinned["version"]
+
+
+def test_a_built_wheel_carries_the_vendored_files(tmp_path: Path) -> None:
+    import zipfile
+
+    root = VENDORED.parents[4]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("pyro_mcp-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"pyro_mcp/serve/static/vendor/xterm.js", "pyro_mcp/serve/static/vendor/xterm.css",
+            "pyro_mcp/serve/static/dashboard.js"} <= names  # fmt: skip
+
+
+def test_the_buttons_are_the_registrys_workspace_actions() -> None:
+    import dataclasses
+    import html as htmllib
+    import re
+
+    from pyro_mcp.serve.dashboard import action_buttons
+
+    ops = operations_for("workspace-full")
+    buttons = [
+        {k: htmllib.unescape(v) for k, v in re.findall(r'([\w-]+)="([^"]*)"', tag)}
+        for tag in re.findall(r"<button [^>]*>", action_buttons(ops))
+    ]
+    tools = [b["data-tool"] for b in buttons]
+    assert set(tools) == {op.name for op in ops if op.workspace_action}
+    assert {"workspace_stop", "workspace_start", "workspace_delete", "workspace_reset",
+            "snapshot_create"} <= set(tools)  # fmt: skip
+    by_tool = {b["data-tool"]: b for b in buttons}
+    assert by_tool["workspace_delete"]["data-confirm"] == "yes"
+    assert by_tool["workspace_start"]["data-confirm"] == ""
+    assert json.loads(by_tool["snapshot_create"]["data-asks"]) == [
+        {"name": "snapshot_name", "help": "checkpoint name"}
+    ]
+    assert tools.index("workspace_start") < tools.index("workspace_delete")  # destructive last
+    # An operation declared a workspace action gets its button with no glue of its own.
+    stop = next(op for op in ops if op.name == "workspace_stop")
+    new = dataclasses.replace(stop, name="workspace_tidy")
+    assert 'data-tool="workspace_tidy"' in action_buttons([*ops, new])
+
+
+def test_a_workspace_action_must_take_the_workspace_and_change_something() -> None:
+    from pyro_mcp.api.registry import operation
+
+    with pytest.raises(TypeError, match="title"):
+        operation(cli=("x",), sdk="x", workspace_action=True)
+    with pytest.raises(TypeError, match="title and changes"):
+        operation(cli=("x",), sdk="x", title="X", read_only=True, workspace_action=True)

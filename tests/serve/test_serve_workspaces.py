@@ -155,3 +155,35 @@ def test_service_logs_follow_as_events_until_the_service_exits(served: Served) -
         assert outputs[-1] - outputs[0] > 0.5  # each line as the service wrote it
         assert arrived[-1][0] == "result"
         _call(client, "workspace_delete", workspace_id=wid)
+
+
+def test_the_terminal_stream_owns_its_shell_and_closes_it_when_the_page_goes(
+    served: Served,
+) -> None:
+    with served.client() as client:
+        wid = _call(client, "workspace_create", environment="debian:12")["workspace_id"]
+        with client.stream("GET", f"/events/terminal/{wid}?cols=90&rows=20") as answer:
+            events = _events(answer)
+            event, opened = next(events)
+            assert event == "opened"
+            shell = opened["shell_id"]
+            assert [
+                s["shell_id"] for s in _call(client, "shell_list", workspace_id=wid)["shells"]
+            ] == [shell]
+            typed = {"workspace_id": wid, "shell_id": shell, "append_newline": False}
+            _call(client, "shell_write", **typed, input="stty size\r")
+            screen = ""
+            for event, data in events:
+                if event == "output":
+                    screen += data["text"]
+                if "20 90" in screen:
+                    break  # the size the page asked for, as the shell's terminal has it
+        deadline = time.monotonic() + 10
+        while (
+            _call(client, "shell_list", workspace_id=wid)["shells"] and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        assert _call(client, "shell_list", workspace_id=wid)["shells"] == []
+        bad = client.get(f"/events/terminal/{wid}?cols=wide")
+        assert bad.status_code == 400 and bad.json()["error"] == "invalid_argument"
+        _call(client, "workspace_delete", workspace_id=wid)

@@ -151,6 +151,9 @@ class Operation:
     progress: bool = False  # reports progress phases while it runs
     exit_code_key: str | None = None  # the CLI exits with this result field (e.g. run)
     effects: Effects | None = None  # what a call does to the host and its VMs (undeclared: None)
+    # One of the actions a person takes on a workspace as a whole (stop it, checkpoint
+    # it...): the dashboard offers it as a button on the workspace's page.
+    workspace_action: bool = False
 
     @property
     def doc(self) -> str:
@@ -250,14 +253,19 @@ def operation(
     destructive: bool = False,
     idempotent: bool = False,
     open_world: bool = False,
+    workspace_action: bool = False,
 ) -> Callable[[F], F]:
     """Register ``func`` as a public operation named after the function.
 
     ``title`` and the hints after it declare its :class:`Effects` (an operation without
     a title declares none); ``read_only`` implies idempotent and not destructive.
+    ``workspace_action``: an action on one workspace as a whole, offered as a button
+    where a person works on it (it takes ``workspace_id`` and has a title).
     """
     if read_only and destructive:
         raise TypeError("an operation is not both read_only and destructive")
+    if workspace_action and (title is None or read_only):
+        raise TypeError("a workspace action has a title and changes something")
     effects = (
         None
         if title is None
@@ -286,7 +294,10 @@ def operation(
             progress=progress,
             exit_code_key=exit_code_key,
             effects=effects,
+            workspace_action=workspace_action,
         )
+        if workspace_action and "workspace_id" not in {p.name for p in OPERATIONS[name].params}:
+            raise TypeError(f"workspace action {name} takes no workspace_id")
         return func
 
     return register

@@ -89,7 +89,7 @@ def build_app(
         Route(f"{rest.PREFIX}/openapi.json", openapi_json, methods=["GET"]),
         *rest.routes(ops, make_context, profile),
         Route(LOGIN_PATH, login, methods=["GET"]),
-        *dashboard.routes(make_context),
+        *dashboard.routes(ops, make_context),
         Mount("/", app=mcp),  # /mcp, and its lifespan (the session manager)
     ]
     app = Starlette(routes=routes, lifespan=mcp.router.lifespan_context)

@@ -4,13 +4,18 @@
 - ``/``: the workspaces (state, environment, age, TTL, labels, services), rendered on the
   server and then updated from ``/events/workspaces`` as they change.
 - ``/workspaces/<id>``: its state, services with their log tails, published ports as
-  links, the command journal, checkpoints, the diff against the baseline, a terminal on a
-  PTY shell, and actions (stop, start, checkpoint, reset, delete with a confirmation),
-  updated from ``/events/workspaces/<id>``.
+  links, the command journal with a chart of how long each command took, its VMM's host
+  CPU and memory as a chart, checkpoints, the diff against the baseline, a terminal
+  (xterm.js on a PTY shell: :mod:`pyro_mcp.serve.terminal`), and a button per
+  workspace action of the registry (``workspace_action``: stop, start, checkpoint,
+  reset, delete...; a destructive one asks for a confirmation, and each asks for the
+  other arguments it needs), updated from ``/events/workspaces/<id>``.
 
 Every value reaches the page escaped (server side) or as text (the script never writes
-markup from data). What the pages show comes from the operations the REST API serves,
-and the actions call that API, so the redaction of secrets applies here as everywhere.
+markup from data). Scripts and styles come from the package: ours, and xterm.js as
+vendored from npm when the package was built (``web/vendor.py``). What the pages show
+comes from the operations the REST API serves, and the actions call that API, so the
+redaction of secrets applies here as everywhere.
 Server-rendered pages with progressive enhancement were chosen over a bundled app: no
 build step for the pages, and every page works (read-only) before its script runs.
 """
@@ -33,8 +38,9 @@ from starlette.routing import Route
 
 from pyro_mcp import __version__
 from pyro_mcp.api.context import Context
-from pyro_mcp.api.registry import OPERATIONS, Surface, all_operations
+from pyro_mcp.api.registry import OPERATIONS, Operation, Surface, all_operations
 from pyro_mcp.errors import NotFound, PyroError
+from pyro_mcp.serve import terminal
 
 POLL_S = 0.25  # how often the event streams look for a change
 LOG_TAIL_LINES = 20
@@ -44,12 +50,14 @@ body { font: 14px system-ui, sans-serif; margin: 2em; color: #222 }
 table { border-collapse: collapse } td, th { padding: .3em .8em; text-align: left;
 border-bottom: 1px solid #ddd; vertical-align: top } code, pre { font-size: 13px }
 pre { background: #f6f6f6; padding: .5em; max-height: 24em; overflow: auto }
-#terminal { background: #111; color: #eee; min-height: 10em }
+#terminal { display: inline-block; padding: 4px; background: #000 }
 """
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>{style}</style><script src="/static/dashboard.js" defer></script></head>
+<style>{style}</style><link rel="stylesheet" href="/static/vendor/xterm.css">
+<script src="/static/vendor/xterm.js" defer></script>
+<script src="/static/dashboard.js" defer></script></head>
 <body data-page="{page}" data-workspace="{workspace}"><p><a href="/">pyro-mcp {version}</a>
 <span id="status"></span></p>
 {body}
@@ -60,19 +68,17 @@ PAGE = """<!doctype html>
 WORKSPACE_BODY = """<h1>Workspace {id}</h1>
 <p>state <b id="state">{state}</b> &middot;
 environment <span id="environment">{environment}</span></p>
-<p><button id="action-stop">stop</button> <button id="action-start">start</button>
-<button id="action-checkpoint">checkpoint</button> <button id="action-reset">reset</button>
-<button id="action-delete">delete</button></p>
+<p id="actions">{actions}</p>
 <h2>Resources</h2><p>host CPU of its VMM <b id="cpu">-</b>, resident memory <b id="rss">-</b></p>
 <svg id="chart" width="480" height="80" role="img" aria-label="CPU and memory over time">
 <polyline id="cpu-line" fill="none" stroke="#c33" points=""/>
 <polyline id="rss-line" fill="none" stroke="#36c" points=""/></svg>
 <h2>Services</h2><div id="services"></div>
 <h2>Published ports</h2><ul id="ports"></ul>
-<h2>Terminal</h2><pre id="terminal"></pre>
-<p><input id="terminal-input" size="80" placeholder="type a command, then Enter">
-<button id="terminal-open">open a shell</button></p>
-<h2>Commands</h2><table><thead><tr><th>command</th><th>exit</th><th>took</th>
+<h2>Terminal</h2><div id="terminal"></div>
+<h2>Commands</h2>
+<svg id="timings" width="480" height="60" role="img" aria-label="how long each command took">
+</svg><table><thead><tr><th>command</th><th>exit</th><th>took</th>
 <th>stdout</th><th>stderr</th></tr></thead><tbody id="journal"></tbody></table>
 <h2>Checkpoints</h2><ul id="checkpoints"></ul>
 <h2>Changes since the baseline</h2><pre id="diff"></pre>
@@ -80,7 +86,11 @@ environment <span id="environment">{environment}</span></p>
 LIST_HEADS = ("id", "name", "state", "environment", "age", "ttl", "labels", "services")
 
 
-def routes(make_context: Callable[[], Context]) -> list[Route]:
+def routes(ops: list[Operation], make_context: Callable[[], Context]) -> list[Route]:
+    """The pages, their event streams, the terminal and the static files; the buttons
+    are the workspace actions among ``ops`` (the served profile's)."""
+    buttons = action_buttons(ops)
+
     def call(name: str, **arguments: Any) -> Any:
         if name not in OPERATIONS:
             all_operations()
@@ -108,6 +118,7 @@ def routes(make_context: Callable[[], Context]) -> list[Route]:
             id=html.escape(status["workspace_id"]),
             state=html.escape(str(status["state"])),
             environment=html.escape(str(status["environment"])),
+            actions=buttons,
         )
         return _page(
             f"pyro-mcp: {status['workspace_id']}", "workspace", status["workspace_id"], body
@@ -120,17 +131,73 @@ def routes(make_context: Callable[[], Context]) -> list[Route]:
         wid = request.path_params["workspace_id"]
         return _events(request, lambda: workspace_view(call, wid))
 
-    async def script(_request: Request) -> Response:
-        source = resources.files("pyro_mcp.serve").joinpath("static/dashboard.js").read_text()
-        return Response(source, media_type="text/javascript", headers={"Cache-Control": "no-store"})
+    files = static_files()
+
+    async def static(request: Request) -> Response:
+        found = files.get(request.path_params["name"])
+        if found is None:
+            return Response("not found", status_code=404, media_type="text/plain")
+        data, media_type = found
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
 
     return [
         Route("/", index, methods=["GET"]),
         Route("/workspaces/{workspace_id}", workspace_page, methods=["GET"]),
         Route("/events/workspaces", list_events, methods=["GET"]),
         Route("/events/workspaces/{workspace_id}", workspace_events, methods=["GET"]),
-        Route("/static/dashboard.js", script, methods=["GET"]),
+        *terminal.routes(call),
+        Route("/static/{name:path}", static, methods=["GET"]),
     ]
+
+
+MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
+
+
+def static_files() -> dict[str, tuple[bytes, str]]:
+    """What ``/static/`` serves: the package's ``serve/static`` files (and ``vendor/``
+    under it) by name, read once; no other path reaches the disk."""
+    root = resources.files("pyro_mcp.serve").joinpath("static")
+    found: dict[str, tuple[bytes, str]] = {}
+    for prefix, directory in (("", root), ("vendor/", root.joinpath("vendor"))):
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            suffix = Path(entry.name).suffix
+            if entry.is_file() and suffix in MEDIA_TYPES:
+                found[prefix + entry.name] = (entry.read_bytes(), MEDIA_TYPES[suffix])
+    return found
+
+
+def workspace_actions(ops: list[Operation]) -> list[Operation]:
+    """The workspace actions among ``ops``: those that only add or change first, the
+    destructive ones after."""
+    actions = [op for op in ops if op.workspace_action]
+    return sorted(actions, key=lambda op: bool(op.effects and op.effects.destructive))
+
+
+def action_buttons(ops: list[Operation]) -> str:
+    """A button per workspace action: its title, the tool it calls, whether it asks for
+    a confirmation (destructive) and the other arguments it asks for (its required ones
+    besides the workspace)."""
+    buttons = []
+    for op in workspace_actions(ops):
+        assert op.effects is not None  # a workspace action has a title
+        asks = [
+            {"name": p.name, "help": p.arg.help}
+            for p in op.params_on(Surface.MCP)
+            if p.required and p.name != "workspace_id"
+        ]
+        attributes = {
+            "id": f"action-{op.name}",
+            "class": "action",
+            "data-tool": op.name,
+            "data-title": op.effects.title,
+            "data-confirm": "yes" if op.effects.destructive else "",
+            "data-asks": json.dumps(asks),
+        }
+        text = " ".join(f'{k}="{html.escape(v, quote=True)}"' for k, v in attributes.items())
+        buttons.append(f"<button {text}>{html.escape(op.effects.title)}</button>")
+    return "\n".join(buttons)
 
 
 def workspace_view(call: Callable[..., Any], wid: str) -> dict[str, Any]:

@@ -317,6 +317,7 @@ def workspace_export(
     sdk="create_snapshot",
     profiles=FULL,
     title="Checkpoint a workspace",
+    workspace_action=True,
 )
 def snapshot_create(
     ctx: Context,
@@ -379,6 +380,7 @@ def snapshot_delete(
     title="Reset a workspace to a checkpoint",
     destructive=True,
     idempotent=True,
+    workspace_action=True,
 )
 def workspace_reset(
     ctx: Context,

@@ -377,6 +377,7 @@ def workspace_logs(
     title="Stop a workspace",
     destructive=True,
     idempotent=True,
+    workspace_action=True,
 )
 def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceStopResult":
     """Power a workspace off; its root and /workspace disks are kept."""
@@ -391,6 +392,7 @@ def workspace_stop(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "Works
     progress=True,
     title="Start a stopped workspace",
     idempotent=True,
+    workspace_action=True,
 )
 def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceStartResult":
     """Boot a stopped workspace again from its disks (always a cold boot: its root disk
@@ -407,6 +409,7 @@ def workspace_start(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "Work
     progress=True,
     title="Pause a workspace to disk",
     idempotent=True,
+    workspace_action=True,
 )
 def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspacePauseResult":
     """Save a running workspace's memory and device state to disk and end its VM: a
@@ -424,6 +427,7 @@ def workspace_pause(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "Work
     progress=True,
     title="Resume a paused workspace",
     idempotent=True,
+    workspace_action=True,
 )
 def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceResumeResult":
     """Run a paused workspace again from its saved memory: processes, services, shells
@@ -440,6 +444,7 @@ def workspace_resume(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "Wor
     profiles=FULL,
     progress=True,
     title="Fork a running workspace",
+    workspace_action=True,
 )
 def workspace_fork(
     ctx: Context,
@@ -467,6 +472,7 @@ def workspace_fork(
     title="Delete a workspace",
     destructive=True,
     idempotent=True,
+    workspace_action=True,
 )
 def workspace_delete(ctx: Context, workspace: Annotated[str, WORKSPACE]) -> "WorkspaceDeleteResult":
     """Delete a workspace: its VM, disks, checkpoints and journal."""

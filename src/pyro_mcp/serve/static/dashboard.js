@@ -80,6 +80,7 @@ function renderUsage(sample) {
 
 function renderWorkspace(data) {
   renderUsage(data.usage);
+  renderTimings(data.commands);
   const status = data.status;
   document.getElementById("state").textContent = status.state;
   document.getElementById("environment").textContent = status.environment;
@@ -122,68 +123,82 @@ async function showDiff(id) {
   }
 }
 
+// A button per workspace action (rendered by the server from the registry): it asks for
+// the arguments it needs, confirms a destructive one, and calls its REST route.
 function wireActions(id) {
-  const actions = {
-    stop: () => call("workspace_stop", {workspace_id: id}),
-    start: () => call("workspace_start", {workspace_id: id}),
-    checkpoint: () => {
-      const name = prompt("checkpoint name");
-      return name ? call("snapshot_create", {workspace_id: id, snapshot_name: name}) : null;
-    },
-    reset: () => confirm("Reset /workspace to its baseline?") ? call("workspace_reset", {workspace_id: id}) : null,
-    delete: async () => {
-      if (!confirm(`Delete workspace ${id}, its disks and checkpoints?`)) return null;
-      await call("workspace_delete", {workspace_id: id});
-      location.href = "/";
-    },
-  };
-  for (const [name, action] of Object.entries(actions)) {
-    const button = document.getElementById(`action-${name}`);
-    if (!button) continue;
+  for (const button of document.querySelectorAll("button.action")) {
     button.addEventListener("click", async () => {
-      say(`${name}...`);
-      try { await action(); say(`${name}: done`); showDiff(id); } catch (error) { say(String(error.message)); }
+      const {tool, title, confirm: confirming} = button.dataset;
+      const args = {workspace_id: id};
+      for (const ask of JSON.parse(button.dataset.asks || "[]")) {
+        const value = prompt(ask.help);
+        if (value === null || value === "") return;
+        args[ask.name] = value;
+      }
+      if (confirming && !confirm(`${title} ${id}?`)) return;
+      say(`${title}...`);
+      try {
+        const result = await call(tool, args);
+        say(`${title}: done`);
+        if (result.workspace_id && result.workspace_id !== id) {
+          const status = document.getElementById("status");
+          status.append(" ", el("a", result.workspace_id, {href: `/workspaces/${result.workspace_id}`}));
+        }
+        showDiff(id);
+      } catch (error) { say(String(error.message)); }
     });
   }
 }
 
-// A terminal on a PTY shell of the workspace: what the shell prints (without terminal
-// escapes), and a line to type into it.
-async function wireTerminal(id) {
-  const screen = document.getElementById("terminal");
-  const input = document.getElementById("terminal-input");
-  let shell = null;
-  let cursor = 0;
-  async function open() {
-    const opened = await call("shell_open", {workspace_id: id});
-    shell = opened.shell_id;
-    read();
-  }
-  async function read() {
-    while (shell) {
-      try {
-        const got = await call("shell_read", {workspace_id: id, shell_id: shell, cursor, plain: true, wait_for_idle_ms: 300});
-        if (got.output) screen.textContent += got.output;
-        cursor = got.next_cursor;
-        screen.scrollTop = screen.scrollHeight;
-        if (!got.alive) { shell = null; break; }
-      } catch (error) { say(String(error.message)); shell = null; break; }
-    }
-  }
-  input.addEventListener("keydown", async (event) => {
-    if (event.key !== "Enter") return;
-    const line = input.value;
-    input.value = "";
-    if (!shell) await open();
-    await call("shell_write", {workspace_id: id, shell_id: shell, input: line});
+// How long each of the last commands took, as bars (newest right).
+function renderTimings(commands) {
+  const chart = document.getElementById("timings");
+  const took = commands.map(c => c.duration_ms).filter(ms => typeof ms === "number").reverse();
+  const width = 480, height = 60, gap = 2, bar = width / Math.max(took.length, 20);
+  const top = Math.max(...took, 1);
+  chart.replaceChildren();
+  took.forEach((ms, i) => {
+    const h = Math.max(1, height * ms / top);
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    for (const [k, v] of Object.entries({x: i * bar, y: height - h, width: bar - gap, height: h, fill: "#693"})) rect.setAttribute(k, v);
+    const label = document.createElementNS("http://www.w3.org/2000/svg", "title");
+    label.textContent = `${Math.round(ms)} ms`;
+    rect.append(label);
+    chart.append(rect);
   });
-  document.getElementById("terminal-open").addEventListener("click", () => { if (!shell) open(); });
+  chart.dataset.bars = String(took.length);
+}
+
+// The terminal: xterm.js on a PTY shell that the server opens for this page and closes
+// when the page goes; keystrokes go to the shell as typed, in order.
+function wireTerminal(id) {
+  const screen = new Terminal({cols: 100, rows: 24, convertEol: false});
+  screen.open(document.getElementById("terminal"));
+  window.pyroTerminal = screen;
+  const stream = new EventSource(`/events/terminal/${id}?cols=100&rows=24`);
+  let shell = null;
+  let typing = Promise.resolve();
+  stream.addEventListener("opened", (event) => { shell = JSON.parse(event.data).shell_id; });
+  stream.addEventListener("output", (event) => screen.write(JSON.parse(event.data).text));
+  stream.addEventListener("exit", (event) => {
+    screen.write(`\r\n[the shell exited with ${JSON.parse(event.data).exit_code}]\r\n`);
+    stream.close();
+  });
+  stream.addEventListener("error", (event) => { if (event.data) say(JSON.parse(event.data).message); });
+  screen.onData((data) => {
+    if (!shell) return;
+    typing = typing.then(() => call("shell_write", {workspace_id: id, shell_id: shell, input: data, append_newline: false}))
+      .catch((error) => say(String(error.message)));
+  });
 }
 
 function watch(url, render) {
   const events = new EventSource(url);
   events.addEventListener("update", (event) => render(JSON.parse(event.data)));
-  events.addEventListener("gone", () => { say("this workspace is gone"); events.close(); });
+  events.addEventListener("gone", () => {
+    events.close();
+    if (document.body.dataset.page === "workspace") location.href = "/";  // it was deleted
+  });
   return events;
 }
 
