@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 from bench.cli import VERSION_ROW, CliCounts, measure_cli
+from bench.cluster import CLUSTER_EXEC_ROW, measure_cluster
 from bench.firecracker_tiny import bench_tiny_guest
 from bench.guest import Counts, measure_boots, measure_cold_run
 from bench.host import HostCounts, measure_host_side
@@ -314,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     def rest() -> None:
         measure_serve(table, paths.cache_dir, paths.run_root, args.environment, ws_counts.ws_exec)
 
+    def cluster() -> None:
+        calls, runs = (3, 4) if args.quick else (ws_counts.ws_exec, 12)
+        measure_cluster(table, paths.cache_dir, args.environment, calls, runs)
+
     def network() -> None:
         extra["network"] = measure_network(table, paths, args.environment, net_counts, args.mem_mib)
 
@@ -378,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             ("firecracker tiny guest", "ms"),
             firecracker,
         )
+        # Last: its Ray driver stays in this process.
+        section("a pyro cluster on Ray, local nodes", CLUSTER_EXEC_ROW[:2], cluster)
     finally:
         signal.signal(signal.SIGTERM, previous)
         leftovers = sorted(p.name for p in run_root.iterdir()) if run_root.exists() else []

@@ -14,6 +14,12 @@ from pyro_mcp.api import Context
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cluster tests last: their Ray driver leaves threads in this process, and later
+    tests fork (a fork beside another library's threads is not safe)."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/cluster/"))
+
+
 @pytest.fixture(autouse=True)
 def no_new_empty_vm_cgroups() -> Iterator[None]:
     """Fail the very test after which an empty VMM cgroup is left that was not there

@@ -27,6 +27,8 @@
     │   └── RegistryUnreachable    no connection to the registry at all
     ├── ModelServerError           a model server (Ollama, for `pyro demo ollama`) is
     │                              unreachable, refused a request or answered unusably
+    ├── NodeLost                   the cluster node that held a workspace or ran a call
+    │                              is gone (names the node): what it held is lost
     └── Cancelled                  the caller gave up; what the call ran was stopped
 
 Lower-level errors (OSError, subprocess failures) are translated at the boundary with
@@ -190,6 +192,20 @@ class Cancelled(PyroError):
     operation ran was stopped (the guest command killed, a one-shot VM discarded)."""
 
     code = "cancelled"
+
+
+class NodeLost(PyroError):
+    """The cluster node that owns a workspace or VM (or ran a call) is gone: what it held
+    is lost, never silently recreated elsewhere. Carries the node's name."""
+
+    code = "node_lost"
+
+    def __init__(self, message: str, *, node: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.node = node
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "node": self.node}
 
 
 class NetworkUnavailable(PyroError):

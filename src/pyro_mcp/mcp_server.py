@@ -65,7 +65,7 @@ from pydantic import ConfigDict, Field, WithJsonSchema
 from pyro_mcp import __version__
 from pyro_mcp.api import Context, Operation, all_operations
 from pyro_mcp.api.cancellable import run_cancellable
-from pyro_mcp.api.context import HostPathPolicy
+from pyro_mcp.api.context import Dispatch, HostPathPolicy
 from pyro_mcp.api.display import printable, printable_text
 from pyro_mcp.api.hints import for_mcp
 from pyro_mcp.api.lifecycle import discard_owned_vms
@@ -371,16 +371,17 @@ class _ClientLog(logging.Handler):
 
 
 def confined_context(
-    roots: Sequence[str | Path], paths: RuntimePaths | None = None
+    roots: Sequence[str | Path], paths: RuntimePaths | None = None, remote: Dispatch | None = None
 ) -> ContextFactory:
     """Contexts whose host paths (seed, sync, export) must lie under ``roots`` (and whose
-    runtime cache is ``paths``, default the configured one)."""
+    runtime cache is ``paths``, default the configured one; whose calls go to ``remote``,
+    a cluster, when given)."""
     policy = HostPathPolicy.confined_to(roots)
 
     def make() -> Context:
         if paths is None:
-            return Context(host_paths=policy)
-        return Context(paths=paths, host_paths=policy)
+            return Context(host_paths=policy, remote=remote)
+        return Context(paths=paths, host_paths=policy, remote=remote)
 
     return make
 
@@ -389,15 +390,23 @@ def serve(
     profile: str = DEFAULT_PROFILE,
     http: str | None = None,
     roots: Sequence[str | Path] | None = None,
+    cluster: str | None = None,
 ) -> None:
-    """Serve over stdio, or over streamable HTTP at ``HOST:PORT`` (path ``/mcp``).
+    """Serve over stdio, or over streamable HTTP at ``HOST:PORT`` (path ``/mcp``); with
+    ``cluster`` (a Ray address), every tool call runs on the cluster's pyro nodes.
 
     Over stdio the SDK points fd 1 at stderr while it serves, so stray output (ours or a
     child process's) can never corrupt the protocol; logs and progress go to stderr.
     """
     address = None if http is None else parse_address(http, flag="--http")
     # An MCP client names host paths on our behalf: confine them (default: the cwd).
-    server = build_server(profile, make_context=confined_context(roots or [Path.cwd()]))
+    remote = None
+    if cluster is not None:
+        from pyro_mcp.cluster import connect
+
+        remote = connect(cluster).dispatch
+    make_context = confined_context(roots or [Path.cwd()], remote=remote)
+    server = build_server(profile, make_context=make_context)
     if address is None:
         # A stdio client ends us with SIGTERM (SIGKILL later): kill the VMs of calls in
         # flight first, or they would outlive us. (uvicorn handles SIGTERM for HTTP by

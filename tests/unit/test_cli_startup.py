@@ -75,7 +75,7 @@ def _run(
     [
         (["--version"], f"pyro-mcp {__version__}\n"),
         (["workspace", "exec", "--help"], "usage: pyro workspace exec [-h]"),
-        (["--help"], "usage: pyro [-h] [--version] COMMAND ..."),
+        (["--help"], "usage: pyro [-h] [--version] [--cluster ADDRESS] COMMAND ..."),
     ],
 )
 def test_version_and_help_import_none_of_the_heavy_modules(argv: list[str], shown: str) -> None:

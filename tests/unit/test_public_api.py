@@ -28,6 +28,7 @@ def test_exported_names_are_exactly_the_public_api() -> None:
         "InvalidState",
         "ModelServerError",
         "NetworkUnavailable",
+        "NodeLost",
         "NotFound",
         "OperationTimeout",
         "OutsideRoot",
@@ -71,7 +72,7 @@ def test_every_error_of_the_tree_is_exported_as_itself() -> None:
     missing = [cls.__name__ for cls in tree if cls.__name__ not in pyro_mcp.__all__]
     assert missing == []
     assert all(getattr(pyro_mcp, cls.__name__) is cls for cls in tree)
-    assert len(tree) == 24  # the tree drawn in errors.py's docstring
+    assert len(tree) == 25  # the tree drawn in errors.py's docstring
 
 
 def test_every_error_is_a_pyro_error_with_its_own_code() -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import Cancelled, InvalidArgument, OutsideRoot, PyroError
 from pyro_mcp.runtime.paths import RuntimePaths, runtime_paths, state_dir
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from pyro_mcp.storage.host_files import HostPath
 
 ProgressFn = Callable[[str], None]
+# Runs a checked call somewhere else (a cluster node): (operation, surface, arguments,
+# the caller's context).
+Dispatch = Callable[[Any, Any, dict[str, Any], Any], Any]
 HEARTBEAT_S = 5.0  # how often a running command's progress is reported
 CANCEL_POLL_S = 0.05  # how soon a cancellation reaches what the operation waits for
 OutputFn = Callable[[str, bytes], None]  # (stream name, bytes) as a command produces them
@@ -93,6 +96,9 @@ class Context:
     # Told every HEARTBEAT_S how a running command is doing (MCP progress notifications,
     # so a client waiting on a long build knows it is alive); None: nobody asks.
     heartbeat: ProgressFn | None = None
+    # Set when operations run on other hosts (a pyro cluster: pyro_mcp.cluster): each
+    # call, once its arguments are checked here, is handed to it instead of run here.
+    remote: Dispatch | None = None
 
     def check_cancelled(self) -> None:
         """Raise Cancelled if the caller has given up."""

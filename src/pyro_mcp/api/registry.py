@@ -184,6 +184,8 @@ class Operation:
         """Run the operation with ``arguments`` from ``via``, each checked first
         (InvalidArgument naming the parameter: its type, bounds, text)."""
         checked = check_arguments(self, arguments, via)
+        if ctx.remote is not None:  # checked here, run where the cluster places it
+            return ctx.remote(self, via, dict(arguments), ctx)
         local = {param.name: param.python_name for param in self.params}
         return self.func(ctx, **{local[name]: value for name, value in checked.items()})
 

@@ -111,11 +111,12 @@ def _main(argv: list[str]) -> int:
 
     from pyro_mcp.cli.parser import parse_command_line
 
+    cluster, argv = _cluster_option(argv)
     namespace = parse_command_line(argv)
     if getattr(namespace, "mcp_serve", False):
         from pyro_mcp.mcp_server import serve
 
-        serve(namespace.profile, namespace.http, namespace.root)
+        serve(namespace.profile, namespace.http, namespace.root, namespace.cluster or cluster)
         return 0
     if getattr(namespace, "serve_http", False):
         from pathlib import Path
@@ -146,6 +147,10 @@ def _main(argv: list[str]) -> int:
     if not as_json:
         ctx.output = _write_live
     try:
+        if cluster:
+            from pyro_mcp.cluster import connect
+
+            ctx.remote = connect(cluster).dispatch
         result = printable(op.call(ctx, Surface.CLI, **_arguments(op, namespace)))
     except PyroError as exc:
         if as_json:
@@ -180,6 +185,18 @@ def _main(argv: list[str]) -> int:
     if op.exit_code_key is not None and isinstance(result, dict):
         return int(result[op.exit_code_key]) & 0xFF
     return 0
+
+
+def _cluster_option(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The cluster a command runs on (``--cluster ADDRESS`` before the command, else
+    ``$PYRO_CLUSTER``; None: this host), and the command line without that option."""
+    import os
+
+    if argv[:1] == ["--cluster"] and len(argv) > 1:
+        return argv[1], argv[2:]
+    if argv[:1] and argv[0].startswith("--cluster="):
+        return argv[0].removeprefix("--cluster="), argv[1:]
+    return os.environ.get("PYRO_CLUSTER") or None, argv
 
 
 def _write_live(stream: str, data: bytes) -> None:

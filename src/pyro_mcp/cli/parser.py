@@ -183,6 +183,12 @@ def _add_mcp_serve(choices: Choices, word: str) -> None:
         help="host directory MCP clients may name for seeds, sync and export "
         "(repeatable; default: the current directory)",
     )
+    serve.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run every tool call on the pyro nodes of the Ray cluster at ADDRESS "
+        "(default: $PYRO_CLUSTER, or this host alone)",
+    )
     serve.set_defaults(operation=None, mcp_serve=True)
 
 
@@ -301,6 +307,12 @@ def build_parser(
         prog="pyro", description=DESCRIPTION, formatter_class=Formatter
     )
     parser.add_argument("--version", action="version", version=f"pyro-mcp {__version__}")
+    parser.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run the command on the pyro nodes of the Ray cluster at ADDRESS, given before "
+        "the command (default: $PYRO_CLUSTER, or this host alone)",
+    )
     groups: dict[tuple[str, ...], Choices] = {(): _choices(parser, dest="command")}
     leaves = {command.words for command in commands}
     to_command = path in leaves and path not in _groups(commands)
