@@ -43,6 +43,12 @@ def test_the_nodes_say_what_they_can_take(client: Any) -> None:
         assert "debian:12" in node["environments"] and node["backend"]
 
 
+def test_an_environment_pulled_over_the_cluster_reaches_every_node(client: Any) -> None:
+    pulled = client.pull_environment("debian:12")  # installed on both: nothing to fetch
+    assert sorted(pulled["nodes"]) == ["node-a", "node-b"]
+    assert all(each["installed"] for each in pulled["nodes"].values()), pulled
+
+
 def test_two_workspaces_land_on_different_nodes_and_work_through_the_client(client: Any) -> None:
     first = client.create_workspace("debian:12", name="first")
     second = client.create_workspace("debian:12")

@@ -134,6 +134,16 @@ class _Request:
         return node.handle.call.remote(self.op.name, self.via.value, self.arguments, self.roots)
 
 
+def _memory(request: _Request) -> int:
+    """The guest memory (MiB) a create or run asks for: its ``mem_mib``, or the
+    operation's default."""
+    given = request.arguments.get("mem_mib")
+    if isinstance(given, int):
+        return given
+    param = next((p for p in request.op.params if p.name == "mem_mib"), None)
+    return param.default if param is not None and isinstance(param.default, int) else 0
+
+
 class Cluster(Pyro):
     """The operations of ``Pyro`` over every pyro node of a Ray cluster; plus
     :meth:`nodes` and :meth:`map_runs`."""
@@ -163,7 +173,7 @@ class Cluster(Pyro):
                     hint="start its head with `ray start --head` and each host with "
                     "`ray start --address HEAD --resources '{\"pyro_node\": 1}'`",
                 ) from exc
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # one refresh of the node list at a time
         self._nodes: dict[str, _Node] = {}  # live ones, by Ray node id
         self._gone: set[str] = set()  # nodes whose pyro actor died: never asked again
         self._names: dict[str, str] = {}  # every node ever seen, by Ray node id
@@ -221,21 +231,20 @@ class Cluster(Pyro):
             if not force and time.monotonic() - self._refreshed < REFRESH_S:
                 return
             self._refreshed = time.monotonic()
-            listed = ray.nodes()
-        alive = {
-            n["NodeID"]
-            for n in listed
-            if n.get("Alive") and NODE_RESOURCE in (n.get("Resources") or {})
-        } - self._gone
-        for node_id in list(self._nodes):
-            if node_id not in alive:
-                del self._nodes[node_id]
-        for node_id in alive - set(self._nodes):
-            node = self._join(node_id)
-            if node is not None:
-                self._nodes[node_id] = node
-        known: dict[str, str] = ray.get(self._directory.node_names.remote())
-        self._names.update(known)
+            alive = {
+                n["NodeID"]
+                for n in ray.nodes()
+                if n.get("Alive") and NODE_RESOURCE in (n.get("Resources") or {})
+            } - self._gone
+            for node_id in list(self._nodes):
+                if node_id not in alive:
+                    del self._nodes[node_id]
+            for node_id in alive - set(self._nodes):
+                node = self._join(node_id)
+                if node is not None:
+                    self._nodes[node_id] = node
+            known: dict[str, str] = ray.get(self._directory.node_names.remote())
+            self._names.update(known)
 
     def _join(self, node_id: str) -> _Node | None:
         """The PyroNode actor of the Ray node ``node_id`` (started there if need be)."""
@@ -364,9 +373,7 @@ class Cluster(Pyro):
         return {**result, "node": node.name} if isinstance(result, dict) else result
 
     def _placed(self, request: _Request) -> Any:
-        mem = request.arguments.get("mem_mib")
-        environment = request.arguments.get("environment")
-        node = self._place(environment, mem if isinstance(mem, int) else 128)
+        node = self._place(request.arguments.get("environment"), _memory(request))
         result = self._call(node, request)
         kind = CREATES[request.op.name]
         if kind is not None and isinstance(result, dict):
@@ -515,9 +522,9 @@ class Cluster(Pyro):
         while waiting or running:
             while waiting and len(running) < max_in_flight:
                 index, arguments, retryable, attempts = waiting.pop()
-                mem = arguments.get("mem_mib")
+                request = _Request(op, Surface.SDK, arguments, None)
                 try:
-                    node = self._place(arguments.get("environment"), mem or 128)
+                    node = self._place(arguments.get("environment"), _memory(request))
                 except PyroError as exc:
                     if running:  # room comes back as runs finish
                         waiting.append((index, arguments, retryable, attempts))
@@ -526,7 +533,7 @@ class Cluster(Pyro):
                            "error": exc.to_dict(), "attempts": attempts}  # fmt: skip
                     continue
                 self._in_flight[node.node_id] += 1
-                ref = _Request(op, Surface.SDK, arguments, None).submit(node)
+                ref = request.submit(node)
                 running[ref] = (index, arguments, retryable, attempts + 1, node)
             if not running:
                 continue
