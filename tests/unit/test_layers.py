@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "mcp_server": 6,
     "server": 6,
     "serve": 6,  # `pyro serve`: REST, MCP (mcp_server) and the dashboard in one process
+    "cluster": 6,  # the SDK's operations over a Ray cluster of pyro nodes
 }
 
 # guest_agent runs inside the VM: stdlib plus the guest modules copied beside it, which

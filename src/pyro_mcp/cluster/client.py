@@ -78,14 +78,18 @@ LOCAL_ONLY = {
 def _stay_on_loopback(address: str) -> None:
     """For a cluster on a loopback address, make this process's Ray speak from loopback
     too (Ray otherwise swaps 127.0.0.1 for the host's outward address, where a cluster
-    bound to loopback does not answer). Read by Ray when it is first imported."""
+    bound to loopback does not answer): Ray's switch, read when it is first imported, or
+    its value if Ray was imported before."""
     import sys
 
     from pyro_mcp.runtime.loopback import is_loopback_host
 
     host = address.rsplit(":", 1)[0].strip("[]")
-    if "ray" not in sys.modules and host and is_loopback_host(host):
-        os.environ.setdefault(LOOPBACK_ENV, "0")
+    if not host or not is_loopback_host(host):
+        return
+    os.environ.setdefault(LOOPBACK_ENV, "0")  # for Ray imported from now on
+    if "ray" in sys.modules:  # imported already: the switch it read then, changed
+        sys.modules["ray"]._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _answers(address: str) -> None:

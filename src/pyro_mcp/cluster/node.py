@@ -8,7 +8,8 @@ checks), on the host's own state (``PYRO_STATE_DIR``, ``PYRO_RUN_DIR`` and
 ``("error", PyroError)``: errors cross as themselves, never as a Ray traceback.
 
 It also says what it can take (:meth:`PyroNode.capacity`): the VM slots and memory its
-admission budget has left, the environments and warm templates it holds, its backend.
+admission budget has left, the environments and warm templates it holds, its backend
+(:mod:`pyro_mcp.api.capacity`: what a surface knows of the host comes through api/).
 """
 
 from __future__ import annotations
@@ -76,57 +77,17 @@ class PyroNode:
             return None
 
     def capacity(self) -> dict[str, Any]:
-        """What this host can take now: VM slots and reservable memory left under its
-        admission limits, the memory the kernel has available, the environments and
-        warm templates installed, the backend, and calls in flight."""
+        """What this host can take now (:func:`pyro_mcp.api.capacity.host_capacity`),
+        its backend, and the calls in flight here."""
+        from pyro_mcp.api.capacity import backend_label, host_capacity
         from pyro_mcp.api.context import Context
-        from pyro_mcp.api.operations.workspaces import open_workspaces
-        from pyro_mcp.runtime import environments
-        from pyro_mcp.vmm import templates
-        from pyro_mcp.vmm.launch import overhead_mib
-        from pyro_mcp.workspace.admission import Limits
-        from pyro_mcp.workspace.states import RESERVING_STATES
 
         ctx = Context()
-        limits = Limits.for_host()
-        with open_workspaces(ctx) as workspaces:
-            live = [r for r in workspaces.every_kind().store.list() if r.state in RESERVING_STATES]
-        reserved = sum(r.mem_mib + overhead_mib(r.backend) for r in live)
-        installed = [row.name for row in environments.list_environments(ctx.paths) if row.installed]
-        warm = sorted(
-            {
-                str(t.manifest.get("inputs", {}).get("environment"))
-                for t in templates.installed(ctx.paths)
-            }
-        )
+        if self._backend is None:
+            self._backend = backend_label(ctx)
         return {
             **self.identity(),
-            "backend": self._backend_label(ctx),
-            "vm_slots": max(0, limits.max_workspaces - len(live)),
-            "free_mem_mib": max(0, limits.max_reserved_mem_mib - reserved),
-            "available_mem_mib": _available_mib(),
-            "environments": installed,
-            "templates": warm,
+            **host_capacity(ctx),
+            "backend": self._backend,
             "in_flight": self._in_flight,
         }
-
-    def _backend_label(self, ctx: Any) -> str | None:
-        if self._backend is None:
-            from pyro_mcp.vmm.selection import choose_backend
-
-            try:
-                self._backend = choose_backend(ctx.paths).label
-            except PyroError:
-                return None
-        return self._backend
-
-
-def _available_mib() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
