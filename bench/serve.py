@@ -3,6 +3,7 @@ loopback port that these rows and the tests of tests/serve/ drive."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -206,7 +207,10 @@ class _Marks:
         self.thread.start()
 
     def _read(self, client: httpx.Client, method: str, url: str, body: Any) -> None:
-        with client.stream(method, url, json=body, timeout=None) as events:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            client.stream(method, url, json=body, timeout=None) as events,
+        ):  # it ends when the client is closed under it
             for line in events.iter_lines():
                 for mark in re.findall(r"LINE-\d+", line):
                     with self.seen:
@@ -230,7 +234,10 @@ def measure_terminal_echo(client: httpx.Client, wid: str, row: Any, n: int) -> N
     done = threading.Event()
 
     def read() -> None:
-        with client.stream("GET", f"/events/terminal/{wid}", timeout=None) as events:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            client.stream("GET", f"/events/terminal/{wid}", timeout=None) as events,
+        ):
             event = ""
             for line in events.iter_lines():
                 if done.is_set():
