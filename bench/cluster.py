@@ -81,13 +81,16 @@ class LocalCluster:
                 end_vmm(run_dir)
 
     def processes(self) -> list[int]:
-        raylets = [
+        """Every process of the cluster: each node's own (GCS, raylet, agents...) and
+        everything under them (the workers, the pyro node actors among them)."""
+        own = [
             p.process.pid
             for node in [self.cluster.head_node, *[h.node for h in self.hosts.values()]]
             if node is not None
-            for p in node.all_processes.get("raylet", [])
+            for kind in node.all_processes.values()
+            for p in kind
         ]
-        return [*raylets, *descendants(raylets)]
+        return sorted({*own, *descendants(own)})
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ The kill comes last: the tests share one cluster, in this order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +35,31 @@ def client(ray_cluster: LocalCluster) -> Iterator[Any]:
     yield cluster
     for row in cluster.list_workspaces()["workspaces"]:  # whatever a failed test left
         cluster.delete_workspace(row["workspace_id"])
+
+
+def _listening(pids: list[int]) -> list[str]:
+    """The local address of every TCP socket ``pids`` listen on (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.append(fields[1].split(":")[0])
+    return found
+
+
+def test_every_ray_process_listens_on_loopback_only(ray_cluster: LocalCluster) -> None:
+    addresses = _listening(ray_cluster.processes())
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
+    assert addresses and set(addresses) <= loopback, addresses
 
 
 def test_the_nodes_say_what_they_can_take(client: Any) -> None:
