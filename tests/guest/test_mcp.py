@@ -47,6 +47,11 @@ def _vmm_processes(runtime: RuntimePaths) -> list[str]:
     return vmm_processes([runtime.run_root])
 
 
+def _vm_dirs(runtime: RuntimePaths) -> set[str]:
+    """The run directories of this test run's VMs (one per VM made, until discarded)."""
+    return {path.name for path in runtime.run_root.iterdir() if path.is_dir()}
+
+
 def _text(result: CallToolResult) -> str:
     return "\n".join(getattr(block, "text", "") for block in result.content)
 
@@ -209,14 +214,15 @@ def test_a_cancelled_vm_run_leaves_no_vmm_within_2_s(
     runtime: RuntimePaths, tmp_path: Path, phase: str
 ) -> None:
     """The client gives up (notifications/cancelled) while the VM boots or while its
-    command runs: the server discards the VM at once, and goes on serving."""
+    command runs: the server discards the VM at once, starts no other in its place (a
+    warm restore cut short is not retried as a cold boot), and goes on serving."""
     reached = anyio.Event()
 
     async def on_progress(_progress: float, _total: float | None, message: str | None) -> None:
         if message == phase:
             reached.set()
 
-    async def body() -> tuple[list[str], bool]:
+    async def body() -> tuple[list[str], list[str], bool]:
         with (tmp_path / "stderr.log").open("w") as errlog:
             async with _stdio_client(runtime, errlog) as client:
                 scope = anyio.CancelScope()
@@ -237,16 +243,21 @@ def test_a_cancelled_vm_run_leaves_no_vmm_within_2_s(
                     with anyio.fail_after(10):  # the jail has exec'd QEMU (while it boots)
                         while not _vmm_processes(runtime):
                             await anyio.sleep(0.02)
+                    known = _vm_dirs(runtime)
                     scope.cancel()
                 cancelled = time.monotonic()
                 while _vmm_processes(runtime) and time.monotonic() - cancelled < 2:
                     await anyio.sleep(0.05)
                 left = _vmm_processes(runtime)
+                made_since: set[str] = set()  # watched for longer than a VM takes to be made
+                while not left and not made_since and time.monotonic() - cancelled < 3:
+                    made_since = _vm_dirs(runtime) - known
+                    await anyio.sleep(0.02)
                 envs = await client.call_tool("env_list", {})
-                return left, envs.is_error
+                return left, sorted(made_since), envs.is_error
 
-    left, env_list_failed = _run(body)
-    assert left == [] and not env_list_failed
+    left, made_since, env_list_failed = _run(body)
+    assert (left, made_since, env_list_failed) == ([], [], False)
 
 
 def test_a_long_vm_run_sends_progress_while_its_command_runs(

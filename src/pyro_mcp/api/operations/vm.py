@@ -156,8 +156,8 @@ def vm_run(
             try:
                 agent = _start(ctx, vm)
             except VMError as exc:
-                if plan.mode != "warm":
-                    raise
+                if plan.mode != "warm" or ctx.cancelled.is_set():
+                    raise  # (cut short by the caller giving up: nothing to boot instead)
                 discard_vm(vm)  # a restore that failed: boot the same VM from scratch
                 plan = cold(f"restoring failed ({exc.message}); booted instead")
                 ctx.progress(f"warning: {plan.reason}")
@@ -212,5 +212,8 @@ def _start(ctx: Context, vm: "VM") -> "AgentClient":
     from pyro_mcp.vmm.launch import start_owned
 
     start_owned(vm)
+    # Given up while it launched: the cancel watcher may have fired before this VM was the
+    # one to end; it ends here instead (the caller's finally discards it).
+    ctx.check_cancelled()
     ctx.progress("booting")  # the phase boot_ms times, whether it restores or boots
     return vm.wait_ready(BOOT_TIMEOUT_S)
