@@ -28,7 +28,7 @@ from pyro_mcp.errors import (
     InvalidArgument,
     VMError,
 )
-from pyro_mcp.storage.workspace_disk import create_workspace_disk
+from pyro_mcp.storage.disk_create import create_workspace_disk
 
 pytestmark = pytest.mark.guest
 

@@ -23,7 +23,7 @@ import pytest
 from pyro_mcp.errors import InvalidArgument, TooLarge, ToolFailed
 from pyro_mcp.runtime.host_tools import find_program
 from pyro_mcp.storage import debugfs as debugfs_runner
-from pyro_mcp.storage import workspace_disk
+from pyro_mcp.storage import disk_create, workspace_disk
 
 pytestmark = pytest.mark.skipif(
     find_program("mke2fs") is None or find_program("debugfs") is None,
@@ -45,7 +45,7 @@ LINK_TOO_LONG = (
 
 def build_disk(tmp_path: Path, staging: Path, size_mib: int = 16) -> Path:
     image = tmp_path / f"{staging.name}.ext4"
-    workspace_disk.create_workspace_disk(image, size_mib, staging)
+    disk_create.create_workspace_disk(image, size_mib, staging)
     return image
 
 

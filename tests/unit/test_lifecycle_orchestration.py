@@ -21,7 +21,7 @@ from pyro_mcp.api.operations import workspace_content as wc
 from pyro_mcp.api.operations import workspaces as ws
 from pyro_mcp.api.operations.workspaces import open_workspaces
 from pyro_mcp.errors import InvalidState, NotFound, TooLarge, VMError
-from pyro_mcp.storage.workspace_disk import create_workspace_disk
+from pyro_mcp.storage.disk_create import create_workspace_disk
 from pyro_mcp.vmm.base import Disk, VMSpec
 from pyro_mcp.vmm.identity import VMMRecord, mark_run_dir
 from pyro_mcp.vmm.ownership import OWNER_FILE

@@ -29,7 +29,7 @@ from pyro_mcp.errors import (
 )
 from pyro_mcp.runtime.digests import sha256_bytes, sha256_file
 from pyro_mcp.runtime.host_tools import find_program
-from pyro_mcp.storage import disk_export, workspace_disk
+from pyro_mcp.storage import disk_create, disk_export, workspace_disk
 from pyro_mcp.workspace import exporting, seeds
 from pyro_mcp.workspace.blobs import BlobStore
 from pyro_mcp.workspace.diffing import render_diff
@@ -1150,7 +1150,7 @@ def make_disk(tmp_path: Path, files: dict[str, bytes], size_mib: int = 16) -> Pa
     staging = tmp_path / "staging"
     write_tree(staging, files)
     image = tmp_path / "workspace.ext4"
-    workspace_disk.create_workspace_disk(image, size_mib, staging)
+    disk_create.create_workspace_disk(image, size_mib, staging)
     return image
 
 
@@ -1176,7 +1176,7 @@ def test_a_workspace_disk_holds_the_seed_and_reads_back_offline(tmp_path: Path) 
     os.symlink("app.py", staging / "src" / "short")
     os.symlink("x" * 100, staging / "src" / "long")
     image.unlink()
-    workspace_disk.create_workspace_disk(image, 16, staging)
+    disk_create.create_workspace_disk(image, 16, staging)
     assert image.stat().st_size == 16 << 20
     assert image.stat().st_blocks * 512 < 8 << 20  # sparse
     assert fsck_clean(image)
@@ -1214,7 +1214,7 @@ def test_disk_readers_refuse_escapes_and_report_missing_paths(tmp_path: Path) ->
     image = make_disk(tmp_path, {"a/b.txt": b"b"})
     os.symlink("b.txt", tmp_path / "staging" / "a" / "link")
     image.unlink()
-    workspace_disk.create_workspace_disk(image, 16, tmp_path / "staging")
+    disk_create.create_workspace_disk(image, 16, tmp_path / "staging")
     with pytest.raises(OutsideRoot):
         workspace_disk.disk_list(image, "/../etc")
     with pytest.raises(OutsideRoot):
@@ -1237,7 +1237,7 @@ def test_disk_readers_refuse_escapes_and_report_missing_paths(tmp_path: Path) ->
     many = tmp_path / "many"
     write_tree(many, {f"d/f{i}": b"" for i in range(30)})
     many_image = tmp_path / "many.ext4"
-    workspace_disk.create_workspace_disk(many_image, 16, many)
+    disk_create.create_workspace_disk(many_image, 16, many)
     with pytest.raises(TooLarge, match="more than 10 entries"):
         workspace_disk.disk_list(many_image, "/", recursive=True, max_entries=10)
 
@@ -1248,12 +1248,12 @@ def test_a_seed_that_does_not_fit_says_how_much_disk_it_needs(tmp_path: Path) ->
     write_tree(staging, {"big.bin": os.urandom(20 << 20)})
     image = tmp_path / "small.ext4"
     with pytest.raises(TooLarge, match="needs about") as caught:
-        workspace_disk.create_workspace_disk(image, 16, staging)
+        disk_create.create_workspace_disk(image, 16, staging)
     assert not image.exists() and list(tmp_path.iterdir()) == [staging]
     assert caught.value.hint is not None
     need = int(caught.value.hint.rsplit("least ", 1)[1].split()[0])
     assert 20 < need < 64
-    workspace_disk.create_workspace_disk(image, need, staging)
+    disk_create.create_workspace_disk(image, need, staging)
     assert fsck_clean(image)
     assert workspace_disk.disk_stat(image, "big.bin")["size"] == 20 << 20
 
@@ -1263,7 +1263,7 @@ def test_a_seed_that_fills_the_disk_at_mke2fs_time_is_too_large(tmp_path: Path) 
     staging = tmp_path / "staging"
     write_tree(staging, {"a.bin": os.urandom(14 << 20)})  # fits the byte count, not the metadata
     with pytest.raises(TooLarge, match="does not fit in a 16 MiB workspace disk"):
-        workspace_disk.create_workspace_disk(tmp_path / "d.ext4", 16, staging)
+        disk_create.create_workspace_disk(tmp_path / "d.ext4", 16, staging)
     assert not (tmp_path / "d.ext4").exists()
 
 
@@ -1274,7 +1274,7 @@ def test_many_small_files_get_enough_inodes(tmp_path: Path) -> None:
     for i in range(6000):
         (staging / f"f{i}").touch()
     image = tmp_path / "many.ext4"
-    workspace_disk.create_workspace_disk(image, 16, staging)  # 16 MiB has 4096 inodes by default
+    disk_create.create_workspace_disk(image, 16, staging)  # 16 MiB has 4096 inodes by default
     assert fsck_clean(image)
     assert len(workspace_disk.disk_list(image, "/")) == 6000  # lost+found is dropped
 
@@ -1282,15 +1282,15 @@ def test_many_small_files_get_enough_inodes(tmp_path: Path) -> None:
 @needs_e2fsprogs
 def test_an_empty_disk_and_bad_sizes(tmp_path: Path) -> None:
     image = tmp_path / "empty.ext4"
-    workspace_disk.create_workspace_disk(image, 8)
+    disk_create.create_workspace_disk(image, 8)
     assert workspace_disk.disk_list(image, "/") == []  # not even lost+found
     with pytest.raises(Conflict):
-        workspace_disk.create_workspace_disk(image, 8)
+        disk_create.create_workspace_disk(image, 8)
     for bad in (0, 7, True):
         with pytest.raises(InvalidArgument):
-            workspace_disk.create_workspace_disk(tmp_path / "bad.ext4", bad)
+            disk_create.create_workspace_disk(tmp_path / "bad.ext4", bad)
     with pytest.raises(NotFound):
-        workspace_disk.create_workspace_disk(tmp_path / "x.ext4", 8, tmp_path / "nope")
+        disk_create.create_workspace_disk(tmp_path / "x.ext4", 8, tmp_path / "nope")
 
 
 @needs_e2fsprogs
@@ -1330,7 +1330,7 @@ def test_a_seed_round_trips_from_archive_to_disk_to_manifest(
     staging = tmp_path / "staging"
     entries = seeds.ingest_seed(archive, staging, store)
     image = tmp_path / "disk.ext4"
-    workspace_disk.create_workspace_disk(image, 16, staging)
+    disk_create.create_workspace_disk(image, 16, staging)
     listed = workspace_disk.disk_list(image, "/proj")
     assert [(e["name"], e["mode"], e["size"]) for e in listed] == [("x.py", 0o600, 6)]
     file_entry = next(e for e in entries if e.type == "file")

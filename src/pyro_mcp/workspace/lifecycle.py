@@ -6,7 +6,7 @@ Whether its VMM still runs, and how to end it, comes from the identity the VMM's
 directory records (:mod:`pyro_mcp.vmm.recorded`), never from process command lines.
 Each state change goes through the store's compare-and-set transition, so a CLI, an SDK
 process and an MCP server can act on the same workspace safely; whatever a crash leaves
-half done, :meth:`Workspaces.reconcile` repairs.
+half done, :meth:`Workspaces.reconcile` repairs (:mod:`pyro_mcp.workspace.repair`).
 
 The lifecycle VMs of ``pyro vm`` are records of another kind on this same lifecycle
 (:mod:`pyro_mcp.workspace.vms`): a ``Workspaces`` of kind ``vm`` starts, stops and
@@ -38,11 +38,10 @@ from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
 from pyro_mcp.workspace.secret_input import SecretInput
-from pyro_mcp.workspace.states import RESERVING_STATES, Kind, state_error
+from pyro_mcp.workspace.states import Kind, state_error
 from pyro_mcp.workspace.store import (
     WorkspaceRecord,
     WorkspaceStore,
-    expired_error,
     noun,
     require_state,
 )
@@ -72,7 +71,6 @@ STOP_GRACE_S = 10.0  # services get this long after TERM before KILL
 SHUTDOWN_CALL_S = 30.0  # the agent answers shutdown at once; a slow guest gets room
 POWEROFF_S = 60.0  # init stops everything (3 s), syncs the disks and powers off
 DYING_S = 0.5  # a VMM whose agent socket refuses may be in the middle of exiting
-ORPHAN_GRACE_S = 60.0
 
 
 def _quiet(_message: str) -> None:
@@ -164,7 +162,7 @@ class Workspaces:
 
         from pyro_mcp.network.policy import NetworkPolicy
         from pyro_mcp.runtime import environments
-        from pyro_mcp.storage.workspace_disk import create_workspace_disk
+        from pyro_mcp.storage.disk_create import create_workspace_disk
         from pyro_mcp.vmm.selection import choose_backend
         from pyro_mcp.workspace import seeds
         from pyro_mcp.workspace.admission import check_sizes, this_owner
@@ -514,7 +512,9 @@ class Workspaces:
 
     def delete(self, ref: str) -> dict[str, object]:
         """Kill the workspace's VM and remove its disks and records (expired or not)."""
-        self._reconcile_record(self.store.get(ref))
+        from pyro_mcp.workspace import repair
+
+        repair.reconcile_record(self, self.store.get(ref))
         record = self.store.get(ref)
         if record.state in ("stopping", "starting"):
             # Another call is mid-change: make it a failed workspace first, then delete.
@@ -617,127 +617,19 @@ class Workspaces:
                 workspace_id, "failed", note=note, error=note, vmm_pid=None, owner=None
             )
 
-    # -- reconcile ---------------------------------------------------------------------
+    # -- reconcile (pyro_mcp.workspace.repair) ------------------------------------------
     def reconcile(self) -> dict[str, list[str]]:
         """Repair what crashes left: dead VMMs, orphan VMMs, stale run dirs, expired TTLs."""
-        if self.store.kind is not None:  # crashes and TTLs of every kind are repaired alike
-            return self.every_kind().reconcile()
-        report: dict[str, list[str]] = {
-            "stopped": [],
-            "failed": [],
-            "discarded": [],
-            "expired": [],
-            "collected": [],
-            "orphans": [],
-        }
-        for record in self.store.list():
-            change = self._reconcile_record(record)
-            if change:
-                report[change].append(record.id)
-        for record in self.store.expired(time.time()):
-            self.delete(record.id)
-            report["expired"].append(record.id)
-        for record in self.store.list():
-            if self.blobs(record.id).needs_collection:  # a checkpoint did not finish
-                self.collect_blobs(record.id)
-                report["collected"].append(record.id)
-        report["orphans"] = self._sweep_orphans()
-        return report
+        from pyro_mcp.workspace import repair
+
+        return repair.reconcile(self)
 
     def reconcile_one(self, ref: str) -> None:
-        """Repair the record ``ref`` names (see ``_reconcile_record``); one whose TTL ran
-        out is deleted and refused (``Expired``) unless a change of it is under way."""
-        from pyro_mcp.workspace.admission import owner_alive
-        from pyro_mcp.workspace.keeper import CHANGING
+        """Repair the record ``ref`` names; one whose TTL ran out is deleted and refused
+        (``Expired``) unless a change of it is under way."""
+        from pyro_mcp.workspace import repair
 
-        self._reconcile_record(self.store.get(ref))
-        record = self.store.get(ref)  # by ``ref``: if the keeper deleted it, Expired names it so
-        expired = record.expires_at is not None and record.expires_at <= time.time()
-        if expired and not (record.state in CHANGING and owner_alive(record.owner)):
-            self.delete(record.id)
-            raise expired_error(record.kind, ref, record.expires_at or 0.0)
-
-    def _reconcile_record(self, record: WorkspaceRecord) -> str | None:
-        """Repair ``record`` if what it says no longer holds: a change (create, start,
-        stop) whose process is gone, or a VMM that died. What change is under way is
-        decided by whether the process doing it runs, never by a clock."""
-        from pyro_mcp.workspace.keeper import CHANGING
-
-        changing = record.state in CHANGING
-        if changing:
-            from pyro_mcp.workspace.admission import owner_alive
-
-            if owner_alive(record.owner):
-                return None  # the change under way finishes it (a repair here would race it)
-        if record.state in ("pausing", "resuming"):
-            from pyro_mcp.workspace import memory
-
-            return memory.reconcile_change(self, record)
-        if record.state == "creating":
-            self._discard(record.id)  # it never came to be: nothing of it is kept
-            return "discarded"
-        if record.state == "starting":
-            self._end_vm(record)
-            note = "the process starting it went away before it finished"
-            self.store.transition(
-                record.id, "failed", note=note, error=note, vmm_pid=None, owner=None
-            )
-            return "failed"
-        if record.state not in ("running", "stopping"):
-            return None
-        stop_died = record.state == "stopping" and record.owner is not None
-        if not stop_died and self._vmm(record).alive():
-            return None
-        try:
-            self._end_vm(record)
-        except PyroError as exc:
-            self._mark_services_stopped(record.id)
-            self._fail(record.id, f"the VMM exited unexpectedly: {exc}")
-            return "failed"
-        note = (
-            "the process stopping it went away; its VM was ended, disks kept"
-            if stop_died
-            else "the VMM exited unexpectedly; disks kept: `pyro workspace start` boots it again"
-        )
-        self._mark_services_stopped(record.id)
-        if record.state == "running":
-            self.store.transition(record.id, "stopping", expect={"running"}, note=note)
-        self.store.transition(record.id, "stopped", note=note, vmm_pid=None, owner=None)
-        return "stopped"
-
-    def _sweep_orphans(self) -> list[str]:
-        """End the VMs in our run root that no active workspace owns; drop stale run dirs.
-
-        Only run directories pyro marked as its own are looked at (``PYRO_RUN_DIR`` may
-        hold anything else). One-shot VMs (their run dir has an ``owner.json``) are left
-        to their own sweep; a run dir younger than a minute may be a VM that is still
-        being set up; a workspace that is stopping still owns its VM.
-        """
-        from pyro_mcp.vmm.identity import is_run_dir
-        from pyro_mcp.vmm.ownership import OWNER_FILE
-        from pyro_mcp.vmm.recorded import RecordedVMM
-
-        active = {r.id for r in self.store.list(states=RESERVING_STATES)}
-        removed: list[str] = []
-        root = self.paths.run_root
-        if not root.is_dir():
-            return removed
-        for run_dir in root.iterdir():
-            if not is_run_dir(run_dir) or run_dir.name in active:
-                continue
-            if (run_dir / OWNER_FILE).exists():
-                continue
-            try:
-                if time.time() - run_dir.stat().st_mtime < ORPHAN_GRACE_S:
-                    continue
-            except OSError:
-                continue
-            try:
-                RecordedVMM.load(run_dir).end()
-            except PyroError:
-                continue  # left in place (say, a jail mount that will not go): next time
-            removed.append(run_dir.name)
-        return removed
+        repair.reconcile_one(self, ref)
 
 
 # --- helpers ------------------------------------------------------------------------------
