@@ -25,7 +25,7 @@ from pyro_mcp.api.result_shapes import (
     result_schema,
     result_type,
 )
-from pyro_mcp.guest.client import ExecResult
+from pyro_mcp.guest.answers import ExecResult
 from pyro_mcp.runtime import host_tools
 from pyro_mcp.runtime.environments import EnvironmentInfo
 from pyro_mcp.runtime.kernel_artifact import KernelArtifact

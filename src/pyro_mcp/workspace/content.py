@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import GuestError, InvalidArgument, NotFound, TooLarge
-from pyro_mcp.guest.client import Answer, command_fields, data_deadline
+from pyro_mcp.guest.answers import Answer
+from pyro_mcp.guest.client import command_fields, data_deadline
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT, guest_path
 from pyro_mcp.workspace.store import CommandRecord
