@@ -16,7 +16,7 @@ from tests.registry import registry_pair
 from bench.stats import Table
 from pyro_mcp.api import Context
 from pyro_mcp.api.operations.environments import env_prove, env_publish
-from pyro_mcp.runtime import environments
+from pyro_mcp.runtime import env_obtain, environments
 from pyro_mcp.runtime.oci import blobs
 from pyro_mcp.runtime.paths import RuntimePaths
 
@@ -62,7 +62,7 @@ def measure_registry(table: Table, paths: RuntimePaths, environment: str, n: int
                 again.add((time.monotonic() - started) * 1000)
                 cache = RuntimePaths(work / f"cache-{index}", paths.run_root)
                 started = time.monotonic()
-                _, obtained = environments.obtain(
+                _, obtained = env_obtain.obtain(
                     cache, environment, registry=f"{anonymous.host}/pyro"
                 )
                 pull.add((time.monotonic() - started) * 1000)

@@ -29,7 +29,7 @@ from pyro_mcp.api.operations.environments import (
 )
 from pyro_mcp.api.operations.templates import template_prune
 from pyro_mcp.api.operations.vm import vm_run
-from pyro_mcp.runtime import environments, rootfs
+from pyro_mcp.runtime import env_obtain, environments, rootfs
 from pyro_mcp.runtime.oci import blobs
 from pyro_mcp.runtime.paths import RuntimePaths
 from pyro_mcp.runtime.pins import ENVIRONMENTS
@@ -153,7 +153,7 @@ def test_a_killed_pull_resumes_and_ends_with_the_same_digests(
     assert 0 < held < size
     assert environments.read_manifest(fresh, ENV) is None  # nothing half-taken
     said: list[str] = []
-    _, obtained = environments.obtain(
+    _, obtained = env_obtain.obtain(
         fresh, ENV, registry=f"{anonymous.host}/pyro", progress=said.append
     )
     assert f"{ENV} rootfs: resuming at {held / (1 << 20):.1f} of {size / (1 << 20):.1f} MiB" in said

@@ -10,7 +10,7 @@ import pytest
 from tests.registry import Registry, registry_pair
 from tests.unit.test_environments import fake_debootstrap
 
-from pyro_mcp.runtime import environments, lock, rootfs
+from pyro_mcp.runtime import env_obtain, lock, rootfs
 from pyro_mcp.runtime.paths import RuntimePaths
 
 USER, TOKEN = "publisher", "correct-horse-battery"
@@ -66,5 +66,5 @@ def built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RuntimePaths:
     """A cache with ENV built by the stand-in debootstrap (not yet proven)."""
     monkeypatch.setattr(rootfs, "run_debootstrap", fake_debootstrap([]))
     paths = make_cache(tmp_path / "publisher-cache")
-    environments.obtain(paths, ENV, build=True)
+    env_obtain.obtain(paths, ENV, build=True)
     return paths

@@ -26,7 +26,7 @@ from pyro_mcp.errors import (
     NotFound,
     RegistryError,
 )
-from pyro_mcp.runtime import environments, lock, rootfs
+from pyro_mcp.runtime import env_obtain, environments, lock, rootfs
 from pyro_mcp.runtime.oci import blobs
 from pyro_mcp.runtime.oci.registry import RegistryClient
 from pyro_mcp.runtime.paths import RuntimePaths
@@ -149,7 +149,7 @@ def test_publish_then_pull_anonymously_into_a_fresh_cache(
     no_build(monkeypatch)
     fresh = make_cache(tmp_path / "fresh-cache")
     said: list[str] = []
-    info, obtained = environments.obtain(fresh, ENV, progress=said.append)
+    info, obtained = env_obtain.obtain(fresh, ENV, progress=said.append)
     assert obtained["kind"] == "registry"
     size_mib = f"{published['blobs'][1]['size'] / (1 << 20):.1f}"  # type: ignore[index]
     meter = re.compile(rf"^{re.escape(ENV)} rootfs: [0-9.]+/{size_mib} MiB, [0-9.]+ MiB/s, ETA ")
@@ -171,7 +171,7 @@ def test_publish_then_pull_anonymously_into_a_fresh_cache(
     component = lock.collect_components(fresh, deep=False)[f"env:{ENV}"]
     assert component["proven"] == []
     # Installed and current: a second pull asks nobody.
-    assert environments.obtain(fresh, ENV)[1] == {"kind": "installed"}
+    assert env_obtain.obtain(fresh, ENV)[1] == {"kind": "installed"}
 
 
 def test_publishing_again_moves_no_bytes_and_another_repository_mounts(
@@ -217,7 +217,7 @@ def test_a_tag_that_does_not_exist_is_not_found(
     no_build(monkeypatch)
     fresh = make_cache(tmp_path / "fresh")
     with pytest.raises(NotFound) as caught:
-        environments.obtain(fresh, ENV, registry=f"{registries[1].host}/pyro")
+        env_obtain.obtain(fresh, ENV, registry=f"{registries[1].host}/pyro")
     assert caught.value.message.startswith(
         f"{registries[1].host}/pyro/debian:12-base does not exist (MANIFEST_UNKNOWN"
     )
@@ -232,13 +232,13 @@ def test_a_blob_that_does_not_match_its_digest_is_refused_and_removed(
     original = data.read_bytes()
     data.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, one bit off
     with pytest.raises(IntegrityError) as caught:
-        environments.obtain(fresh, ENV, registry=pull_from(registries))
+        env_obtain.obtain(fresh, ENV, registry=pull_from(registries))
     assert f"{ENV} rootfs from {registries[1].host} hashes to sha256:" in caught.value.message
     assert caught.value.message.endswith(f"not {layer}; the download was removed")
     assert not blobs.partial_path(fresh, layer).exists()
     assert environments.read_manifest(fresh, ENV) is None
     data.write_bytes(original)  # repaired: the next pull starts clean and succeeds
-    info, _ = environments.obtain(fresh, ENV, registry=pull_from(registries))
+    info, _ = env_obtain.obtain(fresh, ENV, registry=pull_from(registries))
     assert info.installed and environments.verify_environment(fresh, ENV) == []
 
 
@@ -251,13 +251,13 @@ def test_a_truncated_blob_is_not_taken_and_the_next_pull_resumes(
     half = len(original) // 2
     data.write_bytes(original[:half])
     with pytest.raises(RegistryError) as caught:
-        environments.obtain(fresh, ENV, registry=pull_from(registries))
+        env_obtain.obtain(fresh, ENV, registry=pull_from(registries))
     assert f"ended after {half} of {len(original)} bytes (truncated)" in caught.value.message
     assert environments.read_manifest(fresh, ENV) is None
     assert blobs.partial_path(fresh, layer).stat().st_size == half
     data.write_bytes(original)
     said: list[str] = []
-    info, _ = environments.obtain(fresh, ENV, registry=pull_from(registries), progress=said.append)
+    info, _ = env_obtain.obtain(fresh, ENV, registry=pull_from(registries), progress=said.append)
     assert f"{ENV} rootfs: resuming at {half / (1 << 20):.1f} of" in "\n".join(said)
     assert info.installed and environments.verify_environment(fresh, ENV) == []
 
@@ -271,7 +271,7 @@ def test_a_manifest_whose_digest_does_not_match_is_refused(
     document["annotations"]["dev.pyro-mcp.environment"] = "tampered"
     data.write_bytes(json.dumps(document).encode())
     with pytest.raises(IntegrityError) as caught:
-        environments.obtain(fresh, ENV, registry=pull_from(registries))
+        env_obtain.obtain(fresh, ENV, registry=pull_from(registries))
     assert caught.value.message.startswith(
         f"the manifest of {registries[1].host}/pyro/debian:12-base hashes to sha256:"
     )
@@ -290,7 +290,7 @@ def test_an_artifact_with_another_agent_is_built_locally_instead(
     monkeypatch.setattr(rootfs, "guest_files", lambda: changed)
     monkeypatch.setattr(rootfs, "run_debootstrap", fake_debootstrap([]))
     paths = make_cache(tmp_path / "other-agent")
-    info, obtained = environments.obtain(paths, ENV, registry=pull_from(registries))
+    info, obtained = env_obtain.obtain(paths, ENV, registry=pull_from(registries))
     assert obtained["kind"] == "debootstrap"
     assert obtained["why"] == (
         f"{pull_from(registries)}/debian:12-base was built by pyro 4.0.0.dev0 with another "
@@ -305,12 +305,12 @@ def test_no_registry_or_an_unreachable_one_builds_locally_and_says_so(
     monkeypatch.setattr(rootfs, "run_debootstrap", fake_debootstrap([]))
     said: list[str] = []
     paths = make_cache(tmp_path / "one")
-    _, obtained = environments.obtain(paths, ENV, progress=said.append)
+    _, obtained = env_obtain.obtain(paths, ENV, progress=said.append)
     assert obtained["why"] == "no registry is configured (PYRO_REGISTRY)"
     assert f"no registry is configured (PYRO_REGISTRY); building {ENV} locally" in said
     port = free_port()  # nothing listens there
     monkeypatch.setenv("PYRO_REGISTRY", f"127.0.0.1:{port}/pyro")
-    _, obtained = environments.obtain(make_cache(tmp_path / "two"), ENV)
+    _, obtained = env_obtain.obtain(make_cache(tmp_path / "two"), ENV)
     assert obtained["kind"] == "debootstrap"
     assert obtained["why"].startswith(
         f"cannot reach registry 127.0.0.1:{port} (the manifest of 127.0.0.1:{port}/pyro/"
@@ -328,7 +328,7 @@ def test_a_disk_that_fills_during_a_pull_is_a_clear_error_and_installs_nothing(
     try:
         paths = make_cache(small / "cache")
         with pytest.raises(BuildError) as caught:
-            environments.obtain(paths, ENV, registry=pull_from(registries))
+            env_obtain.obtain(paths, ENV, registry=pull_from(registries))
         assert caught.value.message.startswith(
             f"pull {ENV}: no space left on device in {paths.cache_dir}"
         )
@@ -343,7 +343,7 @@ def test_a_disk_that_fills_during_a_pull_is_a_clear_error_and_installs_nothing(
 def test_registry_files_hold_no_stray_temp_after_a_pull(
     published: dict[str, object], registries: Pair, fresh: RuntimePaths
 ) -> None:
-    environments.obtain(fresh, ENV, registry=pull_from(registries))
+    env_obtain.obtain(fresh, ENV, registry=pull_from(registries))
     leftovers = [p.name for p in blobs.oci_dir(fresh).rglob("*") if ".partial" in p.name]
     assert leftovers == []
     assert os.listdir(fresh.work_dir) == []
@@ -362,7 +362,7 @@ def test_a_catalog_entrys_own_source_wins_over_pyro_registry(
         for spec in environments.ENVIRONMENTS
     )
     monkeypatch.setattr(environments, "ENVIRONMENTS", catalog)
-    _, obtained = environments.obtain(fresh, ENV)
+    _, obtained = env_obtain.obtain(fresh, ENV)
     assert obtained["kind"] == "registry"
     assert obtained["reference"] == pinned
 

@@ -15,7 +15,7 @@ import pytest
 
 from pyro_mcp.errors import BuildError, HostToolMissing, NotFound, RuntimeMissing, ToolFailed
 from pyro_mcp.guest_agent import init as guest_init
-from pyro_mcp.runtime import environments, host_tools, rootfs
+from pyro_mcp.runtime import env_obtain, environments, host_tools, rootfs
 from pyro_mcp.runtime.digests import sha256_file
 from pyro_mcp.runtime.paths import RuntimePaths
 
@@ -89,7 +89,7 @@ def debugfs(image: Path, request: str) -> str:
 def test_manifest_round_trip(
     paths: RuntimePaths, debootstrap_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    info = environments.pull_environment(paths, BASE)
+    info = env_obtain.pull_environment(paths, BASE)
     assert info.installed and not info.stale
     assert info.image_path is not None and info.image_sha256 is not None
     assert info.image_path == paths.images_dir / f"{info.image_sha256}.ext4"
@@ -121,13 +121,13 @@ def test_manifest_round_trip(
     def no_build(*args: object) -> None:
         raise AssertionError("rebuilt an installed environment")
 
-    monkeypatch.setattr(environments, "_build", no_build)
-    assert environments.pull_environment(paths, BASE) == info
+    monkeypatch.setattr(env_obtain, "_build", no_build)
+    assert env_obtain.pull_environment(paths, BASE) == info
     assert len(debootstrap_calls) == 1
 
 
 def test_image_contents(paths: RuntimePaths, debootstrap_calls: list[str]) -> None:
-    image = environments.image_for(paths, environments.pull_environment(paths, BASE).name)
+    image = environments.image_for(paths, env_obtain.pull_environment(paths, BASE).name)
     init = debugfs(image, "stat /usr/sbin/pyro-init")
     assert "Mode:  0755" in init and "User:     0" in init
     listing = debugfs(image, "ls -l /opt/pyro/pyro_mcp/guest_agent")
@@ -152,7 +152,7 @@ def test_unknown_name(paths: RuntimePaths) -> None:
     assert "debian:12-base" in str(caught.value.hint)
     assert "debian:12-build" in str(caught.value.hint)
     for call in (
-        environments.pull_environment,
+        env_obtain.pull_environment,
         environments.inspect_environment,
         environments.verify_environment,
         environments.image_for,
@@ -174,7 +174,7 @@ def test_not_installed(paths: RuntimePaths) -> None:
 def test_corrupted_image_detected_by_verify(
     paths: RuntimePaths, debootstrap_calls: list[str]
 ) -> None:
-    image = environments.image_for(paths, environments.pull_environment(paths, BASE).name)
+    image = environments.image_for(paths, env_obtain.pull_environment(paths, BASE).name)
     image.chmod(0o644)
     with open(image, "r+b") as handle:  # scribble over the superblock, size unchanged
         handle.seek(1024)
@@ -187,7 +187,7 @@ def test_corrupted_image_detected_by_verify(
 
 
 def test_truncated_image_detected(paths: RuntimePaths, debootstrap_calls: list[str]) -> None:
-    image = environments.image_for(paths, environments.pull_environment(paths, BASE).name)
+    image = environments.image_for(paths, env_obtain.pull_environment(paths, BASE).name)
     image.chmod(0o644)
     os.truncate(image, image.stat().st_size // 2)
     problems = environments.verify_environment(paths, BASE)
@@ -197,7 +197,7 @@ def test_truncated_image_detected(paths: RuntimePaths, debootstrap_calls: list[s
     with pytest.raises(RuntimeMissing):
         environments.image_for(paths, BASE)
     # pull repairs it from the cached tree (no second debootstrap)
-    info = environments.pull_environment(paths, BASE)
+    info = env_obtain.pull_environment(paths, BASE)
     assert info.installed and environments.verify_environment(paths, BASE) == []
     assert len(debootstrap_calls) == 1
 
@@ -211,7 +211,7 @@ def test_half_written_temps_never_listed(
 
     monkeypatch.setattr(rootfs, "check_ext4", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        environments.pull_environment(paths, BASE)
+        env_obtain.pull_environment(paths, BASE)
     assert not environments.manifest_path(paths, BASE).exists()
     assert not any(row.installed for row in environments.list_environments(paths))
     assert list(paths.work_dir.iterdir()) == []
@@ -220,7 +220,7 @@ def test_half_written_temps_never_listed(
 
     # What a killed process leaves: a temp manifest, a temp image, a build dir.
     paths.ensure()
-    real = environments.pull_environment(paths, "debian:12")
+    real = env_obtain.pull_environment(paths, "debian:12")
     manifest = json.loads(environments.manifest_path(paths, "debian:12").read_text())
     manifest["name"] = BASE
     temp = paths.environments_dir / f".{environments.safe_name(BASE)}.json.tmp-999"
@@ -232,14 +232,14 @@ def test_half_written_temps_never_listed(
     with pytest.raises(RuntimeMissing):
         environments.image_for(paths, BASE)
     # the next build clears the leftovers
-    environments.pull_environment(paths, BASE)
+    env_obtain.pull_environment(paths, BASE)
     assert not temp.exists() and not (paths.work_dir / "env-build-debian_12-base-x").exists()
     assert not list(paths.images_dir.glob(".tmp-*"))
     assert real.installed and len(debootstrap_calls) == 2  # two package sets, two trees
 
 
 def test_prune_removes_unreferenced_only(paths: RuntimePaths, debootstrap_calls: list[str]) -> None:
-    info = environments.pull_environment(paths, BASE)
+    info = env_obtain.pull_environment(paths, BASE)
     assert info.image_path is not None
     orphan = paths.images_dir / ("ab" * 32 + ".ext4")
     orphan.write_bytes(b"x" * 8192)
@@ -270,12 +270,12 @@ def test_prune_removes_unreferenced_only(paths: RuntimePaths, debootstrap_calls:
 def test_guest_change_repacks_without_debootstrap(
     paths: RuntimePaths, debootstrap_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = environments.pull_environment(paths, BASE)
+    first = env_obtain.pull_environment(paths, BASE)
     files = rootfs.guest_files()
     changed = [*files, rootfs.GuestFile("opt/pyro/pyro_mcp/guest_agent/extra.py", b"X = 1\n")]
     monkeypatch.setattr(rootfs, "guest_files", lambda: changed)
     assert environments.list_environments(paths)[0].stale
-    second = environments.pull_environment(paths, BASE)
+    second = env_obtain.pull_environment(paths, BASE)
     assert second.installed and not second.stale
     assert second.image_sha256 != first.image_sha256
     assert len(debootstrap_calls) == 1
@@ -288,14 +288,14 @@ def test_guest_change_repacks_without_debootstrap(
 def test_repack_from_cached_tree_and_force_rebuilds(
     paths: RuntimePaths, debootstrap_calls: list[str]
 ) -> None:
-    first = environments.pull_environment(paths, BASE)
+    first = env_obtain.pull_environment(paths, BASE)
     assert first.image_path is not None
     environments.manifest_path(paths, BASE).unlink()
     first.image_path.unlink()
-    again = environments.pull_environment(paths, BASE)  # repacked from the cached tree
+    again = env_obtain.pull_environment(paths, BASE)  # repacked from the cached tree
     assert again.installed and environments.verify_environment(paths, BASE) == []
     assert len(debootstrap_calls) == 1
-    environments.pull_environment(paths, BASE, force=True)
+    env_obtain.pull_environment(paths, BASE, force=True)
     assert len(debootstrap_calls) == 2
 
 
@@ -333,7 +333,7 @@ def test_out_of_space_names_need_and_place(
 
     monkeypatch.setattr(shutil, "disk_usage", lambda where: Usage)
     with pytest.raises(BuildError) as caught:
-        environments.pull_environment(paths, BASE)
+        env_obtain.pull_environment(paths, BASE)
     message = str(caught.value)
     assert "no space left" in message and str(paths.work_dir) in message
     assert "needs about" in message and "1 MiB free" in message

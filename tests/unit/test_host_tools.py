@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pyro_mcp.errors import HostToolMissing, ToolFailed
-from pyro_mcp.runtime import environments, host_tools
+from pyro_mcp.runtime import env_obtain, environments, host_tools
 from pyro_mcp.runtime.paths import RuntimePaths
 
 
@@ -31,7 +31,7 @@ def test_pulling_an_environment_without_debootstrap_says_what_to_install(
     )
     paths = RuntimePaths(tmp_path / "cache", tmp_path / "run")
     with pytest.raises(HostToolMissing, match="debootstrap") as caught:
-        environments.pull_environment(paths, "debian:12-base")
+        env_obtain.pull_environment(paths, "debian:12-base")
     assert "apt-get install debootstrap" in str(caught.value)
     assert not any(info.installed for info in environments.list_environments(paths))
 

@@ -18,39 +18,33 @@ or by :func:`prune`.
 An environment comes from one of three sources, recorded as the manifest's ``source``:
 ``debootstrap`` (a catalog entry, or ``pyro env build NAME --from … --packages …``),
 ``registry`` (pulled as an OCI artifact, :mod:`pyro_mcp.runtime.oci.pull`) or ``import``
-(any OCI image, :mod:`pyro_mcp.runtime.oci.importer`). :func:`obtain` decides between a
-registry pull and a local build.
+(any OCI image, :mod:`pyro_mcp.runtime.oci.importer`). Obtaining one, a registry pull or
+a local build, is :mod:`pyro_mcp.runtime.env_obtain`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
 import fcntl
 import json
 import os
 import re
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import (
-    BuildError,
-    InvalidArgument,
     NotFound,
-    RegistryUnreachable,
     RuntimeMissing,
     ToolFailed,
 )
 from pyro_mcp.runtime import env_image, rootfs
-from pyro_mcp.runtime.digests import sha256_file, sha256_json
+from pyro_mcp.runtime.digests import sha256_file
 from pyro_mcp.runtime.jsonfile import write_json_atomic
 from pyro_mcp.runtime.paths import RuntimePaths
-from pyro_mcp.runtime.pins import DEBIAN_MIRROR, DEBIAN_SUITE, ENVIRONMENTS, EnvironmentSpec
+from pyro_mcp.runtime.pins import ENVIRONMENTS, EnvironmentSpec
 
 MANIFEST_SCHEMA = 1
 BUILD_PREFIX = "env-build-"
@@ -107,10 +101,10 @@ def get_spec(name: str) -> EnvironmentSpec:
     for spec in ENVIRONMENTS:
         if spec.name == name:
             return spec
-    raise _unknown(name)
+    raise unknown_environment(name)
 
 
-def _unknown(name: str, extra: tuple[str, ...] = ()) -> NotFound:
+def unknown_environment(name: str, extra: tuple[str, ...] = ()) -> NotFound:
     known = [spec.name for spec in ENVIRONMENTS] + [n for n in extra if n]
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -182,7 +176,7 @@ def _current(spec: EnvironmentSpec, guest_digest: str) -> dict[str, str]:
     }
 
 
-def _info(
+def info_of(
     paths: RuntimePaths, spec: EnvironmentSpec, guest_digest: str | None = None
 ) -> EnvironmentInfo:
     manifest = read_manifest(paths, spec.name)
@@ -193,7 +187,7 @@ def _info(
         )
     digest = guest_digest or rootfs.guest_files_digest(rootfs.guest_files())
     current = _current(spec, digest)
-    if _imported(manifest):  # no package set: only the agent can be stale
+    if was_imported(manifest):  # no package set: only the agent can be stale
         current = {k: v for k, v in current.items() if k != "tree_key"}
     stale = any(manifest.get(key) != value for key, value in current.items())
     return EnvironmentInfo(
@@ -206,18 +200,18 @@ def _info(
         manifest.get("built_at"),
         spec.packages,
         stale,
-        _source(manifest),
+        source_of(manifest),
     )
 
 
-def _source(manifest: dict[str, Any]) -> dict[str, Any]:
+def source_of(manifest: dict[str, Any]) -> dict[str, Any]:
     source = manifest.get("source")
     if isinstance(source, dict):
         return source
     return {"kind": "debootstrap", "suite": manifest.get("suite"), "mirror": manifest.get("mirror")}
 
 
-def _imported(manifest: dict[str, Any]) -> bool:
+def was_imported(manifest: dict[str, Any]) -> bool:
     """True for an image made from an OCI image (imported here or pulled as such)."""
     return str(manifest.get("tree_key", "")).startswith("import:")
 
@@ -245,14 +239,14 @@ def spec_of(paths: RuntimePaths, name: str) -> EnvironmentSpec | None:
 def list_environments(paths: RuntimePaths) -> list[EnvironmentInfo]:
     """Every catalog environment, installed or not, then installed ones not in it."""
     digest = rootfs.guest_files_digest(rootfs.guest_files())
-    rows = [_info(paths, spec, digest) for spec in ENVIRONMENTS]
+    rows = [info_of(paths, spec, digest) for spec in ENVIRONMENTS]
     names = {spec.name for spec in ENVIRONMENTS}
     for _path, manifest in _manifests(paths):
         if manifest is None or manifest.get("name") in names:
             continue
         spec = spec_of(paths, str(manifest.get("name")))
         if spec is not None:
-            rows.append(_info(paths, spec, digest))
+            rows.append(info_of(paths, spec, digest))
     return rows
 
 
@@ -260,8 +254,8 @@ def list_one(paths: RuntimePaths, name: str) -> EnvironmentInfo:
     """The row of one environment (catalog or installed custom one)."""
     spec = spec_of(paths, name)
     if spec is None:
-        raise _unknown(name)
-    return _info(paths, spec)
+        raise unknown_environment(name)
+    return info_of(paths, spec)
 
 
 def inspect_environment(paths: RuntimePaths, name: str) -> dict[str, object]:
@@ -269,7 +263,7 @@ def inspect_environment(paths: RuntimePaths, name: str) -> dict[str, object]:
     spec = spec_of(paths, name)
     manifest = read_manifest(paths, name)
     if spec is None and manifest is None:
-        raise _unknown(name)
+        raise unknown_environment(name)
     image = _image_ok(paths, manifest) if manifest else None
     if manifest is None or image is None:
         source: dict[str, Any] = manifest or {}
@@ -289,156 +283,8 @@ def inspect_environment(paths: RuntimePaths, name: str) -> dict[str, object]:
     result["installed"] = True
     result["image_path"] = str(image)
     if spec is not None:
-        result["stale"] = _info(paths, spec).stale
+        result["stale"] = info_of(paths, spec).stale
     return result
-
-
-def pull_environment(
-    paths: RuntimePaths, name: str, *, progress: Progress = _quiet, force: bool = False
-) -> EnvironmentInfo:
-    """:func:`obtain` without its report."""
-    return obtain(paths, name, progress=progress, force=force)[0]
-
-
-def obtain(
-    paths: RuntimePaths,
-    name: str,
-    *,
-    progress: Progress = _quiet,
-    force: bool = False,
-    build: bool = False,
-    registry: str | None = None,
-    insecure: bool = False,
-) -> tuple[EnvironmentInfo, dict[str, Any]]:
-    """Make ``name`` installed: (its row, how it was obtained this time).
-
-    Returns at once when it is installed and current. Otherwise, when a registry is
-    configured (``registry``, the catalog entry's own source, else ``$PYRO_REGISTRY``),
-    pulls the artifact from it; when none is, when it cannot be reached, or when its
-    artifact carries another guest agent, builds locally and says why (a catalog entry or
-    a custom build only: an imported environment can only come from a registry). ``build``
-    skips the registry; ``force`` rebuilds even a current one, debootstrap included.
-    Only the cheap check (image present with its recorded size) is done for an installed
-    one; the full digest and e2fsck are :func:`verify_environment`'s job.
-    """
-    spec = spec_of(paths, name)
-    ref = _registry_ref(name, spec, registry)
-    if spec is None and ref is None:
-        raise _unknown(name)
-    paths.ensure()
-    if spec is not None and not force:
-        info = _info(paths, spec)
-        if info.installed and not info.stale:
-            return info, {"kind": "installed"}
-    with build_lock(paths, progress):
-        if spec is not None and not force:  # another process may have built it meanwhile
-            info = _info(paths, spec)
-            if info.installed and not info.stale:
-                return info, {"kind": "installed"}
-        remove_temps(paths)
-        report = _pull_or_build(paths, name, spec, ref, progress, force, build, insecure)
-    final = spec_of(paths, name)
-    assert final is not None  # installed just now
-    return _info(paths, final), report
-
-
-def _registry_ref(name: str, spec: EnvironmentSpec | None, registry: str | None) -> Any:
-    from pyro_mcp.runtime.oci import reference
-
-    if registry:
-        return reference.environment_reference(name, registry)
-    if spec is not None and spec.source:
-        return reference.parse_reference(spec.source, what=f"the catalog source of {name}")
-    base = reference.configured_registry()
-    return reference.environment_reference(name, base) if base else None
-
-
-def _pull_or_build(
-    paths: RuntimePaths,
-    name: str,
-    spec: EnvironmentSpec | None,
-    ref: Any,
-    progress: Progress,
-    force: bool,
-    build: bool,
-    insecure: bool,
-) -> dict[str, Any]:
-    from pyro_mcp.runtime.oci.pull import OtherAgent, pull_artifact
-
-    manifest = read_manifest(paths, name)
-    buildable = spec is not None and (manifest is None or not _imported(manifest))
-    why = "--build asked for a local build"
-    if not build and ref is not None:
-        try:
-            expect = rootfs.tree_key(spec.packages) if buildable and spec else None
-            return pull_artifact(
-                paths, name, ref, progress=progress, insecure=insecure, expect_tree_key=expect
-            )
-        except (RegistryUnreachable, OtherAgent) as exc:
-            if not buildable:
-                raise
-            why = exc.message
-    elif not build:
-        why = "no registry is configured (PYRO_REGISTRY)"
-    if not buildable or spec is None:
-        raise InvalidArgument(
-            f"{name} was imported from an OCI image and cannot be built locally",
-            hint=f"import it again with `pyro env import {name} --from …`",
-        )
-    progress(f"{why}; building {name} locally")
-    started = time.monotonic()
-    _build(paths, spec, progress, fresh_tree=force, source=_source(manifest) if manifest else None)
-    return {"kind": "debootstrap", "why": why, "seconds": round(time.monotonic() - started, 1)}
-
-
-def build_custom(
-    paths: RuntimePaths,
-    name: str,
-    base: str,
-    packages: list[str],
-    *,
-    progress: Progress = _quiet,
-) -> EnvironmentInfo:
-    """``pyro env build NAME --from BASE --packages …``: a Debian environment with the
-    catalog entry ``base``'s packages plus ``packages`` (debootstrap, like the catalog's)."""
-    check_name(name)
-    if get_spec_or_none(name) is not None:
-        raise InvalidArgument(f"{name} is a catalog environment; choose another name")
-    parent = get_spec(base)
-    extra = sorted({check_package(p) for p in packages})
-    if not extra:
-        raise InvalidArgument("--packages names no package", hint="e.g. --packages curl,jq")
-    spec = EnvironmentSpec(
-        name,
-        f"{parent.description}; plus {', '.join(extra)}",
-        tuple(sorted(set(parent.packages) | set(extra))),
-    )
-    paths.ensure()
-    with build_lock(paths, progress):
-        remove_temps(paths)
-        source = {"kind": "debootstrap", "from": base, "extra_packages": extra}
-        _build(paths, spec, progress, source=source)
-    return _info(paths, spec)
-
-
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})?$")
-_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,99}$")
-
-
-def check_name(name: str) -> str:
-    """A name a custom environment may have (``repository[:tag]``, registry-safe)."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidArgument(
-            f"{name!r} is not a valid environment name",
-            hint="lowercase letters, digits and . _ - with an optional :tag, e.g. myteam:1",
-        )
-    return name
-
-
-def check_package(package: str) -> str:
-    if not isinstance(package, str) or not _PACKAGE.match(package):
-        raise InvalidArgument(f"{package!r} is not a Debian package name")
-    return package
 
 
 def verify_environment(paths: RuntimePaths, name: str, *, deep: bool = True) -> list[str]:
@@ -448,7 +294,7 @@ def verify_environment(paths: RuntimePaths, name: str, *, deep: bool = True) -> 
     manifest = read_manifest(paths, name)
     if manifest is None:
         if spec is None:
-            raise _unknown(name)
+            raise unknown_environment(name)
         if manifest_path(paths, name).exists():
             return [f"the manifest of {name} is unreadable (run `pyro env pull {name}`)"]
         return [f"{name} is not installed (run `pyro env pull {name}`)"]
@@ -478,7 +324,7 @@ def image_for(paths: RuntimePaths, name: str) -> Path:
     manifest = read_manifest(paths, name)
     if manifest is None:
         if get_spec_or_none(name) is None:
-            raise _unknown(name)
+            raise unknown_environment(name)
         raise RuntimeMissing(
             f"environment {name} is not installed", hint=f"run `pyro env pull {name}`"
         )
@@ -535,73 +381,6 @@ def prune(paths: RuntimePaths) -> dict[str, object]:
                 if not any(deb.name.startswith(prefix) for prefix in wanted):
                     drop(deb)
     return {"removed": removed, "bytes_freed": freed}
-
-
-# --- building -------------------------------------------------------------------------
-
-
-def _build(
-    paths: RuntimePaths,
-    spec: EnvironmentSpec,
-    progress: Progress,
-    *,
-    fresh_tree: bool = False,
-    source: dict[str, Any] | None = None,
-) -> None:
-    started = time.monotonic()
-    files = rootfs.guest_files()
-    guest_digest = rootfs.guest_files_digest(files)
-    needed: int | None = rootfs.DEBOOTSTRAP_SPACE_HINT  # for the out-of-space message
-    try:
-        tree = rootfs.ensure_tree(paths, spec.packages, progress, force=fresh_tree)
-        work = Path(
-            tempfile.mkdtemp(prefix=f"{BUILD_PREFIX}{safe_name(spec.name)}-", dir=paths.work_dir)
-        )
-        try:
-            root = work / "root"
-            progress("adding the guest init and agent")
-            rootfs.stage_root(tree.path, root, files)
-            seed = sha256_json(
-                {"tree": tree.key, "guest": guest_digest, "image": rootfs.IMAGE_REVISION}
-            )
-            packed = env_image.pack_and_store(paths, root, work, seed, progress)
-            needed = None
-            manifest = {
-                "schema": MANIFEST_SCHEMA,
-                "name": spec.name,
-                "description": spec.description,
-                "packages": list(spec.packages),
-                "guest_packages": list(rootfs.GUEST_PACKAGES),
-                "installed_packages": tree.installed,
-                **packed,
-                "tree_key": tree.key,
-                "tree_reused": tree.reused,
-                "debootstrap_seconds": round(tree.seconds, 1),
-                "guest_files_digest": guest_digest,
-                "guest_files": [f.path for f in files],
-                "builder_revision": rootfs.BUILDER_REVISION,
-                "image_revision": rootfs.IMAGE_REVISION,
-                "suite": DEBIAN_SUITE,
-                "mirror": DEBIAN_MIRROR,
-                "built_at": rootfs.utc_now(),
-                "build_seconds": round(time.monotonic() - started, 1),
-                "source": {
-                    **(source or {}),
-                    "kind": "debootstrap",
-                    "suite": DEBIAN_SUITE,
-                    "mirror": DEBIAN_MIRROR,
-                },
-            }
-            write_manifest(paths, spec.name, manifest)
-            size = packed["image_size"] // rootfs.MIB
-            progress(f"{spec.name} installed: {packed['image_file']} ({size} MiB)")
-        finally:
-            rootfs.remove_path(work)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            where = Path(exc.filename).parent if exc.filename else paths.cache_dir
-            raise rootfs.out_of_space(f"build {spec.name}", where, needed) from exc
-        raise BuildError(f"building {spec.name} failed: {exc}") from exc
 
 
 def write_manifest(paths: RuntimePaths, name: str, manifest: dict[str, Any]) -> None:

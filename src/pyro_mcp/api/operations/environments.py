@@ -82,9 +82,9 @@ def env_pull(
     """
     from pyro_mcp.api.operations.runtime import prove_environment
     from pyro_mcp.api.operations.templates import build_templates
-    from pyro_mcp.runtime import environments
+    from pyro_mcp.runtime import env_obtain
 
-    info, obtained = environments.obtain(
+    info, obtained = env_obtain.obtain(
         ctx.paths,
         name,
         progress=ctx.progress,
@@ -246,10 +246,10 @@ def env_build(
 
     A catalog environment's packages (``--from``, default debian:12) plus ``packages``,
     with debootstrap from Debian's mirror, installed like the catalog's."""
-    from pyro_mcp.runtime import environments
+    from pyro_mcp.runtime import env_obtain
 
     names = [p.strip() for item in packages for p in item.split(",") if p.strip()]
-    info = environments.build_custom(ctx.paths, name, base, names, progress=ctx.progress)
+    info = env_obtain.build_custom(ctx.paths, name, base, names, progress=ctx.progress)
     return info.to_dict()
 
 

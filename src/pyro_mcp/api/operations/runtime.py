@@ -137,13 +137,13 @@ def runtime_build_rootfs(
 ) -> "RuntimeBuildRootfsResult":
     """Build environment images from Debian packages (skips those already installed; never
     asks a registry)."""
-    from pyro_mcp.runtime import environments
+    from pyro_mcp.runtime import env_obtain, environments
 
     chosen = names or [spec.name for spec in environments.catalog()]
     built = []
     for name in chosen:
         started = time.monotonic()
-        info, _how = environments.obtain(ctx.paths, name, progress=ctx.progress, build=True)
+        info, _how = env_obtain.obtain(ctx.paths, name, progress=ctx.progress, build=True)
         built.append({**info.to_dict(), "seconds": round(time.monotonic() - started, 1)})
     return {"environments": built}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_mcp.errors import InvalidArgument
-from pyro_mcp.runtime import env_image, environments, rootfs
+from pyro_mcp.runtime import env_image, env_obtain, environments, rootfs
 from pyro_mcp.runtime.digests import sha256_json
 from pyro_mcp.runtime.oci import blobs, layout
 from pyro_mcp.runtime.oci.blobs import json_document
@@ -56,7 +56,7 @@ def import_environment(
     insecure: bool = False,
     progress: Progress,
 ) -> environments.EnvironmentInfo:
-    environments.check_name(name)
+    env_obtain.check_name(name)
     if environments.get_spec_or_none(name) is not None:
         raise InvalidArgument(f"{name} is a catalog environment; import under another name")
     sources = [s for s in (reference, oci_layout, docker_archive) if s is not None]
