@@ -76,7 +76,7 @@ def _arguments(op: Operation, words: Sequence[str], profile: str) -> dict[str, A
     if a word is not one its tool in ``profile`` takes."""
     offered = {param.name: param for param in op.mcp_params(profile)}
     positionals = [p for p in op.params_on(Surface.CLI) if p.arg.positional]
-    flags = {_flag(p): p for p in op.params_on(Surface.CLI)}
+    flags = {p.cli_flag: p for p in op.params_on(Surface.CLI)}
     arguments: dict[str, Any] = {}
     queue = list(words)
     while queue:
@@ -105,10 +105,6 @@ def _arguments(op: Operation, words: Sequence[str], profile: str) -> dict[str, A
         else:
             arguments[param.name] = value
     return arguments
-
-
-def _flag(param: Param) -> str:
-    return "--" + (param.arg.flag or param.name).replace("_", "-")
 
 
 def _value(param: Param, word: str) -> Any:

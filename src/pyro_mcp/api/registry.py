@@ -95,6 +95,11 @@ class Param:
         return self.default is inspect.Parameter.empty
 
     @property
+    def cli_flag(self) -> str:
+        """The option that gives it on the command line (``--timeout-seconds``)."""
+        return "--" + (self.arg.flag or self.name.replace("_", "-"))
+
+    @property
     def arms(self) -> tuple[Any, ...]:
         """The types a value may have (``str | list[str]`` has two), None aside."""
         if get_origin(self.annotation) in (Union, types.UnionType):

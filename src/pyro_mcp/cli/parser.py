@@ -109,10 +109,6 @@ class Command:
         self.build = build
 
 
-def _flag(param: Param) -> str:
-    return "--" + (param.arg.flag or param.name.replace("_", "-"))
-
-
 def _help(param: Param) -> str:
     """The parameter's help with its default, as the operation applies it (the CLI's
     own default is None: an option not given keeps the operation's)."""
@@ -148,7 +144,7 @@ def _add_param(parser: argparse.ArgumentParser, param: Param) -> None:
         kwargs["type"] = item
         kwargs["required"] = param.required
     short = [f"-{param.arg.short}"] if param.arg.short else []
-    parser.add_argument(*short, _flag(param), dest=param.name, **kwargs)
+    parser.add_argument(*short, param.cli_flag, dest=param.name, **kwargs)
 
 
 def _add_operation(choices: Choices, word: str, op: Operation) -> None:
