@@ -14,6 +14,7 @@ import pytest
 
 from pyro_mcp.errors import HostToolMissing, NetworkUnavailable
 from pyro_mcp.network import leases, nft
+from pyro_mcp.network.addresses import Link
 from pyro_mcp.network.link import attach_network, release_network
 from pyro_mcp.network.policy import parse_policy
 from pyro_mcp.network.tap import tap_exists
@@ -39,6 +40,17 @@ def _run_dir(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     path.mkdir()
     return path
+
+
+def _egress_link_of_an_ended_vm(vm_id: str, run_dir: Path) -> tuple[Link, ProcessIdentity]:
+    """An egress link as its VM's end leaves it (the TAP's fd closed), and its resolver."""
+    network = attach_network(vm_id, run_dir, parse_policy("egress"))
+    assert network.nic.fd is not None
+    os.close(network.nic.fd)
+    [lease] = [lease for lease in leases.held() if lease.vm_id == vm_id]
+    resolver = ProcessIdentity.from_dict(lease.resolver)
+    assert resolver is not None
+    return network.link, resolver
 
 
 def test_a_link_is_made_whole_and_released_whole(namespace: str, tmp_path: Path) -> None:
@@ -121,18 +133,27 @@ def test_the_resolver_runs_as_its_own_uid_with_only_the_two_capabilities_it_need
 ) -> None:
     from pyro_mcp.network.resolver_process import resolver_uid
 
-    network = attach_network("vm-r", _run_dir(tmp_path, "r"), parse_policy("egress"))
-    assert network.nic.fd is not None
-    os.close(network.nic.fd)
-    resolver = ProcessIdentity.from_dict(leases.held()[0].resolver)
-    assert resolver is not None
+    link, resolver = _egress_link_of_an_ended_vm("vm-r", _run_dir(tmp_path, "r"))
     status = dict(
         line.split(":\t", 1)
         for line in Path(f"/proc/{resolver.pid}/status").read_text().splitlines()
     )
-    uid = str(resolver_uid(network.link))
+    uid = str(resolver_uid(link))
     assert status["Uid"].split() == [uid] * 4 and status["Gid"].split() == [uid] * 4
     assert status["Groups"].strip() == ""
     net_admin_and_bind = (1 << 12) | (1 << 10)
     assert int(status["CapEff"], 16) == net_admin_and_bind
     assert int(status["CapBnd"], 16) == net_admin_and_bind
+
+
+def test_a_link_whose_namespace_was_removed_is_still_released(
+    namespace: str, tmp_path: Path
+) -> None:
+    # The namespace goes first (a test's or an operator's teardown): its TAP and nftables
+    # rules go with it, but the resolver is a host process and the lease a host file.
+    _, resolver = _egress_link_of_an_ended_vm("vm-gone", _run_dir(tmp_path, "gone"))
+    assert resolver.alive()
+    subprocess.run(["ip", "netns", "delete", namespace], check=True)
+    release_network("vm-gone")
+    assert not resolver.alive()
+    assert leases.held() == []

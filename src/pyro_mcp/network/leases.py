@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pyro_mcp.errors import Conflict, InvalidArgument
 from pyro_mcp.network.addresses import Link, slot_count
-from pyro_mcp.network.namespace import namespace_name
+from pyro_mcp.network.namespace import configured_namespace
 
 LEASES_ROOT = Path("/run/pyro-mcp/network")
 _SCHEMA = """
@@ -47,8 +47,14 @@ class Lease:
         return Link.of(self.slot)
 
 
+def namespace_state_dir(root: Path = LEASES_ROOT) -> Path:
+    """Where what pyro keeps of the namespace's guest networking lives (its leases, the
+    nftables lock), found also after the namespace is gone."""
+    return root / (configured_namespace() or "host")
+
+
 def leases_path(root: Path = LEASES_ROOT) -> Path:
-    return root / (namespace_name() or "host") / "leases.sqlite"
+    return namespace_state_dir(root) / "leases.sqlite"
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Any
 from pyro_mcp.network import leases, nft, resolver_process
 from pyro_mcp.network.addresses import Link
 from pyro_mcp.network.leases import LEASES_ROOT, Lease
+from pyro_mcp.network.namespace import namespace_gone
 from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.network.rights import require_net_admin
 from pyro_mcp.network.tap import create_tap, remove_tap, tap_exists
@@ -99,6 +100,8 @@ def _release_lease(lease: Lease) -> None:
     link = lease.link
     if lease.resolver is not None:
         resolver_process.stop(lease.resolver)
+    if namespace_gone():
+        return  # its TAP and nftables rules went with the namespace
     nft.remove_vm(link)
     if tap_exists(link.tap):  # a persistent TAP (Firecracker), or a VMM still ending
         remove_tap(link.tap)

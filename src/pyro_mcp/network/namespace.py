@@ -27,14 +27,27 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 T = TypeVar("T")
 
 
-def namespace_name() -> str | None:
-    """The namespace named by ``PYRO_NET_NAMESPACE``; None for the process's own."""
+def configured_namespace() -> str | None:
+    """The name ``PYRO_NET_NAMESPACE`` gives (checked as a name, whether or not it exists
+    now: what is kept per namespace is found by it); None for the process's own."""
     name = os.environ.get(NAMESPACE_ENV) or None
-    if name is None:
-        return None
-    if not _NAME.fullmatch(name) or name in (".", ".."):
+    if name is not None and (not _NAME.fullmatch(name) or name in (".", "..")):
         raise InvalidArgument(f"{NAMESPACE_ENV}={name!r} is not a network namespace name")
-    if not (NETNS_DIR / name).exists():
+    return name
+
+
+def namespace_gone() -> bool:
+    """Whether the configured namespace no longer exists: every TAP, address and nftables
+    rule made in it went with it (a link is then released by its host side alone)."""
+    name = configured_namespace()
+    return name is not None and not (NETNS_DIR / name).exists()
+
+
+def namespace_name() -> str | None:
+    """The namespace named by ``PYRO_NET_NAMESPACE``, which must exist; None for the
+    process's own."""
+    name = configured_namespace()
+    if name is not None and not (NETNS_DIR / name).exists():
         raise InvalidArgument(
             f"{NAMESPACE_ENV}={name!r}: no such network namespace",
             hint=f"create it with `ip netns add {name}` or unset {NAMESPACE_ENV}",

@@ -28,8 +28,8 @@ from typing import Any
 
 from pyro_mcp.errors import NetworkUnavailable, ToolFailed
 from pyro_mcp.network.addresses import TAP_PREFIX, Link, pool
-from pyro_mcp.network.leases import LEASES_ROOT
-from pyro_mcp.network.namespace import in_namespace_argv, namespace_name, run_in_namespace
+from pyro_mcp.network.leases import namespace_state_dir
+from pyro_mcp.network.namespace import in_namespace_argv, run_in_namespace
 from pyro_mcp.runtime.host_tools import run
 
 TABLE = "pyro"
@@ -136,7 +136,7 @@ def _nft_json(*args: str) -> dict[str, object] | None:
 @contextlib.contextmanager
 def _table_lock() -> Iterator[None]:
     """One pyro process at a time changes the table's shape (creating it, the guard)."""
-    directory = LEASES_ROOT / (namespace_name() or "host")
+    directory = namespace_state_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(directory / "nft.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
