@@ -5,6 +5,7 @@ client that goes away mid-stream stopping the command it ran."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,4 +187,80 @@ def test_the_terminal_stream_owns_its_shell_and_closes_it_when_the_page_goes(
         assert _call(client, "shell_list", workspace_id=wid)["shells"] == []
         bad = client.get(f"/events/terminal/{wid}?cols=wide")
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_argument"
+        _call(client, "workspace_delete", workspace_id=wid)
+
+
+def _first_update(client: httpx.Client, path: str, *, holding: str) -> str:
+    """The raw text of the first ``update`` of the event stream ``path`` that holds
+    ``holding`` (what the page shows once the output has arrived)."""
+    deadline = time.monotonic() + 30
+    with client.stream("GET", path) as answer:
+        assert answer.status_code == 200
+        event = None
+        for line in answer.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event == "update" and holding in line:
+                return line
+            assert time.monotonic() < deadline, f"no update of {path} holds {holding!r}"
+    raise AssertionError(f"{path} ended without an update holding {holding!r}")
+
+
+def test_a_secret_shows_only_as_stars_in_results_streams_pages_and_the_terminal(
+    served: Served,
+) -> None:
+    token = "Tk" + secrets.token_hex(12)
+    with served.client() as client:
+        created = _call(
+            client,
+            "workspace_create",
+            environment="debian:12",
+            secrets=[{"name": "API_TOKEN", "value": token}],
+        )
+        wid = created["workspace_id"]
+        seen: list[str] = [json.dumps(created)]
+        ran = _call(
+            client,
+            "workspace_exec",
+            workspace_id=wid,
+            command='echo "tok:$API_TOKEN"',
+            secret_env=["API_TOKEN"],
+        )
+        assert ran["stdout"] == "tok:***\n"
+        body = {"workspace_id": wid, "command": "printenv API_TOKEN", "secret_env": ["API_TOKEN"]}
+        with client.stream("POST", "/api/v1/workspace_exec/stream", json=body) as answer:
+            streamed = "".join(answer.iter_text())
+        assert '"text": "***\\n"' in streamed
+        _call(
+            client,
+            "service_start",
+            workspace_id=wid,
+            service_name="app",
+            command='echo "svc:$API_TOKEN"; exec sleep 1000',
+            secret_env=["API_TOKEN"],
+        )
+        # What the workspace's page shows: its journal and the service's log tail.
+        update = _first_update(client, f"/events/workspaces/{wid}", holding="svc:***")
+        assert "tok:***" in update
+        page = client.get(f"/workspaces/{wid}")
+        assert page.status_code == 200
+        # The dashboard's terminal: a person reads the secret's file in the shell.
+        with client.stream("GET", f"/events/terminal/{wid}?cols=80&rows=24") as answer:
+            events = _events(answer)
+            event, opened = next(events)
+            assert event == "opened"
+            typed = {"workspace_id": wid, "shell_id": opened["shell_id"], "append_newline": False}
+            _call(
+                client, "shell_write", **typed, input="cat /run/pyro-secrets/API_TOKEN; echo :end\r"
+            )
+            screen = ""
+            for event, data in events:
+                if event == "output":
+                    screen += data["text"]
+                if "***:end" in screen:
+                    break
+        seen += [streamed, update, page.text, screen]
+        seen.append(json.dumps(_call(client, "workspace_logs", workspace_id=wid)))
+        seen.append(json.dumps(_call(client, "service_logs", workspace_id=wid, service_name="app")))
+        assert [token in text for text in seen] == [False] * len(seen)
         _call(client, "workspace_delete", workspace_id=wid)
