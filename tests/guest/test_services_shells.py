@@ -13,7 +13,7 @@ from pyro_mcp.api.operations import services as sv
 from pyro_mcp.api.operations import shells as sh
 from pyro_mcp.api.operations import workspace_content as wc
 from pyro_mcp.api.operations import workspaces as ws
-from pyro_mcp.errors import GuestError, InvalidArgument
+from pyro_mcp.errors import GuestError, InvalidArgument, InvalidState
 
 pytestmark = pytest.mark.guest
 
@@ -175,5 +175,13 @@ def test_services_stop_with_the_workspace_and_stay_stopped_after_start(
     assert [s["state"] for s in listed] == ["stopped"]
     ws.workspace_start(ws_ctx, workspace)
     assert ws.workspace_status(ws_ctx, workspace)["service_counts"] in ({}, {"stopped": 1})
+    # Its output lived in the guest's memory: asking for it says where it went.
+    with pytest.raises(InvalidState) as gone:
+        sv.service_logs(ws_ctx, workspace, "sleeper")
+    assert str(gone.value) == (
+        f"service 'sleeper' ran before workspace {workspace} last started: its output was "
+        "kept in the guest's memory (/run) and went with that boot"
+    )
     restarted = sv.service_start(ws_ctx, workspace, "sleeper", ["sleep", "1000"])
     assert restarted["state"] == "running"
+    assert sv.service_logs(ws_ctx, workspace, "sleeper")["lines"] == []

@@ -116,17 +116,52 @@ def test_a_person_watches_a_workspace_live_types_in_its_terminal_and_deletes_it(
             # computes what the page never saw, on a line of its own.
             page.locator("#terminal").click()
             page.wait_for_function("() => window.pyroTerminal !== undefined")
+            expect(page.locator("#terminal")).to_have_attribute("data-shell", re.compile("."))
+            first_shell = page.locator("#terminal").get_attribute("data-shell")
             page.keyboard.type("echo $((6*7))")
             page.keyboard.press("Enter")
             page.wait_for_function(SCREEN_HAS_LINE, arg="42", timeout=15_000)
             shot("4-terminal")
 
+            # The buttons: each asks what it needs (a checkpoint's name), and a destructive
+            # one for a confirmation.
+            page.on(
+                "dialog",
+                lambda dialog: (
+                    dialog.accept("before") if dialog.type == "prompt" else dialog.accept()
+                ),
+            )
+            # A change, rendered as a diff once checkpointed; a reset takes it away.
+            _pyro(served, runtime, "workspace", "exec", wid, "--", "sh", "-c", "echo x > notes.txt")
+            page.locator("#action-snapshot_create").click()
+            expect(page.locator("#checkpoints li")).to_contain_text(["before"], timeout=10_000)
+            expect(page.locator("#diff")).to_contain_text("+++ b/notes.txt", timeout=10_000)
+            shot("5-checkpointed")
+            page.locator("#action-workspace_reset").click()
+            expect(page.locator("#diff")).to_have_text(
+                "(no changes since the baseline)", timeout=30_000
+            )
+            _pyro(served, runtime, "workspace", "exec", wid, "--", "test", "!", "-e", "notes.txt")
+            # Stop, then start again: the page follows the state.
+            page.locator("#action-workspace_stop").click()
+            expect(page.locator("#state")).to_have_text("stopped", timeout=30_000)
+            page.locator("#action-workspace_start").click()
+            expect(page.locator("#state")).to_have_text("running", timeout=60_000)
+            # The terminal's shell ended with the VM; the page opens a new one.
+            expect(page.locator("#terminal")).not_to_have_attribute(
+                "data-shell", first_shell or "", timeout=10_000
+            )
+            page.locator("#terminal").click()
+            page.keyboard.type("echo $((6*7+1))")
+            page.keyboard.press("Enter")
+            page.wait_for_function(SCREEN_HAS_LINE, arg="43", timeout=15_000)
+            shot("6-started-again")
+
             # Delete, confirmed: back to the list, where it is gone.
-            page.on("dialog", lambda dialog: dialog.accept())
             page.locator("#action-workspace_delete").click()
             page.wait_for_url(served.url + "/", timeout=60_000)
             expect(page.locator(f'tr[data-workspace="{wid}"]')).to_have_count(0, timeout=5000)
-            shot("5-deleted")
+            shot("7-deleted")
         finally:
             browser.close()
     listed = _pyro(served, runtime, "workspace", "list", "--json")

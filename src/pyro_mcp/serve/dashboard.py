@@ -39,7 +39,7 @@ from starlette.routing import Route
 from pyro_mcp import __version__
 from pyro_mcp.api.context import Context
 from pyro_mcp.api.registry import OPERATIONS, Operation, Surface, all_operations
-from pyro_mcp.errors import NotFound, PyroError
+from pyro_mcp.errors import InvalidState, NotFound, PyroError
 from pyro_mcp.serve import terminal
 
 POLL_S = 0.25  # how often the event streams look for a change
@@ -209,10 +209,14 @@ def workspace_view(call: Callable[..., Any], wid: str) -> dict[str, Any]:
     for name, service in sorted((status.get("services") or {}).items()):
         log = ""
         if running:
-            lines = call(
-                "service_logs", workspace_id=wid, service_name=name, tail_lines=LOG_TAIL_LINES
-            )
-            log = "".join(line["text"] for line in lines["lines"])
+            try:
+                lines = call(
+                    "service_logs", workspace_id=wid, service_name=name, tail_lines=LOG_TAIL_LINES
+                )
+            except InvalidState as exc:  # its output went with an earlier boot: say so
+                log = f"({exc})"
+            else:
+                log = "".join(line["text"] for line in lines["lines"])
         services.append({"name": name, "state": service["state"], "log": log})
     commands = call("workspace_logs", workspace_id=wid, limit=JOURNAL_ENTRIES)["commands"]
     snapshots = call("snapshot_list", workspace_id=wid)["snapshots"]

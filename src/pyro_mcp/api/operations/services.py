@@ -11,7 +11,7 @@ from pyro_mcp.api.operations.vm import COMMAND
 from pyro_mcp.api.operations.workspace_content import CWD, ENV, SECRET_ENV
 from pyro_mcp.api.operations.workspaces import FULL, WORKSPACE, open_workspaces, parse_pairs
 from pyro_mcp.api.registry import EVERY, STREAMED, Arg, Surface, operation
-from pyro_mcp.errors import InvalidArgument
+from pyro_mcp.errors import GuestError, InvalidArgument, InvalidState
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.paths import guest_path
 
@@ -307,15 +307,24 @@ def service_logs(
     """A service's output (kept under /run/pyro in the guest, outside /workspace)."""
     args = {"name": name, "tail_lines": tail_lines, "all": all, "stream": stream}
     with open_workspaces(ctx) as workspaces, workspaces.agent(workspace, "service logs") as agent:
-        if follow and ctx.output is not None:
-            value, _ = agent.call(
-                "service_logs",
-                {**args, "follow": True},
-                on_data=ctx.output,
-                timeout_s=FOLLOW_MAX_S,  # until the service ends; the agent's keepalives
-            )  # tell a quiet service from a stalled agent
-        else:
-            value, _ = agent.call("service_logs", args, timeout_s=60)
+        try:
+            if follow and ctx.output is not None:
+                value, _ = agent.call(
+                    "service_logs",
+                    {**args, "follow": True},
+                    on_data=ctx.output,
+                    timeout_s=FOLLOW_MAX_S,  # until the service ends; the agent's keepalives
+                )  # tell a quiet service from a stalled agent
+            else:
+                value, _ = agent.call("service_logs", args, timeout_s=60)
+        except GuestError as exc:
+            record = workspaces.store.get(workspace)
+            if exc.guest_code == "not_found" and name in record.services:
+                raise InvalidState(
+                    f"service {name!r} ran before workspace {record.id} last started: its "
+                    "output was kept in the guest's memory (/run) and went with that boot"
+                ) from None
+            raise
         return {**value, **_keys(workspaces.store.get(workspace).id, name)}
 
 

@@ -170,26 +170,45 @@ function renderTimings(commands) {
 }
 
 // The terminal: xterm.js on a PTY shell that the server opens for this page and closes
-// when the page goes; keystrokes go to the shell as typed, in order.
+// when the page goes; keystrokes go to the shell as typed, in order. What it returns opens
+// a new shell (the old one ended with its VM when the workspace stopped).
 function wireTerminal(id) {
   const screen = new Terminal({cols: 100, rows: 24, convertEol: false});
   screen.open(document.getElementById("terminal"));
   window.pyroTerminal = screen;
-  const stream = new EventSource(`/events/terminal/${id}?cols=100&rows=24`);
+  let stream = null;
   let shell = null;
   let typing = Promise.resolve();
-  stream.addEventListener("opened", (event) => { shell = JSON.parse(event.data).shell_id; });
-  stream.addEventListener("output", (event) => screen.write(JSON.parse(event.data).text));
-  stream.addEventListener("exit", (event) => {
-    screen.write(`\r\n[the shell exited with ${JSON.parse(event.data).exit_code}]\r\n`);
-    stream.close();
-  });
-  stream.addEventListener("error", (event) => { if (event.data) say(JSON.parse(event.data).message); });
+  function connect() {
+    if (stream) stream.close();
+    shell = null;
+    stream = new EventSource(`/events/terminal/${id}?cols=100&rows=24`);
+    const mine = stream;
+    stream.addEventListener("opened", (event) => {
+      shell = JSON.parse(event.data).shell_id;
+      document.getElementById("terminal").dataset.shell = shell;
+    });
+    stream.addEventListener("output", (event) => screen.write(JSON.parse(event.data).text));
+    stream.addEventListener("exit", (event) => {
+      screen.write(`\r\n[the shell exited with ${JSON.parse(event.data).exit_code}]\r\n`);
+      mine.close();
+    });
+    stream.addEventListener("error", (event) => {
+      if (!event.data) return;  // the connection dropped: the browser connects again
+      say(JSON.parse(event.data).message);  // the shell is gone (its VM stopped):
+      mine.close();  // a new one opens when the workspace runs again, not on every retry
+    });
+  }
   screen.onData((data) => {
     if (!shell) return;
     typing = typing.then(() => call("shell_write", {workspace_id: id, shell_id: shell, input: data, append_newline: false}))
       .catch((error) => say(String(error.message)));
   });
+  connect();
+  return () => {
+    screen.write("\r\n[the workspace started again: a new shell]\r\n");
+    connect();
+  };
 }
 
 function watch(url, render) {
@@ -208,9 +227,15 @@ document.addEventListener("DOMContentLoaded", () => {
     watch("/events/workspaces", (data) => renderList(data.workspaces));
   } else if (page === "workspace") {
     const id = document.body.dataset.workspace;
-    watch(`/events/workspaces/${id}`, renderWorkspace);
+    const reopenTerminal = wireTerminal(id);
+    let state = null;
+    watch(`/events/workspaces/${id}`, (data) => {
+      renderWorkspace(data);
+      const now = data.status.state;
+      if (now === "running" && state !== null && state !== "running") reopenTerminal();
+      state = now;
+    });
     wireActions(id);
-    wireTerminal(id);
     showDiff(id);
   }
 });
