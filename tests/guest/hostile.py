@@ -36,6 +36,19 @@ def _agent_pid(ctx: Context, wid: str) -> int:
         return int(client.hello_info["pid"])
 
 
+def _console_tail(ctx: Context, wid: str, size: int = 4000) -> str:
+    """The end of the workspace's guest console (what its init said), to explain a failure."""
+    with open_workspaces(ctx) as workspaces:
+        run_dir = workspaces.store.get(wid).run_dir
+    try:
+        with open(Path(str(run_dir)) / "console.log", "rb") as console:
+            console.seek(0, 2)
+            console.seek(max(0, console.tell() - size))
+            return console.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(no console log: {exc})"
+
+
 def install(ctx: Context, wid: str) -> SetMode:
     """Replace the workspace's agent with the hostile one; its mode setter."""
     old_pid = _agent_pid(ctx, wid)
@@ -48,13 +61,20 @@ def install(ctx: Context, wid: str) -> SetMode:
     ran = wc.workspace_exec(ctx, wid, ["sh", "-c", script])
     assert ran["exit_code"] == 0, ran
     deadline = time.monotonic() + 60
+    seen: object = None
     while True:  # the guest's init starts the (now hostile) agent again
         try:
-            if _agent_pid(ctx, wid) != old_pid:
+            pid = _agent_pid(ctx, wid)
+            if pid != old_pid:
                 break
-        except PyroError:
-            pass
-        assert time.monotonic() < deadline, "the hostile agent never came up"
+            seen = f"PID {pid} still answers"
+        except PyroError as exc:
+            seen = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"the hostile agent never came up (last: {seen}); the guest's console:\n"
+                + _console_tail(ctx, wid)
+            )
         time.sleep(0.2)
 
     def set_mode(mode: str, **options: object) -> None:
