@@ -191,17 +191,15 @@ def test_the_terminal_stream_owns_its_shell_and_closes_it_when_the_page_goes(
 
 
 def _first_update(client: httpx.Client, path: str, *, holding: str) -> str:
-    """The raw text of the first ``update`` of the event stream ``path`` that holds
-    ``holding`` (what the page shows once the output has arrived)."""
+    """The first ``update`` of the event stream ``path`` whose data holds ``holding`` (what
+    the page shows once the output has arrived), as JSON text."""
     deadline = time.monotonic() + 30
     with client.stream("GET", path) as answer:
         assert answer.status_code == 200
-        event = None
-        for line in answer.iter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: ") and event == "update" and holding in line:
-                return line
+        for event, data in _events(answer):
+            text = json.dumps(data)
+            if event == "update" and holding in text:
+                return text
             assert time.monotonic() < deadline, f"no update of {path} holds {holding!r}"
     raise AssertionError(f"{path} ended without an update holding {holding!r}")
 
