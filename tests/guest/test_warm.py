@@ -90,8 +90,11 @@ def test_pause_and_resume_twenty_times_keep_processes_services_shells_and_every_
         _exec(
             workspaces,
             record.id,
-            "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
-            "sleep 0.1; done' > /dev/null 2>&1 & echo $! > /tmp/counter.pid",
+            # each value lands by rename: a pause between a truncating write and its data
+            # would resume (correctly) into an empty file that a reader could see
+            "nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; "
+            "mv /tmp/counter.new /tmp/counter; sleep 0.1; done' > /dev/null 2>&1 & "
+            "echo $! > /tmp/counter.pid",
         )
         pid = _exec(workspaces, record.id, "cat /tmp/counter.pid").strip()
         with workspaces.agent(record.id, "service") as client:
