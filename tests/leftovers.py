@@ -168,8 +168,9 @@ def leftovers(
 
 def network_leftovers(run_root: Path) -> list[str]:
     """Network links VMs under ``run_root`` left: leases (in any namespace's table) of
-    run directories there, this process's network check namespaces, and, when no other
-    pyro process holds a lease, TAPs of pyro's in the host's namespace."""
+    run directories there, this process's network check namespaces and what pyro kept of
+    them, and, when no other pyro process holds a lease, TAPs of pyro's in the host's
+    namespace."""
     from pyro_mcp.network.leases import LEASES_ROOT
 
     problems = []
@@ -195,6 +196,9 @@ def network_leftovers(run_root: Path) -> list[str]:
         spaces = []
     if spaces:
         problems.append(f"network check namespaces left behind: {spaces}")
+    kept = sorted(path.name for path in LEASES_ROOT.glob(f"{mine}*"))
+    if kept:
+        problems.append(f"network check state left behind in {LEASES_ROOT}: {kept}")
     taps = [n for n in os.listdir("/sys/class/net") if n.startswith("pyro-t")]
     if taps and not others:
         problems.append(f"TAP devices left behind: {taps}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.leftovers import network_leftovers
 
 from pyro_mcp.api import Context
 from pyro_mcp.api.operations.runtime import runtime_bundle
@@ -58,6 +59,7 @@ def test_bundle_proves_boot_and_exec_with_a_real_guest(
     assert lock["capabilities"]["guest_exec"] is True, lock["capability_reasons"]
     assert lock["capabilities"]["guest_network"] is True, lock["capability_reasons"]
     assert "fetched a page from 203.0.113.1" in lock["capability_reasons"]["guest_network"]
+    assert network_leftovers(paths.run_root) == []  # the check's namespaces went, whole
     components = lock["components"]
     assert {"firecracker", "jailer", "qemu", "kernel-source", "env:debian:12"} <= set(components)
     assert components["firecracker"]["version"] == "v1.12.1"

@@ -157,3 +157,16 @@ def test_a_link_whose_namespace_was_removed_is_still_released(
     release_network("vm-gone")
     assert not resolver.alive()
     assert leases.held() == []
+
+
+def test_a_removed_namespace_is_forgotten_once_no_lease_is_held_there(
+    namespace: str, tmp_path: Path
+) -> None:
+    kept = leases.namespace_state_dir()
+    _egress_link_of_an_ended_vm("vm-held", _run_dir(tmp_path, "held"))
+    subprocess.run(["ip", "netns", "delete", namespace], check=True)
+    assert not leases.forget_namespace(namespace)  # its releaser still needs the table
+    assert [lease.vm_id for lease in leases.held()] == ["vm-held"]
+    release_network("vm-held")
+    assert leases.forget_namespace(namespace)
+    assert not kept.exists()

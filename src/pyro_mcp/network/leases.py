@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -47,10 +48,23 @@ class Lease:
         return Link.of(self.slot)
 
 
-def namespace_state_dir(root: Path = LEASES_ROOT) -> Path:
-    """Where what pyro keeps of the namespace's guest networking lives (its leases, the
-    nftables lock), found also after the namespace is gone."""
-    return root / (configured_namespace() or "host")
+def namespace_state_dir(root: Path = LEASES_ROOT, name: str | None = None) -> Path:
+    """Where what pyro keeps of a namespace's guest networking lives (its leases, the
+    nftables lock), found also after the namespace is gone: namespace ``name``, or the one
+    configured (the host's when none is)."""
+    return root / (name or configured_namespace() or "host")
+
+
+def forget_namespace(name: str, root: Path = LEASES_ROOT) -> bool:
+    """Remove what pyro kept of namespace ``name``, which its owner removed, unless a lease
+    is still held there (whoever releases it needs the table). Whether it is gone."""
+    directory = namespace_state_dir(root, name)
+    if (directory / "leases.sqlite").exists():
+        with _database(root, name) as db:
+            if _rows(db):
+                return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return not directory.exists()
 
 
 def leases_path(root: Path = LEASES_ROOT) -> Path:
@@ -58,8 +72,8 @@ def leases_path(root: Path = LEASES_ROOT) -> Path:
 
 
 @contextlib.contextmanager
-def _database(root: Path) -> Iterator[sqlite3.Connection]:
-    path = leases_path(root)
+def _database(root: Path, name: str | None = None) -> Iterator[sqlite3.Connection]:
+    path = namespace_state_dir(root, name) / "leases.sqlite"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:

@@ -5,7 +5,8 @@ networking, and a stand-in for the internet holding a web server on a documentat
 address (203.0.113.1) that serves a random token. A real guest with the egress policy
 fetches the token through its TAP, the NAT and the forwarding of the host side. Only a
 guest that printed the token proves ``guest_network``. Both namespaces (and with them
-every TAP and nftables rule the check made) are removed, also when it fails.
+every TAP and nftables rule the check made) are removed, also when it fails, and so is
+what pyro kept of the host side under ``/run/pyro-mcp/network``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pyro_mcp.errors import NetworkUnavailable, ToolFailed
+from pyro_mcp.network import leases
 from pyro_mcp.network.namespace import NAMESPACE_ENV
 from pyro_mcp.network.resolver_process import UPSTREAMS_ENV
 from pyro_mcp.runtime.host_tools import run
@@ -76,6 +78,7 @@ def private_internet(token: str) -> Iterator[str]:
             for namespace in (host, internet):
                 with contextlib.suppress(ToolFailed):
                     _ip("netns", "delete", namespace)
+            leases.forget_namespace(host)
 
 
 def check_guest_network(run_in_guest: RunInGuest) -> tuple[bool, str]:
