@@ -157,16 +157,17 @@ def test_a_link_whose_namespace_was_removed_is_still_released(
     release_network("vm-gone")
     assert not resolver.alive()
     assert leases.held() == []
+    assert not leases.namespace_state_dir().exists()  # the last link took what pyro kept
 
 
-def test_a_removed_namespace_is_forgotten_once_no_lease_is_held_there(
+def test_what_pyro_kept_of_a_namespace_goes_only_with_the_namespace_and_its_last_lease(
     namespace: str, tmp_path: Path
 ) -> None:
     kept = leases.namespace_state_dir()
     _egress_link_of_an_ended_vm("vm-held", _run_dir(tmp_path, "held"))
+    assert not leases.forget_namespace(namespace)  # the namespace is still there
     subprocess.run(["ip", "netns", "delete", namespace], check=True)
     assert not leases.forget_namespace(namespace)  # its releaser still needs the table
     assert [lease.vm_id for lease in leases.held()] == ["vm-held"]
     release_network("vm-held")
-    assert leases.forget_namespace(namespace)
     assert not kept.exists()

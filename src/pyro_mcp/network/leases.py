@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyro_mcp.errors import Conflict, InvalidArgument
 from pyro_mcp.network.addresses import Link, slot_count
-from pyro_mcp.network.namespace import configured_namespace
+from pyro_mcp.network.namespace import configured_namespace, namespace_gone
 
 LEASES_ROOT = Path("/run/pyro-mcp/network")
 _SCHEMA = """
@@ -56,9 +56,11 @@ def namespace_state_dir(root: Path = LEASES_ROOT, name: str | None = None) -> Pa
 
 
 def forget_namespace(name: str, root: Path = LEASES_ROOT) -> bool:
-    """Remove what pyro kept of namespace ``name``, which its owner removed, unless a lease
+    """Remove what pyro kept of namespace ``name`` once its owner removed it, unless a lease
     is still held there (whoever releases it needs the table). Whether it is gone."""
     directory = namespace_state_dir(root, name)
+    if not namespace_gone(name):
+        return False
     if (directory / "leases.sqlite").exists():
         with _database(root, name) as db:
             if _rows(db):

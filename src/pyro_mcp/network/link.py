@@ -16,7 +16,7 @@ from typing import Any
 from pyro_mcp.network import leases, nft, resolver_process
 from pyro_mcp.network.addresses import Link
 from pyro_mcp.network.leases import LEASES_ROOT, Lease
-from pyro_mcp.network.namespace import namespace_gone
+from pyro_mcp.network.namespace import configured_namespace, namespace_gone
 from pyro_mcp.network.policy import NetworkPolicy
 from pyro_mcp.network.rights import require_net_admin
 from pyro_mcp.network.tap import create_tap, remove_tap, tap_exists
@@ -94,6 +94,9 @@ def release_network(vm_id: str, *, root: Path = LEASES_ROOT) -> None:
         return
     _release_lease(lease)
     leases.release(vm_id, root=root)
+    name = configured_namespace()
+    if name is not None:  # a namespace removed: its last link takes what pyro kept of it
+        leases.forget_namespace(name, root=root)
 
 
 def _release_lease(lease: Lease) -> None:

@@ -36,10 +36,11 @@ def configured_namespace() -> str | None:
     return name
 
 
-def namespace_gone() -> bool:
-    """Whether the configured namespace no longer exists: every TAP, address and nftables
-    rule made in it went with it (a link is then released by its host side alone)."""
-    name = configured_namespace()
+def namespace_gone(name: str | None = None) -> bool:
+    """Whether namespace ``name`` (by default the configured one) no longer exists: every
+    TAP, address and nftables rule made in it went with it (a link is then released by its
+    host side alone). The process's own namespace is never gone."""
+    name = name or configured_namespace()
     return name is not None and not (NETNS_DIR / name).exists()
 
 
