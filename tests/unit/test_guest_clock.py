@@ -1,7 +1,7 @@
 """A TCG guest is told the host's real TSC frequency, so its clock keeps host time.
 
 The guest's own clock is checked against the host's in
-tests/guest/test_run.py::test_guest_time_keeps_pace_with_the_host (and its drift over a
+tests/guest/test_agent_guest.py::test_guest_time_keeps_pace_with_the_host (and its drift over a
 minute is a row of ``make bench``)."""
 
 from __future__ import annotations
