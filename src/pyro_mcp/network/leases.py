@@ -61,7 +61,7 @@ def forget_namespace(name: str, root: Path = LEASES_ROOT) -> bool:
     directory = namespace_state_dir(root, name)
     if not namespace_gone(name):
         return False
-    if (directory / "leases.sqlite").exists():
+    if leases_path(root, name).exists():
         with _database(root, name) as db:
             if _rows(db):
                 return False
@@ -69,13 +69,13 @@ def forget_namespace(name: str, root: Path = LEASES_ROOT) -> bool:
     return not directory.exists()
 
 
-def leases_path(root: Path = LEASES_ROOT) -> Path:
-    return namespace_state_dir(root) / "leases.sqlite"
+def leases_path(root: Path = LEASES_ROOT, name: str | None = None) -> Path:
+    return namespace_state_dir(root, name) / "leases.sqlite"
 
 
 @contextlib.contextmanager
 def _database(root: Path, name: str | None = None) -> Iterator[sqlite3.Connection]:
-    path = namespace_state_dir(root, name) / "leases.sqlite"
+    path = leases_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
