@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyro_mcp.errors import GuestError, IntegrityError, InvalidArgument, NotFound, TooLarge
+from pyro_mcp.workspace.owned_records import BASELINE as BASELINE  # the one definition
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT, guest_path
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from pyro_mcp.workspace.lifecycle import Workspaces
     from pyro_mcp.workspace.manifest import Change, Entry
 
-BASELINE = "baseline"
 # mke2fs makes lost+found on every ext4 disk: it is the filesystem's, not the user's.
 FILESYSTEM_OWNED = "lost+found"
 MANIFEST_TIMEOUT_S = 3600.0  # a whole tree; the agent's keepalives catch a stall far sooner

@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 from pyro_mcp.errors import InvalidArgument
 from pyro_mcp.workspace.states import WorkspaceState
 
+LIST_HINT: Final = "list workspaces with `pyro workspace list`"  # for an unknown workspace
 TAIL_BYTES: Final = 4096  # how much of a command's stdout and stderr the journal keeps
 MAX_LABELS: Final = 64
 
