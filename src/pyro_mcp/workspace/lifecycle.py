@@ -6,7 +6,8 @@ Whether its VMM still runs, and how to end it, comes from the identity the VMM's
 directory records (:mod:`pyro_mcp.vmm.recorded`), never from process command lines.
 Each state change goes through the store's compare-and-set transition, so a CLI, an SDK
 process and an MCP server can act on the same workspace safely; whatever a crash leaves
-half done, :meth:`Workspaces.reconcile` repairs (:mod:`pyro_mcp.workspace.repair`).
+half done, :meth:`Workspaces.reconcile` repairs (:mod:`pyro_mcp.workspace.repair`). How a
+VM comes up (template, saved state or cold) is :mod:`pyro_mcp.workspace.boot`.
 
 The lifecycle VMs of ``pyro vm`` are records of another kind on this same lifecycle
 (:mod:`pyro_mcp.workspace.vms`): a ``Workspaces`` of kind ``vm`` starts, stops and
@@ -18,7 +19,6 @@ ran out deletes it and raises ``Expired``, whichever the kind.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fcntl
 import os
 import time
@@ -31,10 +31,10 @@ from pyro_mcp.errors import (
     InvalidState,
     OperationTimeout,
     PyroError,
-    VMError,
 )
 from pyro_mcp.runtime.paths import key_dir, state_dir
 from pyro_mcp.workspace import secret_delivery
+from pyro_mcp.workspace.boot import boot
 from pyro_mcp.workspace.layout import StateLayout
 from pyro_mcp.workspace.paths import WORKSPACE_ROOT
 from pyro_mcp.workspace.secret_input import SecretInput
@@ -42,7 +42,6 @@ from pyro_mcp.workspace.states import Kind, state_error
 from pyro_mcp.workspace.store import (
     WorkspaceRecord,
     WorkspaceStore,
-    noun,
     require_state,
 )
 from pyro_mcp.workspace.vault import Vault
@@ -53,18 +52,14 @@ if TYPE_CHECKING:
     from pyro_mcp.network.policy import NetworkPolicy
     from pyro_mcp.runtime.paths import RuntimePaths
     from pyro_mcp.storage.host_files import HostPath
-    from pyro_mcp.vmm.attach import AgentEndpoint, SharedAgent
-    from pyro_mcp.vmm.base import VM, Restore
+    from pyro_mcp.vmm.attach import SharedAgent
     from pyro_mcp.vmm.launch import BackendChoice
     from pyro_mcp.vmm.recorded import RecordedVMM
     from pyro_mcp.vmm.warm import BootPlan
     from pyro_mcp.workspace.blobs import BlobStore
-    from pyro_mcp.workspace.layout import WorkspaceFiles
     from pyro_mcp.workspace.secret_input import SecretInput
 
 Progress = Callable[[str], None]
-AGENT_PORTS = 8
-BOOT_TIMEOUT_S = 90.0
 CHANGE_LOCK = "change.lock"  # in the workspace's directory (see Workspaces.changing)
 CHANGE_WAIT_S = 600.0  # how long a change waits for another to finish
 STOP_GRACE_S = 10.0  # services get this long after TERM before KILL
@@ -209,7 +204,7 @@ class Workspaces:
                     file_count=len(files_only),
                     total_bytes=sum(entry.size for entry in files_only),
                 )
-            self._boot(record, files, choice=choice, progress=progress, first=True)
+            boot(self, record, files, choice=choice, progress=progress, first=True)
         except BaseException:
             self._discard(record.id)  # a create that failed leaves nothing, its name is free
             raise
@@ -235,122 +230,7 @@ class Workspaces:
         limits = Limits.for_host()
         return partial(admit, limits, mem_mib, choice)
 
-    # -- boot and attach ---------------------------------------------------------------
-    def _boot(
-        self,
-        record: WorkspaceRecord,
-        files: WorkspaceFiles,
-        *,
-        choice: BackendChoice,
-        progress: Progress,
-        first: bool,
-        restore: Restore | None = None,
-        fresh: bool = False,
-    ) -> None:
-        """Bring the workspace's VM up: restored from a template when one fits a root disk
-        never booted (a create, or a VM's first start: ``fresh``), restored from
-        ``restore`` (a resume or a fork), else booted from its disks."""
-        from pyro_mcp.network.policy import NetworkPolicy
-        from pyro_mcp.vmm.warm import BootPlan, Shape, cold, plan_boot
-
-        policy = NetworkPolicy.from_dict(record.network)
-        plan = cold(f"a stopped {noun(record.kind)} boots from its own disks")
-        if restore is not None:
-            plan = BootPlan("warm", "restored from its own saved state")
-        elif first or fresh:
-            shape = Shape(
-                record.environment,
-                choice,
-                record.vcpu_count,
-                record.mem_mib,
-                AGENT_PORTS,
-                workspace_disk=record.kind == Kind.WORKSPACE,
-                network=policy.enabled,
-            )
-            plan = plan_boot(self.paths, shape, progress=progress)
-        try:
-            self._boot_vm(record, files, choice, progress, first, plan, restore)
-        except VMError as exc:
-            if plan.template is None:
-                raise
-            plan = cold(f"restoring failed ({exc.message}); booted instead")
-            progress(f"warning: {plan.reason}")
-            self._boot_vm(record, files, choice, progress, first, plan, None)
-        self.boot_plans[record.id] = plan
-
-    def _boot_vm(
-        self,
-        record: WorkspaceRecord,
-        files: WorkspaceFiles,
-        choice: BackendChoice,
-        progress: Progress,
-        first: bool,
-        plan: BootPlan,
-        restore: Restore | None,
-    ) -> None:
-        import secrets
-        import shutil
-
-        from pyro_mcp.network.policy import NetworkPolicy
-        from pyro_mcp.vmm.base import Disk
-        from pyro_mcp.vmm.launch import WORKSPACE_DEVICE, build_spec, create_vm, discard_spec
-        from pyro_mcp.workspace import memory
-
-        warm = plan.template is not None
-        has_disk = record.kind == Kind.WORKSPACE  # a VM has no /workspace disk
-        spec = build_spec(
-            self.paths,
-            environment=record.environment,
-            choice=choice,
-            vcpu_count=record.vcpu_count,
-            mem_mib=record.mem_mib,
-            vm_id=record.id,
-            root_overlay=files.root_disk(choice.backend),
-            base_image=files.base_image,
-            extra_disks=(Disk(files.workspace_disk, "raw"),) if has_disk else (),
-            kernel_args=() if warm or not has_disk else (f"pyro.workspace={WORKSPACE_DEVICE}",),
-            agent_ports=AGENT_PORTS,
-            network=NetworkPolicy.from_dict(record.network),
-            template=plan.template,
-        )
-        if restore is not None:
-            spec = memory.with_saved_devices(files, dataclasses.replace(spec, restore=restore))
-        else:
-            memory.record_devices(files, spec)
-        try:
-            vm = create_vm(self.paths, spec, choice)
-        except BaseException:
-            discard_spec(spec)
-            raise
-        progress(f"booting ({choice.label}, {'restored' if spec.restore else 'cold'})")
-        try:
-            vm.start()
-            client = vm.wait_ready(BOOT_TIMEOUT_S)
-            if has_disk:
-                _require_workspace_mount(client.hello_info, vm)
-            if restore is None:  # a restored guest holds what it was given before
-                secret_delivery.deliver(self.store, self.vault, record.id, client)
-            self._publish_workspace_ports(record)
-        except BaseException:
-            vm.kill()
-            shutil.rmtree(spec.run_dir, ignore_errors=True)
-            raise
-        endpoint = _endpoint(vm)
-        vm.release_agent()  # later calls attach through a port of their own
-        self.store.transition(
-            record.id,
-            "running",
-            expect={"creating"} if first else {"starting", "resuming"},
-            note=f"booted {plan.mode}: {plan.reason}",
-            vmm_pid=vm.pid,
-            run_dir=str(spec.run_dir),
-            backend=choice.label,
-            boot_id=secrets.token_hex(8),
-            agent_endpoint=endpoint.to_str(),
-            error=None,
-            owner=None,
-        )
-
+    # -- attach ------------------------------------------------------------------------
     @contextmanager
     def agent(self, ref: str, action: str, *, changes: bool = False) -> Iterator[AgentClient]:
         """An attached agent of a running workspace (InvalidState naming its state).
@@ -484,7 +364,7 @@ class Workspaces:
         self._watch()
         files = self.layout.workspace(record.id)
         try:
-            self._boot(record, files, choice=choice, progress=progress, first=False, fresh=fresh)
+            boot(self, record, files, choice=choice, progress=progress, first=False, fresh=fresh)
         except BaseException as exc:
             self._fail(record.id, f"start failed: {exc}")
             raise
@@ -551,17 +431,6 @@ class Workspaces:
                 if service.get("state") in SERVICE_ENDED:
                     unpublish_owner(link, f"service:{name}")
         return self.store.set_fields(workspace_id, services=services)
-
-    def _publish_workspace_ports(self, record: WorkspaceRecord) -> None:
-        """The ports given at create, published again at every boot (a host port of 0
-        picks a free one each time)."""
-        from pyro_mcp.network.link import link_of
-        from pyro_mcp.network.ports import check_publish_list, publish_ports
-
-        entries = check_publish_list(record.network.get("publish") or [])
-        link = link_of(record.id)
-        if entries and link is not None:
-            publish_ports(link, entries, "workspace")
 
     def _mark_services_stopped(self, workspace_id: str) -> None:
         """The VM is down: whatever ran in it is stopped (a start does not restart it)."""
@@ -648,32 +517,6 @@ def _as_stopped(services: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _require_workspace_mount(hello: dict[str, Any], vm: VM) -> None:
-    """A workspace guest whose /workspace disk did not mount is refused (its agent would
-    serve the root disk's empty directory in its place)."""
-    mounts = hello.get("mounts")
-    mount = mounts.get(WORKSPACE_ROOT) if isinstance(mounts, dict) else None
-    if isinstance(mount, dict) and mount.get("fstype") == "ext4":
-        return
-    errors = hello.get("boot_errors")
-    why = "; ".join(str(e) for e in errors) if isinstance(errors, list) and errors else ""
-    raise VMError(
-        f"the workspace disk did not mount at {WORKSPACE_ROOT}"
-        + (f": {why}" if why else " (the guest reported no reason)"),
-        hint="its data is kept; `pyro workspace disk export` copies the disk image out",
-        console_tail=vm.console_tail(),
-    )
-
-
 def _family(label: str | None) -> str | None:
     """``qemu-tcg`` -> ``qemu``: a restarted workspace keeps its VMM, re-probing the accel."""
     return label.split("-")[0] if label else None
-
-
-def _endpoint(vm: VM) -> AgentEndpoint:
-    from pyro_mcp.vmm.attach import VIRTIO_SERIAL, VSOCK, AgentEndpoint
-
-    vsock = getattr(vm, "vsock_socket", None)
-    if isinstance(vsock, Path):
-        return AgentEndpoint(VSOCK, vsock)
-    return AgentEndpoint(VIRTIO_SERIAL, vm.spec.run_dir, vm.spec.agent_ports)

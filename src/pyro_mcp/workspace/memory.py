@@ -34,6 +34,7 @@ from pyro_mcp.vmm.qemu.qmp import QMPClient
 from pyro_mcp.vmm.selection import choose_backend
 from pyro_mcp.workspace import secret_delivery
 from pyro_mcp.workspace.admission import this_owner
+from pyro_mcp.workspace.boot import boot
 from pyro_mcp.workspace.layout import WorkspaceFiles
 from pyro_mcp.workspace.records import WorkspaceRecord
 from pyro_mcp.workspace.secret_input import SecretInput
@@ -133,8 +134,8 @@ def resume(ws: Workspaces, ref: str, *, progress: Progress) -> WorkspaceRecord:
     )
     ws._watch()
     try:
-        ws._boot(
-            record, files, choice=choice, progress=progress, first=False, restore=Restore(state)
+        boot(
+            ws, record, files, choice=choice, progress=progress, first=False, restore=Restore(state)
         )
     except BaseException as exc:
         note = f"resume failed, still paused: {exc.message if isinstance(exc, PyroError) else exc}"
@@ -173,7 +174,8 @@ def fork(ws: Workspaces, ref: str, *, name: str | None, progress: Progress) -> W
         with ws.changing(source.id, "fork"):
             _copy_running(source, theirs, mine, state)
         _copy_records(ws, source, record)
-        ws._boot(
+        boot(
+            ws,
             record,
             mine,
             choice=choice,

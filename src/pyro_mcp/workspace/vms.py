@@ -8,7 +8,7 @@ workspace lifecycle: the same states and compare-and-set transitions, the same b
 and agent attach, the same admission by memory, the same keeper that deletes what
 expired on time, and the same reconcile and orphan sweep after a crash. What differs is
 small and lives where each concern does: the state ``created`` (``states``), no
-``/workspace`` disk (``Workspaces._boot_vm``), and that each kind's commands see only
+``/workspace`` disk (:mod:`pyro_mcp.workspace.boot`), and that each kind's commands see only
 records of their kind (``WorkspaceStore``). This module adds what only VMs do: a create
 that boots nothing, how status shows a VM, and ``reap_expired``.
 """

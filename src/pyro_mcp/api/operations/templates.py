@@ -10,12 +10,11 @@ if TYPE_CHECKING:
     from pyro_mcp.api.results import TemplateBuildResult, TemplateListResult, TemplatePruneResult
     from pyro_mcp.vmm import warm
 
-WORKSPACE_AGENT_PORTS = 8  # as workspace VMs have (pyro_mcp.workspace.lifecycle)
-
 
 def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> "list[warm.Shape]":
     from pyro_mcp.vmm import warm
     from pyro_mcp.vmm.selection import choose_backend
+    from pyro_mcp.workspace.boot import AGENT_PORTS
 
     choice = choose_backend(ctx.paths, None, progress=ctx.progress)
     return [
@@ -25,7 +24,7 @@ def _shapes(ctx: Context, environment: str, vcpu_count: int, mem_mib: int) -> "l
             choice,
             vcpu_count,
             mem_mib,
-            WORKSPACE_AGENT_PORTS,
+            AGENT_PORTS,
             workspace_disk=True,
         ),
     ]
